@@ -1,0 +1,139 @@
+"""The `smsbus` command (CONTRACT.md section 6).
+
+This is the composition root: the one module that wires `receiver` (and later `pollers`) to the
+bus, so it imports them inside the commands that need them. Errors a user can fix end the process
+with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Coroutine
+from types import FrameType
+from typing import Any
+
+import structlog
+import uvloop
+
+from bus.config import Settings, load_settings
+from bus.errors import ConfigError, StartupError
+from bus.logs import configure_logging
+from bus.runtime import Runtime, connect_nats
+
+log = structlog.get_logger("smsbus")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="smsbus", description="SMS delivery reports as CloudEvents on NATS JetStream."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", help="receive callbacks and publish events (runs until stopped)")
+    tail_cmd = commands.add_parser("tail", help="print events as they are published, one per line")
+    tail_cmd.add_argument("subject", nargs="?", help="subject to follow (default: PREFIX.>)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"smsbus: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, sys.stderr if args.command == "tail" else None)
+    try:
+        if args.command == "serve":
+            return _run(serve(settings))
+        return _run(tail(settings, args.subject))
+    except StartupError as exc:
+        print(f"smsbus: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or Ctrl-C; then finish in-flight requests, flush the spool, exit 0."""
+    from receiver.app import create_app
+    from receiver.server import bind, make_server
+
+    stopping: dict[str, Any] = {"requested": False, "server": None}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # uvicorn installs its own handlers while serving and afterwards re-raises the signal it
+        # caught into these; they only ask for a stop, so the shutdown below always runs.
+        stopping["requested"] = True
+        if stopping["server"] is not None:
+            stopping["server"].should_exit = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    sock = bind(settings)
+    runtime = Runtime(settings)
+    try:
+        await runtime.start()
+    except BaseException:
+        sock.close()
+        await runtime.stop()
+        raise
+    try:
+        server = make_server(create_app(runtime), settings)
+        stopping["server"] = server
+        if not stopping["requested"]:
+            log.info(
+                "serving",
+                url=f"http://{settings.http_host}:{settings.http_port}",
+                callback_route="/callbacks/smspilot"
+                + ("/<token>" if settings.smspilot_callback_tokens else ""),
+            )
+            await server.serve(sockets=[sock])
+    finally:
+        sock.close()
+        await runtime.stop()
+        log.info("stopped")
+    return 0
+
+
+async def tail(settings: Settings, subject: str | None) -> int:
+    """Print each event's JSON on its own line; `PREFIX.track.*` inputs only when asked for."""
+    hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
+    try:
+        nc = await connect_nats(settings)
+    except StartupError as exc:
+        raise StartupError(f"{exc}{hint}") from None
+    track_prefix = f"{settings.subject_prefix}.track."
+    skip_track = subject is None
+    done = asyncio.Event()
+
+    async def on_message(msg: Any) -> None:
+        if skip_track and msg.subject.startswith(track_prefix):
+            return
+        try:
+            line = json.dumps(json.loads(msg.data), ensure_ascii=False, separators=(",", ":"))
+        except ValueError:
+            raw = msg.data.decode("utf-8", errors="replace")
+            line = json.dumps({"subject": msg.subject, "raw": raw}, ensure_ascii=False)
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `smsbus tail | head`
+            done.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, done.set)
+    await nc.subscribe(subject or f"{settings.subject_prefix}.>", cb=on_message)
+    await nc.flush()
+    await done.wait()
+    await nc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Configuration: read once from the environment at start-up, typed, validated.
+
+Nothing else in smsbus reads `os.environ`. A bad value raises `ConfigError`, whose message names
+the variable and says what is wrong, without echoing a secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bus.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A NATS subject token or stream name: no separators, wildcards or white space.
+_NATS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Tokens travel in a URL path: keep them to unreserved characters.
+_TOKEN = re.compile(r"^[A-Za-z0-9._~-]+$")
+MIN_TOKEN_LENGTH = 16
+_LOG_FORMATS = ("auto", "json", "console")
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an exception."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_urls: tuple[str, ...] = ()
+    embedded_nats_port: int = 4222
+    data_dir: Path = Path(".smsbus")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    subject_prefix: str = "sms"
+    stream: str = "SMS"
+    stream_replicas: int = 1
+    publish_timeout: float = 2.0
+    smspilot_callback_tokens: tuple[Secret, ...] = ()
+    smspilot_allowed_ips: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    log_format: str = "auto"
+
+    @property
+    def embedded(self) -> bool:
+        """True when smsbus runs its own nats-server."""
+        return not self.nats_urls
+
+    @property
+    def effective_nats_urls(self) -> tuple[str, ...]:
+        if self.nats_urls:
+            return self.nats_urls
+        return (f"nats://127.0.0.1:{self.embedded_nats_port}",)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read every SMSBUS_* setting; raise ConfigError on the first bad one."""
+    env = _Env(os.environ if environ is None else environ)
+    return Settings(
+        nats_urls=env.nats_urls("SMSBUS_NATS_URL"),
+        embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
+        data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
+        http_host=env.text("SMSBUS_HTTP_HOST", "127.0.0.1"),
+        http_port=env.port("SMSBUS_HTTP_PORT", 8080),
+        subject_prefix=env.nats_name("SMSBUS_SUBJECT_PREFIX", "sms"),
+        stream=env.nats_name("SMSBUS_STREAM", "SMS"),
+        stream_replicas=env.integer("SMSBUS_STREAM_REPLICAS", 1, low=1, high=5),
+        publish_timeout=env.seconds("SMSBUS_PUBLISH_TIMEOUT", 2.0, low=0.05, high=60.0),
+        smspilot_callback_tokens=env.tokens("SMSBUS_SMSPILOT_CALLBACK_TOKEN"),
+        smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
+        trusted_proxies=env.networks("SMSBUS_TRUSTED_PROXIES"),
+        log_format=env.choice("SMSBUS_LOG_FORMAT", "auto", _LOG_FORMATS),
+    )
+
+
+class _Env:
+    """Typed readers over an environment mapping; each names its variable on failure."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str, default: str) -> str:
+        value = self._environ.get(name, "").strip()
+        return value or default
+
+    def secret(self, name: str) -> str:
+        """A secret from NAME or from the file named by NAME_FILE (whitespace stripped)."""
+        direct = self._environ.get(name, "").strip()
+        file_name = f"{name}_FILE"
+        path = self._environ.get(file_name, "").strip()
+        if direct and path:
+            raise ConfigError(name, f"set either {name} or {file_name}, not both")
+        if not path:
+            return direct
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(file_name, f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(file_name, f"{path} is not UTF-8 text") from None
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, low=1, high=65535)
+
+    def seconds(self, name: str, default: float, *, low: float, high: float) -> float:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(name, f"must be between {low:g} and {high:g} seconds, got {raw}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in choices:
+            raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def nats_name(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        if not _NATS_NAME.match(value):
+            raise ConfigError(name, "use letters, digits, '-' and '_' only")
+        return value
+
+    def nats_urls(self, name: str) -> tuple[str, ...]:
+        urls = tuple(u.strip() for u in self._environ.get(name, "").split(",") if u.strip())
+        for url in urls:
+            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+                raise ConfigError(name, f"not a NATS server URL: {redact_url(url)!r}")
+            try:
+                parts.port  # noqa: B018 - raises on a bad port
+            except ValueError:
+                raise ConfigError(name, f"bad port in {redact_url(url)!r}") from None
+        return urls
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        networks = []
+        for item in self._environ.get(name, "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(name, f"not an IP address or CIDR block: {item!r}") from None
+        return tuple(networks)
+
+    def tokens(self, name: str) -> tuple[Secret, ...]:
+        tokens = tuple(t.strip() for t in self.secret(name).split(",") if t.strip())
+        for position, token in enumerate(tokens, start=1):
+            # Name the token by its position: the value itself is the secret.
+            if not _TOKEN.match(token):
+                raise ConfigError(
+                    name, f"token {position} may hold only letters, digits and . _ ~ -"
+                )
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ConfigError(
+                    name, f"token {position} is shorter than {MIN_TOKEN_LENGTH} characters"
+                )
+        return tuple(Secret(t) for t in tokens)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user name or password replaced by ***."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"***@{host}").geturl()

@@ -1,0 +1,54 @@
+"""The errors smsbus raises, as one short tree.
+
+    SmsbusError
+    ├── ConfigError         a setting is missing or wrong; start-up stops with its one line
+    ├── StartupError        something the process needs at start cannot be had (NATS, a port)
+    ├── PayloadError        input we will never accept (a malformed callback); never retried
+    ├── PublishError        an event could not be made durable, not even in the spool
+    └── ProviderError       a provider call failed (pollers)
+        ├── ProviderUnavailable
+        ├── ProviderAuthError
+        └── ProviderPayloadError
+
+Messages are one line and never carry a secret.
+"""
+
+
+class SmsbusError(Exception):
+    """Base of every error smsbus raises on purpose."""
+
+
+class ConfigError(SmsbusError):
+    """A setting is wrong; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+class StartupError(SmsbusError):
+    """A resource needed at start-up is not there."""
+
+
+class PayloadError(SmsbusError):
+    """Input that will never be accepted; the message is the one-line reason."""
+
+
+class PublishError(SmsbusError):
+    """An event is neither acknowledged by JetStream nor stored in the spool."""
+
+
+class ProviderError(SmsbusError):
+    """A provider call failed."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider could not be reached or answered 5xx; retry later."""
+
+
+class ProviderAuthError(ProviderError):
+    """The provider refused our credentials."""
+
+
+class ProviderPayloadError(ProviderError):
+    """The provider answered something we cannot parse."""

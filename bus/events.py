@@ -1,0 +1,161 @@
+"""CloudEvents 1.0 in structured mode (CONTRACT.md section 5) and the subjects they go to.
+
+An event is built once, as the exact bytes that are published and, if NATS does not ack in time,
+spooled. Its id is a digest of the fact, so the same fact reported twice (a repeated callback, or a
+callback and a poll) is one stored message: JetStream drops the second by its `Nats-Msg-Id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bus.statuses import normalise, normalise_error_code
+
+CONTENT_TYPE = "application/cloudevents+json"
+TYPES = ("status", "inbound", "balance", "deadletter")
+
+# Dead-letter bodies are cut here (CONTRACT.md section 5).
+DEADLETTER_BODY_LIMIT = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event ready to publish: `payload` is the CloudEvent JSON."""
+
+    id: str
+    subject: str
+    type: str
+    provider: str
+    payload: bytes
+    status: str | None = None  # the normalised status of a status event, for logs
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Nats-Msg-Id": self.id, "Content-Type": CONTENT_TYPE}
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, millisecond precision, with a Z."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def fact_id(*parts: str) -> str:
+    """A deterministic hex digest of a fact's parts."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def subject(prefix: str, kind: str, provider: str, status: str | None = None) -> str:
+    tail = f".{status}" if status else ""
+    return f"{prefix}.{kind}.{provider}{tail}"
+
+
+def _encode(
+    event_id: str, provider: str, kind: str, key: str | None, time: str, data: Any
+) -> bytes:
+    envelope: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": f"/smsbus/{provider}",
+        "type": f"sms.{kind}",
+    }
+    if key is not None:
+        envelope["subject"] = key
+    envelope.update(time=time, datacontenttype="application/json", data=data)
+    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def status_event(
+    prefix: str,
+    provider: str,
+    message_id: str,
+    raw_status: str,
+    *,
+    via: str,
+    received_at: datetime,
+    occurred_at: datetime | None = None,
+    error_code: str | None = None,
+    error: str | None = None,
+    phone: str | None = None,
+    client_ref: str | None = None,
+    callback_params: Mapping[str, str] | None = None,
+) -> Event:
+    """A delivery-status event. For SMS-Pager, pass the phone: it is part of the message key."""
+    error_code = normalise_error_code(error_code)
+    normalised = normalise(provider, raw_status, error_code)
+    if via == "expiry":
+        raw_status = ""
+    key = f"{message_id}/{phone}" if provider == "smspager" else message_id
+    event_id = fact_id(provider, "status", key, raw_status, error_code or "")
+    occurred = rfc3339(occurred_at or received_at)
+    data: dict[str, Any] = {
+        "provider": provider,
+        "message_id": message_id,
+        "phone": phone,
+        "client_ref": client_ref,
+        "status": normalised.status,
+        "final": normalised.final or via == "expiry",
+        "provider_status": raw_status,
+        "error_code": error_code,
+        "error": error,
+        "occurred_at": occurred,
+        "received_at": rfc3339(received_at),
+        "via": via,
+    }
+    if via == "callback":
+        data["callback_params"] = dict(callback_params or {})
+    return Event(
+        id=event_id,
+        subject=subject(prefix, "status", provider, normalised.status),
+        type="status",
+        provider=provider,
+        payload=_encode(event_id, provider, "status", message_id, occurred, data),
+        status=normalised.status,
+    )
+
+
+def deadletter_event(
+    prefix: str,
+    provider: str,
+    reason: str,
+    *,
+    received_at: datetime,
+    method: str | None,
+    path: str,
+    query: Mapping[str, str | list[str]],
+    body: bytes | str,
+    peer: str | None,
+) -> Event:
+    """Input that could not be understood, kept whole enough to replay or debug.
+
+    Every dead letter is its own fact (two identical junk requests are two receptions), so its id
+    is random rather than a digest.
+    """
+    if isinstance(body, bytes):
+        body = body[:DEADLETTER_BODY_LIMIT].decode("utf-8", errors="replace")
+    else:
+        body = body[:DEADLETTER_BODY_LIMIT]
+    event_id = uuid.uuid4().hex
+    time = rfc3339(received_at)
+    data = {
+        "provider": provider,
+        "reason": reason,
+        "raw": {"method": method, "path": path, "query": dict(query), "body": body, "peer": peer},
+        "received_at": time,
+    }
+    return Event(
+        id=event_id,
+        subject=subject(prefix, "deadletter", provider),
+        type="deadletter",
+        provider=provider,
+        payload=_encode(event_id, provider, "deadletter", None, time, data),
+    )

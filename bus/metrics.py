@@ -1,0 +1,67 @@
+"""Prometheus metrics (CONTRACT.md section 7), one registry per process.
+
+Labels carry only fixed vocabularies (provider ids, outcomes, event types): never a token, a
+message id or a phone number.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bus.events import TYPES
+from bus.statuses import PROVIDERS
+
+CALLBACK_OUTCOMES = (
+    "published",  # acknowledged by JetStream
+    "spooled",  # kept in the local spool until NATS acks it
+    "malformed",  # 400, dead-lettered
+    "too_large",  # 413
+    "forbidden",  # 403, peer outside SMSBUS_SMSPILOT_ALLOWED_IPS
+    "not_found",  # 404, missing or wrong token
+    "bad_method",  # 405
+    "failed",  # 503, not durable anywhere; SMSPilot will retry
+)
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.callbacks = Counter(
+            "smsbus_callbacks", "SMSPilot callbacks by outcome", ["outcome"], registry=r
+        )
+        self.events_published = Counter(
+            "smsbus_events_published",
+            "Events acknowledged by JetStream",
+            ["type", "provider"],
+            registry=r,
+        )
+        self.publish_duration = Histogram(
+            "smsbus_publish_duration_seconds",
+            "Time from publish to JetStream ack",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.publish_failures = Counter(
+            "smsbus_publish_failures",
+            "Publishes not acknowledged in time or refused by JetStream",
+            registry=r,
+        )
+        self.spool_depth = Gauge(
+            "smsbus_spool_depth", "Events in the local spool awaiting a JetStream ack", registry=r
+        )
+        self.deadletters = Counter(
+            "smsbus_deadletters", "Inputs sent to the dead-letter subject", ["provider"], registry=r
+        )
+        for outcome in CALLBACK_OUTCOMES:
+            self.callbacks.labels(outcome)
+        for provider in PROVIDERS:
+            self.deadletters.labels(provider)
+            for kind in TYPES:
+                self.events_published.labels(kind, provider)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

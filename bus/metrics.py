@@ -33,6 +33,9 @@ class Metrics:
         self.callbacks = Counter(
             "smsbus_callbacks", "SMSPilot callbacks by outcome", ["outcome"], registry=r
         )
+        self.callbacks_in_flight = Gauge(
+            "smsbus_callbacks_in_flight", "Callbacks received and not yet answered", registry=r
+        )
         self.events_published = Counter(
             "smsbus_events_published",
             "Events acknowledged by JetStream",

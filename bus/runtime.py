@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,25 +51,45 @@ class Readiness:
     checked: float = field(default_factory=time.monotonic)
 
 
-async def connect_nats(settings: Settings, **callbacks: Any) -> NATS:
-    """Connect to SMSBUS_NATS_URL (or the embedded server); one clear error if it cannot."""
+async def connect_nats(
+    settings: Settings,
+    error_cb: Callable[[Exception], Awaitable[None]] | None = None,
+    **callbacks: Any,
+) -> NATS:
+    """Connect to SMSBUS_NATS_URL (or the embedded server); one clear error if it cannot.
+
+    Once connected the client reconnects forever; the first connection must succeed within
+    CONNECT_TIMEOUT, since a wrong URL at start is a configuration problem.
+    """
     urls = list(settings.effective_nats_urls)
     shown = ", ".join(redact_url(u) for u in urls)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+        if error_cb is not None:
+            await error_cb(exc)
+
     try:
-        return await nats.connect(
-            servers=urls,
-            name="smsbus",
-            connect_timeout=CONNECT_TIMEOUT,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            ping_interval=10,
-            max_outstanding_pings=2,
-            **callbacks,
+        return await asyncio.wait_for(
+            nats.connect(
+                servers=urls,
+                name="smsbus",
+                connect_timeout=CONNECT_TIMEOUT,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=10,
+                max_outstanding_pings=2,
+                error_cb=on_error,
+                **callbacks,
+            ),
+            CONNECT_TIMEOUT,
         )
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         variable = "SMSBUS_NATS_URL" if settings.nats_urls else "SMSBUS_EMBEDDED_NATS_PORT"
-        reason = str(exc) or type(exc).__name__
+        last = errors[-1] if errors else exc
+        reason = str(last) or type(last).__name__
         raise StartupError(f"{variable}: cannot reach NATS at {shown}: {reason}") from None
 
 
@@ -168,11 +189,11 @@ class Runtime:
         await self.stop()
 
     async def readiness(self) -> Readiness:
-        """NATS connected and the stream present; cached for a second against probe storms."""
-        if time.monotonic() - self._readiness.checked < READINESS_CACHE:
-            return self._readiness
+        """NATS connected, and the stream present (that look-up cached for a second)."""
         if self._nc is None or not self._nc.is_connected:
-            self._readiness = Readiness(False, "NATS is not connected")
+            self._readiness = Readiness(False, "NATS is not connected", checked=0.0)
+            return self._readiness
+        if time.monotonic() - self._readiness.checked < READINESS_CACHE:
             return self._readiness
         try:
             present = await asyncio.wait_for(stream_exists(self.js, self.settings.stream), 2.0)

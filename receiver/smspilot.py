@@ -148,6 +148,7 @@ class SMSPilotCallbacks:
         path = scope["path"]
         shown_path = PATH if path == PATH else f"{PATH}/***"
         summary: dict[str, object] = {"provider": PROVIDER, "method": scope["method"]}
+        self._metrics.callbacks_in_flight.inc()
         try:
             status, text, outcome = await self._handle(scope, receive, shown_path, summary)
         except ClientGone:
@@ -155,6 +156,8 @@ class SMSPilotCallbacks:
         except Exception:
             log.exception("callback failed", **summary)
             status, text, outcome = 500, "Internal Server Error", "failed"
+        finally:
+            self._metrics.callbacks_in_flight.dec()
         if status == 200:
             await send(_OK_START)
             await send(_OK_BODY)

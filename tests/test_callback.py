@@ -184,10 +184,11 @@ def test_a_new_status_for_the_same_message_is_a_new_event(
     assert 3 == len(events_by_id(events))
 
 
+BAD_ID = "server_id must be a whole number of at most 20 digits"
 MALFORMED = [
     ({"status": "2"}, "server_id is missing"),
-    ({"server_id": "12a", "status": "2"}, "server_id must be a whole number of at most 20 digits"),
-    ({"server_id": "1" * 21, "status": "2"}, "server_id must be a whole number of at most 20 digits"),
+    ({"server_id": "12a", "status": "2"}, BAD_ID),
+    ({"server_id": "1" * 21, "status": "2"}, BAD_ID),
     ({"server_id": "5"}, "status is missing"),
     ({"server_id": "5", "status": "delivered"}, "status must be a whole number"),
     ({"server_id": "5", "status": "2", "error": "x"}, "error must be a whole number"),

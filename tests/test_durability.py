@@ -1,0 +1,199 @@
+"""Nothing acknowledged is lost: NATS dying, smsbus dying, and a graceful stop mid-publish."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import NatsServer, Smsbus, free_port, isolated_env, read_stream, wait_for
+
+pytestmark = pytest.mark.slow
+
+PUBLISH_TIMEOUT = 1.0
+_ids = itertools.count(random.randrange(10**9, 10**10))
+
+
+@dataclass
+class Answer:
+    server_id: str
+    status: int | None
+    text: str
+    seconds: float
+
+
+def call(client: httpx.Client, server_id: str) -> Answer:
+    started = time.monotonic()
+    try:
+        response = client.get("/callbacks/smspilot", params={"server_id": server_id, "status": 2})
+        status, text = response.status_code, response.text
+    except httpx.TransportError as exc:
+        status, text = None, type(exc).__name__
+    return Answer(server_id, status, text, time.monotonic() - started)
+
+
+class Load:
+    """Callbacks with unique server_ids from several threads until stopped."""
+
+    def __init__(self, base: str, workers: int = 6) -> None:
+        self.base = base
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(workers)
+        self._futures = [self._pool.submit(self._run) for _ in range(workers)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=30) as client:
+            while not self._stop.is_set():
+                answer = call(client, str(next(_ids)))
+                with self._lock:
+                    self.answers.append(answer)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def wait_more(self, n: int) -> None:
+        target = self.count() + n
+        wait_for(lambda: self.count() >= target, timeout=30, what=f"{n} more answers")
+
+    def stop(self) -> list[Answer]:
+        self._stop.set()
+        for future in self._futures:
+            future.result()
+        self._pool.shutdown()
+        return self.answers
+
+
+def stored_ids(nats: NatsServer, bus: Smsbus) -> collections.Counter[str]:
+    items = read_stream(nats.url, bus.stream, f"{bus.prefix}.status.>")
+    return collections.Counter(item.event["data"]["message_id"] for item in items)
+
+
+def spool_depth(bus: Smsbus) -> int:
+    return int(httpx.get(f"{bus.base}/readyz", timeout=5).json()["spool_depth"])
+
+
+def test_nats_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(
+        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
+    ).start()
+    try:
+        load = Load(bus.base)
+        load.wait_more(150)
+        nats.kill(signal.SIGKILL)
+        load.wait_more(150)  # all of these can only be answered from the spool
+        nats.start()
+        wait_for(lambda: spool_depth(bus) == 0, timeout=30, what="the spool to drain")
+        load.wait_more(100)
+        answers = load.stop()
+
+        assert [] == [a for a in answers if (a.status, a.text) != (200, "OK")]
+        slowest = max(a.seconds for a in answers)
+        assert slowest <= PUBLISH_TIMEOUT + 1, f"slowest answer took {slowest:.2f} s"
+        counts = stored_ids(nats, bus)  # every OK was an ack or a spool row; the spool is empty
+        outcomes = collections.Counter(
+            line["outcome"] for line in bus.log_lines() if line.get("event") == "callback"
+        )
+        assert outcomes["spooled"] > 0 and outcomes["published"] > 0, outcomes
+        assert {a.server_id for a in answers} == set(counts)
+        assert [] == [sid for sid, n in counts.items() if n != 1]
+        assert 0 == bus.stop()
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def test_events_spooled_before_a_crash_are_published_on_the_next_start(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "nats").start()
+    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        nats.kill(signal.SIGKILL)
+        ids = [str(next(_ids)) for _ in range(20)]
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            answers = [call(client, server_id) for server_id in ids]
+        assert [(200, "OK")] * 20 == [(a.status, a.text) for a in answers]
+        readiness = httpx.get(f"{bus.base}/readyz", timeout=5)
+        assert 503 == readiness.status_code
+        assert (False, 20) == (readiness.json()["ready"], readiness.json()["spool_depth"])
+        bus.kill()
+
+        nats.start()
+        bus = Smsbus(env, tmp_path / "bus").start()
+        wait_for(lambda: spool_depth(bus) == 0, timeout=20, what="the spool to drain")
+        counts = stored_ids(nats, bus)
+        assert dict.fromkeys(ids, 1) == dict(counts)
+        assert 0 == bus.stop()
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Path) -> None:
+    """NATS is paused, so callbacks are mid-publish when SIGTERM arrives: they still get OK (from
+    the spool), and the shutdown flush publishes them once NATS answers again."""
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(
+        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
+    ).start()
+    try:
+        nats.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        ids = [str(next(_ids)) for _ in range(10)]
+        with ThreadPoolExecutor(10) as pool, httpx.Client(base_url=bus.base, timeout=30) as client:
+            futures = [pool.submit(call, client, server_id) for server_id in ids]
+            wait_for(lambda: _in_flight(bus) == 10, timeout=10, what="10 callbacks in flight")
+            bus.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            answers = [f.result() for f in futures]
+            nats.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        assert [(200, "OK")] * 10 == [(a.status, a.text) for a in answers]
+        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
+        assert dict.fromkeys(ids, 1) == dict(stored_ids(nats, bus))
+        assert "spool kept for the next start" not in bus.logs()
+    finally:
+        if nats.proc is not None:
+            nats.proc.send_signal(signal.SIGCONT)
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def _in_flight(bus: Smsbus) -> int:
+    for line in httpx.get(f"{bus.base}/metrics", timeout=5).text.splitlines():
+        if line.startswith("smsbus_callbacks_in_flight "):
+            return int(float(line.split()[1]))
+    raise AssertionError("smsbus_callbacks_in_flight is missing from /metrics")
+
+
+def test_embedded_nats_starts_with_serve_and_stops_with_it(tmp_path: Path) -> None:
+    nats_port = free_port()
+    env = {"SMSBUS_EMBEDDED_NATS_PORT": str(nats_port)}
+    bus = Smsbus(env, tmp_path / "bus").start()
+    server_id = str(next(_ids))
+    assert (
+        "OK"
+        == httpx.get(
+            f"{bus.base}/callbacks/smspilot", params={"server_id": server_id, "status": 2}
+        ).text
+    )
+    assert 0 == bus.stop()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", nats_port), timeout=1).close()
+
+    bus = Smsbus(env, tmp_path / "bus").start()  # the store survives a restart
+    try:
+        stored = read_stream(f"nats://127.0.0.1:{nats_port}", "SMS", "sms.status.>")
+        assert [server_id] == [s.event["data"]["message_id"] for s in stored]
+    finally:
+        assert 0 == bus.stop()

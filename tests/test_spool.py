@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from bus.events import Event
+from bus.spool import Spool
+
+
+def event(n: int) -> Event:
+    return Event(
+        id=f"id{n}",
+        subject=f"sms.status.smspilot.s{n}",
+        type="status",
+        provider="smspilot",
+        payload=b'{"n":%d}' % n,
+    )
+
+
+def test_rows_survive_reopening_in_order_and_go_only_when_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+
+    async def first() -> None:
+        spool = Spool(path)
+        await spool.open()
+        await asyncio.gather(*(spool.append(event(n)) for n in range(50)))
+        assert 50 == spool.depth
+        await spool.close()
+
+    async def second() -> list[Event]:
+        depths: list[int] = []
+        spool = Spool(path, on_depth=depths.append)
+        await spool.open()
+        rows = await spool.head(10)
+        await spool.delete([row.seq for row in rows])
+        rest = await spool.head(100)
+        await spool.close()
+        assert [50, 40] == depths
+        return [row.event for row in rest]
+
+    asyncio.run(first())
+    rest = asyncio.run(second())
+    assert [event(n) for n in range(10, 50)] == rest
+
+
+def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
+    async def run() -> int:
+        spool = Spool(tmp_path / "s.sqlite3")
+        await spool.open()
+        commits = 0
+        original = spool._insert
+
+        def counting(events: list[Event]) -> int:
+            nonlocal commits
+            commits += 1
+            return original(events)
+
+        spool._insert = counting  # type: ignore[method-assign]
+        await asyncio.gather(*(spool.append(event(n)) for n in range(200)))
+        await spool.close()
+        return commits
+
+    assert asyncio.run(run()) < 200

@@ -1,0 +1,87 @@
+"""A bad setting or a missing resource stops `smsbus serve` with one line naming the variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import SMSBUS, free_port
+
+
+def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {
+        "PATH": os.environ.get("PATH", ""),
+        "SMSBUS_DATA_DIR": str(tmp_path / "data"),
+        "SMSBUS_HTTP_PORT": str(free_port()),
+        "SMSBUS_EMBEDDED_NATS_PORT": str(free_port()),
+        **env,
+    }
+    return subprocess.run(
+        [SMSBUS, "serve"], env=full, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "message"),
+    [
+        ({"SMSBUS_HTTP_PORT": "99999"}, 2, "SMSBUS_HTTP_PORT: must be between 1 and 65535"),
+        ({"SMSBUS_HTTP_PORT": "eighty"}, 2, "SMSBUS_HTTP_PORT: expected a whole number"),
+        ({"SMSBUS_PUBLISH_TIMEOUT": "0"}, 2, "SMSBUS_PUBLISH_TIMEOUT: must be between"),
+        ({"SMSBUS_LOG_FORMAT": "xml"}, 2, "SMSBUS_LOG_FORMAT: expected one of auto, json, console"),
+        ({"SMSBUS_STREAM": "a.b"}, 2, "SMSBUS_STREAM: use letters, digits"),
+        ({"SMSBUS_SMSPILOT_ALLOWED_IPS": "10.0.0.0/33"}, 2, "SMSBUS_SMSPILOT_ALLOWED_IPS: not an"),
+        ({"SMSBUS_NATS_URL": "http://x:4222"}, 2, "SMSBUS_NATS_URL: not a NATS server URL"),
+        ({"SMSBUS_NATS_URL": "nats://u:hunter2@127.0.0.1:1"}, 1, "SMSBUS_NATS_URL: cannot reach"),
+        (
+            {"SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE": "/nonexistent/token"},
+            2,
+            "SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE: cannot read /nonexistent/token",
+        ),
+        (
+            {"SMSBUS_SMSPILOT_CALLBACK_TOKEN": "short-secret"},
+            2,
+            "SMSBUS_SMSPILOT_CALLBACK_TOKEN: token 1 is shorter than 16 characters",
+        ),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_line(
+    tmp_path: Path, env: dict[str, str], code: int, message: str
+) -> None:
+    result = serve(tmp_path, **env)
+    assert code == result.returncode
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"smsbus: {message}"), line
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "hunter2" not in result.stderr + result.stdout
+    assert "short-secret" not in result.stderr + result.stdout
+
+
+def test_http_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = serve(tmp_path, SMSBUS_HTTP_PORT=str(port))
+    assert 1 == result.returncode
+    assert result.stderr.startswith(f"smsbus: SMSBUS_HTTP_PORT: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in result.stderr
+
+
+def test_embedded_nats_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = serve(tmp_path, SMSBUS_EMBEDDED_NATS_PORT=str(port))
+    assert 1 == result.returncode
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"smsbus: SMSBUS_EMBEDDED_NATS_PORT: 127.0.0.1:{port} is not free")
+
+
+def test_unwritable_data_dir_is_one_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = serve(tmp_path, SMSBUS_DATA_DIR=str(not_a_dir / "data"))
+    assert 1 == result.returncode
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"smsbus: SMSBUS_DATA_DIR: {not_a_dir / 'data'} is not writable")

@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 
@@ -22,17 +23,22 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any
+    factory: Any
     if as_json:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         shared.append(structlog.processors.dict_tracebacks)
+        factory = structlog.BytesLoggerFactory(stream.buffer)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        factory = structlog.WriteLoggerFactory(stream)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.WriteLoggerFactory(stream),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    if as_json:  # the stdlib handler below writes text
+        renderer = structlog.processors.JSONRenderer()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -59,12 +59,15 @@ class Metrics:
         self.deadletters = Counter(
             "smsbus_deadletters", "Inputs sent to the dead-letter subject", ["provider"], registry=r
         )
-        for outcome in CALLBACK_OUTCOMES:
-            self.callbacks.labels(outcome)
+        # Labelled children resolved once: .labels() per call is measurable on the hot path.
+        self.callback_outcome = {o: self.callbacks.labels(o) for o in CALLBACK_OUTCOMES}
+        self.published = {
+            (kind, provider): self.events_published.labels(kind, provider)
+            for kind in TYPES
+            for provider in PROVIDERS
+        }
         for provider in PROVIDERS:
             self.deadletters.labels(provider)
-            for kind in TYPES:
-                self.events_published.labels(kind, provider)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

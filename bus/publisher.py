@@ -29,6 +29,7 @@ from bus.spool import Row, Spool
 log = structlog.get_logger("smsbus.publisher")
 
 DRAIN_BATCH = 256
+MAX_PENDING = 4000  # nats-py's default publish_async_max_pending
 MAX_BACKOFF = 5.0
 
 
@@ -109,15 +110,17 @@ class Publisher:
         self._count_ack(event, started)
 
     async def _send(self, event: Event, timeout: float) -> tuple[asyncio.Future[Any], float]:
+        # nats-py waits without limit for a free slot once MAX_PENDING publishes are unacked;
+        # past that NATS is stalled, so fail over to the spool instead of waiting.
+        if self._js.publish_async_pending() >= MAX_PENDING:
+            raise _AckTimeout()
         started = time.perf_counter()
-        future = await self._js.publish_async(
-            event.subject, event.payload, headers=event.headers, wait_stall=timeout
-        )
+        future = await self._js.publish_async(event.subject, event.payload, headers=event.headers)
         return future, started
 
     def _count_ack(self, event: Event, started: float) -> None:
         self._metrics.publish_duration.observe(time.perf_counter() - started)
-        self._metrics.events_published.labels(event.type, event.provider).inc()
+        self._metrics.published[event.type, event.provider].inc()
 
     def _enter_degraded(self, exc: BaseException) -> None:
         if not self._degraded:

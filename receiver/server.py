@@ -21,6 +21,8 @@ def bind(settings: Settings) -> socket.socket:
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=2048)
+    except socket.gaierror as exc:
+        raise StartupError(f"SMSBUS_HTTP_HOST: cannot resolve {host!r}: {exc.strerror}") from None
     except OSError as exc:
         raise StartupError(
             f"SMSBUS_HTTP_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"

@@ -33,6 +33,7 @@ def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         ({"SMSBUS_PUBLISH_TIMEOUT": "0"}, 2, "SMSBUS_PUBLISH_TIMEOUT: must be between"),
         ({"SMSBUS_LOG_FORMAT": "xml"}, 2, "SMSBUS_LOG_FORMAT: expected one of auto, json, console"),
         ({"SMSBUS_STREAM": "a.b"}, 2, "SMSBUS_STREAM: use letters, digits"),
+        ({"SMSBUS_HTTP_HOST": "no-such-host.invalid"}, 1, "SMSBUS_HTTP_HOST: cannot resolve"),
         ({"SMSBUS_SMSPILOT_ALLOWED_IPS": "10.0.0.0/33"}, 2, "SMSBUS_SMSPILOT_ALLOWED_IPS: not an"),
         ({"SMSBUS_NATS_URL": "http://x:4222"}, 2, "SMSBUS_NATS_URL: not a NATS server URL"),
         ({"SMSBUS_NATS_URL": "nats://u:hunter2@127.0.0.1:1"}, 1, "SMSBUS_NATS_URL: cannot reach"),

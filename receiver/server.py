@@ -19,10 +19,12 @@ from receiver.http import ASGIApp
 def bind(settings: Settings) -> socket.socket:
     host, port = settings.http_host, settings.http_port
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, backlog=2048)
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise StartupError(f"SMSBUS_HTTP_HOST: cannot resolve {host!r}: {exc.strerror}") from None
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise StartupError(
             f"SMSBUS_HTTP_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"

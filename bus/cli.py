@@ -16,8 +16,10 @@ from collections.abc import Coroutine
 from types import FrameType
 from typing import Any
 
+import nats.errors
 import structlog
 import uvloop
+from nats.js.api import DeliverPolicy
 
 from bus.config import Settings, load_settings
 from bus.errors import ConfigError, StartupError
@@ -101,7 +103,9 @@ async def serve(settings: Settings) -> int:
 
 
 async def tail(settings: Settings, subject: str | None) -> int:
-    """Print each event's JSON on its own line; `PREFIX.track.*` inputs only when asked for."""
+    """Print each event the stream stores from now on, its JSON on one line; `PREFIX.track.*`
+    inputs only when asked for. Reading the stream (an ordered consumer), not the raw subjects,
+    shows what subscribers get: a repeated fact that JetStream dropped is not printed."""
     hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
     try:
         nc = await connect_nats(settings)
@@ -128,8 +132,17 @@ async def tail(settings: Settings, subject: str | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, done.set)
-    await nc.subscribe(subject or f"{settings.subject_prefix}.>", cb=on_message)
-    await nc.flush()
+    try:
+        await nc.jetstream().subscribe(
+            subject or f"{settings.subject_prefix}.>",
+            stream=settings.stream,
+            cb=on_message,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+        )
+    except nats.errors.Error as exc:
+        await nc.close()
+        raise StartupError(f"cannot follow {subject or 'the stream'}: {exc}") from None
     await done.wait()
     await nc.close()
     return 0

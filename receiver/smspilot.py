@@ -179,9 +179,9 @@ class SMSPilotCallbacks:
         if not self._token_accepted(scope["path"]):
             return 404, "Not Found", "not_found"
         client = scope.get("client")
-        peer = client_address(
-            client[0] if client else None, header(scope, b"x-forwarded-for"), self._trusted
-        )
+        peer = client[0] if client else None
+        if self._trusted:
+            peer = client_address(peer, header(scope, b"x-forwarded-for"), self._trusted)
         if not allowed(peer, self._allowlist):
             summary["peer"] = peer
             return 403, "Forbidden: peer not in SMSBUS_SMSPILOT_ALLOWED_IPS", "forbidden"

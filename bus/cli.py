@@ -17,14 +17,18 @@ from types import FrameType
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 import uvloop
 from nats.js.api import DeliverPolicy
 
 from bus.config import Settings, load_settings
-from bus.errors import ConfigError, StartupError
+from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
+from bus.messages import MessageState, TrackItem, kv_key, parse_track_item
+from bus.projector import bucket_names
 from bus.runtime import Runtime, connect_nats
+from bus.statuses import PROVIDERS
 
 log = structlog.get_logger("smsbus")
 
@@ -37,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="receive callbacks and publish events (runs until stopped)")
     tail_cmd = commands.add_parser("tail", help="print events as they are published, one per line")
     tail_cmd.add_argument("subject", nargs="?", help="subject to follow (default: PREFIX.>)")
+    track_cmd = commands.add_parser("track", help="register a sent message for tracking")
+    track_cmd.add_argument("provider", choices=PROVIDERS)
+    track_cmd.add_argument("message_id")
+    track_cmd.add_argument("--phone")
+    track_cmd.add_argument("--client-ref")
+    track_cmd.add_argument("--sent-at", help="RFC 3339, e.g. 2026-11-22T10:00:00Z")
+    status_cmd = commands.add_parser("status", help="print a message's current state as JSON")
+    status_cmd.add_argument("provider", choices=PROVIDERS)
+    status_cmd.add_argument("message_id")
     args = parser.parse_args(argv)
 
     try:
@@ -44,11 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"smsbus: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, sys.stderr if args.command == "tail" else None)
+    configure_logging(settings.log_format, None if args.command == "serve" else sys.stderr)
     try:
         if args.command == "serve":
             return _run(serve(settings))
+        if args.command == "track":
+            raw = {
+                "provider": args.provider,
+                "message_id": args.message_id,
+                "phone": args.phone,
+                "client_ref": args.client_ref,
+                "sent_at": args.sent_at,
+            }
+            item = parse_track_item({k: v for k, v in raw.items() if v is not None})
+            return _run(track(settings, item))
+        if args.command == "status":
+            return _run(status(settings, args.provider, args.message_id))
         return _run(tail(settings, args.subject))
+    except PayloadError as exc:
+        print(f"smsbus: {exc}", file=sys.stderr)
+        return 2
     except StartupError as exc:
         print(f"smsbus: {exc}", file=sys.stderr)
         return 1
@@ -106,11 +134,7 @@ async def tail(settings: Settings, subject: str | None) -> int:
     """Print each event the stream stores from now on, its JSON on one line; `PREFIX.track.*`
     inputs only when asked for. Reading the stream (an ordered consumer), not the raw subjects,
     shows what subscribers get: a repeated fact that JetStream dropped is not printed."""
-    hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
-    try:
-        nc = await connect_nats(settings)
-    except StartupError as exc:
-        raise StartupError(f"{exc}{hint}") from None
+    nc = await _connect(settings)
     track_prefix = f"{settings.subject_prefix}.track."
     skip_track = subject is None
     done = asyncio.Event()
@@ -146,6 +170,45 @@ async def tail(settings: Settings, subject: str | None) -> int:
     await done.wait()
     await nc.close()
     return 0
+
+
+async def _connect(settings: Settings) -> Any:
+    hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
+    try:
+        return await connect_nats(settings)
+    except StartupError as exc:
+        raise StartupError(f"{exc}{hint}") from None
+
+
+async def track(settings: Settings, item: TrackItem) -> int:
+    """Publish one registration to `<prefix>.track.<provider>`; print the accepted count."""
+    nc = await _connect(settings)
+    try:
+        event = item.event(settings.subject_prefix)
+        await nc.jetstream().publish(event.subject, event.payload, headers=event.headers)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise StartupError(f"the registration was not stored: {exc}") from None
+    finally:
+        await nc.close()
+    print(1)
+    return 0
+
+
+async def status(settings: Settings, provider: str, message_id: str) -> int:
+    """Print what GET /v1/messages/<provider>/<message_id> would; exit 1 when unknown."""
+    nc = await _connect(settings)
+    try:
+        bucket = await nc.jetstream().key_value(bucket_names(settings.stream)[0])
+        entry = await bucket.get(kv_key(provider, message_id))
+        body, code = MessageState.from_json(entry.value or b"{}").public(), 0
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError, TypeError):
+        body, code = {"error": "unknown message"}, 1
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise StartupError(f"cannot read the message state: {exc}") from None
+    finally:
+        await nc.close()
+    print(json.dumps(body, ensure_ascii=False))
+    return code
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class Event:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Nats-Msg-Id": self.id, "Content-Type": CONTENT_TYPE}
+        content_type = "application/json" if self.type == "track" else CONTENT_TYPE
+        return {"Nats-Msg-Id": self.id, "Content-Type": content_type}
 
 
 def rfc3339(moment: datetime) -> str:

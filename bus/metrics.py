@@ -56,6 +56,12 @@ class Metrics:
         self.spool_depth = Gauge(
             "smsbus_spool_depth", "Events in the local spool awaiting a JetStream ack", registry=r
         )
+        self.tracked = Gauge(
+            "smsbus_tracked_messages",
+            "Tracked messages with no final status yet",
+            ["provider"],
+            registry=r,
+        )
         self.deadletters = Counter(
             "smsbus_deadletters", "Inputs sent to the dead-letter subject", ["provider"], registry=r
         )
@@ -68,6 +74,7 @@ class Metrics:
         }
         for provider in PROVIDERS:
             self.deadletters.labels(provider)
+            self.tracked.labels(provider)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -66,6 +66,8 @@ class Publisher:
 
     async def publish(self, event: Event) -> str:
         """Make the event durable; return "published" or "spooled", or raise PublishError."""
+        if event.type == "deadletter":
+            self._metrics.deadletters.labels(event.provider).inc()
         if self._spool.depth == 0 and self._nc.is_connected:
             try:
                 await self._publish_acked(event, self._timeout)
@@ -120,7 +122,9 @@ class Publisher:
 
     def _count_ack(self, event: Event, started: float) -> None:
         self._metrics.publish_duration.observe(time.perf_counter() - started)
-        self._metrics.published[event.type, event.provider].inc()
+        counter = self._metrics.published.get((event.type, event.provider))
+        if counter is not None:  # registrations on track subjects are inputs, not events
+            counter.inc()
 
     def _enter_degraded(self, exc: BaseException) -> None:
         if not self._degraded:

@@ -19,11 +19,14 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
 
 from bus.config import Settings, redact_url
 from bus.errors import StartupError
+from bus.index import MessageIndex
 from bus.metrics import Metrics
 from bus.nats_server import EmbeddedNats
+from bus.projector import Projector, bucket_names, ensure_bucket
 from bus.publisher import Publisher
 from bus.spool import Spool
 from bus.stream import ensure_stream, stream_exists
@@ -113,6 +116,10 @@ class Runtime:
         self._spool: Spool | None = None
         self._publisher: Publisher | None = None
         self._readiness = Readiness(False, "starting", checked=0.0)
+        self.messages: KeyValue | None = None
+        self.cursors: KeyValue | None = None
+        self.projector: Projector | None = None
+        self.index: MessageIndex | None = None
         self._closing = False
 
     @property
@@ -156,6 +163,22 @@ class Runtime:
             self._nc, self._js, self._spool, self.metrics, s.publish_timeout
         )
         self._publisher.start()
+        messages, cursors = bucket_names(s.stream)
+        try:
+            self.messages = await ensure_bucket(self._js, messages, s.stream_replicas)
+            self.cursors = await ensure_bucket(self._js, cursors, s.stream_replicas)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise StartupError(
+                f"SMSBUS_STREAM: cannot set up the key-value buckets: {exc}"
+            ) from None
+        self.projector = Projector(
+            self._js, self.messages, self._publisher, s.stream, s.subject_prefix
+        )
+        await self.projector.start()
+        self.index = MessageIndex(
+            self.messages, on_open=lambda p, n: self.metrics.tracked.labels(p).set(n)
+        )
+        await self.index.start()
         log.info(
             "bus ready",
             nats=", ".join(redact_url(u) for u in s.effective_nats_urls),
@@ -166,6 +189,10 @@ class Runtime:
     async def stop(self) -> None:
         """Flush what can be flushed, then close everything, in reverse order of start."""
         flush_timeout = self.settings.publish_timeout + 3.0
+        if self.index is not None:
+            await self.index.stop()
+        if self.projector is not None:
+            await self.projector.stop()
         if self._publisher is not None:
             await self._publisher.stop(flush_timeout)
         self._closing = True

@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from bus.metrics import CONTENT_TYPE
 from bus.runtime import Runtime
+from receiver import messages
 from receiver.http import ASGIApp, LimitBody, Receive, Scope, Send
 from receiver.smspilot import SMSPilotCallbacks
 
@@ -42,8 +43,11 @@ def create_app(runtime: Runtime) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
+    register, show = messages.routes(runtime)
     operations = Starlette(
         routes=[
+            Route("/v1/messages", register, methods=["POST"]),
+            Route("/v1/messages/{provider}/{message_id:path}", show, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -121,6 +121,7 @@ class SMSPilotCallbacks:
         self._runtime = runtime
         self._publisher = runtime.publisher
         self._metrics = runtime.metrics
+        self._index = runtime.index
         self._state = runtime.providers[PROVIDER]
         self._prefix = settings.subject_prefix
         self._tokens = [t.reveal().encode() for t in settings.smspilot_callback_tokens]
@@ -206,6 +207,7 @@ class SMSPilotCallbacks:
             await self._dead_letter(scope, shown_path, body, peer, str(exc), received_at)
             return 400, str(exc), "malformed"
 
+        tracked = self._index.get(PROVIDER, params.server_id) if self._index else None
         event = status_event(
             self._prefix,
             PROVIDER,
@@ -215,6 +217,8 @@ class SMSPilotCallbacks:
             received_at=received_at,
             error_code=params.error,
             error=SMSPILOT_ERRORS.get(params.error or ""),
+            phone=tracked.phone if tracked else None,
+            client_ref=tracked.client_ref if tracked else None,
             callback_params=params.extra,
         )
         summary.update(server_id=params.server_id, status=event.status, raw=params.status)
@@ -271,7 +275,6 @@ class SMSPilotCallbacks:
             body=body,
             peer=peer,
         )
-        self._metrics.deadletters.labels(PROVIDER).inc()
         self._state.last_error = reason
         try:
             await self._publisher.publish(event)

@@ -1,0 +1,176 @@
+"""The projector: a durable JetStream consumer that turns the stream into current state.
+
+It reads `<prefix>.track.>` (registrations) and `<prefix>.status.>` (status events) in stream
+order and writes each message's state into the `<STREAM>_messages` bucket, acknowledging a stream
+message only after its state is stored. Writes are compare-and-set on the key's revision, so
+several replicas sharing the durable consumer never overwrite each other. Junk on `track` goes to
+the dead-letter subject and is acknowledged: it will never parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import nats.errors
+import nats.js.errors
+import orjson
+import structlog
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from bus.errors import PayloadError
+from bus.events import deadletter_event, rfc3339, utcnow
+from bus.messages import MessageState, apply_status, kv_key, parse_track_item, register
+from bus.publisher import Publisher
+
+log = structlog.get_logger("smsbus.projector")
+
+DURABLE = "smsbus-projector"
+BATCH = 256
+
+
+def bucket_names(stream: str) -> tuple[str, str]:
+    """The message-state and cursor buckets that belong to a stream."""
+    return f"{stream}_messages", f"{stream}_cursors"
+
+
+async def ensure_bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE, replicas=replicas)
+        )
+
+
+async def update_state(
+    kv: KeyValue, key: str, change: Callable[[MessageState | None], MessageState]
+) -> MessageState:
+    """Read, change and write one key, retrying when another writer got there first."""
+    while True:
+        try:
+            entry = await kv.get(key)
+            current = MessageState.from_json(entry.value) if entry.value else None
+            revision = entry.revision
+        except nats.js.errors.KeyNotFoundError:
+            current, revision = None, 0
+        new = change(current)
+        if new == current:
+            return new
+        try:
+            if revision:
+                await kv.update(key, new.to_json(), last=revision)
+            else:
+                await kv.create(key, new.to_json())
+            return new
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyValueError):
+            continue  # someone else wrote it; read again
+
+
+class Projector:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kv: KeyValue,
+        publisher: Publisher,
+        stream: str,
+        prefix: str,
+    ) -> None:
+        self._js = js
+        self._kv = kv
+        self._publisher = publisher
+        self._stream = stream
+        self._prefix = prefix
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config = ConsumerConfig(
+            durable_name=DURABLE,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=4 * BATCH,
+            filter_subjects=[f"{self._prefix}.track.>", f"{self._prefix}.status.>"],
+        )
+        await self._js.add_consumer(self._stream, config)
+        sub = await self._js.pull_subscribe_bind(durable=DURABLE, stream=self._stream)
+        self._task = asyncio.create_task(self._run(sub), name="smsbus-projector")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(BATCH, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as exc:
+                log.warning("projector fetch failed", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                try:
+                    await self.apply(msg)
+                    await msg.ack()
+                except (TimeoutError, nats.errors.Error) as exc:
+                    # Not acked: redelivered after ack_wait, in order.
+                    log.warning("projector write failed", error=str(exc) or type(exc).__name__)
+                    await asyncio.sleep(0.5)
+                    break
+
+    async def apply(self, msg: Msg) -> None:
+        kind, provider = msg.subject.split(".")[1:3]
+        stored_at = rfc3339(msg.metadata.timestamp) if msg.metadata.timestamp else None
+        if kind == "track":
+            await self._track(msg, provider, stored_at or rfc3339(utcnow()))
+        else:
+            await self._status(msg)
+
+    async def _track(self, msg: Msg, provider: str, at: str) -> None:
+        try:
+            try:
+                raw = orjson.loads(msg.data)
+            except orjson.JSONDecodeError:
+                raise PayloadError("not JSON") from None
+            item = parse_track_item(raw, provider_hint=provider)
+        except PayloadError as exc:
+            await self._dead_letter(msg, provider, str(exc))
+            return
+        await update_state(
+            self._kv, kv_key(item.provider, item.message_id), lambda s: register(s, item, at)
+        )
+
+    async def _status(self, msg: Msg) -> None:
+        try:
+            data = orjson.loads(msg.data)["data"]
+            key = kv_key(data["provider"], data["message_id"])
+            complete = all(f in data for f in ("status", "final", "provider_status", "occurred_at"))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            complete = False
+        if not complete:
+            await self._dead_letter(msg, msg.subject.split(".")[2], "not a status event")
+            return
+        await update_state(self._kv, key, lambda s: apply_status(s, data))
+
+    async def _dead_letter(self, msg: Msg, provider: str, reason: str) -> None:
+        event = deadletter_event(
+            self._prefix,
+            provider,
+            f"{msg.subject}: {reason}",
+            received_at=utcnow(),
+            method=None,
+            path=msg.subject,
+            query={},
+            body=msg.data,
+            peer=None,
+        )
+        await self._publisher.publish(event)
+        log.warning("track input dead-lettered", subject=msg.subject, reason=reason)

@@ -1,0 +1,250 @@
+"""Tracking: registrations over HTTP, the track subject and the CLI; current state in the bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import nats
+import pytest
+
+from tests.support import SMSBUS, NatsServer, Smsbus, isolated_env, read_stream, wait_for
+
+_ids = itertools.count(random.randrange(10**9, 10**10))
+
+
+def new_id() -> str:
+    return str(next(_ids))
+
+
+@pytest.fixture(scope="module")
+def service(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Smsbus]:
+    bus = Smsbus(isolated_env(nats_server.url), tmp_path_factory.mktemp("tracking")).start()
+    yield bus
+    assert 0 == bus.stop()
+
+
+@pytest.fixture
+def client(service: Smsbus) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.base, timeout=10) as c:
+        yield c
+
+
+def state(client: httpx.Client, provider: str, message_id: str) -> dict[str, Any] | None:
+    response = client.get(f"/v1/messages/{provider}/{message_id}")
+    return response.json() if response.status_code == 200 else None
+
+
+def tracked_gauge(client: httpx.Client, provider: str) -> float:
+    prefix = f'smsbus_tracked_messages{{provider="{provider}"}} '
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    raise AssertionError("smsbus_tracked_messages is missing")
+
+
+def test_register_one_and_read_it_back(client: httpx.Client) -> None:
+    message_id = new_id()
+    response = client.post(
+        "/v1/messages",
+        json={
+            "provider": "smstower",
+            "message_id": message_id,
+            "phone": "+7 (903) 000-11-22",
+            "client_ref": "order-1",
+            "sent_at": "2026-11-22T13:00:00+03:00",
+        },
+    )
+    assert (202, {"accepted": 1}) == (response.status_code, response.json())
+    shown = wait_for(lambda: state(client, "smstower", message_id), what="the state")
+    assert {
+        "provider": "smstower",
+        "message_id": message_id,
+        "status": None,
+        "final": False,
+        "provider_status": None,
+        "phone": "79030001122",
+        "client_ref": "order-1",
+        "updated_at": shown["updated_at"],
+    } == shown
+
+
+def test_a_list_is_all_or_nothing(
+    service: Smsbus, nats_server: NatsServer, client: httpx.Client
+) -> None:
+    good, other = new_id(), new_id()
+    response = client.post(
+        "/v1/messages",
+        json=[
+            {"provider": "smstower", "message_id": good},
+            {"provider": "nosuch", "message_id": "1"},
+            {"provider": "smstower", "message_id": "12x"},
+            {"provider": "epochta", "message_id": other, "colour": "red"},
+            {"provider": "smsc", "message_id": "5", "sent_at": "yesterday"},
+        ],
+    )
+    assert 400 == response.status_code
+    assert {
+        "errors": [
+            {
+                "index": 1,
+                "error": "provider must be one of smspilot, smstower, smspager, smsc, epochta",
+            },
+            {"index": 2, "error": "smstower message ids are whole numbers"},
+            {"index": 3, "error": "unknown field 'colour'"},
+            {"index": 4, "error": "sent_at is not RFC 3339 (e.g. 2026-11-22T10:00:00Z)"},
+        ]
+    } == response.json()
+    stored = read_stream(nats_server.url, service.stream, f"{service.prefix}.track.>")
+    assert [] == [s for s in stored if s.event.get("message_id") in (good, other)]
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"not json", "body is not JSON"),
+        (b"[]", "no messages given"),
+        (
+            json.dumps([{"provider": "smsc", "message_id": "1"}] * 1001).encode(),
+            "more than 1000 messages",
+        ),
+    ],
+)
+def test_bad_batches_are_400(client: httpx.Client, body: bytes, error: str) -> None:
+    response = client.post("/v1/messages", content=body)
+    assert (400, {"errors": [{"index": None, "error": error}]}) == (
+        response.status_code,
+        response.json(),
+    )
+
+
+def test_a_thousand_registrations_in_one_request(client: httpx.Client) -> None:
+    ids = [new_id() for _ in range(1000)]
+    response = client.post(
+        "/v1/messages", json=[{"provider": "epochta", "message_id": f"m{i}"} for i in ids]
+    )
+    assert (202, {"accepted": 1000}) == (response.status_code, response.json())
+    wait_for(lambda: state(client, "epochta", f"m{ids[-1]}"), what="the last registration")
+
+
+def test_unknown_message_and_provider_are_404(client: httpx.Client) -> None:
+    assert 404 == client.get("/v1/messages/smstower/1").status_code
+    assert 404 == client.get("/v1/messages/nosuch/1").status_code
+
+
+def test_callback_carries_client_ref_and_phone_of_a_tracked_message(
+    service: Smsbus, nats_server: NatsServer, client: httpx.Client
+) -> None:
+    server_id = new_id()
+    before = tracked_gauge(client, "smspilot")
+    client.post(
+        "/v1/messages",
+        json={"provider": "smspilot", "message_id": server_id, "phone": "79131437355",
+              "client_ref": "order-42"},
+    )  # fmt: skip
+    wait_for(lambda: tracked_gauge(client, "smspilot") > before, what="the index to see it")
+    client.get("/callbacks/smspilot", params={"server_id": server_id, "status": 2})
+
+    [item] = [
+        s
+        for s in read_stream(nats_server.url, service.stream, f"{service.prefix}.status.>")
+        if s.event["subject"] == server_id
+    ]
+    assert ("order-42", "79131437355") == (
+        item.event["data"]["client_ref"],
+        item.event["data"]["phone"],
+    )
+    shown = wait_for(
+        lambda: (s := state(client, "smspilot", server_id)) and s["final"] and s, what="final"
+    )
+    assert ("delivered", "2", "order-42") == (
+        shown["status"],
+        shown["provider_status"],
+        shown["client_ref"],
+    )
+    wait_for(lambda: tracked_gauge(client, "smspilot") == before, what="the gauge to drop")
+
+
+def test_final_status_never_goes_back_and_the_later_final_wins(client: httpx.Client) -> None:
+    server_id = new_id()
+
+    def callback(status: int) -> None:
+        client.get("/callbacks/smspilot", params={"server_id": server_id, "status": status})
+
+    def current() -> str | None:
+        shown = state(client, "smspilot", server_id)
+        return shown["provider_status"] if shown else None
+
+    callback(2)
+    wait_for(lambda: current() == "2", what="delivered")
+    callback(1)  # a late "sent": published, but the state stays delivered
+    callback(-1)  # a later final report wins
+    wait_for(lambda: current() == "-1", what="undelivered")
+    shown = state(client, "smspilot", server_id)
+    assert shown is not None and ("undelivered", True) == (shown["status"], shown["final"])
+
+
+def test_junk_on_the_track_subject_is_dead_lettered(
+    service: Smsbus, nats_server: NatsServer
+) -> None:
+    async def publish() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await js.publish(f"{service.prefix}.track.smstower", b"\x00junk")
+        await js.publish(
+            f"{service.prefix}.track.smstower", b'{"message_id": "1", "provider": "smsc"}'
+        )
+        await nc.close()
+
+    asyncio.run(publish())
+
+    def letters() -> list[Any]:
+        return [
+            s.event["data"]
+            for s in read_stream(nats_server.url, service.stream, f"{service.prefix}.deadletter.>")
+            if s.event["data"]["raw"]["path"] == f"{service.prefix}.track.smstower"
+        ]
+
+    found = wait_for(lambda: len(letters()) >= 2 and letters(), what="two dead letters")
+    assert [None, None] == [d["raw"]["method"] for d in found[-2:]]
+    assert "not JSON" in found[-2]["reason"]
+    assert "does not match the subject's 'smstower'" in found[-1]["reason"]
+
+
+def run_cli(service: Smsbus, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", ""), **service.env}
+    return subprocess.run(
+        [SMSBUS, *args], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_cli_track_and_status(service: Smsbus) -> None:
+    message_id = new_id()
+    tracked = run_cli(service, "track", "smsc", message_id, "--client-ref", "cli-1")
+    assert (0, "1") == (tracked.returncode, tracked.stdout.strip())
+
+    def shown() -> dict[str, Any] | None:
+        result = run_cli(service, "status", "smsc", message_id)
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    body = wait_for(shown, what="smsbus status to find it")
+    assert ("smsc", message_id, "cli-1", None) == (
+        body["provider"],
+        body["message_id"],
+        body["client_ref"],
+        body["status"],
+    )
+    unknown = run_cli(service, "status", "smsc", "1")
+    assert (1, {"error": "unknown message"}) == (unknown.returncode, json.loads(unknown.stdout))
+    bad = run_cli(service, "track", "smstower", "abc")
+    assert (2, "smsbus: smstower message ids are whole numbers") == (
+        bad.returncode,
+        bad.stderr.strip(),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -38,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="smsbus", description="SMS delivery reports as CloudEvents on NATS JetStream."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("serve", help="receive callbacks and publish events (runs until stopped)")
+    serve_cmd = commands.add_parser(
+        "serve", help="receive callbacks, poll providers, publish events (runs until stopped)"
+    )
+    split = serve_cmd.add_mutually_exclusive_group()
+    split.add_argument("--no-pollers", action="store_true", help="receive only; poll nothing")
+    split.add_argument(
+        "--pollers-only", action="store_true", help="poll only; serve just the health routes"
+    )
     tail_cmd = commands.add_parser("tail", help="print events as they are published, one per line")
     tail_cmd.add_argument("subject", nargs="?", help="subject to follow (default: PREFIX.>)")
     track_cmd = commands.add_parser("track", help="register a sent message for tracking")
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, None if args.command == "serve" else sys.stderr)
     try:
         if args.command == "serve":
-            return _run(serve(settings))
+            return _run(serve(settings, receive=not args.pollers_only, poll=not args.no_pollers))
         if args.command == "track":
             raw = {
                 "provider": args.provider,
@@ -87,8 +95,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) -> int:
     """Run until SIGTERM or Ctrl-C; then finish in-flight requests, flush the spool, exit 0."""
+    from pollers.runner import run_pollers
     from receiver.app import create_app
     from receiver.server import bind, make_server
 
@@ -112,8 +121,9 @@ async def serve(settings: Settings) -> int:
         sock.close()
         await runtime.stop()
         raise
+    pollers = asyncio.create_task(run_pollers(runtime)) if poll else None
     try:
-        server = make_server(create_app(runtime), settings)
+        server = make_server(create_app(runtime, receive=receive), settings)
         stopping["server"] = server
         if not stopping["requested"]:
             log.info(
@@ -125,6 +135,10 @@ async def serve(settings: Settings) -> int:
             await server.serve(sockets=[sock])
     finally:
         sock.close()
+        if pollers is not None:
+            pollers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pollers
         await runtime.stop()
         log.info("stopped")
     return 0

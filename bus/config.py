@@ -10,9 +10,10 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from bus.errors import ConfigError
 
@@ -49,6 +50,39 @@ class Secret:
         return hash(self._value)
 
 
+# CONTRACT.md section 2: each provider's documented host (scheme, host, port).
+DEFAULT_URLS = {
+    "smspilot": "https://smspilot.ru",
+    "smstower": "https://clients.smstower.ru",
+    "smspager": "https://transport.sms-pager.com:7214",
+    "smsc": "https://smsc.com.ua",
+    "epochta": "http://my.epochta.ru",
+}
+# The credential variables that switch a provider's poller on.
+CREDENTIALS = {
+    "smspilot": ("APIKEY",),
+    "smstower": ("LOGIN", "PASSWORD"),
+    "smspager": ("LOGIN", "PASSWORD"),
+    "smsc": ("LOGIN", "PASSWORD"),
+    "epochta": ("USERNAME", "PASSWORD"),
+}
+SMSC_MIN_INTERVAL = 21  # smsc.txt: no more than 3 identical requests a minute
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    name: str
+    url: str
+    tz: ZoneInfo
+    interval: float
+    max_interval: float
+    credentials: tuple[Secret, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.credentials)
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_urls: tuple[str, ...] = ()
@@ -64,6 +98,11 @@ class Settings:
     smspilot_allowed_ips: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_format: str = "auto"
+    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+    smspilot_reconcile_after: float = 120.0
+    balance_interval: float = 300.0
+    track_ttl: float = 259200.0
+    lease_ttl: float = 15.0
 
     @property
     def embedded(self) -> bool:
@@ -94,6 +133,42 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
         trusted_proxies=env.networks("SMSBUS_TRUSTED_PROXIES"),
         log_format=env.choice("SMSBUS_LOG_FORMAT", "auto", _LOG_FORMATS),
+        providers={name: _provider(env, name) for name in DEFAULT_URLS},
+        smspilot_reconcile_after=env.seconds(
+            "SMSBUS_SMSPILOT_RECONCILE_AFTER", 120.0, low=1, high=30 * 86400
+        ),
+        balance_interval=env.seconds("SMSBUS_BALANCE_INTERVAL", 300.0, low=1, high=86400),
+        track_ttl=env.seconds("SMSBUS_TRACK_TTL", 259200.0, low=1, high=90 * 86400),
+        lease_ttl=env.seconds("SMSBUS_LEASE_TTL", 15.0, low=1, high=600),
+    )
+
+
+def _provider(env: _Env, name: str) -> ProviderSettings:
+    upper = f"SMSBUS_{name.upper()}"
+    default_interval = 60.0 if name == "smsc" else 30.0
+    interval = env.seconds(f"{upper}_INTERVAL", default_interval, low=0.05, high=86400)
+    if name == "smsc" and interval < SMSC_MIN_INTERVAL:
+        raise ConfigError(
+            f"{upper}_INTERVAL",
+            f"must be at least {SMSC_MIN_INTERVAL} s: SMSC refuses a 4th identical request "
+            "within a minute",
+        )
+    max_interval = env.seconds(f"{upper}_MAX_INTERVAL", 600.0, low=0.05, high=7 * 86400)
+    if max_interval < interval:
+        raise ConfigError(f"{upper}_MAX_INTERVAL", f"must not be below {upper}_INTERVAL")
+    secrets = tuple(env.secret(f"{upper}_{part}") for part in CREDENTIALS[name])
+    if any(secrets) and not all(secrets):
+        missing = [
+            part for part, value in zip(CREDENTIALS[name], secrets, strict=True) if not value
+        ]
+        raise ConfigError(f"{upper}_{missing[0]}", "is needed with the other credentials")
+    return ProviderSettings(
+        name=name,
+        url=env.base_url(f"{upper}_URL", DEFAULT_URLS[name]),
+        tz=env.zone(f"{upper}_TZ", "Europe/Kyiv" if name == "smsc" else "Europe/Moscow"),
+        interval=interval,
+        max_interval=max_interval,
+        credentials=tuple(Secret(s) for s in secrets) if all(secrets) else (),
     )
 
 
@@ -155,6 +230,22 @@ class _Env:
         if value not in choices:
             raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
         return value
+
+    def base_url(self, name: str, default: str) -> str:
+        value = self.text(name, default).rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, f"expected scheme, host and port only, got {value!r}")
+        if parts.path or parts.query or parts.username:
+            raise ConfigError(name, "give scheme, host and port only: smsbus appends the paths")
+        return value
+
+    def zone(self, name: str, default: str) -> ZoneInfo:
+        value = self.text(name, default)
+        try:
+            return ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(name, f"unknown time zone {value!r}") from None
 
     def nats_name(self, name: str, default: str) -> str:
         value = self.text(name, default)

@@ -51,4 +51,9 @@ class ProviderAuthError(ProviderError):
 
 
 class ProviderPayloadError(ProviderError):
-    """The provider answered something we cannot parse."""
+    """The provider answered something we cannot parse; `raw` keeps the answer for the dead
+    letter. The XML parser raises it without `raw`; the poller attaches the answer."""
+
+    def __init__(self, message: str, raw: bytes | None = None) -> None:
+        super().__init__(message)
+        self.raw = raw

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -131,6 +132,54 @@ def status_event(
         provider=provider,
         payload=_encode(event_id, provider, "status", message_id, occurred, data),
         status=normalised.status,
+    )
+
+
+def inbound_event(
+    prefix: str,
+    provider: str,
+    message_id: str,
+    *,
+    sender: str,
+    recipient: str,
+    text: str,
+    sent_at: datetime | None,
+    received_at: datetime,
+) -> Event:
+    """An inbound SMS; its id is the provider's message id, so it is stored once."""
+    event_id = fact_id(provider, "inbound", message_id)
+    received = rfc3339(received_at)
+    sent = rfc3339(sent_at) if sent_at else None
+    data = {
+        "provider": provider,
+        "message_id": message_id,
+        "from": sender,
+        "to": recipient,
+        "text": text,
+        "sent_at": sent,
+        "received_at": received,
+    }
+    return Event(
+        id=event_id,
+        subject=subject(prefix, "inbound", provider),
+        type="inbound",
+        provider=provider,
+        payload=_encode(event_id, provider, "inbound", message_id, sent or received, data),
+    )
+
+
+def balance_event(
+    prefix: str, provider: str, balance: Decimal, unit: str, checked_at: datetime
+) -> Event:
+    checked = rfc3339(checked_at)
+    event_id = fact_id(provider, "balance", checked)
+    data = {"provider": provider, "balance": str(balance), "unit": unit, "checked_at": checked}
+    return Event(
+        id=event_id,
+        subject=subject(prefix, "balance", provider),
+        type="balance",
+        provider=provider,
+        payload=_encode(event_id, provider, "balance", None, checked, data),
     )
 
 

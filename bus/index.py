@@ -28,6 +28,7 @@ class MessageIndex:
         self._kv = kv
         self._on_open = on_open
         self._open: collections.Counter[str] = collections.Counter()
+        self.listeners: list[Callable[[MessageState], None]] = []  # told of every new state
         self._by_provider: dict[str, dict[str, MessageState]] = {}
         self._keys: dict[str, tuple[str, str]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -58,6 +59,8 @@ class MessageIndex:
         old = states.pop(message_id, None)
         if state is not None:
             states[message_id] = state
+            for listener in self.listeners:
+                listener(state)
         change = _is_open(state) - _is_open(old)
         if change:
             self._open[provider] += change

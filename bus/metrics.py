@@ -56,6 +56,27 @@ class Metrics:
         self.spool_depth = Gauge(
             "smsbus_spool_depth", "Events in the local spool awaiting a JetStream ack", registry=r
         )
+        self.poll_requests = Counter(
+            "smsbus_poll_requests",
+            "Requests to providers by outcome",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.provider_up = Gauge(
+            "smsbus_provider_up",
+            "1 after a successful provider call, 0 after an auth or transport failure",
+            ["provider"],
+            registry=r,
+        )
+        self.balance = Gauge(
+            "smsbus_provider_balance", "Last balance read", ["provider", "unit"], registry=r
+        )
+        self.leader = Gauge(
+            "smsbus_poller_leader",
+            "1 while this process polls the provider",
+            ["provider"],
+            registry=r,
+        )
         self.tracked = Gauge(
             "smsbus_tracked_messages",
             "Tracked messages with no final status yet",
@@ -75,6 +96,7 @@ class Metrics:
         for provider in PROVIDERS:
             self.deadletters.labels(provider)
             self.tracked.labels(provider)
+            self.leader.labels(provider)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

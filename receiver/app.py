@@ -16,7 +16,8 @@ from receiver.http import ASGIApp, LimitBody, Receive, Scope, Send
 from receiver.smspilot import SMSPilotCallbacks
 
 
-def create_app(runtime: Runtime) -> ASGIApp:
+def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
+    """The app; with receive=False (`serve --pollers-only`) only the operational routes."""
     callbacks = SMSPilotCallbacks(runtime)
 
     async def healthz(request: Request) -> Response:
@@ -44,10 +45,13 @@ def create_app(runtime: Runtime) -> ASGIApp:
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
     register, show = messages.routes(runtime)
+    api = [
+        Route("/v1/messages", register, methods=["POST"]),
+        Route("/v1/messages/{provider}/{message_id:path}", show, methods=["GET"]),
+    ]
     operations = Starlette(
         routes=[
-            Route("/v1/messages", register, methods=["POST"]),
-            Route("/v1/messages/{provider}/{message_id:path}", show, methods=["GET"]),
+            *(api if receive else []),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -56,7 +60,7 @@ def create_app(runtime: Runtime) -> ASGIApp:
     )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and callbacks.matches(scope["path"]):
+        if receive and scope["type"] == "http" and callbacks.matches(scope["path"]):
             await callbacks(scope, receive, send)
         else:
             await operations(scope, receive, send)

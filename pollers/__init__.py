@@ -1,0 +1,1 @@
+"""HTTP out: one poller per provider that cannot push."""

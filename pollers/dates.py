@@ -1,0 +1,22 @@
+"""Provider dates: zone-less local times read in the provider's zone, published in UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from bus.errors import ProviderPayloadError
+
+
+def local(value: str | None, fmt: str, tz: ZoneInfo) -> datetime | None:
+    """A provider's local date as an aware UTC datetime; None when absent or all zeros."""
+    if value is None or not value.strip() or value.strip().startswith("0000-00-00"):
+        return None
+    try:
+        return datetime.strptime(value.strip(), fmt).replace(tzinfo=tz).astimezone(UTC)
+    except ValueError:
+        raise ProviderPayloadError(f"date {value[:40]!r} is not in the documented form") from None
+
+
+def format_local(moment: datetime, fmt: str, tz: ZoneInfo) -> str:
+    return moment.astimezone(tz).strftime(fmt)

@@ -1,0 +1,332 @@
+"""Polling one provider: the loop every provider client plugs into.
+
+- Tracked messages come from the local mirror of the state bucket. Each is due on the schedule of
+  pollers.schedule; messages due together go out in batches of the client's `status_batch`.
+  A report is published only when it differs from the current state; a final one ends polling;
+  an id the provider does not know yet stays tracked. After SMSBUS_TRACK_TTL (from `sent_at`, else
+  registration) a message with no final status gets a final `unknown` event (`via: "expiry"`).
+- Provider-wide work (SMSC's history, inbound SMS) runs every interval; the balance at start and
+  every SMSBUS_BALANCE_INTERVAL. Inbound cursors live in the cursor bucket and advance only after
+  the events they cover are durable.
+- Failures back off exponentially with jitter (auth failures hard, at least AUTH_BACKOFF), show in
+  /readyz and the metrics, and an unparsable answer goes to the dead-letter subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import nats.errors
+import nats.js.errors
+import structlog
+
+from bus.config import ProviderSettings
+from bus.errors import (
+    ProviderAuthError,
+    ProviderError,
+    ProviderPayloadError,
+    ProviderUnavailable,
+    PublishError,
+)
+from bus.events import (
+    balance_event,
+    deadletter_event,
+    inbound_event,
+    rfc3339,
+    status_event,
+    utcnow,
+)
+from bus.messages import MessageState
+from bus.runtime import ProviderState, Runtime
+from bus.statuses import normalise, normalise_error_code
+from pollers.schedule import next_poll
+from pollers.types import ProviderClient, StatusReport
+
+log = structlog.get_logger("smsbus.poller")
+
+CONCURRENCY = 8  # status requests in flight to one provider
+AUTH_BACKOFF = 300.0
+MAX_BACKOFF = 300.0
+NEVER = float("inf")
+
+
+def _seconds(value: str | None) -> float | None:
+    return datetime.fromisoformat(value).timestamp() if value else None
+
+
+class ProviderPoller:
+    def __init__(self, client: ProviderClient, runtime: Runtime, settings: ProviderSettings):
+        assert runtime.index is not None and runtime.cursors is not None
+        self.client = client
+        self.name = settings.name
+        self.settings = settings
+        self._prefix = runtime.settings.subject_prefix
+        self._ttl = runtime.settings.track_ttl
+        self._balance_interval = runtime.settings.balance_interval
+        self._first = (
+            runtime.settings.smspilot_reconcile_after
+            if self.name == "smspilot"
+            else settings.interval
+        )
+        self._publisher = runtime.publisher
+        self._index = runtime.index
+        self._cursors = runtime.cursors
+        self._metrics = runtime.metrics
+        self.state: ProviderState = runtime.providers.setdefault(self.name, ProviderState())
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._failures = 0
+        self._resume_at = 0.0
+        self._tick = min(1.0, settings.interval / 4)
+
+    # Scheduling
+
+    def schedule(self, state: MessageState, now: float | None = None) -> None:
+        """Put a tracked message on the schedule (the index calls this on every change)."""
+        if state.provider != self.name or not state.tracked or state.final:
+            self._due.pop(state.message_id, None)
+            return
+        if state.message_id not in self._due:
+            self._push(state, now if now is not None else time.time())
+
+    def _push(self, state: MessageState, after: float) -> None:
+        registered = _seconds(state.registered_at) or after
+        expires = (_seconds(state.sent_at) or registered) + self._ttl
+        due = NEVER
+        if self.client.status_batch:
+            s = self.settings
+            due = next_poll(registered, after, self._first, s.interval, s.max_interval)
+        when = min(due, expires)
+        self._due[state.message_id] = when
+        heapq.heappush(self._heap, (when, state.message_id))
+
+    def _take_due(self, now: float) -> tuple[list[MessageState], list[MessageState]]:
+        """Pop what is due: (to poll, expired). A last, partial batch is topped up with messages
+        due within half an interval: polling those a little early saves a request."""
+        due: list[MessageState] = []
+        expired: list[MessageState] = []
+        size = self.client.status_batch or 1
+        horizon = now + self.settings.interval / 2
+        while self._heap and (
+            self._heap[0][0] <= now or (due and len(due) % size and self._heap[0][0] <= horizon)
+        ):
+            when, message_id = heapq.heappop(self._heap)
+            if self._due.get(message_id) != when:
+                continue  # superseded
+            del self._due[message_id]
+            state = self._index.get(self.name, message_id)
+            if state is None or not state.tracked or state.final:
+                continue
+            expires = (_seconds(state.sent_at) or _seconds(state.registered_at) or now) + self._ttl
+            if now >= expires:
+                expired.append(state)
+            elif when <= now or self.client.status_batch:
+                due.append(state)
+            else:  # an expiry-only entry (no per-id polling) that is not due yet
+                self._due[message_id] = when
+                heapq.heappush(self._heap, (when, message_id))
+                break
+        return due, expired
+
+    # The loops
+
+    async def run(self) -> None:
+        self.state.enabled = True
+        self.state.leader = True
+        self._metrics.leader.labels(self.name).set(1)
+        await self._index.loaded.wait()
+        for state in self._index.of(self.name):
+            self.schedule(state)
+        self._index.listeners.append(self.schedule)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._status_loop())
+                if self.client.has_history:
+                    group.create_task(self._every(self.settings.interval, self._history))
+                if self.client.has_inbound:
+                    group.create_task(self._every(self.settings.interval, self._inbound))
+                if self.client.balance_unit:
+                    group.create_task(self._every(self._balance_interval, self._balance))
+        finally:
+            self._index.listeners.remove(self.schedule)
+            self.state.leader = False
+            self._metrics.leader.labels(self.name).set(0)
+
+    async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            if time.monotonic() >= self._resume_at:
+                await self._guard(job)
+            await asyncio.sleep(max(interval, self._resume_at - time.monotonic(), 0.01))
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            if time.monotonic() < self._resume_at:
+                continue
+            now = time.time()
+            due, expired = self._take_due(now)
+            for state in expired:
+                await self._expire(state)
+            if due:
+                size = self.client.status_batch
+                gate = asyncio.Semaphore(CONCURRENCY)
+                await asyncio.gather(
+                    *(
+                        self._poll_batch(due[i : i + size], now, gate)
+                        for i in range(0, len(due), size)
+                    )
+                )
+
+    async def _poll_batch(
+        self, batch: list[MessageState], now: float, gate: asyncio.Semaphore
+    ) -> None:
+        finished: set[str] = set()
+
+        async def poll() -> None:
+            reports = await self.client.statuses([s.message_id for s in batch])
+            for report in reports:
+                if await self._report(report):
+                    finished.add(report.message_id)
+
+        async with gate:
+            ok = time.monotonic() >= self._resume_at and await self._guard(poll)
+        for state in batch:
+            if state.message_id in finished:
+                continue
+            if ok:
+                self._push(state, now)
+            else:  # due again as soon as the back-off allows
+                self._due[state.message_id] = now
+                heapq.heappush(self._heap, (now, state.message_id))
+
+    async def _guard(self, job: Callable[[], Awaitable[None]]) -> bool:
+        """Run one provider call; on failure record it, back off, and keep going."""
+        try:
+            await job()
+        except ProviderError as exc:
+            await self._failed(exc)
+            return False
+        except PublishError as exc:
+            log.error(
+                "poll results not stored; will poll again", provider=self.name, error=str(exc)
+            )
+            return False
+        self._succeeded()
+        return True
+
+    def _succeeded(self) -> None:
+        self._failures = 0
+        self.state.last_success = rfc3339(utcnow())
+        self._metrics.poll_requests.labels(self.name, "ok").inc()
+        self._metrics.provider_up.labels(self.name).set(1)
+
+    async def _failed(self, exc: ProviderError) -> None:
+        self._failures += 1
+        delay = min(MAX_BACKOFF, 2.0 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
+        if isinstance(exc, ProviderAuthError):
+            outcome, delay = "auth_error", max(delay, AUTH_BACKOFF)
+        elif isinstance(exc, ProviderPayloadError):
+            outcome = "bad_answer"
+        else:
+            outcome = "unavailable"
+        self._resume_at = time.monotonic() + delay
+        self.state.last_error = f"{rfc3339(utcnow())} {outcome}: {exc}"
+        self._metrics.poll_requests.labels(self.name, outcome).inc()
+        if not isinstance(exc, ProviderPayloadError):
+            self._metrics.provider_up.labels(self.name).set(0)
+        log.warning(
+            "provider call failed", provider=self.name, outcome=outcome, error=str(exc),
+            retry_in_s=round(delay, 1),
+        )  # fmt: skip
+        if isinstance(exc, ProviderPayloadError):
+            await self._dead_letter(str(exc), exc.raw or b"")
+
+    async def _dead_letter(self, reason: str, raw: bytes) -> None:
+        event = deadletter_event(
+            self._prefix, self.name, reason, received_at=utcnow(), method=None,
+            path=self.settings.url, query={}, body=raw, peer=None,
+        )  # fmt: skip
+        try:
+            await self._publisher.publish(event)
+        except PublishError as exc:
+            log.error("dead letter lost", provider=self.name, error=str(exc))
+
+    # The work
+
+    async def _history(self) -> None:
+        for report in await self.client.history():
+            await self._report(report)
+
+    async def _report(self, report: StatusReport) -> bool:
+        """Publish a polled status unless the current state already says it; True when the
+        message has reached a final status."""
+        state = self._index.get(self.name, report.message_id)
+        error_code = normalise_error_code(report.error_code)
+        final = normalise(self.name, report.raw_status, error_code).final
+        if state is not None and state.provider_status == report.raw_status:
+            return final or state.final
+        event = status_event(
+            self._prefix, self.name, report.message_id, report.raw_status, via="poll",
+            received_at=utcnow(), occurred_at=report.occurred_at, error_code=error_code,
+            error=report.error, phone=report.phone or (state.phone if state else None),
+            client_ref=state.client_ref if state else None,
+        )  # fmt: skip
+        await self._publisher.publish(event)
+        if final:
+            self._due.pop(report.message_id, None)
+        return final
+
+    async def _expire(self, state: MessageState) -> None:
+        event = status_event(
+            self._prefix, self.name, state.message_id, "", via="expiry", received_at=utcnow(),
+            phone=state.phone, client_ref=state.client_ref,
+        )  # fmt: skip
+        await self._publisher.publish(event)
+
+    async def _inbound(self) -> None:
+        cursor = await self._cursor("inbound")
+        messages, new_cursor = await self.client.inbound(cursor)
+        for sms in messages:
+            await self._publisher.publish(
+                inbound_event(
+                    self._prefix,
+                    self.name,
+                    sms.message_id,
+                    sender=sms.sender,
+                    recipient=sms.recipient,
+                    text=sms.text,
+                    sent_at=sms.sent_at,
+                    received_at=utcnow(),
+                )  # fmt: skip
+            )
+        if new_cursor is not None and new_cursor != cursor:
+            await self._save_cursor("inbound", new_cursor)
+
+    async def _balance(self) -> None:
+        amount = await self.client.balance()
+        unit = self.client.balance_unit
+        assert unit is not None
+        self._metrics.balance.labels(self.name, unit).set(float(amount))
+        await self._publisher.publish(
+            balance_event(self._prefix, self.name, amount, unit, datetime.now(UTC))
+        )
+
+    async def _cursor(self, name: str) -> str | None:
+        try:
+            entry = await self._cursors.get(f"{self.name}.{name}")
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ProviderUnavailable(f"cursor store unavailable: {exc}") from None
+        return entry.value.decode() if entry.value else None
+
+    async def _save_cursor(self, name: str, value: str) -> None:
+        try:
+            await self._cursors.put(f"{self.name}.{name}", value.encode())
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ProviderUnavailable(f"cursor store unavailable: {exc}") from None

@@ -1,0 +1,145 @@
+"""SMSTOWER (smstower.txt): statuses by message id, inbound SMS by date range, balance in SMS.
+
+Every method is a form POST with `login` and `password` in the body ("Доступные методы: POST");
+answers are UTF-8 XML `<response><code>…</code>…</response>`, dates `YYYY-MM-DD HH:MI:SS` in
+SMSBUS_SMSTOWER_TZ.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import ClassVar
+from zoneinfo import ZoneInfo
+
+import httpx
+from lxml import etree
+
+from bus.config import ProviderSettings
+from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
+from pollers import http
+from pollers.dates import format_local, local
+from pollers.types import InboundSms, StatusReport
+from pollers.window import Window
+from pollers.xml import parse_xml, text
+
+STATUS = "/getstatus.v2.php"
+INBOUND = "/incomingsms.php"
+BALANCE = "/getbalance.php"
+DATE = "%Y-%m-%d %H:%M:%S"
+MAX_IDS = 100  # getstatus.v2.php: "максимальное количество … идентификаторов равно 100"
+
+# Answer codes, per method (the document lists them under each method).
+AUTH = {"4": "wrong login or password", "7": "this IP address may not use the API"}
+STATUS_ERRORS = {
+    "2": "no message ids given",
+    "3": "a message id is not a number",
+    "8": "more than 100 message ids",
+    "10": "technical problem at the gateway",
+}
+INBOUND_ERRORS = {
+    "8": "bad start date",
+    "9": "bad end date",
+    "10": "technical problem at the gateway",
+}
+BALANCE_ERRORS = {"10": "technical problem at the gateway"}
+NONE_FOUND = "9"  # getstatus: "Ни один идентификатор не найден в БД" - not known yet
+
+
+def _checked(body: bytes, errors: dict[str, str], *, ok: str = "1") -> etree._Element:
+    root = parse_xml(body)
+    code = text(root, "code")
+    if code == ok:
+        return root
+    if code in AUTH:
+        raise ProviderAuthError(f"code {code}: {AUTH[code]}")
+    if code == "10":
+        raise ProviderUnavailable(f"code 10: {errors['10']}")
+    meaning = errors.get(code or "", "undocumented code")
+    raise ProviderPayloadError(f"code {code}: {meaning}")
+
+
+def parse_status(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
+    """getstatus.v2.php's answer: one report per message; code 9 means none known yet."""
+    root = parse_xml(body)
+    if text(root, "code") == NONE_FOUND:
+        return []
+    root = _checked(body, STATUS_ERRORS)
+    reports = []
+    for message in root.iterfind("messageList/message"):
+        message_id, status = text(message, "idMessage"), text(message, "deliveryStatus")
+        if not message_id or not status:
+            raise ProviderPayloadError("a message lacks idMessage or deliveryStatus")
+        occurred = local(text(message, "dateFinalStatus"), DATE, tz)
+        reports.append(StatusReport(message_id, status, occurred))
+    return reports
+
+
+def parse_inbound(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
+    root = _checked(body, INBOUND_ERRORS)
+    messages = []
+    for message in root.iterfind("messageList/message"):
+        message_id = text(message, "idMessage")
+        if not message_id:
+            raise ProviderPayloadError("an inbound message lacks idMessage")
+        messages.append(
+            InboundSms(
+                message_id=message_id,
+                sender=text(message, "sourceAddress") or "",
+                recipient=text(message, "destinationAddress") or "",
+                text=text(message, "smsText") or "",
+                sent_at=local(text(message, "createdDate"), DATE, tz),
+            )
+        )
+    return messages
+
+
+def parse_balance(body: bytes) -> Decimal:
+    root = _checked(body, BALANCE_ERRORS)
+    raw = text(root, "balance")
+    try:
+        return Decimal(raw or "")
+    except InvalidOperation:
+        raise ProviderPayloadError("balance is not a number") from None
+
+
+class Client:
+    name: ClassVar[str] = "smstower"
+    status_batch: ClassVar[int] = MAX_IDS
+    balance_unit: ClassVar[str | None] = "SMS"
+    has_inbound: ClassVar[bool] = True
+    has_history: ClassVar[bool] = False
+
+    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
+        self._settings = settings
+        self._http = client
+        login, password = (s.reveal() for s in settings.credentials)
+        self._auth = {"login": login, "password": password}
+
+    async def _post(self, path: str, **fields: str) -> bytes:
+        return await http.post(self._http, self._settings.url + path, form=self._auth | fields)
+
+    async def statuses(self, ids: list[str]) -> list[StatusReport]:
+        body = await self._post(STATUS, messageid=",".join(ids))
+        return http.parsed(body, lambda: parse_status(body, self._settings.tz))
+
+    async def history(self) -> list[StatusReport]:
+        return []
+
+    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
+        window = Window(cursor, datetime.now(UTC))
+        tz = self._settings.tz
+        body = await self._post(
+            INBOUND,
+            startDate=format_local(window.start, DATE, tz),
+            endDate=format_local(window.now, DATE, tz),
+        )
+        found = http.parsed(body, lambda: parse_inbound(body, tz))
+        new = [sms for sms in found if window.is_new(sms.message_id)]
+        for sms in found:
+            window.seen(sms.message_id, sms.sent_at)
+        return new, window.cursor()
+
+    async def balance(self) -> Decimal:
+        body = await self._post(BALANCE)
+        return http.parsed(body, lambda: parse_balance(body))

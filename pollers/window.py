@@ -1,0 +1,37 @@
+"""A persisted time-window cursor for providers that list inbound SMS by date range.
+
+Each poll asks for [until - OVERLAP, now], so a message the provider lists a little late is still
+seen; ids already published inside the overlap are remembered in the cursor, so each message is
+published once, ever, whatever the stream's duplicate window.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+OVERLAP = timedelta(minutes=5)
+FIRST_LOOK_BACK = timedelta(hours=24)
+
+
+class Window:
+    def __init__(self, cursor: str | None, now: datetime) -> None:
+        data = orjson.loads(cursor) if cursor else {}
+        self.now = now
+        until = datetime.fromisoformat(data["until"]) if "until" in data else now - FIRST_LOOK_BACK
+        self.start = until - OVERLAP
+        self.recent: dict[str, float] = dict(data.get("recent", {}))
+
+    def is_new(self, message_id: str) -> bool:
+        return message_id not in self.recent
+
+    def seen(self, message_id: str, at: datetime | None) -> None:
+        self.recent[message_id] = (at or self.now).timestamp()
+
+    def cursor(self) -> str:
+        horizon = (self.now - OVERLAP - OVERLAP).timestamp()
+        recent = {k: v for k, v in self.recent.items() if v >= horizon}
+        return orjson.dumps(
+            {"until": self.now.astimezone(UTC).isoformat(), "recent": recent}
+        ).decode()

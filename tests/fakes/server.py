@@ -1,0 +1,40 @@
+"""Serve a fake provider (an ASGI app) with uvicorn on a free loopback port, in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from tests.support import free_port, wait_for
+
+
+class Served:
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+            access_log=False,
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve())
+
+    def __enter__(self) -> Served:
+        self._thread.start()
+        wait_for(lambda: self.server.started, what="the fake provider to start")
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType]) -> None:
+        self.server.should_exit = True
+        self._thread.join(10)

@@ -1,0 +1,132 @@
+"""A fake SMSTOWER, built from smstower.txt: the three POST methods, their XML answers and codes.
+
+Tests script statuses and inbound messages, read every request it received, and can make it
+misbehave (`mode`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.fakes import hostile
+
+MSK = ZoneInfo("Europe/Moscow")
+HEAD = '<?xml version="1.0" encoding="UTF-8"?>\n'
+
+
+@dataclass
+class Seen:
+    path: str
+    query: str
+    form: dict[str, str]
+    at: float
+
+
+@dataclass
+class FakeSmstower:
+    login: str = "tower-login"
+    password: str = "tower-secret-pw"
+    statuses: dict[str, tuple[str, str]] = field(default_factory=dict)  # id: (status, date)
+    inbound: list[dict[str, str]] = field(default_factory=list)
+    balance: str = "10654"
+    mode: str | None = None  # garbage, truncated, xxe, billion, http500, stall, code10
+    requests: list[Seen] = field(default_factory=list)
+
+    def seen(self, path: str) -> list[Seen]:
+        return [r for r in list(self.requests) if r.path == path]
+
+    @property
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/getstatus.v2.php", self._status, methods=["POST"]),
+                Route("/incomingsms.php", self._inbound, methods=["POST"]),
+                Route("/getbalance.php", self._balance, methods=["POST"]),
+            ]
+        )
+
+    async def _common(self, request: Request) -> tuple[dict[str, str], Response | None]:
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        loop = asyncio.get_running_loop()
+        self.requests.append(Seen(request.url.path, request.url.query, form, loop.time()))
+        if self.mode == "stall":
+            await asyncio.sleep(12)
+        if self.mode == "http500":
+            return form, Response("oops", status_code=500)
+        hostile_body = {
+            "garbage": hostile.GARBAGE,
+            "truncated": hostile.TRUNCATED,
+            "xxe": hostile.XXE,
+            "billion": hostile.BILLION_LAUGHS,
+        }.get(self.mode or "")
+        if hostile_body is not None:
+            return form, Response(hostile_body, media_type="application/xml")
+        if self.mode == "code10":
+            return form, xml("<response><code>10</code></response>")
+        if (form.get("login"), form.get("password")) != (self.login, self.password):
+            return form, xml("<response><code>4</code></response>")
+        return form, None
+
+    async def _status(self, request: Request) -> Response:
+        form, early = await self._common(request)
+        if early:
+            return early
+        ids = [i for i in form.get("messageid", "").split(",") if i]
+        if not ids:
+            return xml("<response><code>2</code></response>")
+        if not all(i.isdigit() for i in ids):
+            return xml("<response><code>3</code></response>")
+        if len(ids) > 100:
+            return xml("<response><code>8</code></response>")
+        known = [i for i in ids if i in self.statuses]
+        if not known:
+            return xml("<response><code>9</code></response>")
+        rows = "".join(
+            f"<message><dateFinalStatus>{self.statuses[i][1]}</dateFinalStatus>"
+            f"<deliveryStatus>{self.statuses[i][0]}</deliveryStatus>"
+            f"<idMessage>{i}</idMessage></message>"
+            for i in known
+        )
+        return xml(f"<response><code>1</code><messageList>{rows}</messageList></response>")
+
+    async def _inbound(self, request: Request) -> Response:
+        form, early = await self._common(request)
+        if early:
+            return early
+        try:
+            start = datetime.strptime(form["startDate"], "%Y-%m-%d %H:%M:%S")
+            end = datetime.strptime(form["endDate"], "%Y-%m-%d %H:%M:%S")
+        except (KeyError, ValueError):
+            return xml("<response><code>8</code></response>")
+        rows = "".join(
+            f"<message><sourceAddress>{m['from']}</sourceAddress>"
+            f"<destinationAddress>{m['to']}</destinationAddress><smsText>{m['text']}</smsText>"
+            f"<createdDate>{m['created']}</createdDate><idMessage>{m['id']}</idMessage></message>"
+            for m in self.inbound
+            if start <= datetime.strptime(m["created"], "%Y-%m-%d %H:%M:%S") <= end
+        )
+        return xml(f"<response><code>1</code><messageList>{rows}</messageList></response>")
+
+    async def _balance(self, request: Request) -> Response:
+        form, early = await self._common(request)
+        if early:
+            return early
+        return xml(f"<response><code>1</code><balance>{self.balance}</balance></response>")
+
+
+def xml(body: str) -> Response:
+    return Response(HEAD + body, media_type="application/xml; charset=utf-8")
+
+
+def msk_now(offset_s: float = 0) -> str:
+    from datetime import timedelta
+
+    return (datetime.now(MSK) + timedelta(seconds=offset_s)).strftime("%Y-%m-%d %H:%M:%S")

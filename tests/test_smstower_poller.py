@@ -1,0 +1,312 @@
+"""smsbus polling a fake SMSTOWER (a real HTTP app built from smstower.txt) end to end."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.server import Served
+from tests.fakes.smstower import FakeSmstower, msk_now
+from tests.support import NatsServer, Smsbus, Stored, isolated_env, read_stream, wait_for
+
+pytestmark = pytest.mark.slow
+_ids = itertools.count(random.randrange(10**8, 10**9))
+
+
+def new_id() -> str:
+    return str(next(_ids))
+
+
+def env_for(nats: NatsServer, fake: FakeSmstower, url: str, **extra: str) -> dict[str, str]:
+    settings = {
+        "SMSBUS_SMSTOWER_URL": url,
+        "SMSBUS_SMSTOWER_LOGIN": fake.login,
+        "SMSBUS_SMSTOWER_PASSWORD": fake.password,
+        "SMSBUS_SMSTOWER_INTERVAL": "0.3",
+        "SMSBUS_SMSTOWER_MAX_INTERVAL": "0.6",
+        "SMSBUS_BALANCE_INTERVAL": "2",
+    }
+    return isolated_env(nats.url, **(settings | extra))
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeSmstower, str]]:
+    tower = FakeSmstower(balance="10654")
+    with Served(tower.app) as served:
+        yield tower, served.url
+
+
+@pytest.fixture(scope="module")
+def service(
+    nats_server: NatsServer,
+    fake: tuple[FakeSmstower, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Smsbus]:
+    tower, url = fake
+    bus = Smsbus(env_for(nats_server, tower, url), tmp_path_factory.mktemp("smstower")).start()
+    yield bus
+    assert 0 == bus.stop()
+
+
+def register(bus: Smsbus, *items: dict[str, Any]) -> None:
+    response = httpx.post(f"{bus.base}/v1/messages", json=list(items), timeout=10)
+    assert 202 == response.status_code, response.text
+
+
+def events(nats: NatsServer, bus: Smsbus, tail: str) -> list[Stored]:
+    """What the stream holds under `<prefix>.<tail>`."""
+    return read_stream(nats.url, bus.stream, f"{bus.prefix}.{tail}")
+
+
+def statuses_of(nats: NatsServer, bus: Smsbus, message_id: str) -> list[str]:
+    return [
+        s.event["data"]["status"]
+        for s in read_stream(nats.url, bus.stream, f"{bus.prefix}.status.smstower.>")
+        if s.event["subject"] == message_id
+    ]
+
+
+def asked_for(tower: FakeSmstower, message_id: str) -> int:
+    return sum(message_id in r.form.get("messageid", "").split(",") for r in tower.requests)
+
+
+def metric(bus: Smsbus, name: str) -> float:
+    for line in httpx.get(f"{bus.base}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} is missing")
+
+
+def test_statuses_are_polled_batched_and_stop_at_final(
+    nats_server: NatsServer, fake: tuple[FakeSmstower, str], service: Smsbus
+) -> None:
+    tower, _ = fake
+    sent, done, unknown = new_id(), new_id(), new_id()
+    tower.statuses[sent] = ("processing", "")
+    tower.statuses[done] = ("delivered", msk_now())
+    register(
+        service,
+        {"provider": "smstower", "message_id": sent, "client_ref": "r-1", "phone": "79030001122"},
+        {"provider": "smstower", "message_id": done},
+        {"provider": "smstower", "message_id": unknown},
+    )
+    wait_for(lambda: statuses_of(nats_server, service, done) == ["delivered"], what="delivered")
+    wait_for(lambda: statuses_of(nats_server, service, sent) == ["sent"], what="sent")
+    first = next(r for r in tower.seen("/getstatus.v2.php") if sent in r.form["messageid"])
+    assert {sent, done, unknown} == set(first.form["messageid"].split(","))
+    assert (tower.login, tower.password) == (first.form["login"], first.form["password"])
+    assert "" == first.query  # credentials travel in the body only
+
+    tower.statuses[sent] = ("delivered", msk_now())
+    wait_for(lambda: statuses_of(nats_server, service, sent) == ["sent", "delivered"], what="final")
+    [final] = [
+        s for s in events(nats_server, service, "status.smstower.delivered")
+        if s.event["subject"] == sent
+    ]  # fmt: skip
+    assert ("r-1", "79030001122", "poll") == (
+        final.event["data"]["client_ref"],
+        final.event["data"]["phone"],
+        final.event["data"]["via"],
+    )
+    # Finals are no longer asked for; the unknown id (code 9 when alone) still is.
+    settled = asked_for(tower, sent), asked_for(tower, done)
+    before = asked_for(tower, unknown)
+    wait_for(lambda: asked_for(tower, unknown) >= before + 2, what="the unknown id polled again")
+    assert settled == (asked_for(tower, sent), asked_for(tower, done))
+
+
+def test_many_due_together_go_out_in_batches_of_100(
+    fake: tuple[FakeSmstower, str], service: Smsbus
+) -> None:
+    tower, _ = fake
+    ids = [new_id() for _ in range(250)]
+    register(service, *({"provider": "smstower", "message_id": i} for i in ids))
+    wanted = set(ids)
+
+    def covering() -> list[set[str]]:
+        asked = [set(r.form["messageid"].split(",")) for r in tower.seen("/getstatus.v2.php")]
+        return [wanted & a for a in asked if wanted & a]
+
+    wait_for(lambda: sum(map(len, covering())) >= 250, what="all 250 ids polled")
+    first_round = covering()[:3]
+    assert [100, 100, 50] == sorted(map(len, first_round), reverse=True)
+    assert wanted == set().union(*first_round)
+
+
+def test_an_expired_message_ends_with_a_final_unknown(
+    nats_server: NatsServer, service: Smsbus
+) -> None:
+    stale = new_id()
+    long_ago = (datetime.now(UTC) - timedelta(days=4)).isoformat()
+    register(service, {"provider": "smstower", "message_id": stale, "sent_at": long_ago})
+    wait_for(lambda: statuses_of(nats_server, service, stale) == ["unknown"], what="expiry")
+    [item] = [
+        s for s in events(nats_server, service, "status.smstower.unknown")
+        if s.event["subject"] == stale
+    ]  # fmt: skip
+    assert ("expiry", True, "") == (
+        item.event["data"]["via"],
+        item.event["data"]["final"],
+        item.event["data"]["provider_status"],
+    )
+
+
+def test_inbound_sms_are_published_once(
+    nats_server: NatsServer, fake: tuple[FakeSmstower, str], service: Smsbus
+) -> None:
+    tower, _ = fake
+    first, second = new_id(), new_id()
+    tower.inbound.append(
+        {
+            "id": first,
+            "from": "79030001122",
+            "to": "79030001133",
+            "text": "Привет",
+            "created": msk_now(-60),
+        }
+    )
+    tower.inbound.append(
+        {
+            "id": second,
+            "from": "79030001144",
+            "to": "79030001133",
+            "text": "STOP",
+            "created": msk_now(-1),
+        }
+    )
+
+    def inbound_ids() -> list[str]:
+        return [
+            s.event["data"]["message_id"] for s in events(nats_server, service, "inbound.smstower")
+        ]
+
+    wait_for(lambda: {first, second} <= set(inbound_ids()), what="both inbound SMS")
+    published = metric(service, 'smsbus_events_published_total{provider="smstower",type="inbound"}')
+    polls = len(tower.seen("/incomingsms.php"))
+    wait_for(lambda: len(tower.seen("/incomingsms.php")) >= polls + 3, what="three more polls")
+    # Seen again in the overlap, yet never published again: not even a deduplicated publish.
+    assert published == metric(
+        service, 'smsbus_events_published_total{provider="smstower",type="inbound"}'
+    )
+    event = next(
+        s.event
+        for s in events(nats_server, service, "inbound.smstower")
+        if s.event["subject"] == first
+    )
+    assert ("79030001122", "79030001133", "Привет") == (
+        event["data"]["from"],
+        event["data"]["to"],
+        event["data"]["text"],
+    )
+
+
+def test_balance_is_read_and_exported(
+    nats_server: NatsServer, fake: tuple[FakeSmstower, str], service: Smsbus
+) -> None:
+    readings = wait_for(
+        lambda: events(nats_server, service, "balance.smstower"), what="a balance reading"
+    )
+    assert ("10654", "SMS", "smstower") == (
+        readings[0].event["data"]["balance"],
+        readings[0].event["data"]["unit"],
+        readings[0].event["data"]["provider"],
+    )
+    assert 10654 == metric(service, 'smsbus_provider_balance{provider="smstower",unit="SMS"}')
+    ready = httpx.get(f"{service.base}/readyz", timeout=5).json()["providers"]["smstower"]
+    assert (True, True) == (ready["enabled"], ready["leader"])
+    assert ready["last_success"] is not None
+
+
+def test_password_never_appears_in_logs(fake: tuple[FakeSmstower, str], service: Smsbus) -> None:
+    tower, _ = fake
+    assert tower.password not in service.logs()
+
+
+@pytest.mark.parametrize("mode", ["garbage", "truncated", "xxe", "billion"])
+def test_hostile_answers_are_dead_lettered_and_polling_recovers(
+    nats_server: NatsServer, tmp_path: Path, mode: str
+) -> None:
+    tower = FakeSmstower(mode=mode)
+    with Served(tower.app) as served:
+        bus = Smsbus(env_for(nats_server, tower, served.url), tmp_path).start()
+        try:
+            letters = wait_for(
+                lambda: events(nats_server, bus, "deadletter.smstower"), what="a dead letter"
+            )
+            data = letters[0].event["data"]
+            assert (None, served.url) == (data["raw"]["method"], data["raw"]["path"])
+            assert tower.password not in str(letters[0].event)
+            started = time.monotonic()
+            assert 200 == httpx.get(f"{bus.base}/healthz", timeout=5).status_code
+            assert time.monotonic() - started < 1
+            assert (
+                metric(bus, 'smsbus_poll_requests_total{outcome="bad_answer",provider="smstower"}')
+                >= 1
+            )
+            tower.mode = None
+            wait_for(
+                lambda: events(nats_server, bus, "balance.smstower"), timeout=20, what="recovery"
+            )
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_auth_failure_backs_off_hard_and_shows_in_readyz(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    tower = FakeSmstower()
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_PASSWORD="wrong-password")
+        bus = Smsbus(env, tmp_path).start()
+        try:
+
+            def failing() -> dict[str, Any] | None:
+                body = httpx.get(f"{bus.base}/readyz", timeout=5).json()["providers"]["smstower"]
+                return body if body["last_error"] else None
+
+            state = wait_for(failing, what="the auth failure in /readyz")
+            assert "auth_error: code 4: wrong login or password" in state["last_error"]
+            assert 0 == metric(bus, 'smsbus_provider_up{provider="smstower"}')
+            calls = len(tower.requests)
+            register(bus, {"provider": "smstower", "message_id": new_id()})
+            time.sleep(2)  # nothing to wait for: asserting that nothing happens
+            assert calls == len(tower.requests)
+            assert "wrong-password" not in bus.logs()
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_tracking_and_cursors_survive_a_restart(nats_server: NatsServer, tmp_path: Path) -> None:
+    tower = FakeSmstower()
+    waiting = new_id()
+    inbound = new_id()
+    tower.inbound.append(
+        {"id": inbound, "from": "79030001122", "to": "7903", "text": "hi", "created": msk_now(-5)}
+    )
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url)
+        bus = Smsbus(env, tmp_path).start()
+        register(bus, {"provider": "smstower", "message_id": waiting})
+        wait_for(lambda: asked_for(tower, waiting) >= 1, what="the first poll")
+        wait_for(lambda: events(nats_server, bus, "inbound.smstower"), what="the inbound SMS")
+        assert 0 == bus.stop()
+
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            before = asked_for(tower, waiting)
+            wait_for(lambda: asked_for(tower, waiting) > before, what="polling after restart")
+            polls = len(tower.seen("/incomingsms.php"))
+            wait_for(lambda: len(tower.seen("/incomingsms.php")) > polls, what="an inbound poll")
+            assert 0 == metric(
+                bus, 'smsbus_events_published_total{provider="smstower",type="inbound"}'
+            )
+        finally:
+            assert 0 == bus.stop()

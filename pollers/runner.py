@@ -8,14 +8,16 @@ import httpx
 import structlog
 
 from bus.runtime import Runtime
-from pollers import smstower
+from pollers import epochta, smspilot, smstower
 from pollers.engine import ProviderPoller
 from pollers.types import ProviderClient
 
 log = structlog.get_logger("smsbus.pollers")
 
 REGISTRY: dict[str, type[ProviderClient]] = {
+    "smspilot": smspilot.Client,
     "smstower": smstower.Client,
+    "epochta": epochta.Client,
 }
 
 

@@ -1,0 +1,144 @@
+"""SMSPilot (smspilot.txt, api2.php): reconcile statuses a callback never brought, inbound SMS,
+balance in roubles. Requests are JSON bodies POSTed to /api2.php with `apikey` inside.
+
+`check` with a list of server_ids answers `{"check": [{id, server_id, status, modified}]}`,
+`modified` in SMSBUS_SMSPILOT_TZ; `inbound` with `since` (GMT, as the document says) lists inbound
+SMS, `created` in Moscow time; `balance: "rur"` answers `{"balance": 405.60}`. Errors come as
+`{"error": {"code": N, "description": "…"}}` with the codes of the document's error table.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+from zoneinfo import ZoneInfo
+
+import httpx
+import orjson
+
+from bus.config import ProviderSettings
+from bus.errors import ProviderAuthError, ProviderPayloadError
+from bus.statuses import SMSPILOT_ERRORS
+from pollers import http
+from pollers.dates import format_local, local
+from pollers.types import InboundSms, StatusReport
+from pollers.window import Window
+
+PATH = "/api2.php"
+DATE = "%Y-%m-%d %H:%M:%S"
+INBOUND_DATE = "%Y-%m-%d %H:%M"  # the document's examples: "2011-09-20 20:15"
+BATCH = 100
+NOT_FOUND = "302"  # "SMS server_id not found": not known yet, or older than 40 days
+AUTH_CODES = {"400", "401"}
+
+
+def _answer(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProviderPayloadError("answer is not JSON") from None
+    if not isinstance(data, dict):
+        raise ProviderPayloadError("answer is not a JSON object")
+    error = data.get("error")
+    if error is not None:
+        code = str(error.get("code", "")) if isinstance(error, dict) else str(error)
+        text = SMSPILOT_ERRORS.get(code, "undocumented error")
+        if code in AUTH_CODES:
+            raise ProviderAuthError(f"error {code}: {text}")
+        raise ProviderPayloadError(f"error {code}: {text}")
+    return data
+
+
+def parse_check(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
+    try:
+        data = _answer(body)
+    except ProviderPayloadError as exc:
+        if str(exc).startswith(f"error {NOT_FOUND}:"):
+            return []
+        raise
+    rows = data.get("check")
+    if not isinstance(rows, list):
+        raise ProviderPayloadError("check answer without a list")
+    reports = []
+    for row in rows:
+        if not isinstance(row, dict) or not row.get("server_id") or row.get("status") is None:
+            raise ProviderPayloadError("a check row lacks server_id or status")
+        status = str(row["status"]).strip()
+        if not status.lstrip("-").isdigit():
+            raise ProviderPayloadError("a check row's status is not a number")
+        occurred = local(str(row.get("modified") or ""), DATE, tz)
+        reports.append(StatusReport(str(row["server_id"]), str(int(status)), occurred))
+    return reports
+
+
+def parse_inbound(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
+    """`created` is Moscow time per the document ("мск"): SMSBUS_SMSPILOT_TZ's default."""
+    rows = _answer(body).get("inbound")
+    if rows is None or rows is True:
+        return []
+    if not isinstance(rows, list):
+        raise ProviderPayloadError("inbound answer without a list")
+    messages = []
+    for row in rows:
+        if not isinstance(row, dict) or not row.get("id"):
+            raise ProviderPayloadError("an inbound row lacks its id")
+        created = str(row.get("created") or "")
+        fmt = DATE if created.count(":") == 2 else INBOUND_DATE
+        messages.append(
+            InboundSms(
+                message_id=str(row["id"]),
+                sender=str(row.get("phone") or ""),
+                recipient=str(row.get("num") or ""),
+                text=str(row.get("text") or ""),
+                sent_at=local(created, fmt, tz),
+            )
+        )
+    return messages
+
+
+def parse_balance(body: bytes) -> Decimal:
+    raw = _answer(body).get("balance")
+    try:
+        return Decimal(str(raw))
+    except InvalidOperation:
+        raise ProviderPayloadError("balance is not a number") from None
+
+
+class Client:
+    name: ClassVar[str] = "smspilot"
+    status_batch: ClassVar[int] = BATCH
+    balance_unit: ClassVar[str | None] = "RUB"
+    has_inbound: ClassVar[bool] = True
+    has_history: ClassVar[bool] = False
+
+    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
+        self._settings = settings
+        self._http = client
+        (self._apikey,) = (s.reveal() for s in settings.credentials)
+
+    async def _call(self, **request: Any) -> bytes:
+        body = orjson.dumps({"apikey": self._apikey, **request})
+        return await http.post(
+            self._http, self._settings.url + PATH, content=body, content_type="application/json"
+        )
+
+    async def statuses(self, ids: list[str]) -> list[StatusReport]:
+        body = await self._call(check=[{"server_id": i} for i in ids])
+        return http.parsed(body, lambda: parse_check(body, self._settings.tz))
+
+    async def history(self) -> list[StatusReport]:
+        return []
+
+    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
+        window = Window(cursor, datetime.now(UTC))
+        body = await self._call(inbound=True, since=format_local(window.start, DATE, UTC))
+        found = http.parsed(body, lambda: parse_inbound(body, self._settings.tz))
+        new = [sms for sms in found if window.is_new(sms.message_id)]
+        for sms in found:
+            window.seen(sms.message_id, sms.sent_at)
+        return new, window.cursor()
+
+    async def balance(self) -> Decimal:
+        body = await self._call(balance="rur")
+        return http.parsed(body, lambda: parse_balance(body))

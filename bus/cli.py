@@ -23,7 +23,7 @@ import structlog
 import uvloop
 from nats.js.api import DeliverPolicy
 
-from bus.config import Settings, load_settings
+from bus.config import Settings, load_settings, redact_url
 from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
 from bus.messages import MessageState, TrackItem, kv_key, parse_track_item
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     track_cmd.add_argument("--phone")
     track_cmd.add_argument("--client-ref")
     track_cmd.add_argument("--sent-at", help="RFC 3339, e.g. 2026-11-22T10:00:00Z")
+    commands.add_parser(
+        "check",
+        help="validate the settings, reach NATS and each enabled provider; exit 1 on failure",
+    )
     status_cmd = commands.add_parser("status", help="print a message's current state as JSON")
     status_cmd.add_argument("provider", choices=PROVIDERS)
     status_cmd.add_argument("message_id")
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(track(settings, item))
         if args.command == "status":
             return _run(status(settings, args.provider, args.message_id))
+        if args.command == "check":
+            return _run(check(settings))
         return _run(tail(settings, args.subject))
     except PayloadError as exc:
         print(f"smsbus: {exc}", file=sys.stderr)
@@ -223,6 +229,43 @@ async def status(settings: Settings, provider: str, message_id: str) -> int:
         await nc.close()
     print(json.dumps(body, ensure_ascii=False))
     return code
+
+
+async def check(settings: Settings) -> int:
+    """One line per part: the settings, NATS, and each provider (off, ok, or FAILED)."""
+    import httpx
+
+    from bus.errors import ProviderError
+    from pollers.runner import REGISTRY
+
+    print("config: ok")
+    failed = False
+    try:
+        nc = await _connect(settings)
+        try:
+            await nc.jetstream().account_info()
+            print(f"nats: ok ({', '.join(redact_url(u) for u in settings.effective_nats_urls)})")
+        except (TimeoutError, nats.errors.Error) as exc:
+            print(f"nats: FAILED: JetStream is not available: {exc}")
+            failed = True
+        finally:
+            await nc.close()
+    except StartupError as exc:
+        print(f"nats: FAILED: {exc}")
+        failed = True
+    async with httpx.AsyncClient(headers={"user-agent": "smsbus"}) as http:
+        for name, provider in settings.providers.items():
+            if not provider.enabled:
+                print(f"{name}: off (no credentials)")
+                continue
+            try:
+                result = await REGISTRY[name](provider, http).probe()
+            except ProviderError as exc:
+                print(f"{name}: FAILED: {exc}")
+                failed = True
+            else:
+                print(f"{name}: ok ({result})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -39,11 +39,17 @@ class PublishError(SmsbusError):
 
 
 class ProviderError(SmsbusError):
-    """A provider call failed."""
+    """A provider call failed; `retry_after` is the least wait the provider demands, if any."""
+
+    retry_after: float = 0.0
 
 
 class ProviderUnavailable(ProviderError):
-    """The provider could not be reached or answered 5xx; retry later."""
+    """The provider could not be reached, answered 5xx or asked us to wait; retry later."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ProviderAuthError(ProviderError):

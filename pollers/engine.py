@@ -234,6 +234,7 @@ class ProviderPoller:
             outcome = "bad_answer"
         else:
             outcome = "unavailable"
+        delay = max(delay, exc.retry_after)
         self._resume_at = time.monotonic() + delay
         self.state.last_error = f"{rfc3339(utcnow())} {outcome}: {exc}"
         self._metrics.poll_requests.labels(self.name, outcome).inc()

@@ -116,15 +116,32 @@ class Projector:
                 log.warning("projector fetch failed", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(1)
                 continue
+            # Messages about one key are applied in stream order; different keys concurrently.
+            groups: dict[str, list[Msg]] = {}
             for msg in msgs:
-                try:
-                    await self.apply(msg)
-                    await msg.ack()
-                except (TimeoutError, nats.errors.Error) as exc:
-                    # Not acked: redelivered after ack_wait, in order.
-                    log.warning("projector write failed", error=str(exc) or type(exc).__name__)
-                    await asyncio.sleep(0.5)
-                    break
+                groups.setdefault(self._key_of(msg), []).append(msg)
+            await asyncio.gather(*(self._apply_in_order(group) for group in groups.values()))
+
+    async def _apply_in_order(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            try:
+                await self.apply(msg)
+                await msg.ack()
+            except (TimeoutError, nats.errors.Error) as exc:
+                # Neither this nor the rest of its key is acked: redelivered after ack_wait.
+                log.warning("projector write failed", error=str(exc) or type(exc).__name__)
+                return
+
+    @staticmethod
+    def _key_of(msg: Msg) -> str:
+        """The state key a message will touch (a best guess for junk, which touches none)."""
+        try:
+            data = orjson.loads(msg.data)
+            data = data.get("data", data)
+            provider = data.get("provider") or msg.subject.split(".")[2]
+            return kv_key(str(provider), str(data["message_id"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return msg.subject
 
     async def apply(self, msg: Msg) -> None:
         kind, provider = msg.subject.split(".")[1:3]

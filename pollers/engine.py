@@ -198,8 +198,8 @@ class ProviderPoller:
         for state in batch:
             if state.message_id in finished:
                 continue
-            if ok:
-                self._push(state, now)
+            if ok:  # past the top-up horizon, so a slot served early is not served again
+                self._push(state, now + self.settings.interval / 2)
             else:  # due again as soon as the back-off allows
                 self._due[state.message_id] = now
                 heapq.heappush(self._heap, (now, state.message_id))

@@ -27,6 +27,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/callback.py
+	$(BIN)/python bench/poll.py
 
 clean:
 	rm -rf $(VENV) .smsbus .pytest_cache .ruff_cache

@@ -109,7 +109,11 @@ class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.providers: dict[str, ProviderState] = {"smspilot": ProviderState(enabled=True)}
+        # smspilot's callbacks are always received; the others are on with their credentials.
+        self.providers: dict[str, ProviderState] = {
+            name: ProviderState(enabled=name == "smspilot" or p.enabled)
+            for name, p in settings.providers.items()
+        } or {"smspilot": ProviderState(enabled=True)}
         self.embedded: EmbeddedNats | None = None
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None

@@ -125,12 +125,10 @@ class ProviderPoller:
             expires = (_seconds(state.sent_at) or _seconds(state.registered_at) or now) + self._ttl
             if now >= expires:
                 expired.append(state)
-            elif when <= now or self.client.status_batch:
+            elif self.client.status_batch:
                 due.append(state)
-            else:  # an expiry-only entry (no per-id polling) that is not due yet
-                self._due[message_id] = when
-                heapq.heappush(self._heap, (when, message_id))
-                break
+            else:  # no per-id polling here: only the expiry is scheduled, and it moved later
+                self._push(state, now)
         return due, expired
 
     # The loops
@@ -189,9 +187,9 @@ class ProviderPoller:
 
         async def poll() -> None:
             reports = await self.client.statuses([s.message_id for s in batch])
-            for report in reports:
-                if await self._report(report):
-                    finished.add(report.message_id)
+            # One report per message: publish them together, so the acks are pipelined.
+            finals = await asyncio.gather(*(self._report(r) for r in reports))
+            finished.update(r.message_id for r, final in zip(reports, finals, strict=True) if final)
 
         async with gate:
             ok = time.monotonic() >= self._resume_at and await self._guard(poll)

@@ -9,7 +9,7 @@ dates `yyyy-mm-dd hh:mm:ss` in SMSBUS_EPOCHTA_TZ. The document sets no batch lim
 from __future__ import annotations
 
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import ClassVar
 from zoneinfo import ZoneInfo
 
@@ -19,8 +19,8 @@ from lxml import etree
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError
 from pollers import http
-from pollers.dates import local
 from pollers.types import InboundSms, StatusReport
+from pollers.values import decimal, local
 from pollers.xml import parse_xml, text
 
 PATH = "/members/sms/xml.php"
@@ -83,10 +83,7 @@ def parse_balance(body: bytes) -> Decimal:
     _failure(root)
     if root.tag != "RESPONSE" or text(root, "status") != "0":
         raise ProviderPayloadError("balance answer without status 0")
-    try:
-        return Decimal(text(root, "credits") or "")
-    except InvalidOperation:
-        raise ProviderPayloadError("credits is not a number") from None
+    return decimal(text(root, "credits"), "credits")
 
 
 class Client:

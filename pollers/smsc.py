@@ -25,8 +25,8 @@ import orjson
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
 from pollers import http
-from pollers.dates import local
 from pollers.types import InboundSms, StatusReport
+from pollers.values import local
 
 PATH = "/sys/get.php"
 DATE = "%d.%m.%Y %H:%M:%S"
@@ -77,19 +77,21 @@ def _json(body: bytes) -> Any:
         raise ProviderPayloadError("answer is not JSON") from None
 
 
+def _rows(body: bytes, what: str) -> list[Any]:
+    """An fmt=3 list answer; error 3 ("not found") is an empty list."""
+    data = _json(body)
+    if isinstance(data, dict) and str(data.get("error_code")) == "3":
+        return []
+    _error(data)
+    if not isinstance(data, list):
+        raise ProviderPayloadError(f"{what} answer is not a list")
+    return data
+
+
 def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
     """get_messages' rows; error 3 (nothing found) is an empty history."""
-    data = _json(body)
-    try:
-        _error(data)
-    except ProviderPayloadError as exc:
-        if str(exc).startswith("error 3:"):
-            return []
-        raise
-    if not isinstance(data, list):
-        raise ProviderPayloadError("history answer is not a list")
     reports = []
-    for row in data:
+    for row in _rows(body, "history"):
         if not isinstance(row, dict) or row.get("id") is None or row.get("status") is None:
             raise ProviderPayloadError("a history row lacks id or status")
         stamp = row.get("last_timestamp")
@@ -113,17 +115,8 @@ def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
 
 
 def parse_answers(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
-    data = _json(body)
-    try:
-        _error(data)
-    except ProviderPayloadError as exc:
-        if str(exc).startswith("error 3:"):
-            return []
-        raise
-    if not isinstance(data, list):
-        raise ProviderPayloadError("inbound answer is not a list")
     messages = []
-    for row in data:
+    for row in _rows(body, "inbound"):
         if not isinstance(row, dict) or row.get("id") is None:
             raise ProviderPayloadError("an inbound row lacks its id")
         messages.append(

@@ -10,7 +10,7 @@ SMS, `created` in Moscow time; `balance: "rur"` answers `{"balance": 405.60}`. E
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
@@ -21,8 +21,8 @@ from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError
 from bus.statuses import SMSPILOT_ERRORS
 from pollers import http
-from pollers.dates import format_local, local
 from pollers.types import InboundSms, StatusReport
+from pollers.values import decimal, format_local, local
 from pollers.window import Window
 
 PATH = "/api2.php"
@@ -33,16 +33,25 @@ NOT_FOUND = "302"  # "SMS server_id not found": not known yet, or older than 40 
 AUTH_CODES = {"400", "401"}
 
 
-def _answer(body: bytes) -> dict[str, Any]:
+def _error_code(data: dict[str, Any]) -> str | None:
+    error = data.get("error")
+    if error is None:
+        return None
+    return str(error.get("code", "")) if isinstance(error, dict) else str(error)
+
+
+def _answer(body: bytes, *, empty_on: str | None = None) -> dict[str, Any]:
+    """The JSON object of an answer; an error raises, except `empty_on`, which is an empty {}."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise ProviderPayloadError("answer is not JSON") from None
     if not isinstance(data, dict):
         raise ProviderPayloadError("answer is not a JSON object")
-    error = data.get("error")
-    if error is not None:
-        code = str(error.get("code", "")) if isinstance(error, dict) else str(error)
+    code = _error_code(data)
+    if code is not None and code == empty_on:
+        return {}
+    if code is not None:
         text = SMSPILOT_ERRORS.get(code, "undocumented error")
         if code in AUTH_CODES:
             raise ProviderAuthError(f"error {code}: {text}")
@@ -51,12 +60,9 @@ def _answer(body: bytes) -> dict[str, Any]:
 
 
 def parse_check(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
-    try:
-        data = _answer(body)
-    except ProviderPayloadError as exc:
-        if str(exc).startswith(f"error {NOT_FOUND}:"):
-            return []
-        raise
+    data = _answer(body, empty_on=NOT_FOUND)
+    if not data:
+        return []
     rows = data.get("check")
     if not isinstance(rows, list):
         raise ProviderPayloadError("check answer without a list")
@@ -98,11 +104,7 @@ def parse_inbound(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
 
 
 def parse_balance(body: bytes) -> Decimal:
-    raw = _answer(body).get("balance")
-    try:
-        return Decimal(str(raw))
-    except InvalidOperation:
-        raise ProviderPayloadError("balance is not a number") from None
+    return decimal(_answer(body).get("balance"), "balance")
 
 
 class Client:

@@ -8,7 +8,7 @@ SMSBUS_SMSTOWER_TZ.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import ClassVar
 from zoneinfo import ZoneInfo
 
@@ -18,8 +18,8 @@ from lxml import etree
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
 from pollers import http
-from pollers.dates import format_local, local
 from pollers.types import InboundSms, StatusReport
+from pollers.values import decimal, format_local, local
 from pollers.window import Window
 from pollers.xml import parse_xml, text
 
@@ -96,11 +96,7 @@ def parse_inbound(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
 
 def parse_balance(body: bytes) -> Decimal:
     root = _checked(body, BALANCE_ERRORS)
-    raw = text(root, "balance")
-    try:
-        return Decimal(raw or "")
-    except InvalidOperation:
-        raise ProviderPayloadError("balance is not a number") from None
+    return decimal(text(root, "balance"), "balance")
 
 
 class Client:

@@ -1,8 +1,10 @@
-"""Provider dates: zone-less local times read in the provider's zone, published in UTC."""
+"""Values in provider answers: zone-less local dates (read in the provider's zone, published
+in UTC) and decimal amounts."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
 
 from bus.errors import ProviderPayloadError
@@ -20,3 +22,14 @@ def local(value: str | None, fmt: str, tz: ZoneInfo) -> datetime | None:
 
 def format_local(moment: datetime, fmt: str, tz: ZoneInfo) -> str:
     return moment.astimezone(tz).strftime(fmt)
+
+
+def decimal(raw: object, what: str) -> Decimal:
+    """A finite decimal amount, or ProviderPayloadError naming `what`."""
+    try:
+        value = Decimal(str(raw).strip()) if raw is not None else None
+    except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite():
+        raise ProviderPayloadError(f"{what} is not a number")
+    return value

@@ -63,6 +63,12 @@ def fact_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
+def message_key(provider: str, message_id: str, phone: str | None) -> str:
+    """The key of a status fact: the message id; for SMS-Pager, whose id names a mailing, the id
+    and the phone (CONTRACT.md section 5)."""
+    return f"{message_id}/{phone}" if provider == "smspager" and phone else message_id
+
+
 def subject(prefix: str, kind: str, provider: str, status: str | None = None) -> str:
     tail = f".{status}" if status else ""
     return f"{prefix}.{kind}.{provider}{tail}"
@@ -105,7 +111,7 @@ def status_event(
         normalised = Normalised(UNKNOWN, final=True)
     else:
         normalised = normalise(provider, raw_status, error_code)
-    key = f"{message_id}/{phone}" if provider == "smspager" else message_id
+    key = message_key(provider, message_id, phone)
     event_id = fact_id(provider, "status", key, raw_status, error_code or "")
     received = rfc3339(received_at)
     occurred = rfc3339(occurred_at) if occurred_at else received

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from bus.errors import PayloadError
-from bus.events import Event, fact_id, rfc3339, subject
+from bus.events import Event, fact_id, message_key, rfc3339, subject
 from bus.statuses import PROVIDERS
 
 MAX_ITEMS = 1000
@@ -167,6 +167,8 @@ class MessageState:
     final: bool = False
     provider_status: str | None = None
     updated_at: str | None = None
+    # SMS-Pager mailings: each number's {"status", "final"}; the mailing is final when all are.
+    numbers: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -205,11 +207,31 @@ def register(state: MessageState | None, item: TrackItem, at: str) -> MessageSta
     )
 
 
+def apply_to_mailing(state: MessageState | None, data: Mapping[str, Any]) -> MessageState:
+    """Apply one number's SMS-Pager status to its mailing: the number's entry in `numbers`, and
+    the mailing is final once every number it has is final."""
+    if state is None:
+        state = MessageState(data["provider"], data["message_id"])
+    numbers = dict(state.numbers or {})
+    held = numbers.get(data["phone"])
+    if held is None or not held["final"] or data["final"]:
+        numbers[data["phone"]] = {"status": data["status"], "final": bool(data["final"])}
+    return replace(
+        state,
+        numbers=numbers,
+        status=data["status"],
+        provider_status=data["provider_status"],
+        final=all(n["final"] for n in numbers.values()),
+        updated_at=data["occurred_at"],
+    )
+
+
 def apply_status(state: MessageState | None, data: Mapping[str, Any]) -> MessageState:
     """Apply a status event's data. A final status never gives way to a non-final one; between
     two final reports the later one wins."""
     if state is None:
-        state = MessageState(data["provider"], data["message_id"])
+        key = message_key(data["provider"], data["message_id"], data.get("phone"))
+        state = MessageState(data["provider"], key)
     phone = state.phone or data.get("phone")
     if state.final and not data["final"]:
         return replace(state, phone=phone)

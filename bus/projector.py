@@ -23,8 +23,15 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.errors import PayloadError
-from bus.events import deadletter_event, rfc3339, utcnow
-from bus.messages import MessageState, apply_status, kv_key, parse_track_item, register
+from bus.events import deadletter_event, message_key, rfc3339, utcnow
+from bus.messages import (
+    MessageState,
+    apply_status,
+    apply_to_mailing,
+    kv_key,
+    parse_track_item,
+    register,
+)
 from bus.publisher import Publisher
 
 log = structlog.get_logger("smsbus.projector")
@@ -86,6 +93,7 @@ class Projector:
         self._stream = stream
         self._prefix = prefix
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         config = ConsumerConfig(
@@ -101,16 +109,18 @@ class Projector:
         self._task = asyncio.create_task(self._run(sub), name="smsbus-projector")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # nats-py's fetch turns a cancellation into TimeoutError; either means "stopped".
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await self._task
 
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        while True:
+        while not self._stopping:
             try:
                 msgs = await sub.fetch(BATCH, timeout=1)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError is one too
                 continue
             except nats.errors.Error as exc:
                 log.warning("projector fetch failed", error=str(exc) or type(exc).__name__)
@@ -139,6 +149,7 @@ class Projector:
             data = orjson.loads(msg.data)
             data = data.get("data", data)
             provider = data.get("provider") or msg.subject.split(".")[2]
+            # A mailing's numbers all touch the mailing's entry: keep them in one group.
             return kv_key(str(provider), str(data["message_id"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return msg.subject
@@ -168,7 +179,8 @@ class Projector:
     async def _status(self, msg: Msg) -> None:
         try:
             data = orjson.loads(msg.data)["data"]
-            key = kv_key(data["provider"], data["message_id"])
+            provider, phone = data["provider"], data.get("phone")
+            key = kv_key(provider, message_key(provider, data["message_id"], phone))
             complete = all(f in data for f in ("status", "final", "provider_status", "occurred_at"))
         except (orjson.JSONDecodeError, KeyError, TypeError):
             complete = False
@@ -176,6 +188,9 @@ class Projector:
             await self._dead_letter(msg, msg.subject.split(".")[2], "not a status event")
             return
         await update_state(self._kv, key, lambda s: apply_status(s, data))
+        if provider == "smspager" and phone:  # the mailing's aggregate, beside the number
+            mailing = kv_key(provider, data["message_id"])
+            await update_state(self._kv, mailing, lambda s: apply_to_mailing(s, data))
 
     async def _dead_letter(self, msg: Msg, provider: str, reason: str) -> None:
         event = deadletter_event(

@@ -37,6 +37,7 @@ from bus.events import (
     balance_event,
     deadletter_event,
     inbound_event,
+    message_key,
     rfc3339,
     status_event,
     utcnow,
@@ -187,9 +188,13 @@ class ProviderPoller:
 
         async def poll() -> None:
             reports = await self.client.statuses([s.message_id for s in batch])
-            # One report per message: publish them together, so the acks are pipelined.
+            # Publish them together, so the acks are pipelined. A message is finished when all
+            # its reports are final (several for an SMS-Pager mailing: one per number).
             finals = await asyncio.gather(*(self._report(r) for r in reports))
-            finished.update(r.message_id for r, final in zip(reports, finals, strict=True) if final)
+            settled: dict[str, bool] = {}
+            for report, final in zip(reports, finals, strict=True):
+                settled[report.message_id] = settled.get(report.message_id, True) and final
+            finished.update(message_id for message_id, done in settled.items() if done)
 
         async with gate:
             ok = time.monotonic() >= self._resume_at and await self._guard(poll)
@@ -264,7 +269,8 @@ class ProviderPoller:
     async def _report(self, report: StatusReport) -> bool:
         """Publish a polled status unless the current state already says it; True when the
         message has reached a final status."""
-        state = self._index.get(self.name, report.message_id)
+        state = self._index.get(self.name, message_key(self.name, report.message_id, report.phone))
+        tracked = self._index.get(self.name, report.message_id) if report.phone else state
         error_code = normalise_error_code(report.error_code)
         final = normalise(self.name, report.raw_status, error_code).final
         if state is not None and state.provider_status == report.raw_status:
@@ -273,7 +279,7 @@ class ProviderPoller:
             self._prefix, self.name, report.message_id, report.raw_status, via="poll",
             received_at=utcnow(), occurred_at=report.occurred_at, error_code=error_code,
             error=report.error, phone=report.phone or (state.phone if state else None),
-            client_ref=state.client_ref if state else None,
+            client_ref=tracked.client_ref if tracked else None,
         )  # fmt: skip
         await self._publisher.publish(event)
         if final:
@@ -281,11 +287,14 @@ class ProviderPoller:
         return final
 
     async def _expire(self, state: MessageState) -> None:
-        event = status_event(
-            self._prefix, self.name, state.message_id, "", via="expiry", received_at=utcnow(),
-            phone=state.phone, client_ref=state.client_ref,
-        )  # fmt: skip
-        await self._publisher.publish(event)
+        """A final `unknown` for the message, or for each number of a mailing still open."""
+        phones = [p for p, n in (state.numbers or {}).items() if not n["final"]] or [state.phone]
+        for phone in phones:
+            event = status_event(
+                self._prefix, self.name, state.message_id, "", via="expiry",
+                received_at=utcnow(), phone=phone, client_ref=state.client_ref,
+            )  # fmt: skip
+            await self._publisher.publish(event)
 
     async def _inbound(self) -> None:
         cursor = await self._cursor("inbound")

@@ -8,7 +8,7 @@ import httpx
 import structlog
 
 from bus.runtime import Runtime
-from pollers import epochta, smsc, smspilot, smstower
+from pollers import epochta, smsc, smspager, smspilot, smstower
 from pollers.engine import ProviderPoller
 from pollers.types import ProviderClient
 
@@ -17,6 +17,7 @@ log = structlog.get_logger("smsbus.pollers")
 REGISTRY: dict[str, type[ProviderClient]] = {
     "smspilot": smspilot.Client,
     "smstower": smstower.Client,
+    "smspager": smspager.Client,
     "smsc": smsc.Client,
     "epochta": epochta.Client,
 }

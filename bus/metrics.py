@@ -23,6 +23,8 @@ CALLBACK_OUTCOMES = (
     "failed",  # 503, not durable anywhere; SMSPilot will retry
 )
 
+POLL_OUTCOMES = ("ok", "unavailable", "auth_error", "bad_answer")
+
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 
@@ -97,6 +99,8 @@ class Metrics:
             self.deadletters.labels(provider)
             self.tracked.labels(provider)
             self.leader.labels(provider)
+            for outcome in POLL_OUTCOMES:
+                self.poll_requests.labels(provider, outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,7 +15,15 @@ import pytest
 
 from tests.fakes.server import Served
 from tests.fakes.smstower import FakeSmstower, msk_now
-from tests.support import NatsServer, Smsbus, Stored, isolated_env, read_stream, wait_for
+from tests.support import (
+    NatsServer,
+    Smsbus,
+    Stored,
+    free_port,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 _ids = itertools.count(random.randrange(10**8, 10**9))
@@ -308,5 +316,36 @@ def test_tracking_and_cursors_survive_a_restart(nats_server: NatsServer, tmp_pat
             assert 0 == metric(
                 bus, 'smsbus_events_published_total{provider="smstower",type="inbound"}'
             )
+        finally:
+            assert 0 == bus.stop()
+
+
+@pytest.mark.parametrize("mode", ["http500", "code10", "stall", "down"])
+def test_an_unavailable_provider_backs_off_and_callbacks_stay_fast(
+    nats_server: NatsServer, tmp_path: Path, mode: str
+) -> None:
+    tower = FakeSmstower(mode=None if mode == "down" else mode)
+    with Served(tower.app) as served:
+        url = f"http://127.0.0.1:{free_port()}" if mode == "down" else served.url
+        bus = Smsbus(env_for(nats_server, tower, url), tmp_path).start()
+        try:
+            register(bus, {"provider": "smstower", "message_id": new_id()})
+            unavailable = 'smsbus_poll_requests_total{outcome="unavailable",provider="smstower"}'
+            wait_for(lambda: metric(bus, unavailable) >= 1, timeout=20, what="a failed call")
+            assert 0 == metric(bus, 'smsbus_provider_up{provider="smstower"}')
+            ready = httpx.get(f"{bus.base}/readyz", timeout=5).json()["providers"]["smstower"]
+            assert "unavailable" in ready["last_error"]
+            assert tower.password not in ready["last_error"]
+            started = time.monotonic()
+            response = httpx.get(
+                f"{bus.base}/callbacks/smspilot", params={"server_id": new_id(), "status": 2}
+            )
+            assert ("OK", True) == (response.text, time.monotonic() - started < 1)
+            if mode in ("http500", "code10"):
+                calls = len(tower.requests)
+                tower.mode = None
+                wait_for(lambda: metric(bus, 'smsbus_provider_up{provider="smstower"}') == 1,
+                         timeout=20, what="recovery")  # fmt: skip
+                assert len(tower.requests) > calls
         finally:
             assert 0 == bus.stop()

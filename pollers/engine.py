@@ -89,15 +89,21 @@ class ProviderPoller:
 
     def schedule(self, state: MessageState, now: float | None = None) -> None:
         """Put a tracked message on the schedule (the index calls this on every change)."""
-        if state.provider != self.name or not state.tracked or state.final:
+        if state.provider != self.name:
+            return  # another provider's message; ids are only unique per provider
+        if not state.tracked or state.final:
             self._due.pop(state.message_id, None)
             return
         if state.message_id not in self._due:
             self._push(state, now if now is not None else time.time())
 
+    def _expires(self, state: MessageState, registered: float) -> float:
+        """SMSBUS_TRACK_TTL counts from `sent_at`, else from registration."""
+        return (_seconds(state.sent_at) or registered) + self._ttl
+
     def _push(self, state: MessageState, after: float) -> None:
         registered = _seconds(state.registered_at) or after
-        expires = (_seconds(state.sent_at) or registered) + self._ttl
+        expires = self._expires(state, registered)
         due = NEVER
         if self.client.status_batch:
             s = self.settings
@@ -123,8 +129,7 @@ class ProviderPoller:
             state = self._index.get(self.name, message_id)
             if state is None or not state.tracked or state.final:
                 continue
-            expires = (_seconds(state.sent_at) or _seconds(state.registered_at) or now) + self._ttl
-            if now >= expires:
+            if now >= self._expires(state, _seconds(state.registered_at) or now):
                 expired.append(state)
             elif self.client.status_batch:
                 due.append(state)
@@ -159,7 +164,7 @@ class ProviderPoller:
     async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             if time.monotonic() >= self._resume_at:
-                await self._guard(job)
+                await self._survive(self._guard(job))
             await asyncio.sleep(max(interval, self._resume_at - time.monotonic(), 0.01))
 
     async def _status_loop(self) -> None:
@@ -167,19 +172,31 @@ class ProviderPoller:
             await asyncio.sleep(self._tick)
             if time.monotonic() < self._resume_at:
                 continue
-            now = time.time()
-            due, expired = self._take_due(now)
-            for state in expired:
+            await self._survive(self._status_round(time.time()))
+
+    async def _survive(self, work: Awaitable[object]) -> None:
+        """A poller never dies of one bad round: log it with its traceback and go on."""
+        try:
+            await work
+        except Exception:
+            log.exception("poll round failed", provider=self.name)
+            await asyncio.sleep(1)
+
+    async def _status_round(self, now: float) -> None:
+        due, expired = self._take_due(now)
+        for state in expired:
+            try:
                 await self._expire(state)
-            if due:
-                size = self.client.status_batch
-                gate = asyncio.Semaphore(CONCURRENCY)
-                await asyncio.gather(
-                    *(
-                        self._poll_batch(due[i : i + size], now, gate)
-                        for i in range(0, len(due), size)
-                    )
-                )
+            except PublishError as exc:
+                log.error("expiry not stored; will retry", provider=self.name, error=str(exc))
+                self._due[state.message_id] = now + self.settings.interval
+                heapq.heappush(self._heap, (now + self.settings.interval, state.message_id))
+        if due:
+            size = self.client.status_batch
+            gate = asyncio.Semaphore(CONCURRENCY)
+            await asyncio.gather(
+                *(self._poll_batch(due[i : i + size], now, gate) for i in range(0, len(due), size))
+            )
 
     async def _poll_batch(
         self, batch: list[MessageState], now: float, gate: asyncio.Semaphore

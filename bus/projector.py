@@ -22,7 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from bus.errors import PayloadError
+from bus.errors import PayloadError, PublishError
 from bus.events import deadletter_event, message_key, rfc3339, utcnow
 from bus.messages import (
     MessageState,
@@ -38,6 +38,7 @@ log = structlog.get_logger("smsbus.projector")
 
 DURABLE = "smsbus-projector"
 BATCH = 256
+CAS_ATTEMPTS = 50
 
 
 def bucket_names(stream: str) -> tuple[str, str]:
@@ -58,7 +59,7 @@ async def update_state(
     kv: KeyValue, key: str, change: Callable[[MessageState | None], MessageState]
 ) -> MessageState:
     """Read, change and write one key, retrying when another writer got there first."""
-    while True:
+    for _ in range(CAS_ATTEMPTS):
         try:
             entry = await kv.get(key)
             current = MessageState.from_json(entry.value) if entry.value else None
@@ -74,8 +75,9 @@ async def update_state(
             else:
                 await kv.create(key, new.to_json())
             return new
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyValueError):
+        except nats.js.errors.KeyWrongLastSequenceError:
             continue  # someone else wrote it; read again
+    raise nats.errors.Error(f"{key}: still contended after {CAS_ATTEMPTS} attempts")
 
 
 class Projector:
@@ -130,14 +132,18 @@ class Projector:
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
                 groups.setdefault(self._key_of(msg), []).append(msg)
-            await asyncio.gather(*(self._apply_in_order(group) for group in groups.values()))
+            try:
+                await asyncio.gather(*(self._apply_in_order(group) for group in groups.values()))
+            except Exception:  # a bug must not end projection; unacked messages come back
+                log.exception("projector round failed")
+                await asyncio.sleep(1)
 
     async def _apply_in_order(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             try:
                 await self.apply(msg)
                 await msg.ack()
-            except (TimeoutError, nats.errors.Error) as exc:
+            except (TimeoutError, nats.errors.Error, PublishError) as exc:
                 # Neither this nor the rest of its key is acked: redelivered after ack_wait.
                 log.warning("projector write failed", error=str(exc) or type(exc).__name__)
                 return

@@ -178,7 +178,12 @@ class Runtime:
         self.projector = Projector(
             self._js, self.messages, self._publisher, s.stream, s.subject_prefix
         )
-        await self.projector.start()
+        try:
+            await self.projector.start()
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise StartupError(
+                f"SMSBUS_STREAM: cannot set up the projector consumer: {exc}"
+            ) from None
         self.index = MessageIndex(
             self.messages, on_open=lambda p, n: self.metrics.tracked.labels(p).set(n)
         )

@@ -187,7 +187,10 @@ class Runtime:
         self.index = MessageIndex(
             self.messages, on_open=lambda p, n: self.metrics.tracked.labels(p).set(n)
         )
-        await self.index.start()
+        try:
+            await self.index.start()
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise StartupError(f"SMSBUS_STREAM: cannot watch the message state: {exc}") from None
         log.info(
             "bus ready",
             nats=", ".join(redact_url(u) for u in s.effective_nats_urls),

@@ -31,6 +31,7 @@ class MessageIndex:
         self.listeners: list[Callable[[MessageState], None]] = []  # told of every new state
         self._by_provider: dict[str, dict[str, MessageState]] = {}
         self._keys: dict[str, tuple[str, str]] = {}
+        self._revisions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self.loaded = asyncio.Event()
 
@@ -43,6 +44,13 @@ class MessageIndex:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def entry(self, key: str) -> tuple[MessageState | None, int]:
+        """A bucket key's state and revision as last seen (None, 0 when not seen)."""
+        held = self._keys.get(key)
+        if held is None:
+            return None, 0
+        return self.get(*held), self._revisions.get(key, 0)
 
     def get(self, provider: str, message_id: str) -> MessageState | None:
         return self._by_provider.get(provider, {}).get(message_id)
@@ -73,6 +81,7 @@ class MessageIndex:
                 continue
             if entry.operation in _DELETES or not entry.value:
                 held = self._keys.pop(entry.key, None)
+                self._revisions.pop(entry.key, None)
                 if held:
                     self._put(*held, None)
                 continue
@@ -83,6 +92,7 @@ class MessageIndex:
                 continue
             self._put(state.provider, state.message_id, state)
             self._keys[entry.key] = (state.provider, state.message_id)
+            self._revisions[entry.key] = entry.revision
 
 
 def _is_open(state: MessageState | None) -> int:

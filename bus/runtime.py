@@ -175,15 +175,6 @@ class Runtime:
             raise StartupError(
                 f"SMSBUS_STREAM: cannot set up the key-value buckets: {exc}"
             ) from None
-        self.projector = Projector(
-            self._js, self.messages, self._publisher, s.stream, s.subject_prefix
-        )
-        try:
-            await self.projector.start()
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise StartupError(
-                f"SMSBUS_STREAM: cannot set up the projector consumer: {exc}"
-            ) from None
         self.index = MessageIndex(
             self.messages, on_open=lambda p, n: self.metrics.tracked.labels(p).set(n)
         )
@@ -191,6 +182,15 @@ class Runtime:
             await self.index.start()
         except (TimeoutError, nats.errors.Error) as exc:
             raise StartupError(f"SMSBUS_STREAM: cannot watch the message state: {exc}") from None
+        self.projector = Projector(
+            self._js, self.messages, self._publisher, s.stream, s.subject_prefix, self.index
+        )
+        try:
+            await self.projector.start()
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise StartupError(
+                f"SMSBUS_STREAM: cannot set up the projector consumer: {exc}"
+            ) from None
         log.info(
             "bus ready",
             nats=", ".join(redact_url(u) for u in s.effective_nats_urls),

@@ -1,6 +1,6 @@
 """The `smsbus` command (CONTRACT.md section 6).
 
-This is the composition root: the one module that wires `receiver` (and later `pollers`) to the
+This is the composition root: the one module that wires `receiver` and `pollers` to the
 bus, so it imports them inside the commands that need them. Errors a user can fix end the process
 with one line on stderr and a non-zero exit, never a traceback.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -103,7 +102,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) -> int:
     """Run until SIGTERM or Ctrl-C; then finish in-flight requests, flush the spool, exit 0."""
-    from pollers.runner import run_pollers
+    from pollers.runner import Pollers
     from receiver.app import create_app
     from receiver.server import bind, make_server
 
@@ -127,7 +126,9 @@ async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) 
         sock.close()
         await runtime.stop()
         raise
-    pollers = asyncio.create_task(run_pollers(runtime)) if poll else None
+    pollers = Pollers(runtime) if poll else None
+    if pollers is not None:
+        pollers.start()
     try:
         server = make_server(create_app(runtime, receive=receive), settings)
         stopping["server"] = server
@@ -142,9 +143,7 @@ async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) 
     finally:
         sock.close()
         if pollers is not None:
-            pollers.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pollers
+            await pollers.stop()
         await runtime.stop()
         log.info("stopped")
     return 0

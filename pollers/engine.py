@@ -84,6 +84,7 @@ class ProviderPoller:
         self._failures = 0
         self._resume_at = 0.0
         self._tick = min(1.0, settings.interval / 4)
+        self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
 
     # Scheduling
 
@@ -162,13 +163,13 @@ class ProviderPoller:
             self._metrics.leader.labels(self.name).set(0)
 
     async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
-        while True:
+        while not self.stopping:
             if time.monotonic() >= self._resume_at:
                 await self._survive(self._guard(job))
             await asyncio.sleep(max(interval, self._resume_at - time.monotonic(), 0.01))
 
     async def _status_loop(self) -> None:
-        while True:
+        while not self.stopping:
             await asyncio.sleep(self._tick)
             if time.monotonic() < self._resume_at:
                 continue

@@ -24,28 +24,42 @@ REGISTRY: dict[str, type[ProviderClient]] = {
 
 
 def pollers_for(runtime: Runtime, client: httpx.AsyncClient) -> list[ProviderPoller]:
-    pollers = []
-    for name, settings in runtime.settings.providers.items():
-        if not settings.enabled:
-            continue
-        if name not in REGISTRY:
-            log.warning(
-                "credentials set but this provider's poller is not available", provider=name
-            )
-            continue
-        pollers.append(ProviderPoller(REGISTRY[name](settings, client), runtime, settings))
-    return pollers
+    return [
+        ProviderPoller(REGISTRY[name](settings, client), runtime, settings)
+        for name, settings in runtime.settings.providers.items()
+        if settings.enabled
+    ]
 
 
-async def run_pollers(runtime: Runtime) -> None:
-    """Poll every enabled provider until cancelled."""
-    async with httpx.AsyncClient(
-        headers={"user-agent": "smsbus"}, follow_redirects=False
-    ) as client:
-        pollers = pollers_for(runtime, client)
-        if not pollers:
+class Pollers:
+    """The pollers of the enabled providers, as one task that `stop` ends within a bound."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._pollers: list[ProviderPoller] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="smsbus-pollers")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        # The flags end the loops even where nats-py turned the cancellation into its own error.
+        for poller in self._pollers:
+            poller.stopping = True
+        if self._task is None:
             return
-        log.info("polling", providers=[p.name for p in pollers])
-        async with asyncio.TaskGroup() as group:
-            for poller in pollers:
-                group.create_task(poller.run(), name=f"smsbus-poller-{poller.name}")
+        self._task.cancel()
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        if not done:
+            log.warning("pollers did not stop in time; leaving them", timeout_s=timeout)
+
+    async def _run(self) -> None:
+        headers = {"user-agent": "smsbus"}
+        async with httpx.AsyncClient(headers=headers, follow_redirects=False) as client:
+            self._pollers = pollers_for(self._runtime, client)
+            if not self._pollers:
+                return
+            log.info("polling", providers=[p.name for p in self._pollers])
+            async with asyncio.TaskGroup() as group:
+                for poller in self._pollers:
+                    group.create_task(poller.run(), name=f"smsbus-poller-{poller.name}")

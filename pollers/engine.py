@@ -152,9 +152,13 @@ class ProviderPoller:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._status_loop())
                 if self.client.has_history:
-                    group.create_task(self._every(self.settings.interval, self._history))
+                    group.create_task(
+                        self._every(self.settings.interval, self._history, spaced="history")
+                    )
                 if self.client.has_inbound:
-                    group.create_task(self._every(self.settings.interval, self._inbound))
+                    group.create_task(
+                        self._every(self.settings.interval, self._inbound, spaced="inbound")
+                    )
                 if self.client.balance_unit:
                     group.create_task(self._every(self._balance_interval, self._balance))
         finally:
@@ -162,11 +166,35 @@ class ProviderPoller:
             self.state.leader = False
             self._metrics.leader.labels(self.name).set(0)
 
-    async def _every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+    async def _every(
+        self, interval: float, job: Callable[[], Awaitable[None]], spaced: str | None = None
+    ) -> None:
+        """Run `job` every interval. A `spaced` job also keeps the interval across replicas: its
+        last run is recorded in the cursor bucket, and a new leader waits for it (SMSC refuses a
+        4th identical request in a minute, whoever sends it)."""
+        if spaced:
+            last = await self._last_run(spaced)
+            if last is not None:
+                await asyncio.sleep(max(0.0, last + interval - time.time()))
         while not self.stopping:
             if time.monotonic() >= self._resume_at:
                 await self._survive(self._guard(job))
+                if spaced:
+                    await self._mark_run(spaced)
             await asyncio.sleep(max(interval, self._resume_at - time.monotonic(), 0.01))
+
+    async def _last_run(self, job: str) -> float | None:
+        try:
+            value = await self._cursor(f"ran.{job}")
+        except ProviderUnavailable:
+            return time.time()  # not knowing, assume it just ran: waiting costs one interval
+        return float(value) if value else None
+
+    async def _mark_run(self, job: str) -> None:
+        try:
+            await self._save_cursor(f"ran.{job}", repr(time.time()))
+        except ProviderUnavailable as exc:
+            log.warning("run time not recorded", provider=self.name, error=str(exc))
 
     async def _status_loop(self) -> None:
         while not self.stopping:

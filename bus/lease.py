@@ -1,0 +1,104 @@
+"""Leadership leases in a JetStream key-value bucket: at most one replica polls a provider.
+
+A lease is a key (the provider) whose value names its holder. The bucket's max age is two thirds
+of SMSBUS_LEASE_TTL, so the server itself removes a lease nobody renews: no replica compares its
+clock with another's. The holder renews by compare-and-set on the key's revision every quarter
+TTL; anyone else tries to create the key every sixth of the TTL, which succeeds only once it is
+gone. So a dead or partitioned holder is replaced within the TTL, and a holder that cannot renew
+gives the lease up (stops polling) before its key can expire and be taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+log = structlog.get_logger("smsbus.lease")
+
+
+def holder_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def lease_bucket(js: JetStreamContext, stream: str, ttl: float, replicas: int) -> KeyValue:
+    name = f"{stream}_leases"
+    config = KeyValueConfig(
+        bucket=name, history=1, ttl=ttl * 2 / 3, storage=StorageType.FILE, replicas=replicas
+    )
+    try:
+        bucket = await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(config)
+    info = await js.stream_info(f"KV_{name}")
+    if info.config.max_age != config.ttl:  # SMSBUS_LEASE_TTL changed since the bucket was made
+        info.config.max_age = config.ttl
+        await js.update_stream(info.config)
+    return bucket
+
+
+class Lease:
+    """One provider's lease, as seen by this replica."""
+
+    def __init__(self, bucket: KeyValue, key: str, holder: str, ttl: float) -> None:
+        self.key = key
+        self._bucket = bucket
+        self._holder = holder.encode()
+        self._ttl = ttl
+        self._revision = 0
+        self._valid_until = 0.0  # monotonic: when our last renewal could have expired
+
+    @property
+    def renew_every(self) -> float:
+        return self._ttl / 4
+
+    @property
+    def retry_every(self) -> float:
+        return self._ttl / 6
+
+    def held(self) -> bool:
+        return self._revision != 0 and time.monotonic() < self._valid_until
+
+    async def acquire(self) -> bool:
+        """Take the lease if nobody holds it."""
+        started = time.monotonic()
+        try:
+            self._revision = await self._bucket.create(self.key, self._holder)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # someone holds it
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("lease not acquired", lease=self.key, error=str(exc) or type(exc).__name__)
+            return False
+        self._valid_until = started + self._ttl * 2 / 3
+        return True
+
+    async def renew(self) -> bool:
+        """Keep the lease; False once it is lost (taken, expired, or unreachable too long)."""
+        started = time.monotonic()
+        try:
+            self._revision = await self._bucket.update(self.key, self._holder, last=self._revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            self._revision = 0
+            return False
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("lease not renewed", lease=self.key, error=str(exc) or type(exc).__name__)
+            return self.held()
+        self._valid_until = started + self._ttl * 2 / 3
+        return True
+
+    async def release(self) -> None:
+        if self._revision:
+            try:
+                await asyncio.wait_for(self._bucket.delete(self.key, last=self._revision), 2)
+            except (TimeoutError, nats.errors.Error):
+                pass  # it expires on its own
+            self._revision = 0

@@ -1,0 +1,69 @@
+"""The deployment files: every manifest validates offline against Kubernetes 1.29 and the newest
+bundled schema (strict), the kustomization lists what exists, and the image runs as non-root."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+MANIFESTS = sorted(p for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+
+
+def load(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid(path: Path, version: str) -> None:
+    for document in load(path):
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_a_broken_manifest_is_rejected() -> None:
+    [deployment] = load(DEPLOY / "k8s" / "deployment.yaml")
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["initContainers"][0]["restartPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.29.0", strict=True)
+
+
+def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
+    [kustomization] = load(DEPLOY / "k8s" / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    assert {p.name for p in MANIFESTS} - {"secret.example.yaml"} == listed
+
+
+def test_smsbus_is_a_native_sidecar_probed_and_locked_down() -> None:
+    [deployment] = load(DEPLOY / "k8s" / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    [sidecar] = pod["initContainers"]
+    assert "Always" == sidecar["restartPolicy"]
+    assert "/readyz" == sidecar["startupProbe"]["httpGet"]["path"]
+    assert "/readyz" == sidecar["readinessProbe"]["httpGet"]["path"]
+    assert "/healthz" == sidecar["livenessProbe"]["httpGet"]["path"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in [sidecar, *pod["containers"]]:
+        security = container["securityContext"]
+        assert (True, ["ALL"], False) == (
+            security["readOnlyRootFilesystem"],
+            security["capabilities"]["drop"],
+            security["allowPrivilegeEscalation"],
+        )
+    assert pod["terminationGracePeriodSeconds"] >= 10 + 2 + 3 + 5  # callback + flush + preStop
+
+
+def test_dockerfile_installs_the_project_and_runs_as_non_root() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text
+    for package in ("bus", "receiver", "pollers"):
+        assert f"COPY {package} ./{package}" in text
+    assert "pip install --no-cache-dir ." in text
+    assert "USER 10001" in text
+    assert 'ENTRYPOINT ["smsbus"]' in text and 'CMD ["serve"]' in text

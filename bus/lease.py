@@ -1,11 +1,12 @@
 """Leadership leases in a JetStream key-value bucket: at most one replica polls a provider.
 
-A lease is a key (the provider) whose value names its holder. The bucket's max age is two thirds
-of SMSBUS_LEASE_TTL, so the server itself removes a lease nobody renews: no replica compares its
-clock with another's. The holder renews by compare-and-set on the key's revision every quarter
-TTL; anyone else tries to create the key every sixth of the TTL, which succeeds only once it is
-gone. So a dead or partitioned holder is replaced within the TTL, and a holder that cannot renew
-gives the lease up (stops polling) before its key can expire and be taken.
+A lease is a key (the provider) whose value names its holder. The bucket's max age is half of
+SMSBUS_LEASE_TTL, so the server itself removes a lease nobody renews: no replica compares its
+clock with another's. The holder renews by compare-and-set on the key's revision every fifth of
+the TTL (two renewals fit before expiry); anyone else tries to create the key every eighth of the
+TTL, which succeeds only once it is gone. So a dead or partitioned holder is replaced within
+5/8 of the TTL, leaving the rest for a NATS leader election, and a holder that cannot renew gives
+the lease up (stops polling) before its key can expire and be taken.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from nats.js.kv import KeyValue
 
 log = structlog.get_logger("smsbus.lease")
 
+MAX_AGE = 1 / 2  # of the TTL: the server drops a lease not renewed for this long
+RENEW = 1 / 5  # of the TTL: the holder renews this often
+RETRY = 1 / 8  # of the TTL: the others try to take it this often
+
 
 def holder_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -33,7 +38,7 @@ def holder_id() -> str:
 async def lease_bucket(js: JetStreamContext, stream: str, ttl: float, replicas: int) -> KeyValue:
     name = f"{stream}_leases"
     config = KeyValueConfig(
-        bucket=name, history=1, ttl=ttl * 2 / 3, storage=StorageType.FILE, replicas=replicas
+        bucket=name, history=1, ttl=ttl * MAX_AGE, storage=StorageType.FILE, replicas=replicas
     )
     try:
         bucket = await js.key_value(name)
@@ -59,11 +64,11 @@ class Lease:
 
     @property
     def renew_every(self) -> float:
-        return self._ttl / 4
+        return self._ttl * RENEW
 
     @property
     def retry_every(self) -> float:
-        return self._ttl / 6
+        return self._ttl * RETRY
 
     def held(self) -> bool:
         return self._revision != 0 and time.monotonic() < self._valid_until
@@ -78,7 +83,7 @@ class Lease:
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("lease not acquired", lease=self.key, error=str(exc) or type(exc).__name__)
             return False
-        self._valid_until = started + self._ttl * 2 / 3
+        self._valid_until = started + self._ttl * MAX_AGE
         return True
 
     async def renew(self) -> bool:
@@ -92,7 +97,7 @@ class Lease:
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("lease not renewed", lease=self.key, error=str(exc) or type(exc).__name__)
             return self.held()
-        self._valid_until = started + self._ttl * 2 / 3
+        self._valid_until = started + self._ttl * MAX_AGE
         return True
 
     async def release(self) -> None:

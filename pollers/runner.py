@@ -8,7 +8,7 @@ import httpx
 import nats.errors
 import structlog
 
-from bus.lease import Lease, holder_id, lease_bucket
+from bus.lease import RETRY, Lease, holder_id, lease_bucket
 from bus.runtime import Runtime
 from pollers import epochta, smsc, smspager, smspilot, smstower
 from pollers.engine import ProviderPoller
@@ -66,9 +66,10 @@ class Pollers:
             s = self._runtime.settings
             while True:
                 try:
-                    bucket = await lease_bucket(
-                        self._runtime.js, s.stream, s.lease_ttl, s.stream_replicas
-                    )
+                    # Lease calls give up after one retry period, not the usual API timeout: a
+                    # call stuck in a NATS leader election must not eat the takeover time.
+                    js = self._runtime.nc.jetstream(timeout=max(0.5, s.lease_ttl * RETRY))
+                    bucket = await lease_bucket(js, s.stream, s.lease_ttl, s.stream_replicas)
                     break
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("lease bucket unavailable; retrying", error=str(exc))

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 import nats
+import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bus.nats_server import binary
@@ -173,12 +174,20 @@ class Stored:
     event: dict[str, Any]
 
 
-def read_stream(url: str, stream: str, subject: str) -> list[Stored]:
-    """Everything the stream holds under `subject` (a filter), oldest first."""
-    return asyncio.run(_read_stream(url, stream, subject))
+def read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]:
+    """Everything the stream holds under `subject` (a filter), oldest first. A read that fails
+    (a clustered stream electing a leader after a node died) is tried again, a few times."""
+    for attempt in range(4):
+        try:
+            return asyncio.run(_read_stream(url, stream, subject))
+        except (TimeoutError, nats.errors.Error):
+            if attempt == 3:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
-async def _read_stream(url: str, stream: str, subject: str) -> list[Stored]:
+async def _read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]:
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
@@ -203,3 +212,63 @@ def events_by_id(stored: list[Stored]) -> dict[str, list[Stored]]:
     for item in stored:
         out.setdefault(item.event["id"], []).append(item)
     return out
+
+
+class NatsCluster:
+    """Three nats-server processes from the wheel, routed into one JetStream cluster on loopback."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        self.root = root
+        self.ports = [free_port() for _ in range(size)]
+        self.cluster_ports = [free_port() for _ in range(size)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"nats://127.0.0.1:{p}" for p in self.ports]
+
+    def start_node(self, i: int) -> None:
+        store = self.root / f"n{i}"
+        store.mkdir(parents=True, exist_ok=True)
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.cluster_ports)
+        args = [
+            str(binary()), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.ports[i]),
+            "-n", f"n{i}", "--cluster_name", "smsbus-test",
+            "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes,
+        ]  # fmt: skip
+        with (store / "server.log").open("ab") as log:
+            self.procs[i] = subprocess.Popen(args, stdout=log, stderr=log)
+
+    def start(self) -> NatsCluster:
+        for i in range(len(self.ports)):
+            self.start_node(i)
+        wait_for(self._jetstream_ready, timeout=30, what="the JetStream cluster")
+        return self
+
+    def _jetstream_ready(self) -> bool:
+        async def probe() -> bool:
+            try:
+                nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=0)
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+            try:
+                await nc.jetstream().account_info()
+                return True
+            except Exception:  # noqa: BLE001 - no meta leader yet
+                return False
+            finally:
+                await nc.close()
+
+        return asyncio.run(probe())
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        assert proc is not None
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(10)

@@ -1,0 +1,163 @@
+"""Three smsbus replicas on a 3-node NATS cluster (R3 stream and buckets) under callback load,
+with pollers running: kill -9 the poller leader and a NATS node. Every callback answered OK is
+stored exactly once, the pollers move within the lease TTL and carry on, SMSC never refuses."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.server import Served
+from tests.fakes.smsc import FakeSmsc
+from tests.fakes.smstower import FakeSmstower, msk_now
+from tests.support import NatsCluster, Smsbus, isolated_env, read_stream, wait_for
+
+pytestmark = pytest.mark.slow
+LEASE_TTL = 8.0  # next to a NATS node's death, a Raft election can take seconds
+_ids = itertools.count(random.randrange(10**9, 10**10))
+
+
+def leads(bus: Smsbus, provider: str) -> bool:
+    try:
+        body = httpx.get(f"{bus.base}/readyz", timeout=2).json()
+    except (httpx.TransportError, ValueError):
+        return False
+    return bool(body["providers"].get(provider, {}).get("leader"))
+
+
+class Load:
+    """Callbacks with unique server_ids, spread over the replicas, until stopped."""
+
+    def __init__(self, buses: list[Smsbus]) -> None:
+        self.buses = buses
+        self.ok: list[str] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(4)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, offset: int) -> None:
+        clients = [httpx.Client(base_url=b.base, timeout=10) for b in self.buses]
+        n = offset
+        while not self._stop.is_set():
+            n += 1
+            server_id = str(next(_ids))
+            try:
+                response = clients[n % len(clients)].get(
+                    "/callbacks/smspilot", params={"server_id": server_id, "status": 2}
+                )
+                if (response.status_code, response.text) == (200, "OK"):
+                    self.ok.append(server_id)
+                else:
+                    self.failed += 1
+            except httpx.TransportError:
+                self.failed += 1  # the killed replica: never answered OK, never promised
+        for client in clients:
+            client.close()
+
+    def wait_more(self, n: int) -> None:
+        target = len(self.ok) + n
+        wait_for(lambda: len(self.ok) >= target, timeout=30, what=f"{n} more OK answers")
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return self.ok
+
+
+def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> None:
+    cluster = NatsCluster(tmp_path / "nats").start()
+    tower, smsc = FakeSmstower(), FakeSmsc()
+    buses: list[Smsbus] = []
+    try:
+        with Served(tower.app) as t, Served(smsc.app) as s:
+            env = isolated_env(
+                ",".join(cluster.urls),
+                SMSBUS_STREAM_REPLICAS="3",
+                SMSBUS_LEASE_TTL=str(LEASE_TTL),
+                SMSBUS_PUBLISH_TIMEOUT="1",
+                SMSBUS_SMSTOWER_URL=t.url,
+                SMSBUS_SMSTOWER_LOGIN=tower.login,
+                SMSBUS_SMSTOWER_PASSWORD=tower.password,
+                SMSBUS_SMSTOWER_INTERVAL="0.3",
+                SMSBUS_SMSTOWER_MAX_INTERVAL="0.6",
+                SMSBUS_SMSC_URL=s.url,
+                SMSBUS_SMSC_LOGIN=smsc.login,
+                SMSBUS_SMSC_PASSWORD=smsc.password,
+                SMSBUS_SMSC_INTERVAL="21",
+            )
+            buses = [Smsbus(env, tmp_path / f"bus{i}").start() for i in range(3)]
+            leader = wait_for(
+                lambda: next((b for b in buses if leads(b, "smstower")), None),
+                what="an SMSTOWER leader",
+            )
+            message = str(next(_ids))
+            tower.statuses[message] = ("processing", "")
+            httpx.post(f"{buses[0].base}/v1/messages",
+                       json={"provider": "smstower", "message_id": message})  # fmt: skip
+
+            def statuses() -> list[str]:
+                found = read_stream(cluster.urls, buses[0].stream,
+                                    f"{buses[0].prefix}.status.smstower.>")  # fmt: skip
+                return [e.event["data"]["status"] for e in found if e.event["subject"] == message]
+
+            wait_for(lambda: statuses() == ["sent"], what="the first poll")
+
+            load = Load(buses)
+            load.wait_more(200)
+            leader.kill()
+            killed_at = time.monotonic()
+            survivors = [b for b in buses if b is not leader]
+            cluster.kill(1)  # and a NATS node
+            new_leader = wait_for(
+                lambda: next((b for b in survivors if leads(b, "smstower")), None),
+                timeout=LEASE_TTL + 10,
+                what="a new SMSTOWER leader",
+            )
+            took = time.monotonic() - killed_at
+            load.wait_more(300)
+            tower.statuses[message] = ("delivered", msk_now())
+            wait_for(lambda: statuses() == ["sent", "delivered"], timeout=20,
+                     what="polling after the takeover")  # fmt: skip
+            answered = load.stop()
+
+            def counts() -> collections.Counter[str]:
+                found = read_stream(cluster.urls, buses[0].stream,
+                                    f"{buses[0].prefix}.status.smspilot.>")  # fmt: skip
+                return collections.Counter(e.event["data"]["message_id"] for e in found)
+
+            def spools_empty() -> bool:
+                return all(_spool_depth(b) == 0 for b in survivors)
+
+            wait_for(spools_empty, timeout=30, what="the survivors' spools to drain")
+            stored = counts()
+            missing = [i for i in answered if i not in stored]
+            doubled = [i for i, n in stored.items() if n > 1]
+            print(
+                f"\ncluster: {len(answered)} callbacks answered OK, {load.failed} failed "
+                f"(the killed replica), {sum(stored.values())} stored, {len(missing)} missing, "
+                f"{len(doubled)} doubled; takeover {took:.1f} s"
+            )
+            assert ([], []) == (missing, doubled), f"{len(missing)} missing, {len(doubled)} doubled"
+            assert took <= LEASE_TTL, f"takeover took {took:.1f} s"
+            assert new_leader is not leader
+            assert 0 == smsc.refused
+    finally:
+        for bus in buses:
+            if bus.proc is not None and bus.proc.poll() is None:
+                bus.stop()
+        cluster.stop()
+
+
+def _spool_depth(bus: Smsbus) -> Any:
+    return httpx.get(f"{bus.base}/readyz", timeout=5).json()["spool_depth"]

@@ -21,7 +21,7 @@ from tests.fakes.smstower import FakeSmstower, msk_now
 from tests.support import NatsCluster, Smsbus, isolated_env, read_stream, wait_for
 
 pytestmark = pytest.mark.slow
-LEASE_TTL = 8.0  # next to a NATS node's death, a Raft election can take seconds
+LEASE_TTL = 12.0  # next to a NATS node's death, a Raft election can take seconds
 _ids = itertools.count(random.randrange(10**9, 10**10))
 
 

@@ -18,7 +18,7 @@ from tests.fakes.smstower import FakeSmstower, msk_now
 from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
 
 pytestmark = pytest.mark.slow
-LEASE_TTL = 3.0
+LEASE_TTL = 4.0
 SMSC_INTERVAL = 21.0
 _ids = itertools.count(random.randrange(10**8, 10**9))
 
@@ -84,7 +84,7 @@ def test_one_leader_per_provider_and_takeover_after_sigkill(
                 what="the survivor to take over",
             )
             took = time.monotonic() - killed_at
-            assert took <= LEASE_TTL + 0.5, f"takeover took {took:.1f} s"
+            assert took <= LEASE_TTL, f"takeover took {took:.1f} s"
 
             # Polling carries on from the shared state: the change is picked up.
             tower.statuses[message] = ("delivered", msk_now())

@@ -1,0 +1,175 @@
+"""Property-based: whatever bytes a provider or a caller sends, a parser yields its results or the
+project's own payload error, never another exception (and never expands an entity)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bus.errors import PayloadError, ProviderError
+from bus.messages import parse_track_batch
+from pollers import epochta, smsc, smspager, smspilot, smstower
+from receiver.smspilot import parse_callback, parse_pairs
+
+MSK = ZoneInfo("Europe/Moscow")
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+PARSERS: dict[str, Callable[[bytes], Any]] = {
+    "smstower.status": lambda b: smstower.parse_status(b, MSK),
+    "smstower.inbound": lambda b: smstower.parse_inbound(b, MSK),
+    "smstower.balance": smstower.parse_balance,
+    "smspager.general": smspager.parse_general,
+    "smspager.detail": lambda b: smspager.parse_detail(b, "m1"),
+    "smspager.balance": smspager.parse_balance,
+    "smsc.history": lambda b: smsc.parse_history(b, MSK),
+    "smsc.answers": lambda b: smsc.parse_answers(b, MSK),
+    "epochta.status": lambda b: epochta.parse_status(b, MSK),
+    "epochta.balance": epochta.parse_balance,
+    "smspilot.check": lambda b: smspilot.parse_check(b, MSK),
+    "smspilot.inbound": lambda b: smspilot.parse_inbound(b, MSK),
+    "smspilot.balance": smspilot.parse_balance,
+}
+
+TAGS = ["response", "code", "messageList", "message", "idMessage", "deliveryStatus", "data",
+        "detail", "delivered", "number", "sms", "smsid", "account", "RESPONSE", "status",
+        "credits", "deliveryreport", "balance", "dateFinalStatus", "createdDate"]  # fmt: skip
+
+
+def xml_tree(depth: int = 4) -> st.SearchStrategy[str]:
+    """Random XML made of the tags the providers use, nested and with hostile text."""
+    text = st.one_of(
+        st.text(max_size=20),
+        st.sampled_from(
+            [
+                "1",
+                "9",
+                "-1",
+                "501",
+                "0000-00-00 00:00:00",
+                "2009-11-06 03:18:01",
+                "9" * 400,
+                "NaN",
+                "1e999",
+                "+7 (903) 000-11-22",
+            ]
+        ),  # fmt: skip
+    )
+    leaf = text.map(lambda t: t.replace("&", "&amp;").replace("<", "&lt;"))
+    return st.recursive(
+        leaf,
+        lambda children: st.builds(
+            lambda tag, attrs, kids: (
+                f"<{tag}{''.join(f' {k}={chr(34)}{v}{chr(34)}' for k, v in attrs)}>"
+                + "".join(kids)
+                + f"</{tag}>"
+            ),
+            st.sampled_from(TAGS),
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["id", "status", "donedate"]),
+                    st.from_regex(r"[A-Za-z0-9 :_-]{0,12}", fullmatch=True),
+                ),
+                max_size=2,
+            ),
+            st.lists(children, max_size=4),
+        ),
+        max_leaves=20,
+    )
+
+
+def json_value() -> st.SearchStrategy[Any]:
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+        st.floats(allow_nan=False), st.text(max_size=20),
+    )  # fmt: skip
+    keys = st.sampled_from(
+        ["id", "status", "error", "error_code", "check", "inbound", "balance", "server_id",
+         "last_timestamp", "last_date", "phone", "err", "code"]
+    )  # fmt: skip
+    return st.recursive(
+        scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=5)
+        ),
+        max_leaves=15,
+    )
+
+
+def survives(parse: Callable[[bytes], Any], body: bytes) -> None:
+    try:
+        parse(body)
+    except ProviderError:
+        pass  # the project's own error: a dead letter and a back-off, never a crash
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FAST
+@given(body=st.binary(max_size=300))
+def test_random_bytes(name: str, body: bytes) -> None:
+    survives(PARSERS[name], body)
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FAST
+@given(tree=xml_tree(), encoding=st.sampled_from(["utf-8", "utf-16", "cp1251", "latin-1"]))
+def test_random_nested_xml_in_any_encoding(name: str, tree: str, encoding: str) -> None:
+    declaration = f'<?xml version="1.0" encoding="{encoding}"?>'
+    survives(PARSERS[name], (declaration + tree).encode(encoding, errors="replace"))
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+@FAST
+@given(value=json_value())
+def test_random_json(name: str, value: Any) -> None:
+    survives(PARSERS[name], json.dumps(value).encode())  # the stdlib: integers of any size
+
+
+@FAST
+@given(raw=st.binary(max_size=400))
+def test_callback_parameters_from_random_bytes(raw: bytes) -> None:
+    try:
+        parse_callback(parse_pairs(raw, "query string"))
+    except PayloadError:
+        pass
+
+
+@FAST
+@given(
+    pairs=st.lists(
+        st.tuples(
+            st.sampled_from(["server_id", "status", "error", "ref", ""]),
+            st.one_of(st.text(max_size=30), st.integers().map(str), st.just("9" * 5000)),
+        ),
+        max_size=8,
+    )
+)
+def test_callback_parameters_from_random_pairs(pairs: list[tuple[str, str]]) -> None:
+    try:
+        params = parse_callback(pairs)
+    except PayloadError:
+        return
+    assert params.server_id.isdigit() and len(params.server_id) <= 20
+    assert params.status.lstrip("-").isdigit()
+
+
+@FAST
+@given(value=json_value())
+def test_registrations_from_random_json(value: Any) -> None:
+    try:
+        items = parse_track_batch(json.dumps(value).encode())
+    except PayloadError:
+        return
+    assert 1 <= len(items) <= 1000
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_deeply_nested_xml_is_refused_not_recursed(name: str) -> None:
+    body = b"<response>" * 20000 + b"<code>1</code>" + b"</response>" * 20000
+    with pytest.raises(ProviderError):
+        PARSERS[name](body)

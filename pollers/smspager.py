@@ -154,9 +154,6 @@ class Client:
     async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
         return [], cursor
 
-    async def probe(self) -> str:
-        return f"balance {await self.balance()} {self.balance_unit}"
-
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)
         return http.parsed(body, lambda: parse_balance(body))

@@ -136,9 +136,6 @@ class Client:
             window.seen(sms.message_id, sms.sent_at)
         return new, window.cursor()
 
-    async def probe(self) -> str:
-        return f"balance {await self.balance()} {self.balance_unit}"
-
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)
         return http.parsed(body, lambda: parse_balance(body))

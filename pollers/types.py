@@ -53,5 +53,6 @@ class ProviderClient(Protocol):
         ...
 
     async def probe(self) -> str:
-        """One cheap authenticated call for `smsbus check`; a short description of the result."""
+        """For a provider without a balance method (`balance_unit` None): one cheap authenticated
+        call for `smsbus check`, and a short description of its result."""
         ...

@@ -3,6 +3,7 @@ operational routes. No route answers with a traceback."""
 
 from __future__ import annotations
 
+import structlog
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -12,8 +13,20 @@ from starlette.routing import Route
 from bus.metrics import CONTENT_TYPE
 from bus.runtime import Runtime
 from receiver import messages
-from receiver.http import ASGIApp, LimitBody, Receive, Scope, Send
+from receiver.http import (
+    HEADER_LIMIT,
+    MAX_HEADERS,
+    ASGIApp,
+    LimitBody,
+    Receive,
+    Scope,
+    Send,
+    headers_too_large,
+    send_text,
+)
 from receiver.smspilot import SMSPilotCallbacks
+
+log = structlog.get_logger("smsbus.http")
 
 
 def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
@@ -60,6 +73,15 @@ def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
     )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and headers_too_large(scope):
+            is_callback = callbacks.matches(scope["path"])
+            if is_callback:
+                runtime.metrics.callback_outcome["too_large"].inc()
+            log.warning("request headers too large", callback=is_callback,
+                        headers=len(scope["headers"]))  # fmt: skip
+            reason = f"request headers exceed {HEADER_LIMIT} bytes or {MAX_HEADERS} fields"
+            await send_text(send, 431, reason)
+            return
         if receive and scope["type"] == "http" and callbacks.matches(scope["path"]):
             await callbacks(scope, receive, send)
         else:

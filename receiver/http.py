@@ -15,6 +15,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # CONTRACT.md section 3: request bodies over 64 KiB get 413.
 BODY_LIMIT = 64 * 1024
+# uvicorn with httptools sets no limit on headers; a callback needs a handful.
+HEADER_LIMIT = 16 * 1024
+MAX_HEADERS = 100
+
+
+def headers_too_large(scope: Scope) -> bool:
+    headers = scope["headers"]
+    return len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > HEADER_LIMIT
 
 
 class BodyTooLarge(Exception):

@@ -346,3 +346,17 @@ def test_unknown_route_is_plain_404(client: httpx.Client) -> None:
     response = client.get("/nope")
     assert 404 == response.status_code
     assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Big": "a" * 100_000}, {f"X-H{i}": "v" for i in range(150)}],
+    ids=["one-huge-header", "too-many-headers"],
+)
+def test_oversized_headers_are_431(client: httpx.Client, headers: dict[str, str]) -> None:
+    response = client.get("/callbacks/smspilot?server_id=1&status=2", headers=headers)
+    assert (431, "request headers exceed 16384 bytes or 100 fields") == (
+        response.status_code,
+        response.text,
+    )
+    assert 200 == client.get("/healthz").status_code

@@ -25,8 +25,8 @@ from nats.js.api import DeliverPolicy
 from bus.config import Settings, load_settings, redact_url
 from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
-from bus.messages import MessageState, TrackItem, kv_key, parse_track_item
-from bus.projector import bucket_names
+from bus.messages import TrackItem, kv_key, parse_track_item
+from bus.projector import bucket_names, read_state
 from bus.runtime import Runtime, connect_nats
 from bus.statuses import PROVIDERS
 
@@ -218,16 +218,18 @@ async def status(settings: Settings, provider: str, message_id: str) -> int:
     nc = await _connect(settings)
     try:
         bucket = await nc.jetstream().key_value(bucket_names(settings.stream)[0])
-        entry = await bucket.get(kv_key(provider, message_id))
-        body, code = MessageState.from_json(entry.value or b"{}").public(), 0
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError, TypeError):
-        body, code = {"error": "unknown message"}, 1
+        state, _ = await read_state(bucket, kv_key(provider, message_id))
+    except nats.js.errors.BucketNotFoundError:
+        state = None
     except (TimeoutError, nats.errors.Error) as exc:
         raise StartupError(f"cannot read the message state: {exc}") from None
     finally:
         await nc.close()
-    print(json.dumps(body, ensure_ascii=False))
-    return code
+    if state is None:
+        print(json.dumps({"error": "unknown message"}))
+        return 1
+    print(json.dumps(state.public(), ensure_ascii=False))
+    return 0
 
 
 async def check(settings: Settings) -> int:

@@ -59,6 +59,15 @@ async def ensure_bucket(js: JetStreamContext, name: str, replicas: int) -> KeyVa
         )
 
 
+async def read_state(kv: KeyValue, key: str) -> tuple[MessageState | None, int]:
+    """A key's state and revision; (None, 0) when there is none. NATS errors pass through."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None, 0
+    return (MessageState.from_json(entry.value) if entry.value else None), entry.revision
+
+
 async def update_state(
     kv: KeyValue,
     key: str,
@@ -71,12 +80,7 @@ async def update_state(
         if attempt == 0 and seen is not None:
             current, revision = seen
         else:
-            try:
-                entry = await kv.get(key)
-                current = MessageState.from_json(entry.value) if entry.value else None
-                revision = entry.revision
-            except nats.js.errors.KeyNotFoundError:
-                current, revision = None, 0
+            current, revision = await read_state(kv, key)
         new = change(current)
         if new == current:
             return new

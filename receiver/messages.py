@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 
 import nats.errors
-import nats.js.errors
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bus.errors import PublishError
-from bus.messages import MessageState, TrackErrors, kv_key, parse_track_batch
+from bus.messages import TrackErrors, kv_key, parse_track_batch
+from bus.projector import read_state
 from bus.runtime import Runtime
 from bus.statuses import PROVIDERS
 
@@ -41,13 +41,11 @@ def routes(runtime: Runtime) -> tuple:  # type: ignore[type-arg]
             return JSONResponse({"error": f"unknown provider {provider!r}"}, status_code=404)
         assert runtime.messages is not None
         try:
-            entry = await runtime.messages.get(kv_key(provider, message_id))
-        except nats.js.errors.KeyNotFoundError:
-            return JSONResponse({"error": "unknown message"}, status_code=404)
+            state, _ = await read_state(runtime.messages, kv_key(provider, message_id))
         except (TimeoutError, nats.errors.Error):
             return JSONResponse({"error": "state store unavailable; retry"}, status_code=503)
-        if not entry.value:
+        if state is None:
             return JSONResponse({"error": "unknown message"}, status_code=404)
-        return JSONResponse(MessageState.from_json(entry.value).public())
+        return JSONResponse(state.public())
 
     return register, show

@@ -58,10 +58,6 @@ class MessageIndex:
     def of(self, provider: str) -> Iterator[MessageState]:
         return iter(list(self._by_provider.get(provider, {}).values()))
 
-    def open_count(self, provider: str) -> int:
-        """Tracked messages with no final status yet."""
-        return self._open[provider]
-
     def _put(self, provider: str, message_id: str, state: MessageState | None) -> None:
         states = self._by_provider.setdefault(provider, {})
         old = states.pop(message_id, None)

@@ -68,8 +68,9 @@ class TrackErrors(PayloadError):
         self.errors = errors
 
 
-def digits(phone: str) -> str:
-    return "".join(ch for ch in phone if ch.isdigit())
+def digits(text: str) -> str:
+    """Only the digits of a phone number (or any text)."""
+    return "".join(ch for ch in text if ch.isdigit())
 
 
 def parse_track_item(raw: Any, provider_hint: str | None = None) -> TrackItem:

@@ -24,6 +24,7 @@ import orjson
 
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
+from bus.messages import digits
 from pollers import http
 from pollers.types import InboundSms, StatusReport
 from pollers.values import local
@@ -69,8 +70,7 @@ def _error(data: Any) -> None:
 
 def _json(body: bytes) -> Any:
     if body.lstrip().startswith(b"ERROR"):  # the plain-text form, should fmt be ignored
-        digits = "".join(ch for ch in body.decode("utf-8", "replace").split("(")[0] if ch.isdigit())
-        _error({"error_code": digits or "?"})
+        _error({"error_code": digits(body.decode("utf-8", "replace").split("(")[0]) or "?"})
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -100,7 +100,7 @@ def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
         else:
             occurred = local(str(row.get("last_date") or ""), DATE, tz)
         err = row.get("err")
-        phone = "".join(ch for ch in str(row.get("phone") or "") if ch.isdigit()) or None
+        phone = digits(str(row.get("phone") or "")) or None
         reports.append(
             StatusReport(
                 message_id=str(row["id"]),

@@ -23,6 +23,7 @@ from lxml import etree
 
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError
+from bus.messages import digits
 from pollers import http
 from pollers.types import InboundSms, StatusReport
 from pollers.values import decimal
@@ -88,10 +89,10 @@ def parse_detail(body: bytes, smsid: str) -> list[StatusReport]:
         if not isinstance(group.tag, str):
             continue
         for number in group.iterfind("number"):
-            digits = "".join(ch for ch in (number.text or "") if ch.isdigit())
-            if not digits:
+            phone = digits(number.text or "")
+            if not phone:
                 raise ProviderPayloadError(f"a number in <{group.tag}> has no digits")
-            reports.append(StatusReport(smsid, group.tag, None, phone=digits))
+            reports.append(StatusReport(smsid, group.tag, None, phone=phone))
     return reports
 
 

@@ -136,10 +136,7 @@ class Client:
         window = Window(cursor, datetime.now(UTC))
         body = await self._call(inbound=True, since=format_local(window.start, DATE, UTC))
         found = http.parsed(body, lambda: parse_inbound(body, self._settings.tz))
-        new = [sms for sms in found if window.is_new(sms.message_id)]
-        for sms in found:
-            window.seen(sms.message_id, sms.sent_at)
-        return new, window.cursor()
+        return window.take(found)
 
     async def balance(self) -> Decimal:
         body = await self._call(balance="rur")

@@ -131,10 +131,7 @@ class Client:
             endDate=format_local(window.now, DATE, tz),
         )
         found = http.parsed(body, lambda: parse_inbound(body, tz))
-        new = [sms for sms in found if window.is_new(sms.message_id)]
-        for sms in found:
-            window.seen(sms.message_id, sms.sent_at)
-        return new, window.cursor()
+        return window.take(found)
 
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)

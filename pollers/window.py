@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
+from pollers.types import InboundSms
+
 OVERLAP = timedelta(minutes=5)
 FIRST_LOOK_BACK = timedelta(hours=24)
 
@@ -23,11 +25,13 @@ class Window:
         self.start = until - OVERLAP
         self.recent: dict[str, float] = dict(data.get("recent", {}))
 
-    def is_new(self, message_id: str) -> bool:
-        return message_id not in self.recent
-
-    def seen(self, message_id: str, at: datetime | None) -> None:
-        self.recent[message_id] = (at or self.now).timestamp()
+    def take(self, found: list[InboundSms]) -> tuple[list[InboundSms], str]:
+        """Of what this window's request found, the messages not published before, and the
+        cursor to save once they are."""
+        new = [sms for sms in found if sms.message_id not in self.recent]
+        for sms in found:
+            self.recent[sms.message_id] = (sms.sent_at or self.now).timestamp()
+        return new, self.cursor()
 
     def cursor(self) -> str:
         horizon = (self.now - OVERLAP - OVERLAP).timestamp()

@@ -28,6 +28,7 @@ _NUMERIC_IDS = frozenset({"smspilot", "smstower", "smsc"})
 # smspager.txt: "Длина идентификатора не должна быть более 21 символа".
 _MAX_ID = {"smspager": 21}
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_=-]+$")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class TrackErrors(PayloadError):
 
 def digits(text: str) -> str:
     """Only the digits of a phone number (or any text)."""
-    return "".join(ch for ch in text if ch.isdigit())
+    return "".join(ch for ch in text if "0" <= ch <= "9")
 
 
 def parse_track_item(raw: Any, provider_hint: str | None = None) -> TrackItem:
@@ -90,10 +91,11 @@ def parse_track_item(raw: Any, provider_hint: str | None = None) -> TrackItem:
         message_id = str(message_id)
     if not isinstance(message_id, str) or not message_id.strip():
         raise PayloadError("message_id is required (a string)")
-    message_id = message_id.strip()
+    if message_id != message_id.strip():
+        raise PayloadError("message_id has leading or trailing whitespace")
     if len(message_id) > _MAX_ID.get(provider, 64):
         raise PayloadError(f"message_id is longer than {_MAX_ID.get(provider, 64)} characters")
-    if provider in _NUMERIC_IDS and not message_id.isdigit():
+    if provider in _NUMERIC_IDS and not _ASCII_DIGITS.fullmatch(message_id):
         raise PayloadError(f"{provider} message ids are whole numbers")
     phone = raw.get("phone")
     if phone is not None:

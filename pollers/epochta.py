@@ -57,7 +57,7 @@ def _failure(root: etree._Element) -> None:
     status = text(root, "status")
     if status == "-1":
         raise ProviderAuthError(f"status -1: {FAILURES['-1']}")
-    if status is not None and status.lstrip("-").isdigit() and int(status) < 0:
+    if status is not None and status.lstrip("-").isdecimal() and int(status) < 0:
         raise ProviderPayloadError(f"status {status}: {FAILURES.get(status, 'undocumented')}")
 
 

@@ -196,7 +196,9 @@ class Client:
         found = http.parsed(body, lambda: parse_answers(body, self._settings.tz))
         if not found:
             return [], cursor
-        newest = max(found, key=lambda sms: int(sms.message_id) if sms.message_id.isdigit() else 0)
+        newest = max(
+            found, key=lambda sms: int(sms.message_id) if sms.message_id.isdecimal() else 0
+        )
         return found, newest.message_id
 
     async def probe(self) -> str:

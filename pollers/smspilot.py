@@ -71,7 +71,7 @@ def parse_check(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
         if not isinstance(row, dict) or not row.get("server_id") or row.get("status") is None:
             raise ProviderPayloadError("a check row lacks server_id or status")
         status = str(row["status"]).strip()
-        if not status.lstrip("-").isdigit():
+        if not status.lstrip("-").isdecimal():
             raise ProviderPayloadError("a check row's status is not a number")
         occurred = local(str(row.get("modified") or ""), DATE, tz)
         reports.append(StatusReport(str(row["server_id"]), str(int(status)), occurred))

@@ -3,8 +3,13 @@ operational routes. No route answers with a traceback."""
 
 from __future__ import annotations
 
+import re
+from importlib.metadata import version
+
 import structlog
 from starlette.applications import Starlette
+from starlette.convertors import PathConvertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,14 +29,43 @@ from receiver.http import (
     headers_too_large,
     send_text,
 )
+from receiver.openapi import CALLBACK, openapi
 from receiver.smspilot import SMSPilotCallbacks
 
 log = structlog.get_logger("smsbus.http")
 
 
-def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
+class AnyText(PathConvertor):
+    """A path parameter of any characters, slashes and newlines included (message ids are
+    the providers' text)."""
+
+    regex = r"[\s\S]+"
+
+
+register_url_convertor("any", AnyText())
+
+
+async def json_error(request: Request, exc: Exception) -> Response:
+    """404 and 405 of the JSON routes, in JSON like their other answers."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+class App:
+    """The ASGI app, and the (method, path) pairs it serves for `/openapi.json`'s test."""
+
+    def __init__(self, handle: ASGIApp, routes: list[tuple[str, str]]) -> None:
+        self._handle = handle
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._handle(scope, receive, send)
+
+
+def create_app(runtime: Runtime, *, receive: bool = True) -> App:
     """The app; with receive=False (`serve --pollers-only`) only the operational routes."""
     callbacks = SMSPilotCallbacks(runtime)
+    description = openapi(receive=receive, version=version("smsbus"))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"alive": True})
@@ -57,10 +91,13 @@ def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(description)
+
     register, show = messages.routes(runtime)
     api = [
         Route("/v1/messages", register, methods=["POST"]),
-        Route("/v1/messages/{provider}/{message_id:path}", show, methods=["GET"]),
+        Route("/v1/messages/{provider}/{message_id:any}", show, methods=["GET"]),
     ]
     operations = Starlette(
         routes=[
@@ -68,8 +105,10 @@ def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         middleware=[Middleware(LimitBody)],
+        exception_handlers={404: json_error, 405: json_error},
     )
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,4 +126,12 @@ def create_app(runtime: Runtime, *, receive: bool = True) -> ASGIApp:
         else:
             await operations(scope, receive, send)
 
-    return app
+    routes = [
+        (method, re.sub(r":\w+}", "}", route.path))
+        for route in operations.routes
+        if isinstance(route, Route)
+        for method in sorted(route.methods or ()) if method != "HEAD"
+    ]  # fmt: skip
+    if receive:
+        routes += [(m, p) for p in (CALLBACK, CALLBACK + "/{token}") for m in callbacks.METHODS]
+    return App(app, routes)

@@ -46,7 +46,7 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 def declared_length(scope: Scope) -> int | None:
     raw = header(scope, b"content-length")
-    if raw is None or not raw.isdigit():
+    if raw is None or not (raw.isascii() and raw.isdigit()):
         return None
     return int(raw)
 

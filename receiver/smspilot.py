@@ -116,6 +116,8 @@ def parse_callback(pairs: list[tuple[str, str]]) -> CallbackParams:
 class SMSPilotCallbacks:
     """The ASGI app behind GET/POST /callbacks/smspilot[/<token>]."""
 
+    METHODS = ("GET", "POST")
+
     def __init__(self, runtime: Runtime) -> None:
         settings = runtime.settings
         self._runtime = runtime
@@ -187,7 +189,7 @@ class SMSPilotCallbacks:
             summary["peer"] = peer
             return 403, "Forbidden: peer not in SMSBUS_SMSPILOT_ALLOWED_IPS", "forbidden"
         method = scope["method"]
-        if method not in ("GET", "POST"):
+        if method not in self.METHODS:
             return 405, "Method Not Allowed", "bad_method"
 
         received_at = utcnow()

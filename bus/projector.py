@@ -40,6 +40,7 @@ log = structlog.get_logger("smsbus.projector")
 DURABLE = "smsbus-projector"
 BATCH = 256
 CAS_ATTEMPTS = 50
+RETRY_AFTER = 1.0  # seconds before a message whose write failed is delivered again
 # Keys written at once. More makes bursts of ack handling that hold the event loop (and the
 # callbacks waiting on it) for tens of milliseconds; 16 keeps each burst near a millisecond.
 CONCURRENCY = 16
@@ -161,13 +162,18 @@ class Projector:
             await self._apply_each(msgs)
 
     async def _apply_each(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
+        for i, msg in enumerate(msgs):
             try:
                 await self.apply(msg)
                 await msg.ack()
             except (TimeoutError, nats.errors.Error, PublishError) as exc:
-                # Neither this nor the rest of its key is acked: redelivered after ack_wait.
+                # Neither this nor the rest of its key is applied: all come back after
+                # RETRY_AFTER, in stream order (after ack_wait if even the nak is lost). Waiting
+                # the whole ack_wait would hide a registration from the pollers for 30 s.
                 log.warning("projector write failed", error=str(exc) or type(exc).__name__)
+                with contextlib.suppress(nats.errors.Error):
+                    for rest in msgs[i:]:
+                        await rest.nak(delay=RETRY_AFTER)
                 return
 
     @staticmethod

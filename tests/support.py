@@ -188,7 +188,7 @@ def read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]
 
 
 async def _read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, error_cb=_quiet)
     try:
         js = nc.jetstream()
         config = ConsumerConfig(
@@ -205,6 +205,10 @@ async def _read_stream(url: str | list[str], stream: str, subject: str) -> list[
         return stored
     finally:
         await nc.close()
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py prints a traceback per failed connection attempt; the caller handles failure."""
 
 
 def events_by_id(stored: list[Stored]) -> dict[str, list[Stored]]:
@@ -248,7 +252,9 @@ class NatsCluster:
     def _jetstream_ready(self) -> bool:
         async def probe() -> bool:
             try:
-                nc = await nats.connect(self.urls, connect_timeout=2, max_reconnect_attempts=0)
+                nc = await nats.connect(
+                    self.urls, connect_timeout=2, max_reconnect_attempts=0, error_cb=_quiet
+                )
             except Exception:  # noqa: BLE001 - not up yet
                 return False
             try:

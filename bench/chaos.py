@@ -1,0 +1,377 @@
+"""Chaos: faults under load, then an audit of what the stream holds. Loopback only; stops by itself.
+
+A 3-node NATS cluster (R3 stream and buckets) and 2 `smsbus serve` replicas, with:
+- steady SMSPilot callbacks (unique server_ids) spread over the replicas; one that is not answered
+  `OK` is sent again, to the other replica, as SMSPilot would;
+- the SMSTOWER poller busy against the test suite's fake SMSTOWER: messages registered over HTTP,
+  each scripted `processing` then a final status, and inbound SMS arriving all along;
+- one fault after another: SIGKILL a random NATS node (restarted a few seconds later), SIGSTOP a
+  node and SIGCONT it, SIGKILL an smsbus replica and start it again on the same data dir.
+
+Then it heals everything, lets the spools drain and checks: every callback answered `OK` is stored
+exactly once, every scripted provider status produced exactly one event, every inbound SMS is
+stored exactly once. It prints the tallies and exits 1 on any loss or double.
+
+    .venv/bin/python bench/chaos.py [--duration 120] [--rate 100] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.fakes.server import Served  # noqa: E402
+from tests.fakes.smstower import FakeSmstower, msk_now  # noqa: E402
+from tests.support import (  # noqa: E402
+    NatsCluster,
+    Smsbus,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
+
+LEASE_TTL = 6.0
+# A scripted status is held this long before the next one, so that a leader is always found in
+# time to see it (a takeover takes at most the TTL, plus a Raft election when a node died).
+HOLD = 3 * LEASE_TTL
+KINDS = ["kill nats", "pause nats", "kill smsbus"]
+ATTEMPTS = 3  # SMSPilot sends a callback again until it is answered OK
+
+
+def say(text: str, started: float) -> None:
+    print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
+
+
+class Callbacks:
+    """Steady callbacks at `rate` per second, each with its own server_id, round-robin over the
+    replicas; a callback not answered OK is retried on the next replica."""
+
+    def __init__(self, buses: list[Smsbus], rate: float, seed: int) -> None:
+        self.buses = buses
+        self.ids = itertools.count(seed * 10**6)
+        self.sent: list[str] = []
+        self.ok: list[str] = []
+        self.attempts = 0
+        self.longest_ok = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        workers = 8
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, rate / workers), daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, offset: int, rate: float) -> None:
+        clients = [httpx.Client(base_url=b.base, timeout=10) for b in self.buses]
+        n = offset
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            next_at += 1 / rate
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            with self._lock:
+                server_id = str(next(self.ids))
+                self.sent.append(server_id)
+            for _ in range(ATTEMPTS):
+                n += 1
+                with self._lock:
+                    self.attempts += 1
+                started = time.monotonic()
+                try:
+                    answer = clients[n % len(clients)].get(
+                        "/callbacks/smspilot", params={"server_id": server_id, "status": 2}
+                    )
+                except httpx.TransportError:
+                    continue  # a killed replica
+                if (answer.status_code, answer.text) == (200, "OK"):
+                    took = time.monotonic() - started
+                    with self._lock:
+                        self.ok.append(server_id)
+                        self.longest_ok = max(self.longest_ok, took)
+                    break
+        for client in clients:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+@dataclass
+class Script:
+    """What the fake SMSTOWER reports: tracked messages and their statuses, and inbound SMS."""
+
+    tower: FakeSmstower
+    buses: list[Smsbus]
+    seed: int
+    expected: set[tuple[str, str]] = field(default_factory=set)  # (message id, raw status)
+    inbound: list[str] = field(default_factory=list)
+    registered: dict[str, float] = field(default_factory=dict)  # id: when `processing` began
+    finals: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.ids = itertools.count(self.seed * 10**6 + 500_000)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _register(self, message_id: str) -> bool:
+        for bus in self.rng.sample(self.buses, len(self.buses)):
+            try:
+                answer = httpx.post(
+                    f"{bus.base}/v1/messages",
+                    json={"provider": "smstower", "message_id": message_id},
+                    timeout=10,
+                )
+            except httpx.TransportError:
+                continue
+            if answer.status_code == 202:
+                return True
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.step(finish=False)
+
+    def step(self, finish: bool) -> None:
+        now = time.monotonic()
+        if not finish:
+            message_id = str(next(self.ids))
+            self.tower.statuses[message_id] = ("processing", "")
+            if self._register(message_id):
+                self.registered[message_id] = now
+                self.expected.add((message_id, "processing"))
+            else:
+                del self.tower.statuses[message_id]
+            sms_id = str(next(self.ids))
+            self.tower.inbound.append(
+                {"id": sms_id, "from": "79030001122", "to": "79990000000",
+                 "text": f"reply {sms_id}", "created": msk_now()}
+            )  # fmt: skip
+            self.inbound.append(sms_id)
+        for message_id, began in list(self.registered.items()):
+            if message_id not in self.finals and now - began >= HOLD:
+                final = self.rng.choice(["delivered", "undelivered"])
+                self.tower.statuses[message_id] = (final, msk_now())
+                self.finals[message_id] = final
+                self.expected.add((message_id, final))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+class Faults:
+    def __init__(self, cluster: NatsCluster, buses: list[Smsbus], seed: int, started: float):
+        self.cluster = cluster
+        self.buses = buses
+        self.rng = random.Random(seed)
+        self.started = started
+        self.done: collections.Counter[str] = collections.Counter()
+        self.failed_starts = 0
+        self._kinds: list[str] = []
+
+    def one(self) -> None:
+        if not self._kinds:  # every kind in each round of three, in a random order
+            self._kinds = self.rng.sample(KINDS, len(KINDS))
+        kind = self._kinds.pop()
+        if kind == "kill nats":
+            i = self.rng.randrange(len(self.cluster.ports))
+            self.cluster.kill(i)
+            down = self.rng.uniform(2, 6)
+            say(f"SIGKILL nats node n{i}; restart in {down:.1f} s", self.started)
+            time.sleep(down)
+            self.cluster.start_node(i)
+        elif kind == "pause nats":
+            i = self.rng.randrange(len(self.cluster.ports))
+            proc = self.cluster.procs[i]
+            assert proc is not None
+            paused = self.rng.uniform(2, 6)
+            say(f"SIGSTOP nats node n{i} for {paused:.1f} s", self.started)
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(paused)
+            proc.send_signal(signal.SIGCONT)
+        else:
+            bus = self.rng.choice(self.buses)
+            say(f"SIGKILL smsbus on port {bus.port}; start it again", self.started)
+            bus.kill()
+            time.sleep(self.rng.uniform(0.5, 2))
+            self.restart(bus)
+        self.done[kind] += 1
+
+    def restart(self, bus: Smsbus) -> None:
+        """Start a replica again as a supervisor would: once more if start-up gave up."""
+        for _ in range(5):
+            bus.start(wait_ready=False)
+            try:
+                wait_for(bus.ready, timeout=40, what="the restarted replica")
+                return
+            except AssertionError as exc:
+                self.failed_starts += 1
+                say(f"restart failed: {str(exc).splitlines()[0]}", self.started)
+                if bus.proc is not None and bus.proc.poll() is None:
+                    bus.kill()
+        raise SystemExit("a replica could not be started again")
+
+    def heal(self) -> None:
+        for i, proc in enumerate(self.cluster.procs):
+            if proc is None or proc.poll() is not None:
+                self.cluster.start_node(i)
+            else:
+                proc.send_signal(signal.SIGCONT)
+        for bus in self.buses:
+            if bus.proc is None or bus.proc.poll() is not None:
+                self.restart(bus)
+
+
+def spool_depth(bus: Smsbus) -> int:
+    try:
+        return int(httpx.get(f"{bus.base}/readyz", timeout=5).json()["spool_depth"])
+    except (httpx.TransportError, ValueError, KeyError):
+        return -1
+
+
+def tally(label: str, expected: Collection[Any], stored: collections.Counter[Any]) -> bool:
+    missing = [k for k in expected if stored[k] == 0]
+    doubled = [k for k, n in stored.items() if n > 1]
+    print(
+        f"{label}: expected {len(expected)}, stored {sum(stored.values())}, "
+        f"missing {len(missing)}, duplicated {len(doubled)}"
+    )
+    for key in missing[:5]:
+        print(f"  missing: {key}")
+    for key in doubled[:5]:
+        print(f"  duplicated: {key} x{stored[key]}")
+    return not missing and not doubled
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of faults")
+    parser.add_argument("--rate", type=float, default=100.0, help="callbacks per second")
+    parser.add_argument("--seed", type=int, default=random.randrange(1, 10**6))
+    args = parser.parse_args()
+    started = time.monotonic()
+    print(f"chaos: {args.duration:g} s of faults, {args.rate:g} callbacks/s, seed {args.seed}")
+
+    root = Path(tempfile.mkdtemp(prefix="smsbus-chaos-"))
+    cluster = NatsCluster(root / "nats").start()
+    tower = FakeSmstower()
+    buses: list[Smsbus] = []
+    try:
+        with Served(tower.app) as served:
+            env = isolated_env(
+                ",".join(cluster.urls),
+                SMSBUS_STREAM_REPLICAS="3",
+                SMSBUS_LEASE_TTL=str(LEASE_TTL),
+                SMSBUS_PUBLISH_TIMEOUT="1",
+                SMSBUS_LOG_FORMAT="json",
+                SMSBUS_SMSTOWER_URL=served.url,
+                SMSBUS_SMSTOWER_LOGIN=tower.login,
+                SMSBUS_SMSTOWER_PASSWORD=tower.password,
+                SMSBUS_SMSTOWER_INTERVAL="0.5",
+                SMSBUS_SMSTOWER_MAX_INTERVAL="1",
+                SMSBUS_BALANCE_INTERVAL="5",
+            )
+            buses = [Smsbus(env, root / f"bus{i}").start() for i in range(2)]
+            say("cluster and replicas up; load starts", started)
+            callbacks = Callbacks(buses, args.rate, args.seed)
+            script = Script(tower, buses, args.seed)
+            faults = Faults(cluster, buses, args.seed, started)
+            deadline = time.monotonic() + args.duration
+            while time.monotonic() < deadline:
+                time.sleep(faults.rng.uniform(1, 3))  # quiet between faults
+                faults.one()
+            faults.heal()
+            say("faults over, all parts running; load stops", started)
+            callbacks.stop()
+            script.stop()
+            # The last registered messages still get their final status.
+            wait_for(
+                lambda: script.step(finish=True) or len(script.finals) == len(script.registered),
+                timeout=HOLD + 5,
+                what="the last scripted statuses",
+            )
+            wait_for(lambda: all(spool_depth(b) == 0 for b in buses), timeout=60,
+                     what="the spools to drain")  # fmt: skip
+            stream, prefix = buses[0].stream, buses[0].prefix
+
+            def statuses() -> collections.Counter[tuple[str, str]]:
+                found = read_stream(cluster.urls, stream, f"{prefix}.status.smstower.>")
+                return collections.Counter(
+                    (e.event["data"]["message_id"], e.event["data"]["provider_status"])
+                    for e in found
+                )
+
+            def inbound() -> collections.Counter[str]:
+                found = read_stream(cluster.urls, stream, f"{prefix}.inbound.smstower")
+                return collections.Counter(e.event["data"]["message_id"] for e in found)
+
+            # Polling after the last fault: wait until every scripted status is in, or a minute.
+            try:
+                wait_for(lambda: script.expected <= set(statuses()), timeout=60,
+                         what="every scripted status")  # fmt: skip
+                wait_for(lambda: set(script.inbound) <= set(inbound()), timeout=30,
+                         what="every inbound SMS")  # fmt: skip
+            except AssertionError as exc:
+                print(f"gave up waiting: {exc}")
+
+            callbacks_stored = collections.Counter(
+                e.event["data"]["message_id"]
+                for e in read_stream(cluster.urls, stream, f"{prefix}.status.smspilot.>")
+            )
+            status_stored, inbound_stored = statuses(), inbound()
+    finally:
+        for bus in buses:
+            if bus.proc is not None and bus.proc.poll() is None:
+                bus.stop()
+        for proc in cluster.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        cluster.stop()
+
+    elapsed = time.monotonic() - started
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(faults.done.items()))
+    print(f"\nfaults: {sum(faults.done.values())} ({kinds}); "
+          f"restarts that gave up at start-up: {faults.failed_starts}")  # fmt: skip
+    print(
+        f"callbacks: sent {len(callbacks.sent)}, attempts {callbacks.attempts}, "
+        f"answered OK {len(callbacks.ok)}, stored {sum(callbacks_stored.values())}, "
+        f"longest time to OK {callbacks.longest_ok:.2f} s"
+    )
+    ok = tally("callbacks answered OK", callbacks.ok, callbacks_stored)
+    ok &= tally("scripted provider statuses", script.expected, status_stored)
+    ok &= tally("inbound SMS", script.inbound, inbound_stored)
+    unexpected = set(status_stored) - script.expected
+    if unexpected:
+        print(f"status events never scripted: {len(unexpected)}, e.g. {sorted(unexpected)[:3]}")
+        ok = False
+    if not faults.done or not callbacks.ok:
+        print("nothing was tested: no fault or no callback answered OK")
+        ok = False
+    print(f"result: {'PASS' if ok else 'FAIL'} in {elapsed:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

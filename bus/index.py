@@ -2,6 +2,16 @@
 
 Pollers read their tracked messages from it and the callback route reads `client_ref` and `phone`
 from it, without a NATS round trip. It lags the bucket by the watch's delivery time.
+
+It holds what those readers need, not the whole bucket, so that memory follows the open messages
+rather than every message ever reported:
+- an open tracked message is always held (the pollers schedule it; they end it with an expiry
+  after SMSBUS_TRACK_TTL);
+- the final state of a message nobody tracked is let go at once where no poll can report it
+  again (an SMSPilot callback, say). SMSC's history repeats reports for two days and an SMS-Pager
+  mailing's report repeats its numbers, so there the state stays, to tell a repeat from news;
+- anything else not open is let go once RETAIN has passed since its last change.
+A state the mirror does not hold is read from the bucket when it is written (one more round trip).
 """
 
 from __future__ import annotations
@@ -10,15 +20,21 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 import structlog
 from nats.js.kv import KeyValue
 
+from bus.events import rfc3339, utcnow
 from bus.messages import MessageState
 
 log = structlog.get_logger("smsbus.index")
 
 _DELETES = ("DEL", "PURGE")
+# Providers whose polls never repeat a report about a message nobody tracked.
+_NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
+RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
+PRUNE_EVERY = 600.0
 
 
 class MessageIndex:
@@ -33,17 +49,49 @@ class MessageIndex:
         self._keys: dict[str, tuple[str, str]] = {}
         self._revisions: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self.loaded = asyncio.Event()
 
     async def start(self) -> None:
         watcher = await self._kv.watchall()
         self._task = asyncio.create_task(self._follow(watcher), name="smsbus-index")
+        self._pruner = asyncio.create_task(self._prune_every(), name="smsbus-index-prune")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._pruner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    @property
+    def held(self) -> int:
+        """How many states the mirror holds."""
+        return len(self._keys)
+
+    def prune(self, retain: timedelta = RETAIN) -> int:
+        """Let go of every state that is not open and has not changed for `retain`."""
+        cutoff = rfc3339(utcnow() - retain)
+        old = [
+            key
+            for key, held in self._keys.items()
+            if not _is_open(state := self.get(*held)) and (state is None or _older(state, cutoff))
+        ]
+        for key in old:
+            self._forget(key)
+        return len(old)
+
+    async def _prune_every(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY)
+            if pruned := self.prune():
+                log.info("message states let go", count=pruned, held=len(self._keys))
+
+    def _forget(self, key: str) -> None:
+        held = self._keys.pop(key, None)
+        self._revisions.pop(key, None)
+        if held:
+            self._put(*held, None)
 
     def entry(self, key: str) -> tuple[MessageState | None, int]:
         """A bucket key's state and revision as last seen (None, 0 when not seen)."""
@@ -76,19 +124,23 @@ class MessageIndex:
                 self.loaded.set()
                 continue
             if entry.operation in _DELETES or not entry.value:
-                held = self._keys.pop(entry.key, None)
-                self._revisions.pop(entry.key, None)
-                if held:
-                    self._put(*held, None)
+                self._forget(entry.key)
                 continue
             try:
                 state = MessageState.from_json(entry.value)
             except (ValueError, TypeError):
                 log.warning("unreadable state in the bucket", key=entry.key)
                 continue
+            if state.final and not state.tracked and state.provider in _NO_REPEATS:
+                self._forget(entry.key)
+                continue
             self._put(state.provider, state.message_id, state)
             self._keys[entry.key] = (state.provider, state.message_id)
             self._revisions[entry.key] = entry.revision
+
+
+def _older(state: MessageState, cutoff: str) -> bool:
+    return (state.updated_at or state.registered_at or "") < cutoff
 
 
 def _is_open(state: MessageState | None) -> int:

@@ -1,0 +1,41 @@
+"""The chaos and soak scripts under bench/, run short: they must pass, and say what they did."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script: str, *args: str, timeout: float) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    print(done.stdout)
+    assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_chaos_loses_and_doubles_nothing() -> None:
+    out = run("chaos.py", "--duration", "40", "--rate", "50", timeout=400)
+    faults = re.search(r"faults: (\d+) \((.*)\)", out)
+    assert faults is not None and int(faults.group(1)) >= 6
+    for kind in ("kill nats", "pause nats", "kill smsbus"):
+        assert kind in faults.group(2)
+    for label in ("callbacks answered OK", "scripted provider statuses", "inbound SMS"):
+        tally = re.search(rf"{label}: expected (\d+), stored (\d+), missing 0, duplicated 0", out)
+        assert tally is not None and int(tally.group(1)) > 0, label
+    assert "result: PASS" in out
+
+
+def test_soak_shows_no_leak() -> None:
+    out = run("soak.py", "--duration", "40", "--every", "8", "--rate", "500", timeout=300)
+    assert len(re.findall(r"^\s+\d+\s+\d+\s+0\s", out, re.MULTILINE)) >= 4  # samples, all OK
+    assert "result: PASS" in out

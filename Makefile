@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench chaos soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/callback.py
+	$(BIN)/python bench/sync_interval.py
 	$(BIN)/python bench/poll.py
+
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .smsbus .pytest_cache .ruff_cache

@@ -50,10 +50,19 @@ def test_tokens_never_reach_logs_metrics_or_dead_letters(
     letters = read_stream(nats_server.url, tokened.stream, f"{tokened.prefix}.deadletter.>")
     assert "/callbacks/smspilot/***" == letters[-1].event["data"]["raw"]["path"]
     metrics = httpx.get(f"{tokened.base}/metrics", timeout=5).text
+    wrong = f"{NEW_TOKEN[:-1]}Z"
+    bodies = [
+        bad.text,
+        get(tokened, f"/callbacks/smspilot/{wrong}").text,
+        httpx.put(f"{tokened.base}/callbacks/smspilot/{NEW_TOKEN}", timeout=10).text,
+        httpx.get(f"{tokened.base}/readyz", timeout=10).text,
+    ]
+    assert wrong not in tokened.logs()
     for secret in (OLD_TOKEN, NEW_TOKEN):
         assert secret not in tokened.logs()
         assert secret not in metrics
         assert all(secret not in str(letter.event) for letter in letters)
+        assert all(secret not in body and wrong not in body for body in bodies)
 
 
 def allowlisted(nats_server: NatsServer, data: Path, **extra: str) -> Smsbus:

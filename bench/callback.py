@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import nats
+from procfs import children, rss_mb
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -54,18 +55,6 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
             pass
         time.sleep(0.005)
     raise SystemExit(f"{url} not ready in {timeout} s")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 class Smsbus:

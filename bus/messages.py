@@ -231,12 +231,15 @@ def apply_to_mailing(state: MessageState | None, data: Mapping[str, Any]) -> Mes
 
 def apply_status(state: MessageState | None, data: Mapping[str, Any]) -> MessageState:
     """Apply a status event's data. A final status never gives way to a non-final one; between
-    two final reports the later one wins."""
+    two final reports the later one wins: the one that happened later, or on a tie the one
+    applied later (so a report redelivered out of order cannot undo a newer one)."""
     if state is None:
         key = message_key(data["provider"], data["message_id"], data.get("phone"))
         state = MessageState(data["provider"], key)
     phone = state.phone or data.get("phone")
     if state.final and not data["final"]:
+        return replace(state, phone=phone)
+    if state.final and (data["occurred_at"] or "") < (state.updated_at or ""):
         return replace(state, phone=phone)
     return replace(
         state,

@@ -41,6 +41,7 @@ DURABLE = "smsbus-projector"
 BATCH = 256
 CAS_ATTEMPTS = 50
 RETRY_AFTER = 1.0  # seconds before a message whose write failed is delivered again
+ACK_WAIT = 5.0
 # Keys written at once. More makes bursts of ack handling that hold the event loop (and the
 # callbacks waiting on it) for tens of milliseconds; 16 keeps each burst near a millisecond.
 CONCURRENCY = 16
@@ -121,7 +122,10 @@ class Projector:
             durable_name=DURABLE,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=30,
+            # A replica that dies holding messages delays them by this much: a registration
+            # must reach the pollers quickly. Applying a message takes milliseconds, and one
+            # applied twice changes nothing.
+            ack_wait=ACK_WAIT,
             max_ack_pending=4 * BATCH,
             filter_subjects=[f"{self._prefix}.track.>", f"{self._prefix}.status.>"],
         )
@@ -168,8 +172,7 @@ class Projector:
                 await msg.ack()
             except (TimeoutError, nats.errors.Error, PublishError) as exc:
                 # Neither this nor the rest of its key is applied: all come back after
-                # RETRY_AFTER, in stream order (after ack_wait if even the nak is lost). Waiting
-                # the whole ack_wait would hide a registration from the pollers for 30 s.
+                # RETRY_AFTER, in stream order (after ACK_WAIT if even the nak is lost).
                 log.warning("projector write failed", error=str(exc) or type(exc).__name__)
                 with contextlib.suppress(nats.errors.Error):
                     for rest in msgs[i:]:

@@ -29,7 +29,8 @@ from receiver.http import (
     headers_too_large,
     send_text,
 )
-from receiver.openapi import CALLBACK, openapi
+from receiver.openapi import openapi
+from receiver.smspilot import PATH as CALLBACK
 from receiver.smspilot import SMSPilotCallbacks
 
 log = structlog.get_logger("smsbus.http")

@@ -12,8 +12,8 @@ from typing import Any
 from bus.messages import MAX_ITEMS
 from bus.statuses import FINAL, NOT_FINAL, PROVIDERS, UNKNOWN
 from receiver.http import BODY_LIMIT
+from receiver.smspilot import PATH as CALLBACK
 
-CALLBACK = "/callbacks/smspilot"
 _STATUSES = sorted(FINAL | NOT_FINAL | {UNKNOWN})
 
 

@@ -15,6 +15,7 @@ import httpx
 import nats
 import pytest
 
+from bus.messages import apply_status
 from tests.support import SMSBUS, NatsServer, Smsbus, isolated_env, read_stream, wait_for
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
@@ -189,6 +190,25 @@ def test_final_status_never_goes_back_and_the_later_final_wins(client: httpx.Cli
     wait_for(lambda: current() == "-1", what="undelivered")
     shown = state(client, "smspilot", server_id)
     assert shown is not None and ("undelivered", True) == (shown["status"], shown["final"])
+
+
+def test_an_older_final_applied_late_does_not_undo_a_newer_one() -> None:
+    def report(raw: str, status: str, at: str) -> dict[str, Any]:
+        return {"provider": "smsc", "message_id": "7", "status": status, "final": True,
+                "provider_status": raw, "occurred_at": at}  # fmt: skip
+
+    read = apply_status(None, report("2", "read", "2026-11-22T10:00:05.000Z"))
+    # Redelivered out of order: "delivered" happened before "read" and must not replace it.
+    assert "read" == apply_status(read, report("1", "delivered", "2026-11-22T10:00:01.000Z")).status
+    assert (
+        "undelivered"
+        == apply_status(read, report("20", "undelivered", "2026-11-22T10:00:09.000Z")).status
+    )
+    # On a tie the report applied later wins.
+    assert (
+        "delivered"
+        == apply_status(read, report("1", "delivered", "2026-11-22T10:00:05.000Z")).status
+    )
 
 
 def test_junk_on_the_track_subject_is_dead_lettered(

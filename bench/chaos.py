@@ -6,7 +6,10 @@ A 3-node NATS cluster (R3 stream and buckets) and 2 `smsbus serve` replicas, wit
 - the SMSTOWER poller busy against the test suite's fake SMSTOWER: messages registered over HTTP,
   each scripted `processing` then a final status, and inbound SMS arriving all along;
 - one fault after another: SIGKILL a random NATS node (restarted a few seconds later), SIGSTOP a
-  node and SIGCONT it, SIGKILL an smsbus replica and start it again on the same data dir.
+  node and SIGCONT it, SIGKILL an smsbus replica and start it again on the same data dir. After
+  a NATS fault the next waits until the stream and every bucket have a leader and all their
+  replicas are current again: a second node down while the first still catches up is a lost
+  quorum, in which no replica can poll, and a status that comes and goes then is seen by nobody.
 
 Then it heals everything, lets the spools drain and checks: every callback answered `OK` is stored
 exactly once, every scripted provider status produced exactly one event, every inbound SMS is
@@ -18,6 +21,7 @@ stored exactly once. It prints the tallies and exits 1 on any loss or double.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import itertools
 import random
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -184,6 +189,8 @@ class Script:
 class Faults:
     def __init__(self, cluster: NatsCluster, buses: list[Smsbus], seed: int, started: float):
         self.cluster = cluster
+        stream = buses[0].stream
+        self.streams = [stream, *(f"KV_{stream}_{b}" for b in ("messages", "cursors", "leases"))]
         self.buses = buses
         self.rng = random.Random(seed)
         self.started = started
@@ -202,6 +209,7 @@ class Faults:
             say(f"SIGKILL nats node n{i}; restart in {down:.1f} s", self.started)
             time.sleep(down)
             self.cluster.start_node(i)
+            self.settle()
         elif kind == "pause nats":
             i = self.rng.randrange(len(self.cluster.ports))
             proc = self.cluster.procs[i]
@@ -211,6 +219,7 @@ class Faults:
             proc.send_signal(signal.SIGSTOP)
             time.sleep(paused)
             proc.send_signal(signal.SIGCONT)
+            self.settle()
         else:
             bus = self.rng.choice(self.buses)
             say(f"SIGKILL smsbus on port {bus.port}; start it again", self.started)
@@ -233,15 +242,49 @@ class Faults:
                     bus.kill()
         raise SystemExit("a replica could not be started again")
 
+    def settle(self) -> None:
+        """Wait until the stream and the buckets have a leader and every replica is current."""
+        started = time.monotonic()
+        wait_for(self._settled, timeout=90, what="the NATS cluster to settle")
+        say(f"cluster settled in {time.monotonic() - started:.1f} s", self.started)
+
+    def _settled(self) -> bool:
+        async def check() -> bool:
+            try:
+                nc = await nats.connect(self.cluster.urls, connect_timeout=2,
+                                        max_reconnect_attempts=0, error_cb=_quiet)  # fmt: skip
+            except Exception:  # noqa: BLE001 - not yet
+                return False
+            try:
+                js = nc.jetstream(timeout=2)
+                for name in self.streams:
+                    cluster = (await js.stream_info(name)).cluster
+                    if cluster is None or not cluster.leader:
+                        return False
+                    if not all(r.current and not r.offline for r in cluster.replicas or []):
+                        return False
+                return True
+            except Exception:  # noqa: BLE001 - no leader, a timeout: not settled
+                return False
+            finally:
+                await nc.close()
+
+        return asyncio.run(check())
+
     def heal(self) -> None:
         for i, proc in enumerate(self.cluster.procs):
             if proc is None or proc.poll() is not None:
                 self.cluster.start_node(i)
             else:
                 proc.send_signal(signal.SIGCONT)
+        self.settle()
         for bus in self.buses:
             if bus.proc is None or bus.proc.poll() is not None:
                 self.restart(bus)
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py prints each failed connection attempt; a failed check just means "not yet"."""
 
 
 def spool_depth(bus: Smsbus) -> int:

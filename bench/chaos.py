@@ -46,6 +46,7 @@ from tests.support import (  # noqa: E402
     NatsCluster,
     Smsbus,
     isolated_env,
+    quiet,
     read_stream,
     wait_for,
 )
@@ -252,7 +253,7 @@ class Faults:
         async def check() -> bool:
             try:
                 nc = await nats.connect(self.cluster.urls, connect_timeout=2,
-                                        max_reconnect_attempts=0, error_cb=_quiet)  # fmt: skip
+                                        max_reconnect_attempts=0, error_cb=quiet)  # fmt: skip
             except Exception:  # noqa: BLE001 - not yet
                 return False
             try:
@@ -281,10 +282,6 @@ class Faults:
         for bus in self.buses:
             if bus.proc is None or bus.proc.poll() is not None:
                 self.restart(bus)
-
-
-async def _quiet(exc: Exception) -> None:
-    """nats-py prints each failed connection attempt; a failed check just means "not yet"."""
 
 
 def spool_depth(bus: Smsbus) -> int:

@@ -47,6 +47,7 @@ DELIVERED_AFTER = 10.0
 @dataclass
 class Sample:
     at: float
+    seconds: float  # the window's length
     sent: int
     not_ok: int
     p50_ms: float
@@ -167,12 +168,14 @@ async def soak(bus: Smsbus, tower: FakeSmstower, args: argparse.Namespace) -> li
     samples: list[Sample] = []
     print(f"{'at s':>6} {'sent':>8} {'not OK':>6} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'RSS MB':>7} {'fds':>5} {'open tracked':>12}")  # fmt: skip
-    sent_before = 0
+    sent_before, window_start = 0, started
     while time.monotonic() < until - 0.5:
         await asyncio.sleep(min(args.every, until - time.monotonic()))
         window, load.window = load.window, []
+        now = time.monotonic()
         sample = Sample(
-            at=time.monotonic() - started,
+            at=now - started,
+            seconds=now - window_start,
             sent=load.sent - sent_before,
             not_ok=load.not_ok,
             p50_ms=percentile(window, 0.5),
@@ -181,7 +184,7 @@ async def soak(bus: Smsbus, tower: FakeSmstower, args: argparse.Namespace) -> li
             fds=open_fds(pid),
             tracked=await tracked(bus.base),
         )
-        sent_before = load.sent
+        sent_before, window_start = load.sent, now
         samples.append(sample)
         print(f"{sample.at:6.0f} {sample.sent:8d} {sample.not_ok:6d} {sample.p50_ms:7.2f} "
               f"{sample.p99_ms:7.2f} {sample.rss_mb:7.1f} {sample.fds:5d} {sample.tracked:12d}",
@@ -192,7 +195,7 @@ async def soak(bus: Smsbus, tower: FakeSmstower, args: argparse.Namespace) -> li
     return samples
 
 
-def verdict(samples: list[Sample], rate: float, every: float) -> list[str]:
+def verdict(samples: list[Sample], rate: float) -> list[str]:
     """What looks like a leak (or a failure) in the samples; empty when nothing does."""
     problems = []
     settled = samples[max(1, len(samples) // 4) :]
@@ -213,7 +216,7 @@ def verdict(samples: list[Sample], rate: float, every: float) -> list[str]:
         problems.append(f"p99 grew from {settled[0].p99_ms:.2f} to {settled[-1].p99_ms:.2f} ms")
     if samples[-1].not_ok:
         problems.append(f"{samples[-1].not_ok} callbacks not answered OK")
-    short = [s for s in samples[1:] if s.sent < 0.9 * rate * every]
+    short = [s for s in samples[1:] if s.sent < 0.9 * rate * s.seconds]
     if short:
         problems.append(f"the load fell short of {rate:g}/s in {len(short)} windows")
     return problems
@@ -252,7 +255,7 @@ def main() -> int:
                 bus.stop()
     finally:
         nats_server.stop()
-    problems = verdict(samples, args.rate, args.every)
+    problems = verdict(samples, args.rate)
     for problem in problems:
         print(f"LEAK? {problem}")
     print(f"result: {'FAIL' if problems else 'PASS'}")

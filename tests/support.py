@@ -193,7 +193,7 @@ def read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]
 
 
 async def _read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, error_cb=_quiet)
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, error_cb=quiet)
     try:
         js = nc.jetstream()
         config = ConsumerConfig(
@@ -212,7 +212,7 @@ async def _read_stream(url: str | list[str], stream: str, subject: str) -> list[
         await nc.close()
 
 
-async def _quiet(exc: Exception) -> None:
+async def quiet(exc: Exception) -> None:
     """nats-py prints a traceback per failed connection attempt; the caller handles failure."""
 
 
@@ -258,7 +258,7 @@ class NatsCluster:
         async def probe() -> bool:
             try:
                 nc = await nats.connect(
-                    self.urls, connect_timeout=2, max_reconnect_attempts=0, error_cb=_quiet
+                    self.urls, connect_timeout=2, max_reconnect_attempts=0, error_cb=quiet
                 )
             except Exception:  # noqa: BLE001 - not up yet
                 return False

@@ -36,6 +36,7 @@ def test_chaos_loses_and_doubles_nothing() -> None:
 
 
 def test_soak_shows_no_leak() -> None:
-    out = run("soak.py", "--duration", "40", "--every", "8", "--rate", "500", timeout=300)
+    # 300/s leaves the load generator headroom on a busy CI machine; `make soak` runs 500/s.
+    out = run("soak.py", "--duration", "40", "--every", "8", "--rate", "300", timeout=300)
     assert len(re.findall(r"^\s+\d+\s+\d+\s+0\s", out, re.MULTILINE)) >= 4  # samples, all OK
     assert "result: PASS" in out

@@ -284,13 +284,6 @@ class Faults:
                 self.restart(bus)
 
 
-def spool_depth(bus: Smsbus) -> int:
-    try:
-        return int(httpx.get(f"{bus.base}/readyz", timeout=5).json()["spool_depth"])
-    except (httpx.TransportError, ValueError, KeyError):
-        return -1
-
-
 def tally(label: str, expected: Collection[Any], stored: collections.Counter[Any]) -> bool:
     missing = [k for k in expected if stored[k] == 0]
     doubled = [k for k, n in stored.items() if n > 1]
@@ -352,7 +345,7 @@ def main() -> int:
                 timeout=HOLD + 5,
                 what="the last scripted statuses",
             )
-            wait_for(lambda: all(spool_depth(b) == 0 for b in buses), timeout=60,
+            wait_for(lambda: all(b.spool_depth() == 0 for b in buses), timeout=60,
                      what="the spools to drain")  # fmt: skip
             stream, prefix = buses[0].stream, buses[0].prefix
 

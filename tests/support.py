@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +44,20 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.02)
+
+
+async def await_for(
+    condition: Callable[[], Awaitable[T]], timeout: float = 10.0, what: str = "condition"
+) -> T:
+    """wait_for inside an event loop: await `condition()` until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 class NatsServer:
@@ -138,6 +152,13 @@ class Smsbus:
             return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
+
+    def spool_depth(self) -> int | None:
+        """Events in the replica's spool, from /readyz; None while it does not answer."""
+        try:
+            return int(httpx.get(f"{self.base}/readyz", timeout=5).json()["spool_depth"])
+        except httpx.TransportError:
+            return None
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

@@ -10,7 +10,6 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -137,7 +136,7 @@ def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> N
                 return collections.Counter(e.event["data"]["message_id"] for e in found)
 
             def spools_empty() -> bool:
-                return all(_spool_depth(b) == 0 for b in survivors)
+                return all(b.spool_depth() == 0 for b in survivors)
 
             wait_for(spools_empty, timeout=30, what="the survivors' spools to drain")
             stored = counts()
@@ -157,7 +156,3 @@ def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> N
             if bus.proc is not None and bus.proc.poll() is None:
                 bus.stop()
         cluster.stop()
-
-
-def _spool_depth(bus: Smsbus) -> Any:
-    return httpx.get(f"{bus.base}/readyz", timeout=5).json()["spool_depth"]

@@ -81,10 +81,6 @@ def stored_ids(nats: NatsServer, bus: Smsbus) -> collections.Counter[str]:
     return collections.Counter(item.event["data"]["message_id"] for item in items)
 
 
-def spool_depth(bus: Smsbus) -> int:
-    return int(httpx.get(f"{bus.base}/readyz", timeout=5).json()["spool_depth"])
-
-
 def test_nats_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
     nats = NatsServer(tmp_path / "nats").start()
     bus = Smsbus(
@@ -96,7 +92,7 @@ def test_nats_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> No
         nats.kill(signal.SIGKILL)
         load.wait_more(150)  # all of these can only be answered from the spool
         nats.start()
-        wait_for(lambda: spool_depth(bus) == 0, timeout=30, what="the spool to drain")
+        wait_for(lambda: bus.spool_depth() == 0, timeout=30, what="the spool to drain")
         load.wait_more(100)
         answers = load.stop()
 
@@ -133,7 +129,7 @@ def test_events_spooled_before_a_crash_are_published_on_the_next_start(tmp_path:
 
         nats.start()
         bus = Smsbus(env, tmp_path / "bus").start()
-        wait_for(lambda: spool_depth(bus) == 0, timeout=20, what="the spool to drain")
+        wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
         counts = stored_ids(nats, bus)
         assert dict.fromkeys(ids, 1) == dict(counts)
         assert 0 == bus.stop()

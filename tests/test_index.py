@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from bus.events import status_event, utcnow
 from bus.messages import MessageState, TrackItem, kv_key
 from bus.projector import read_state
 from bus.runtime import Runtime
-from tests.support import NatsServer, isolated_env
+from tests.support import NatsServer, await_for, isolated_env
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
 
@@ -22,32 +21,34 @@ _ids = itertools.count(random.randrange(10**9, 10**10))
 async def stored(runtime: Runtime, key: str, check: object = None) -> MessageState:
     """Wait (on the bucket, not a clock) until the projector has written `key`."""
     assert runtime.messages is not None
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        state, _ = await read_state(runtime.messages, key)
-        if state is not None and (check is None or state.status == check):
-            return state
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{key} was not projected")
+    kv = runtime.messages
+
+    async def written() -> MessageState | None:
+        state, _ = await read_state(kv, key)
+        return state if state is not None and check in (None, state.status) else None
+
+    return await await_for(written, what=f"{key} projected")
 
 
 async def mirrored(runtime: Runtime, provider: str, message_id: str, status: str) -> None:
-    assert runtime.index is not None
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        state = runtime.index.get(provider, message_id)
-        if state is not None and state.status == status:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{provider} {message_id} never reached the mirror as {status}")
+    index = runtime.index
+    assert index is not None
+
+    async def held() -> bool:
+        state = index.get(provider, message_id)
+        return state is not None and state.status == status
+
+    await await_for(held, what=f"{provider} {message_id} in the mirror as {status}")
 
 
 async def let_go(runtime: Runtime, provider: str, message_id: str) -> None:
-    assert runtime.index is not None
-    deadline = time.monotonic() + 10
-    while runtime.index.get(provider, message_id) is not None:
-        assert time.monotonic() < deadline, f"{provider} {message_id} is still in the mirror"
-        await asyncio.sleep(0.02)
+    index = runtime.index
+    assert index is not None
+
+    async def gone() -> bool:
+        return index.get(provider, message_id) is None
+
+    await await_for(gone, what=f"{provider} {message_id} let go by the mirror")
 
 
 def tracked_gauge(runtime: Runtime, provider: str) -> float:

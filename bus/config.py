@@ -67,6 +67,8 @@ CREDENTIALS = {
     "epochta": ("USERNAME", "PASSWORD"),
 }
 SMSC_MIN_INTERVAL = 21  # smsc.txt: no more than 3 identical requests a minute
+# nats-server's sync_interval: "always", or a Go duration such as 2m, 30s, 1m30s.
+_GO_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,12 @@ class Settings:
     subject_prefix: str = "sms"
     stream: str = "SMS"
     stream_replicas: int = 1
+    startup_timeout: float = 60.0
+    stream_max_age: float = 2592000.0  # 0: forever
+    state_max_age: float = 2592000.0  # 0: forever
+    duplicate_window: float = 600.0
+    embedded_nats_sync: str = "2m"
+    drain_timeout: float = 30.0
     publish_timeout: float = 2.0
     smspilot_callback_tokens: tuple[Secret, ...] = ()
     smspilot_allowed_ips: tuple[IPNetwork, ...] = ()
@@ -119,7 +127,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read every SMSBUS_* setting; raise ConfigError on the first bad one."""
     env = _Env(os.environ if environ is None else environ)
-    return Settings(
+    settings = Settings(
         nats_urls=env.nats_urls("SMSBUS_NATS_URL"),
         embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
         data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
@@ -128,6 +136,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         subject_prefix=env.nats_name("SMSBUS_SUBJECT_PREFIX", "sms"),
         stream=env.nats_name("SMSBUS_STREAM", "SMS"),
         stream_replicas=env.integer("SMSBUS_STREAM_REPLICAS", 1, low=1, high=5),
+        startup_timeout=env.seconds("SMSBUS_STARTUP_TIMEOUT", 60.0, low=1, high=3600),
+        stream_max_age=env.seconds("SMSBUS_STREAM_MAX_AGE", 2592000.0, low=0, high=3650 * 86400),
+        state_max_age=env.seconds("SMSBUS_STATE_MAX_AGE", 2592000.0, low=0, high=3650 * 86400),
+        duplicate_window=env.seconds("SMSBUS_DUPLICATE_WINDOW", 600.0, low=1, high=86400),
+        embedded_nats_sync=env.sync_interval("SMSBUS_EMBEDDED_NATS_SYNC", "2m"),
+        drain_timeout=env.seconds("SMSBUS_DRAIN_TIMEOUT", 30.0, low=0, high=86400),
         publish_timeout=env.seconds("SMSBUS_PUBLISH_TIMEOUT", 2.0, low=0.05, high=60.0),
         smspilot_callback_tokens=env.tokens("SMSBUS_SMSPILOT_CALLBACK_TOKEN"),
         smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
@@ -141,6 +155,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         track_ttl=env.seconds("SMSBUS_TRACK_TTL", 259200.0, low=1, high=90 * 86400),
         lease_ttl=env.seconds("SMSBUS_LEASE_TTL", 15.0, low=1, high=600),
     )
+    _check_windows(settings)
+    return settings
+
+
+def _check_windows(s: Settings) -> None:
+    """JetStream refuses a duplicate window longer than the stream's age limit."""
+    if s.stream_max_age and s.duplicate_window > s.stream_max_age:
+        raise ConfigError(
+            "SMSBUS_DUPLICATE_WINDOW", "must not be longer than SMSBUS_STREAM_MAX_AGE"
+        )
 
 
 def _provider(env: _Env, name: str) -> ProviderSettings:
@@ -223,6 +247,16 @@ class _Env:
             raise ConfigError(name, f"expected a number of seconds, got {raw!r}") from None
         if not low <= value <= high:
             raise ConfigError(name, f"must be between {low:g} and {high:g} seconds, got {raw}")
+        return value
+
+    def sync_interval(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        if value.lower() == "always":
+            return "always"
+        if not _GO_DURATION.match(value) or not any(c in "123456789" for c in value):
+            raise ConfigError(
+                name, f"expected always or a duration such as 2m or 30s, got {value!r}"
+            )
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:

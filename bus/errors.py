@@ -5,6 +5,8 @@
     ├── StartupError        something the process needs at start cannot be had (NATS, a port)
     ├── PayloadError        input we will never accept (a malformed callback); never retried
     ├── PublishError        an event could not be made durable, not even in the spool
+    ├── StoreError          state kept in NATS (cursors, run records) could not be read or
+    │                       written: a NATS problem, never counted against a provider
     └── ProviderError       a provider call failed (pollers)
         ├── ProviderUnavailable
         ├── ProviderAuthError
@@ -36,6 +38,10 @@ class PayloadError(SmsbusError):
 
 class PublishError(SmsbusError):
     """An event is neither acknowledged by JetStream nor stored in the spool."""
+
+
+class StoreError(SmsbusError):
+    """A cursor or run record in NATS could not be read or written."""
 
 
 class ProviderError(SmsbusError):

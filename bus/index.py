@@ -1,7 +1,9 @@
-"""A local, read-only mirror of the message-state bucket, kept current by a key-value watch.
+"""A local, read-only mirror of the message-state bucket, fed in order by a `Follower`.
 
 Pollers read their tracked messages from it and the callback route reads `client_ref` and `phone`
-from it, without a NATS round trip. It lags the bucket by the watch's delivery time.
+from it, without a NATS round trip. It lags the bucket by the watch's delivery time; this
+process's own writes are put into it as soon as they are acknowledged (`observe`), and a reader
+that misses here reads the bucket (bus.state), so a registration is never missed.
 
 It holds what those readers need, not the whole bucket, so that memory follows the open messages
 rather than every message ever reported:
@@ -12,26 +14,27 @@ rather than every message ever reported:
   days and an SMS-Pager mailing's report repeats its numbers, so there it stays, to tell a
   repeat from news;
 - anything else not open is let go once RETAIN has passed since its last change.
-A state the mirror does not hold is read from the bucket when it is written (one more round trip).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import structlog
-from nats.js.kv import KeyValue
+from nats.aio.msg import Msg
 
 from bus.events import rfc3339, utcnow
 from bus.messages import MessageState
+from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.index")
 
 _DELETES = ("DEL", "PURGE")
+# nats-server 2.11+ marks keys removed by the server itself (max age, purge) with this header.
+_MARKER_DELETES = ("MaxAge", "Purge", "Remove")
 # Providers whose polls never repeat a report about a message that is final.
 _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
@@ -40,35 +43,78 @@ PRUNE_EVERY = 600.0
 
 class MessageIndex:
     def __init__(
-        self, kv: KeyValue, on_open: Callable[[str, int], None] = lambda p, n: None
+        self,
+        bucket: str,
+        on_open: Callable[[str, int], None] = lambda p, n: None,
+        floor: Callable[[], int] = lambda: 0,
     ) -> None:
-        self._kv = kv
+        self._prefix = f"$KV.{bucket}."
         self._on_open = on_open
+        self._floor = floor  # the last bucket revision the follower has applied
         self._open: collections.Counter[str] = collections.Counter()
         self.listeners: list[Callable[[MessageState], None]] = []  # told of every new state
         self._by_provider: dict[str, dict[str, MessageState]] = {}
         self._keys: dict[str, tuple[str, str]] = {}
         self._revisions: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._pruner: asyncio.Task[None] | None = None
-        self.loaded = asyncio.Event()
-
-    async def start(self) -> None:
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher), name="smsbus-index")
-        self._pruner = asyncio.create_task(self._prune_every(), name="smsbus-index-prune")
-
-    async def stop(self) -> None:
-        for task in (self._task, self._pruner):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
     @property
     def held(self) -> int:
         """How many states the mirror holds."""
         return len(self._keys)
+
+    def entry(self, key: str) -> tuple[MessageState | None, int]:
+        """A bucket key's state and revision as last seen (None, 0 when not held)."""
+        held = self._keys.get(key)
+        if held is None:
+            return None, 0
+        return self.get(*held), self._revisions.get(key, 0)
+
+    def get(self, provider: str, message_id: str) -> MessageState | None:
+        return self._by_provider.get(provider, {}).get(message_id)
+
+    def of(self, provider: str) -> Iterator[MessageState]:
+        return iter(list(self._by_provider.get(provider, {}).values()))
+
+    def apply(self, msg: Msg) -> None:
+        """One message of the bucket's stream, as the follower delivers it (in order)."""
+        key = msg.subject[len(self._prefix) :]
+        headers = msg.headers or {}
+        revision = msg.metadata.sequence.stream
+        if (
+            headers.get("KV-Operation") in _DELETES
+            or headers.get("Nats-Marker-Reason") in _MARKER_DELETES
+            or not msg.data
+        ):
+            self._forget(key)
+            return
+        try:
+            state = MessageState.from_json(msg.data)
+        except (ValueError, TypeError):
+            log.warning("unreadable state in the bucket", key=key)
+            return
+        self._hold(key, state, revision)
+
+    def observe(self, key: str, state: MessageState, revision: int) -> None:
+        """This process wrote `state` at `revision`: hold it now rather than when the watch
+        delivers it. A revision the follower has already passed is old news."""
+        if revision <= self._floor() or revision <= self._revisions.get(key, 0):
+            return
+        self._hold(key, state, revision)
+
+    def clear(self) -> None:
+        """Forget everything (the bucket's stream was recreated)."""
+        for key in list(self._keys):
+            self._forget(key)
+
+    def _hold(self, key: str, state: MessageState, revision: int) -> None:
+        if revision < self._revisions.get(key, 0):
+            return
+        if state.final and state.provider in _NO_REPEATS:
+            self._forget(key)
+            return
+        self._put(state.provider, state.message_id, state)
+        self._keys[key] = (state.provider, state.message_id)
+        self._revisions[key] = revision
 
     def prune(self, retain: timedelta = RETAIN) -> int:
         """Let go of every state that is not open and has not changed for `retain`."""
@@ -82,8 +128,9 @@ class MessageIndex:
             self._forget(key)
         return len(old)
 
-    async def _prune_every(self) -> None:
+    async def prune_every(self, beat: Beat) -> None:
         while True:
+            beat()
             await asyncio.sleep(PRUNE_EVERY)
             if pruned := self.prune():
                 log.info("message states let go", count=pruned, held=len(self._keys))
@@ -93,19 +140,6 @@ class MessageIndex:
         self._revisions.pop(key, None)
         if held:
             self._put(*held, None)
-
-    def entry(self, key: str) -> tuple[MessageState | None, int]:
-        """A bucket key's state and revision as last seen (None, 0 when not seen)."""
-        held = self._keys.get(key)
-        if held is None:
-            return None, 0
-        return self.get(*held), self._revisions.get(key, 0)
-
-    def get(self, provider: str, message_id: str) -> MessageState | None:
-        return self._by_provider.get(provider, {}).get(message_id)
-
-    def of(self, provider: str) -> Iterator[MessageState]:
-        return iter(list(self._by_provider.get(provider, {}).values()))
 
     def _put(self, provider: str, message_id: str, state: MessageState | None) -> None:
         states = self._by_provider.setdefault(provider, {})
@@ -118,26 +152,6 @@ class MessageIndex:
         if change:
             self._open[provider] += change
             self._on_open(provider, self._open[provider])
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # the initial load is complete
-                self.loaded.set()
-                continue
-            if entry.operation in _DELETES or not entry.value:
-                self._forget(entry.key)
-                continue
-            try:
-                state = MessageState.from_json(entry.value)
-            except (ValueError, TypeError):
-                log.warning("unreadable state in the bucket", key=entry.key)
-                continue
-            if state.final and state.provider in _NO_REPEATS:
-                self._forget(entry.key)
-                continue
-            self._put(state.provider, state.message_id, state)
-            self._keys[entry.key] = (state.provider, state.message_id)
-            self._revisions[entry.key] = entry.revision
 
 
 def _older(state: MessageState, cutoff: str) -> bool:

@@ -20,35 +20,18 @@ import uuid
 import nats.errors
 import nats.js.errors
 import structlog
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
+
+from bus.stream import LEASE_MAX_AGE as MAX_AGE  # the bucket's max age, as a part of the TTL
 
 log = structlog.get_logger("smsbus.lease")
 
-MAX_AGE = 1 / 2  # of the TTL: the server drops a lease not renewed for this long
 RENEW = 1 / 5  # of the TTL: the holder renews this often
 RETRY = 1 / 8  # of the TTL: the others try to take it this often
 
 
 def holder_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-async def lease_bucket(js: JetStreamContext, stream: str, ttl: float, replicas: int) -> KeyValue:
-    name = f"{stream}_leases"
-    config = KeyValueConfig(
-        bucket=name, history=1, ttl=ttl * MAX_AGE, storage=StorageType.FILE, replicas=replicas
-    )
-    try:
-        bucket = await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(config)
-    info = await js.stream_info(f"KV_{name}")
-    if info.config.max_age != config.ttl:  # SMSBUS_LEASE_TTL changed since the bucket was made
-        info.config.max_age = config.ttl
-        await js.update_stream(info.config)
-    return bucket
 
 
 class Lease:
@@ -70,6 +53,11 @@ class Lease:
     def retry_every(self) -> float:
         return self._ttl * RETRY
 
+    @property
+    def _call_timeout(self) -> float:
+        # A call stuck in a NATS leader election must not eat the takeover time.
+        return max(0.5, self.retry_every)
+
     def held(self) -> bool:
         return self._revision != 0 and time.monotonic() < self._valid_until
 
@@ -77,7 +65,9 @@ class Lease:
         """Take the lease if nobody holds it."""
         started = time.monotonic()
         try:
-            self._revision = await self._bucket.create(self.key, self._holder)
+            self._revision = await asyncio.wait_for(
+                self._bucket.create(self.key, self._holder), self._call_timeout
+            )
         except nats.js.errors.KeyWrongLastSequenceError:
             return False  # someone holds it
         except (TimeoutError, nats.errors.Error) as exc:
@@ -90,7 +80,10 @@ class Lease:
         """Keep the lease; False once it is lost (taken, expired, or unreachable too long)."""
         started = time.monotonic()
         try:
-            self._revision = await self._bucket.update(self.key, self._holder, last=self._revision)
+            self._revision = await asyncio.wait_for(
+                self._bucket.update(self.key, self._holder, last=self._revision),
+                self._call_timeout,
+            )
         except nats.js.errors.KeyWrongLastSequenceError:
             self._revision = 0
             return False

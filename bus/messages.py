@@ -2,7 +2,11 @@
 
 A registration (`POST /v1/messages`, `smsbus track`, or a message on `sms.track.<provider>`) is one
 object `{provider, message_id, phone?, client_ref?, sent_at?}`. The current state of a message lives
-in a key-value bucket, written only by the projector (bus.projector) from the stream.
+in a key-value bucket, written with compare-and-set by the projector (bus.projector) from the
+stream, and by `POST /v1/messages` itself, so a registration is visible before its `202`.
+
+A state also records the ids of the facts applied to it (a short prefix of each event id), so a
+fact repeated after the stream's duplicate window is recognised and not stored again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ _NUMERIC_IDS = frozenset({"smspilot", "smstower", "smsc"})
 _MAX_ID = {"smspager": 21}
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_=-]+$")
 _ASCII_DIGITS = re.compile(r"[0-9]+")
+FACT_CHARS = 16  # of an event id's 64 hex digits: 64 bits, ample within one message's facts
+MAX_FACTS = 32  # a message has a handful of facts; bound what junk statuses can add
+
+
+def fact_of(event_id: str) -> str:
+    """How a state records an event id."""
+    return event_id[:FACT_CHARS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +136,10 @@ def parse_rfc3339(value: Any, name: str) -> datetime:
     return moment
 
 
-def parse_track_batch(body: bytes) -> list[TrackItem]:
-    """A POST /v1/messages body: all items valid, or TrackErrors naming each bad one."""
+def parse_track_batch(body: bytes, provider_hint: str | None = None) -> list[TrackItem]:
+    """A registration body (POST /v1/messages, or a message on `sms.track.<provider>` with that
+    provider as the hint): one object or a list of at most MAX_ITEMS, all valid, or TrackErrors
+    naming each bad item by its index."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -139,7 +152,7 @@ def parse_track_batch(body: bytes) -> list[TrackItem]:
     parsed, errors = [], []
     for index, raw in enumerate(items):
         try:
-            parsed.append(parse_track_item(raw))
+            parsed.append(parse_track_item(raw, provider_hint))
         except PayloadError as exc:
             errors.append({"index": index, "error": str(exc)})
     if errors:
@@ -172,6 +185,7 @@ class MessageState:
     updated_at: str | None = None
     # SMS-Pager mailings: each number's {"status", "final"}; the mailing is final when all are.
     numbers: dict[str, dict[str, Any]] | None = None
+    facts: tuple[str, ...] = ()  # fact_of(event id) of every status applied, oldest first
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -179,7 +193,13 @@ class MessageState:
     @classmethod
     def from_json(cls, raw: bytes) -> MessageState:
         data = orjson.loads(raw)
-        return cls(**{k: data.get(k) for k in cls.__slots__ if k in data})  # type: ignore[arg-type]
+        fields = {k: data[k] for k in cls.__slots__ if k in data}
+        fields["facts"] = tuple(fields.get("facts") or ())
+        return cls(**fields)
+
+    def records(self, event_id: str) -> bool:
+        """True when this fact has been applied to the state already."""
+        return fact_of(event_id) in self.facts
 
     def public(self) -> dict[str, Any]:
         """The body of GET /v1/messages/<provider>/<message_id>."""
@@ -229,18 +249,24 @@ def apply_to_mailing(state: MessageState | None, data: Mapping[str, Any]) -> Mes
     )
 
 
-def apply_status(state: MessageState | None, data: Mapping[str, Any]) -> MessageState:
-    """Apply a status event's data. A final status never gives way to a non-final one; between
-    two final reports the later one wins: the one that happened later, or on a tie the one
-    applied later (so a report redelivered out of order cannot undo a newer one)."""
+def apply_status(
+    state: MessageState | None, data: Mapping[str, Any], event_id: str
+) -> MessageState:
+    """Apply a status event's data, recording its fact. A final status never gives way to a
+    non-final one; between two final reports the later one wins: the one that happened later, or
+    on a tie the one applied later (so a report redelivered out of order cannot undo a newer one).
+    A fact already recorded changes nothing."""
     if state is None:
         key = message_key(data["provider"], data["message_id"], data.get("phone"))
         state = MessageState(data["provider"], key)
+    if state.records(event_id):
+        return state
     phone = state.phone or data.get("phone")
+    facts = (*state.facts, fact_of(event_id))[-MAX_FACTS:]
     if state.final and not data["final"]:
-        return replace(state, phone=phone)
+        return replace(state, phone=phone, facts=facts)
     if state.final and (data["occurred_at"] or "") < (state.updated_at or ""):
-        return replace(state, phone=phone)
+        return replace(state, phone=phone, facts=facts)
     return replace(
         state,
         phone=phone,
@@ -248,4 +274,5 @@ def apply_status(state: MessageState | None, data: Mapping[str, Any]) -> Message
         final=bool(data["final"]),
         provider_status=data["provider_status"],
         updated_at=data["occurred_at"],
+        facts=facts,
     )

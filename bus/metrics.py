@@ -15,6 +15,7 @@ from bus.statuses import PROVIDERS
 CALLBACK_OUTCOMES = (
     "published",  # acknowledged by JetStream
     "spooled",  # kept in the local spool until NATS acks it
+    "duplicate",  # a fact the message's state already records: OK, nothing stored again
     "malformed",  # 400, dead-lettered
     "too_large",  # 413
     "forbidden",  # 403, peer outside SMSBUS_SMSPILOT_ALLOWED_IPS
@@ -52,7 +53,20 @@ class Metrics:
         )
         self.publish_failures = Counter(
             "smsbus_publish_failures",
-            "Publishes not acknowledged in time or refused by JetStream",
+            "Events that could not go to JetStream at once (a timeout, a refusal or NATS "
+            "disconnected) and went to the spool",
+            registry=r,
+        )
+        self.publish_resends = Counter(
+            "smsbus_publish_resends",
+            "Publishes sent again because JetStream was still storing the same fact "
+            "(10158, duplicate message id is in process); not failures",
+            registry=r,
+        )
+        self.task_restarts = Counter(
+            "smsbus_task_restarts",
+            "Supervised background tasks restarted after they failed or stalled",
+            ["task"],
             registry=r,
         )
         self.spool_depth = Gauge(

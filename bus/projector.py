@@ -1,45 +1,43 @@
 """The projector: a durable JetStream consumer that turns the stream into current state.
 
-It reads `<prefix>.track.>` (registrations) and `<prefix>.status.>` (status events) in stream
-order and writes each message's state into the `<STREAM>_messages` bucket, acknowledging a stream
-message only after its state is stored. Writes are compare-and-set on the key's revision, so
-several replicas sharing the durable consumer never overwrite each other. Junk on `track` goes to
-the dead-letter subject and is acknowledged: it will never parse.
+It reads `<prefix>.track.>` (registrations published by the sending app) and `<prefix>.status.>`
+(status events) in stream order and writes each message's state into the `<STREAM>_messages`
+bucket, acknowledging a stream message only after its state is stored. Writes are compare-and-set
+on the key's revision, so several replicas sharing the durable consumer never overwrite each other.
+Junk on `track` goes to the dead-letter subject and is acknowledged: it will never parse.
+
+The consumer is durable, so it resumes where the group left off however the connection went; the
+loop re-binds (and re-creates the consumer, should a new server not have it) whenever a fetch
+fails, and a reconnect cuts short the fetch that was waiting on the old connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
 import orjson
 import structlog
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
-from nats.js.kv import KeyValue
 
+from bus.backoff import Backoff
+from bus.connection import Connection
 from bus.errors import PayloadError, PublishError
 from bus.events import deadletter_event, message_key, rfc3339, utcnow
-from bus.index import MessageIndex
-from bus.messages import (
-    MessageState,
-    apply_status,
-    apply_to_mailing,
-    kv_key,
-    parse_track_item,
-    register,
-)
+from bus.messages import apply_status, apply_to_mailing, kv_key, parse_track_batch
 from bus.publisher import Publisher
+from bus.state import States
+from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.projector")
 
 DURABLE = "smsbus-projector"
 BATCH = 256
-CAS_ATTEMPTS = 50
+FETCH_WAIT = 1.0
 RETRY_AFTER = 1.0  # seconds before a message whose write failed is delivered again
 ACK_WAIT = 5.0
 # Keys written at once. More makes bursts of ack handling that hold the event loop (and the
@@ -47,78 +45,28 @@ ACK_WAIT = 5.0
 CONCURRENCY = 16
 
 
-def bucket_names(stream: str) -> tuple[str, str]:
-    """The message-state and cursor buckets that belong to a stream."""
-    return f"{stream}_messages", f"{stream}_cursors"
-
-
-async def ensure_bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(
-            KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE, replicas=replicas)
-        )
-
-
-async def read_state(kv: KeyValue, key: str) -> tuple[MessageState | None, int]:
-    """A key's state and revision; (None, 0) when there is none. NATS errors pass through."""
-    try:
-        entry = await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return None, 0
-    return (MessageState.from_json(entry.value) if entry.value else None), entry.revision
-
-
-async def update_state(
-    kv: KeyValue,
-    key: str,
-    change: Callable[[MessageState | None], MessageState],
-    seen: tuple[MessageState | None, int] | None = None,
-) -> MessageState:
-    """Change and write one key with compare-and-set. The first try starts from `seen` (the local
-    mirror's state and revision) when given, saving a read; a stale mirror only costs a retry."""
-    for attempt in range(CAS_ATTEMPTS):
-        if attempt == 0 and seen is not None:
-            current, revision = seen
-        else:
-            current, revision = await read_state(kv, key)
-        new = change(current)
-        if new == current:
-            return new
-        try:
-            if revision:
-                await kv.update(key, new.to_json(), last=revision)
-            else:
-                await kv.create(key, new.to_json())
-            return new
-        except nats.js.errors.KeyWrongLastSequenceError:
-            continue  # someone else wrote it; read again
-    raise nats.errors.Error(f"{key}: still contended after {CAS_ATTEMPTS} attempts")
-
-
 class Projector:
     def __init__(
-        self,
-        js: JetStreamContext,
-        kv: KeyValue,
-        publisher: Publisher,
-        stream: str,
-        prefix: str,
-        index: MessageIndex | None = None,
+        self, conn: Connection, states: States, publisher: Publisher, stream: str, prefix: str
     ) -> None:
-        self._js = js
-        self._kv = kv
-        self._index = index
+        self._conn = conn
+        self._states = states
         self._publisher = publisher
         self._stream = stream
         self._prefix = prefix
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._gate = asyncio.Semaphore(CONCURRENCY)
+        self.state = "starting"  # starting | following | re-establishing
+        self.pending = 0
 
-    async def start(self) -> None:
-        config = ConsumerConfig(
+    def public(self) -> dict[str, object]:
+        return {"state": self.state, "pending": self.pending}
+
+    @property
+    def behind(self) -> bool:
+        return self.state != "following"
+
+    def config(self) -> ConsumerConfig:
+        return ConsumerConfig(
             durable_name=DURABLE,
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
@@ -129,65 +77,94 @@ class Projector:
             max_ack_pending=4 * BATCH,
             filter_subjects=[f"{self._prefix}.track.>", f"{self._prefix}.status.>"],
         )
-        await self._js.add_consumer(self._stream, config)
-        sub = await self._js.pull_subscribe_bind(durable=DURABLE, stream=self._stream)
-        self._task = asyncio.create_task(self._run(sub), name="smsbus-projector")
 
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            # nats-py's fetch turns a cancellation into TimeoutError; either means "stopped".
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await self._task
+    async def ensure(self, js: JetStreamContext) -> None:
+        """Create or update the durable consumer (the same call on every replica)."""
+        await js.add_consumer(self._stream, self.config())
 
-    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        while not self._stopping:
+    async def run(self, beat: Beat) -> None:
+        backoff = Backoff(0.05, 2.0)
+        while True:
+            if not self._conn.is_connected:
+                self.state = "re-establishing"
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._conn.connected(), 1.0)
+                beat()
+                continue
+            change = self._conn.change()
             try:
-                msgs = await sub.fetch(BATCH, timeout=1)
-            except TimeoutError:  # nats.errors.TimeoutError is one too
+                await self.ensure(self._conn.js)
+                sub = await self._conn.js.pull_subscribe_bind(durable=DURABLE, stream=self._stream)
+            except (TimeoutError, nats.errors.Error) as exc:
+                self.state = "re-establishing"
+                log.warning("projector not bound yet", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(backoff.failed())
+                beat()
+                continue
+            backoff.succeeded()
+            self.state = "following"
+            try:
+                await self._consume(sub, change, beat)
+            finally:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+            self.state = "re-establishing"
+
+    async def _consume(
+        self, sub: JetStreamContext.PullSubscription, change: asyncio.Event, beat: Beat
+    ) -> None:
+        """Fetch and apply until the connection changes or a fetch fails for real."""
+        while not change.is_set():
+            beat()
+            fetch = asyncio.ensure_future(sub.fetch(BATCH, timeout=FETCH_WAIT))
+            changed = asyncio.ensure_future(change.wait())
+            await asyncio.wait({fetch, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            if not fetch.done():
+                fetch.cancel()  # its messages, if any arrive, come back after ACK_WAIT
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError, nats.errors.Error):
+                    await fetch
+                return
+            try:
+                msgs = fetch.result()
+            except TimeoutError:  # nats.errors.TimeoutError is one too: nothing to do
+                self.pending = 0
                 continue
             except nats.errors.Error as exc:
                 log.warning("projector fetch failed", error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(1)
-                continue
+                return
+            self.pending = msgs[-1].metadata.num_pending if msgs else 0
             # Messages about one key are applied in stream order; different keys concurrently.
             groups: dict[str, list[Msg]] = {}
             for msg in msgs:
                 groups.setdefault(self._key_of(msg), []).append(msg)
-            try:
-                await asyncio.gather(*(self._apply_in_order(group) for group in groups.values()))
-            except Exception:  # a bug must not end projection; unacked messages come back
-                log.exception("projector round failed")
-                await asyncio.sleep(1)
+            await asyncio.gather(*(self._apply_in_order(group) for group in groups.values()))
 
     async def _apply_in_order(self, msgs: list[Msg]) -> None:
         async with self._gate:
-            await self._apply_each(msgs)
-
-    async def _apply_each(self, msgs: list[Msg]) -> None:
-        for i, msg in enumerate(msgs):
-            try:
-                await self.apply(msg)
-                await msg.ack()
-            except (TimeoutError, nats.errors.Error, PublishError) as exc:
-                # Neither this nor the rest of its key is applied: all come back after
-                # RETRY_AFTER, in stream order (after ACK_WAIT if even the nak is lost).
-                log.warning("projector write failed", error=str(exc) or type(exc).__name__)
-                with contextlib.suppress(nats.errors.Error):
-                    for rest in msgs[i:]:
-                        await rest.nak(delay=RETRY_AFTER)
-                return
+            for i, msg in enumerate(msgs):
+                try:
+                    await self.apply(msg)
+                    await msg.ack()
+                except (TimeoutError, nats.errors.Error, PublishError) as exc:
+                    # Neither this nor the rest of its key is applied: all come back after
+                    # RETRY_AFTER, in stream order (after ACK_WAIT if even the nak is lost).
+                    log.warning("projector write failed", error=str(exc) or type(exc).__name__)
+                    with contextlib.suppress(nats.errors.Error):
+                        for rest in msgs[i:]:
+                            await rest.nak(delay=RETRY_AFTER)
+                    return
 
     @staticmethod
     def _key_of(msg: Msg) -> str:
         """The state key a message will touch (a best guess for junk, which touches none)."""
         try:
             data = orjson.loads(msg.data)
+            if isinstance(data, list):
+                return msg.subject  # a batch of registrations touches many keys
             data = data.get("data", data)
-            provider = data.get("provider") or msg.subject.split(".")[2]
             # A mailing's numbers all touch the mailing's entry: keep them in one group.
-            return kv_key(str(provider), str(data["message_id"]))
+            return kv_key(str(data["provider"]), str(data["message_id"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return msg.subject
 
@@ -201,20 +178,16 @@ class Projector:
 
     async def _track(self, msg: Msg, provider: str, at: str) -> None:
         try:
-            try:
-                raw = orjson.loads(msg.data)
-            except orjson.JSONDecodeError:
-                raise PayloadError("not JSON") from None
-            item = parse_track_item(raw, provider_hint=provider)
+            items = parse_track_batch(msg.data, provider_hint=provider)
         except PayloadError as exc:
             await self._dead_letter(msg, provider, str(exc))
             return
-        key = kv_key(item.provider, item.message_id)
-        await update_state(self._kv, key, lambda s: register(s, item, at), self._seen(key))
+        await self._states.register(items, at)
 
     async def _status(self, msg: Msg) -> None:
         try:
-            data = orjson.loads(msg.data)["data"]
+            event = orjson.loads(msg.data)
+            data, event_id = event["data"], str(event["id"])
             provider, phone = data["provider"], data.get("phone")
             key = kv_key(provider, message_key(provider, data["message_id"], phone))
             complete = all(f in data for f in ("status", "final", "provider_status", "occurred_at"))
@@ -223,15 +196,10 @@ class Projector:
         if not complete:
             await self._dead_letter(msg, msg.subject.split(".")[2], "not a status event")
             return
-        await update_state(self._kv, key, lambda s: apply_status(s, data), self._seen(key))
+        await self._states.update(key, lambda s: apply_status(s, data, event_id))
         if provider == "smspager" and phone:  # the mailing's aggregate, beside the number
             mailing = kv_key(provider, data["message_id"])
-            await update_state(
-                self._kv, mailing, lambda s: apply_to_mailing(s, data), self._seen(mailing)
-            )
-
-    def _seen(self, key: str) -> tuple[MessageState | None, int] | None:
-        return self._index.entry(key) if self._index is not None else None
+            await self._states.update(mailing, lambda s: apply_to_mailing(s, data))
 
     async def _dead_letter(self, msg: Msg, provider: str, reason: str) -> None:
         event = deadletter_event(

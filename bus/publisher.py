@@ -2,11 +2,17 @@
 
 `publish` returns only once the event is durable. While the spool holds anything, or NATS is not
 connected, new events go straight to the spool, behind the ones already there, so a process never
-reorders its own events and an outage costs a callback one fsync instead of a full timeout.
+reorders its own events and an outage costs a callback one fsync instead of a full timeout. Every
+event that goes to the spool counts in `smsbus_publish_failures_total`.
+
+A clustered stream answers 10158 ("duplicate message id is in process") while another publish of
+the same `Nats-Msg-Id` is being stored, e.g. the same callback at two replicas at once: that is
+not a failure; the identical message is sent again shortly and gets its (duplicate) ack.
 
 The drainer re-publishes spooled rows oldest first with their original `Nats-Msg-Id` and deletes a
-row only after JetStream acknowledged it. A publish that timed out may still have been stored; the
-repeated `Nats-Msg-Id` is what keeps one copy (within the stream's duplicate window).
+row only after JetStream acknowledged it. A publish that timed out may still have been stored;
+the repeated `Nats-Msg-Id` keeps one copy within the stream's duplicate window, and beyond it a
+status event whose fact the message's state already records is dropped instead of published.
 """
 
 from __future__ import annotations
@@ -14,23 +20,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
-import nats.js.errors
 import structlog
-from nats.aio.client import Client as NATS
-from nats.js.client import JetStreamContext
 
+from bus.acks import AckError, Acks
+from bus.backoff import Backoff
+from bus.connection import Connection
 from bus.events import Event
 from bus.metrics import Metrics
 from bus.spool import Row, Spool
+from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.publisher")
 
 DRAIN_BATCH = 256
-MAX_PENDING = 4000  # nats-py's default publish_async_max_pending
-MAX_BACKOFF = 5.0
+MAX_PENDING = 4000
+IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict
+RESEND_FIRST, RESEND_CAP = 0.002, 0.05
 
 
 class _AckTimeout(Exception):
@@ -43,81 +52,125 @@ def _expire(future: asyncio.Future[Any]) -> None:
         future.set_exception(_AckTimeout())
 
 
+def _in_process(exc: BaseException | None) -> bool:
+    return isinstance(exc, AckError) and exc.err_code == IN_PROCESS
+
+
 # What a failed publish attempt can raise: nats-py's client and JetStream errors, and our timeout.
 _ATTEMPT_ERRORS = (nats.errors.Error, _AckTimeout, asyncio.TimeoutError)
+
+Recorded = Callable[[Event], Awaitable[bool]]
+
+
+async def _never(event: Event) -> bool:
+    return False
 
 
 class Publisher:
     def __init__(
-        self, nc: NATS, js: JetStreamContext, spool: Spool, metrics: Metrics, timeout: float
+        self,
+        conn: Connection,
+        spool: Spool,
+        metrics: Metrics,
+        timeout: float,
+        duplicate_window: float,
+        recorded: Recorded = _never,
     ) -> None:
-        self._nc = nc
-        self._js = js
+        self._conn = conn
+        self._acks = Acks(conn.nc)
         self._spool = spool
         self._metrics = metrics
         self._timeout = timeout
+        self._window = duplicate_window
+        self._recorded = recorded  # is this status fact already in the message's state?
         self._wake = asyncio.Event()
-        self._drainer: asyncio.Task[None] | None = None
         self._degraded = False
 
     @property
     def spool_depth(self) -> int:
         return self._spool.depth
 
+    def recorded_by(self, recorded: Recorded) -> None:
+        self._recorded = recorded
+
+    async def start(self) -> None:
+        await self._acks.start()
+
+    async def stop(self) -> None:
+        await self._acks.stop()
+
     async def publish(self, event: Event) -> str:
         """Make the event durable; return "published" or "spooled", or raise PublishError."""
         if event.type == "deadletter":
             self._metrics.deadletters.labels(event.provider).inc()
-        if self._spool.depth == 0 and self._nc.is_connected:
+        if self._spool.depth == 0 and self._conn.is_connected:
             try:
-                await self._publish_acked(event, self._timeout)
+                await self._publish_acked(event)
             except _ATTEMPT_ERRORS as exc:
-                self._metrics.publish_failures.inc()
                 self._enter_degraded(exc)
             else:
                 return "published"
+        else:
+            self._enter_degraded(None)
+        self._metrics.publish_failures.inc()
         await self._spool.append(event)
         self._wake.set()
         return "spooled"
 
-    def start(self) -> None:
-        """Start the drainer; it publishes what an earlier run left in the spool, too."""
-        self._drainer = asyncio.create_task(self._drain_forever(), name="smsbus-spool-drainer")
+    async def run(self, beat: Beat) -> None:
+        """The drainer (supervised): publishes what the spool holds, also what an earlier run left
+        there, whenever there is something and NATS is connected."""
         self._wake.set()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            beat()
+            self._wake.clear()
+            if self._spool.depth:
+                await self._drain(beat)
 
     def wake(self) -> None:
-        """Ask the drainer to try now (NATS reconnected)."""
         self._wake.set()
 
-    async def stop(self, flush_timeout: float) -> None:
-        """Stop the drainer after one last attempt, bounded in time, to empty the spool."""
-        if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
-            self._drainer = None
-        if self._spool.depth and self._nc.is_connected:
+    async def flush(self, timeout: float) -> None:
+        """The last attempt to empty the spool, bounded in time (waiting for NATS to come back
+        if need be); what is left stays for the next start."""
+        if self._spool.depth:
+            log.info("draining the spool before exit", spool_depth=self._spool.depth,
+                     timeout_s=timeout)  # fmt: skip
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drain(), flush_timeout)
+                await asyncio.wait_for(self._drain(), timeout)
         if self._spool.depth:
             log.warning("spool kept for the next start", spool_depth=self._spool.depth)
 
-    async def _publish_acked(self, event: Event, timeout: float) -> None:
-        future, started = await self._send(event, timeout)
-        handle = asyncio.get_running_loop().call_later(timeout, _expire, future)
-        try:
-            await future
-        finally:
-            handle.cancel()
-        self._count_ack(event, started)
+    async def _publish_acked(self, event: Event) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        resend = Backoff(RESEND_FIRST, RESEND_CAP)
+        while True:
+            future, started = await self._send(event)
+            handle = loop.call_at(deadline, _expire, future)
+            try:
+                await future
+            except AckError as exc:
+                wait = resend.failed()
+                if not _in_process(exc) or loop.time() + wait >= deadline:
+                    raise
+                self._metrics.publish_resends.inc()
+                await asyncio.sleep(wait)  # another publish of this id is being stored
+                continue
+            finally:
+                handle.cancel()
+            self._count_ack(event, started)
+            return
 
-    async def _send(self, event: Event, timeout: float) -> tuple[asyncio.Future[Any], float]:
-        # nats-py waits without limit for a free slot once MAX_PENDING publishes are unacked;
-        # past that NATS is stalled, so fail over to the spool instead of waiting.
-        if self._js.publish_async_pending() >= MAX_PENDING:
+    async def _send(self, event: Event) -> tuple[asyncio.Future[Any], float]:
+        # Past MAX_PENDING unacknowledged publishes NATS is stalled: fail over to the spool
+        # rather than pile up more.
+        if self._acks.pending >= MAX_PENDING:
             raise _AckTimeout()
         started = time.perf_counter()
-        future = await self._js.publish_async(event.subject, event.payload, headers=event.headers)
+        future = await self._acks.publish(event.subject, event.payload, event.headers)
         return future, started
 
     def _count_ack(self, event: Event, started: float) -> None:
@@ -126,48 +179,63 @@ class Publisher:
         if counter is not None:  # registrations on track subjects are inputs, not events
             counter.inc()
 
-    def _enter_degraded(self, exc: BaseException) -> None:
+    def _enter_degraded(self, exc: BaseException | None) -> None:
         if not self._degraded:
             self._degraded = True
-            reason = "no ack in time" if isinstance(exc, _AckTimeout) else type(exc).__name__
+            if exc is None:
+                reason = "NATS is not connected"
+            elif isinstance(exc, _AckTimeout):
+                reason = "no ack in time"
+            else:
+                reason = type(exc).__name__
             log.warning("publishing to the spool", reason=reason, timeout_s=self._timeout)
 
-    async def _drain_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._drain()
-
-    async def _drain(self) -> None:
-        backoff = 0.1
+    async def _drain(self, beat: Beat | None = None) -> None:
+        backoff = Backoff(0.1, 5.0)
         published = 0
         while self._spool.depth:
-            if not self._nc.is_connected:
-                await self._pause(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+            if beat is not None:
+                beat()
+            if not self._conn.is_connected:
+                await self._pause(backoff.failed())
                 continue
             rows = await self._spool.head(DRAIN_BATCH)
+            dropped = await self._already_recorded(rows)
+            if dropped:
+                await self._spool.delete([row.seq for row in dropped])
+                rows = [row for row in rows if row not in dropped]
             acked = await self._publish_batch(rows)
             await self._spool.delete(acked)
             published += len(acked)
             if len(acked) < len(rows):
-                await self._pause(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await self._pause(backoff.failed())
             else:
-                backoff = 0.1
+                backoff.succeeded()
         if published or self._degraded:
             self._degraded = False
             log.info("spool drained", published=published)
 
+    async def _already_recorded(self, rows: list[Row]) -> list[Row]:
+        """Spooled status events older than the duplicate window whose fact the state records:
+        a first publish that timed out but landed, and was applied. JetStream would not drop the
+        repeat any more, so we do."""
+        cutoff = time.time() - self._window
+        old = [r for r in rows if r.event.type == "status" and r.spooled_at < cutoff]
+        if not old:
+            return []
+        found = await asyncio.gather(*(self._recorded(r.event) for r in old))
+        dropped = [row for row, recorded in zip(old, found, strict=True) if recorded]
+        if dropped:
+            log.info("spooled facts already recorded; dropped", count=len(dropped))
+        return dropped
+
     async def _publish_batch(self, rows: list[Row]) -> list[int]:
         """Publish rows pipelined, sent in spool order; return the seqs JetStream acknowledged."""
         sent: list[tuple[Row, asyncio.Future[Any], float]] = []
-        try:
+        with contextlib.suppress(*_ATTEMPT_ERRORS):  # the rest waits for the next try
             for row in rows:
-                future, started = await self._send(row.event, self._timeout)
+                future, started = await self._send(row.event)
                 sent.append((row, future, started))
-        except _ATTEMPT_ERRORS:
-            self._metrics.publish_failures.inc()  # the rest of the batch waits for the next try
         if not sent:
             return []
         loop = asyncio.get_running_loop()
@@ -178,17 +246,24 @@ class Publisher:
         acked = []
         for row, future, started in sent:
             exc = _AckTimeout() if future.cancelled() else future.exception()
-            if exc is None:
+            if _in_process(exc):
+                with contextlib.suppress(*_ATTEMPT_ERRORS):
+                    await self._publish_acked(row.event)
+                    acked.append(row.seq)
+            elif exc is None:
                 self._count_ack(row.event, started)
                 acked.append(row.seq)
-            else:
-                self._metrics.publish_failures.inc()
-                if not isinstance(exc, _ATTEMPT_ERRORS):
-                    log.error("spooled event refused", error=str(exc), event_id=row.event.id)
+            elif not isinstance(exc, _ATTEMPT_ERRORS):
+                log.error("spooled event refused", error=str(exc), event_id=row.event.id)
         return acked
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake early when NATS comes back."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        change = self._conn.change()
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, change)]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
         self._wake.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ CREATE TABLE IF NOT EXISTS spool (
     subject  TEXT NOT NULL,
     type     TEXT NOT NULL,
     provider TEXT NOT NULL,
-    payload  BLOB NOT NULL
+    payload  BLOB NOT NULL,
+    spooled_at REAL NOT NULL DEFAULT 0
 )
 """
 
@@ -37,6 +39,7 @@ CREATE TABLE IF NOT EXISTS spool (
 class Row:
     seq: int
     event: Event
+    spooled_at: float  # unix time; 0 for rows spooled by a release that did not record it
 
 
 class Spool:
@@ -111,6 +114,9 @@ class Spool:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
+        if "spooled_at" not in columns:  # a spool from an earlier release
+            db.execute("ALTER TABLE spool ADD COLUMN spooled_at REAL NOT NULL DEFAULT 0")
         self._db = db
         (self._rows,) = db.execute("SELECT count(*) FROM spool").fetchone()
         return self._rows
@@ -119,9 +125,11 @@ class Spool:
         assert self._db is not None
         with self._db:  # one transaction, one fsync
             self._db.execute("BEGIN IMMEDIATE")
+            now = time.time()
             self._db.executemany(
-                "INSERT INTO spool (id, subject, type, provider, payload) VALUES (?, ?, ?, ?, ?)",
-                [(e.id, e.subject, e.type, e.provider, e.payload) for e in events],
+                "INSERT INTO spool (id, subject, type, provider, payload, spooled_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(e.id, e.subject, e.type, e.provider, e.payload, now) for e in events],
             )
         self._rows += len(events)
         return self._rows
@@ -129,12 +137,13 @@ class Spool:
     def _head(self, limit: int) -> list[Row]:
         assert self._db is not None
         cursor = self._db.execute(
-            "SELECT seq, id, subject, type, provider, payload FROM spool ORDER BY seq LIMIT ?",
+            "SELECT seq, id, subject, type, provider, payload, spooled_at FROM spool"
+            " ORDER BY seq LIMIT ?",
             (limit,),
         )
         return [
-            Row(seq, Event(id=id_, subject=subj, type=kind, provider=prov, payload=bytes(data)))
-            for seq, id_, subj, kind, prov, data in cursor
+            Row(seq, Event(id=id_, subject=subj, type=kind, provider=prov, payload=bytes(data)), at)
+            for seq, id_, subj, kind, prov, data, at in cursor
         ]
 
     def _delete(self, seqs: list[int]) -> int:

@@ -1,35 +1,68 @@
-"""The JetStream stream holding every subject under the prefix, made or updated at start."""
+"""What smsbus keeps in JetStream, created or updated at start (never recreated, so nothing stored
+is lost by a restart with new settings): the stream holding every subject under the prefix, and
+the key-value buckets for message state, cursors and poller leases.
+
+Start-up retries these calls with back-off until SMSBUS_STARTUP_TIMEOUT: a cluster that is still
+electing leaders answers timeouts, "JetStream system temporarily unavailable" or "insufficient
+resources" for a while, and replicas started together race to create the same stream. Only what
+no retry can fix stops start-up at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import nats.errors
 import nats.js.errors
-from nats.js.api import StorageType, StreamConfig
+import structlog
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
 
+from bus.backoff import Backoff
+from bus.config import Settings
 from bus.errors import StartupError
 
-# How long JetStream remembers a Nats-Msg-Id: a fact reported again within this window is stored
-# once. Ten minutes covers SMSPilot's callback retries and a spool drained after a short outage,
-# at the cost of the server keeping that many ids in memory.
-DUPLICATE_WINDOW = 600.0
+log = structlog.get_logger("smsbus.stream")
+
+T = TypeVar("T")
+
+REPLICAS_NOT_SUPPORTED = 10074  # JSStreamReplicasNotSupportedErr
+INVALID_CONFIG = 10052  # JSStreamInvalidConfigF
+LEASE_MAX_AGE = 1 / 2  # of SMSBUS_LEASE_TTL: the server drops a lease not renewed for this long
 
 
-async def ensure_stream(js: JetStreamContext, name: str, prefix: str, replicas: int) -> None:
-    subjects = f"{prefix}.>"
+def bucket_names(stream: str) -> tuple[str, str, str]:
+    """The message-state, cursor and lease buckets that belong to a stream."""
+    return f"{stream}_messages", f"{stream}_cursors", f"{stream}_leases"
+
+
+def _seconds_or_none(value: float) -> float | None:
+    return value if value > 0 else None
+
+
+def stream_config(settings: Settings) -> StreamConfig:
+    return StreamConfig(
+        name=settings.stream,
+        subjects=[f"{settings.subject_prefix}.>"],
+        storage=StorageType.FILE,
+        num_replicas=settings.stream_replicas,
+        duplicate_window=settings.duplicate_window,
+        max_age=_seconds_or_none(settings.stream_max_age),
+    )
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+    wanted = stream_config(settings)
+    name = settings.stream
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=name,
-                subjects=[subjects],
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                duplicate_window=DUPLICATE_WINDOW,
-            )
-        )
+        await js.add_stream(wanted)
         return
     current = info.config
     if current.storage not in (None, StorageType.FILE):
@@ -37,19 +70,97 @@ async def ensure_stream(js: JetStreamContext, name: str, prefix: str, replicas: 
             f"SMSBUS_STREAM: stream {name} exists with {current.storage.value} storage; "
             "smsbus needs file storage (delete or rename that stream)"
         )
-    wanted = dataclasses.replace(
+    updated = dataclasses.replace(
         current,
-        subjects=sorted({*(current.subjects or []), subjects}),
-        num_replicas=replicas,
-        duplicate_window=DUPLICATE_WINDOW,
+        subjects=sorted({*(current.subjects or []), *(wanted.subjects or [])}),
+        num_replicas=wanted.num_replicas,
+        duplicate_window=wanted.duplicate_window,
+        max_age=wanted.max_age or 0.0,
     )
-    if wanted != current:
+    if _differs(updated, current):
+        await js.update_stream(updated)
+
+
+def _differs(wanted: StreamConfig, current: StreamConfig) -> bool:
+    """Compare what we set; the server reports unset durations as 0."""
+    fields = ("subjects", "num_replicas", "duplicate_window", "max_age")
+    return any((getattr(wanted, f) or 0) != (getattr(current, f) or 0) for f in fields)
+
+
+async def ensure_bucket(
+    js: JetStreamContext, name: str, replicas: int, max_age: float = 0.0
+) -> KeyValue:
+    """A key-value bucket holding one value per key, made or brought to these settings."""
+    config = KeyValueConfig(
+        bucket=name,
+        history=1,
+        storage=StorageType.FILE,
+        replicas=replicas,
+        ttl=_seconds_or_none(max_age),
+        direct=True,  # reads may be answered by any replica of the bucket, without its leader
+    )
+    try:
+        await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(config)
+    info = await js.stream_info(f"KV_{name}")
+    current = info.config
+    window = current.duplicate_window or 0.0
+    updated = dataclasses.replace(
+        current,
+        num_replicas=replicas,
+        max_age=max_age or 0.0,
+        duplicate_window=min(window, max_age) if max_age else window,
+        allow_direct=True,
+    )
+    if _differs(updated, current) or not current.allow_direct:
+        await js.update_stream(updated)
+    return await js.key_value(name)  # bound again: it reads allow_direct
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    messages: KeyValue
+    cursors: KeyValue
+    leases: KeyValue
+
+
+async def ensure_all(js: JetStreamContext, settings: Settings) -> Buckets:
+    await ensure_stream(js, settings)
+    messages, cursors, leases = bucket_names(settings.stream)
+    replicas = settings.stream_replicas
+    return Buckets(
+        messages=await ensure_bucket(js, messages, replicas, settings.state_max_age),
+        cursors=await ensure_bucket(js, cursors, replicas),
+        leases=await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE),
+    )
+
+
+async def retrying(deadline: float, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run `attempt` until it succeeds or `deadline` (monotonic) passes; then one StartupError
+    `what: <the last error>`. Errors no retry can fix are raised at once."""
+    backoff = Backoff(0.2, 3.0)
+    while True:
         try:
-            await js.update_stream(wanted)
+            return await attempt()
+        except StartupError:
+            raise
         except nats.js.errors.APIError as exc:
-            raise StartupError(
-                f"SMSBUS_STREAM: cannot update stream {name}: {exc.description}"
-            ) from None
+            if exc.err_code == REPLICAS_NOT_SUPPORTED:
+                raise StartupError(
+                    "SMSBUS_STREAM_REPLICAS: this NATS is not a cluster; use 1"
+                ) from None
+            if exc.err_code == INVALID_CONFIG:
+                raise StartupError(f"{what}: {exc.description}") from None
+            error: BaseException = exc
+        except (TimeoutError, nats.errors.Error) as exc:
+            error = exc
+        reason = getattr(error, "description", None) or str(error) or type(error).__name__
+        wait = backoff.failed()
+        if time.monotonic() + wait > deadline:
+            raise StartupError(f"{what}: {reason}") from None
+        log.info("not ready yet; retrying", step=what, error=reason, retry_in_s=round(wait, 2))
+        await asyncio.sleep(wait)
 
 
 async def stream_exists(js: JetStreamContext, name: str) -> bool:

@@ -21,17 +21,16 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import nats.errors
-import nats.js.errors
 import structlog
 
 from bus.config import ProviderSettings
+from bus.core import Bus, ProviderState
 from bus.errors import (
     ProviderAuthError,
     ProviderError,
     ProviderPayloadError,
-    ProviderUnavailable,
     PublishError,
+    StoreError,
 )
 from bus.events import (
     balance_event,
@@ -43,8 +42,8 @@ from bus.events import (
     utcnow,
 )
 from bus.messages import MessageState
-from bus.runtime import ProviderState, Runtime
 from bus.statuses import normalise, normalise_error_code
+from bus.supervisor import Beat, TaskStatus
 from pollers.schedule import next_poll
 from pollers.types import ProviderClient, StatusReport
 
@@ -61,30 +60,30 @@ def _seconds(value: str | None) -> float | None:
 
 
 class ProviderPoller:
-    def __init__(self, client: ProviderClient, runtime: Runtime, settings: ProviderSettings):
-        assert runtime.index is not None and runtime.cursors is not None
+    def __init__(self, client: ProviderClient, bus: Bus, settings: ProviderSettings):
         self.client = client
         self.name = settings.name
         self.settings = settings
-        self._prefix = runtime.settings.subject_prefix
-        self._ttl = runtime.settings.track_ttl
-        self._balance_interval = runtime.settings.balance_interval
+        self._prefix = bus.settings.subject_prefix
+        self._ttl = bus.settings.track_ttl
+        self._balance_interval = bus.settings.balance_interval
         self._first = (
-            runtime.settings.smspilot_reconcile_after
-            if self.name == "smspilot"
-            else settings.interval
+            bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
         )
-        self._publisher = runtime.publisher
-        self._index = runtime.index
-        self._cursors = runtime.cursors
-        self._metrics = runtime.metrics
-        self.state: ProviderState = runtime.providers.setdefault(self.name, ProviderState())
+        self._publisher = bus.publisher
+        self._states = bus.states
+        self._index = bus.states.mirror
+        self._loaded = bus.states.follower.loaded
+        self._cursors = bus.cursors
+        self._metrics = bus.metrics
+        self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._failures = 0
         self._resume_at = 0.0
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
+        self._beat: Beat = Beat(TaskStatus(self.name))
 
     # Scheduling
 
@@ -140,11 +139,13 @@ class ProviderPoller:
 
     # The loops
 
-    async def run(self) -> None:
+    async def run(self, beat: Beat) -> None:
+        """Poll until cancelled (or `stopping`); a failing loop ends it, for the supervisor."""
+        self._beat = beat
         self.state.enabled = True
         self.state.leader = True
         self._metrics.leader.labels(self.name).set(1)
-        await self._index.loaded.wait()
+        await self._loaded.wait()
         for state in self._index.of(self.name):
             self.schedule(state)
         self._index.listeners.append(self.schedule)
@@ -178,7 +179,7 @@ class ProviderPoller:
                 await asyncio.sleep(max(0.0, last + interval - time.time()))
         while not self.stopping:
             if time.monotonic() >= self._resume_at:
-                await self._survive(self._guard(job))
+                await self._guard(job)
                 if spaced:
                     await self._mark_run(spaced)
             await asyncio.sleep(max(interval, self._resume_at - time.monotonic(), 0.01))
@@ -186,30 +187,23 @@ class ProviderPoller:
     async def _last_run(self, job: str) -> float | None:
         try:
             value = await self._cursor(f"ran.{job}")
-        except ProviderUnavailable:
+        except StoreError:
             return time.time()  # not knowing, assume it just ran: waiting costs one interval
         return float(value) if value else None
 
     async def _mark_run(self, job: str) -> None:
         try:
             await self._save_cursor(f"ran.{job}", repr(time.time()))
-        except ProviderUnavailable as exc:
+        except StoreError as exc:
             log.warning("run time not recorded", provider=self.name, error=str(exc))
 
     async def _status_loop(self) -> None:
         while not self.stopping:
             await asyncio.sleep(self._tick)
+            self._beat()
             if time.monotonic() < self._resume_at:
                 continue
-            await self._survive(self._status_round(time.time()))
-
-    async def _survive(self, work: Awaitable[object]) -> None:
-        """A poller never dies of one bad round: log it with its traceback and go on."""
-        try:
-            await work
-        except Exception:
-            log.exception("poll round failed", provider=self.name)
-            await asyncio.sleep(1)
+            await self._status_round(time.time())
 
     async def _status_round(self, now: float) -> None:
         due, expired = self._take_due(now)
@@ -265,6 +259,9 @@ class ProviderPoller:
                 "poll results not stored; will poll again", provider=self.name, error=str(exc)
             )
             return False
+        except StoreError as exc:  # NATS's problem, not the provider's: no back-off for it
+            log.warning("poll state not kept; will poll again", provider=self.name, error=str(exc))
+            return False
         self._succeeded()
         return True
 
@@ -315,8 +312,9 @@ class ProviderPoller:
     async def _report(self, report: StatusReport) -> bool:
         """Publish a polled status unless the current state already says it; True when the
         message has reached a final status."""
-        state = self._index.get(self.name, message_key(self.name, report.message_id, report.phone))
-        tracked = self._index.get(self.name, report.message_id) if report.phone else state
+        key = message_key(self.name, report.message_id, report.phone)
+        state = await self._states.lookup(self.name, key)
+        tracked = await self._states.lookup(self.name, report.message_id) if report.phone else state
         error_code = normalise_error_code(report.error_code)
         final = normalise(self.name, report.raw_status, error_code).final
         if state is not None and state.provider_status == report.raw_status:
@@ -327,6 +325,8 @@ class ProviderPoller:
             error=report.error, phone=report.phone or (state.phone if state else None),
             client_ref=tracked.client_ref if tracked else None,
         )  # fmt: skip
+        if state is not None and state.records(event.id):
+            return final or state.final  # reported before, however long ago
         await self._publisher.publish(event)
         if final:
             self._due.pop(report.message_id, None)
@@ -371,16 +371,7 @@ class ProviderPoller:
         )
 
     async def _cursor(self, name: str) -> str | None:
-        try:
-            entry = await self._cursors.get(f"{self.name}.{name}")
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ProviderUnavailable(f"cursor store unavailable: {exc}") from None
-        return entry.value.decode() if entry.value else None
+        return await self._cursors.get(f"{self.name}.{name}")
 
     async def _save_cursor(self, name: str, value: str) -> None:
-        try:
-            await self._cursors.put(f"{self.name}.{name}", value.encode())
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ProviderUnavailable(f"cursor store unavailable: {exc}") from None
+        await self._cursors.put(f"{self.name}.{name}", value)

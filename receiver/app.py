@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bus.core import Bus
 from bus.metrics import CONTENT_TYPE
-from bus.runtime import Runtime
 from receiver import messages
 from receiver.http import (
     HEADER_LIMIT,
@@ -63,20 +63,20 @@ class App:
         await self._handle(scope, receive, send)
 
 
-def create_app(runtime: Runtime, *, receive: bool = True) -> App:
+def create_app(bus: Bus, *, receive: bool = True) -> App:
     """The app; with receive=False (`serve --pollers-only`) only the operational routes."""
-    callbacks = SMSPilotCallbacks(runtime)
+    callbacks = SMSPilotCallbacks(bus)
     description = openapi(receive=receive, version=version("smsbus"))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"alive": True})
 
     async def readyz(request: Request) -> Response:
-        readiness = await runtime.readiness()
+        readiness = await bus.readiness()
         body = {
             "ready": readiness.ready,
             "reason": readiness.reason,
-            "spool_depth": runtime.publisher.spool_depth,
+            "spool_depth": bus.publisher.spool_depth,
             "providers": {
                 name: {
                     "enabled": state.enabled,
@@ -84,18 +84,19 @@ def create_app(runtime: Runtime, *, receive: bool = True) -> App:
                     "last_success": state.last_success,
                     "last_error": state.last_error,
                 }
-                for name, state in runtime.providers.items()
+                for name, state in bus.providers.items()
             },
+            **bus.detail(),
         }
         return JSONResponse(body, status_code=200 if readiness.ready else 503)
 
     async def metrics(request: Request) -> Response:
-        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(bus.metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(description)
 
-    register, show = messages.routes(runtime)
+    register, show = messages.routes(bus)
     api = [
         Route("/v1/messages", register, methods=["POST"]),
         Route("/v1/messages/{provider}/{message_id:any}", show, methods=["GET"]),
@@ -116,7 +117,7 @@ def create_app(runtime: Runtime, *, receive: bool = True) -> App:
         if scope["type"] == "http" and headers_too_large(scope):
             is_callback = callbacks.matches(scope["path"])
             if is_callback:
-                runtime.metrics.callback_outcome["too_large"].inc()
+                bus.metrics.callback_outcome["too_large"].inc()
             log.warning("request headers too large", callback=is_callback,
                         headers=len(scope["headers"]))  # fmt: skip
             reason = f"request headers exceed {HEADER_LIMIT} bytes or {MAX_HEADERS} fields"

@@ -1,8 +1,11 @@
 """`POST /v1/messages` registers sent messages for tracking; `GET /v1/messages/<p>/<id>` shows one.
 
-A registration is published to `<prefix>.track.<provider>`, the same subject a sending app may use
-directly, and `202` means it is durable in the stream (or the spool); the projector stores it as
-state shortly after. Validation is all-or-nothing: one bad item and nothing is published.
+A registration is written into the message-state bucket itself, with the same compare-and-set
+rules the projector uses, and `202` is sent only once every item's state is stored: from then on
+every callback and poll of those messages, on every replica, carries their `phone` and
+`client_ref` (CONTRACT.md section 3). When the bucket cannot be written (NATS is away) the answer
+is `503` and the sending app retries; registering twice changes nothing. Validation is
+all-or-nothing: one bad item and nothing is written.
 """
 
 from __future__ import annotations
@@ -13,24 +16,27 @@ import nats.errors
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bus.errors import PublishError
+from bus.core import Bus
+from bus.events import rfc3339, utcnow
 from bus.messages import TrackErrors, kv_key, parse_track_batch
-from bus.projector import read_state
-from bus.runtime import Runtime
 from bus.statuses import PROVIDERS
 
+WRITE_TIMEOUT_EXTRA = 3.0  # on top of SMSBUS_PUBLISH_TIMEOUT, for a batch of 1000 writes
 
-def routes(runtime: Runtime) -> tuple:  # type: ignore[type-arg]
-    prefix = runtime.settings.subject_prefix
+
+def routes(bus: Bus) -> tuple:  # type: ignore[type-arg]
+    timeout = bus.settings.publish_timeout + WRITE_TIMEOUT_EXTRA
 
     async def register(request: Request) -> Response:
         try:
             items = parse_track_batch(await request.body())
         except TrackErrors as exc:
             return JSONResponse({"errors": exc.errors}, status_code=400)
+        if not bus.conn.is_connected:
+            return JSONResponse({"error": "NATS is not connected; retry"}, status_code=503)
         try:
-            await asyncio.gather(*(runtime.publisher.publish(i.event(prefix)) for i in items))
-        except PublishError:
+            await asyncio.wait_for(bus.states.register(items, rfc3339(utcnow())), timeout)
+        except (TimeoutError, nats.errors.Error):
             return JSONResponse({"error": "registrations could not be stored; retry"}, 503)
         return JSONResponse({"accepted": len(items)}, status_code=202)
 
@@ -39,9 +45,8 @@ def routes(runtime: Runtime) -> tuple:  # type: ignore[type-arg]
         message_id = request.path_params["message_id"]
         if provider not in PROVIDERS:
             return JSONResponse({"error": f"unknown provider {provider!r}"}, status_code=404)
-        assert runtime.messages is not None
         try:
-            state, _ = await read_state(runtime.messages, kv_key(provider, message_id))
+            state, _ = await bus.states.read(kv_key(provider, message_id))
         except (TimeoutError, nats.errors.Error):
             return JSONResponse({"error": "state store unavailable; retry"}, status_code=503)
         if state is None:

@@ -36,7 +36,7 @@ def make_server(app: ASGIApp, settings: Settings) -> uvicorn.Server:
         app,
         http="httptools",
         loop="none",  # the caller runs uvloop
-        lifespan="off",  # resources live in bus.runtime.Runtime, opened before serving
+        lifespan="off",  # resources live in bus.core.open_bus, opened before serving
         proxy_headers=False,
         server_header=False,
         access_log=False,

@@ -20,9 +20,9 @@ from urllib.parse import parse_qsl
 import structlog
 from starlette.requests import Request
 
+from bus.core import Bus
 from bus.errors import PayloadError, PublishError
 from bus.events import deadletter_event, rfc3339, status_event, utcnow
-from bus.runtime import Runtime
 from bus.statuses import SMSPILOT_ERRORS
 from receiver.http import (
     BodyTooLarge,
@@ -118,13 +118,12 @@ class SMSPilotCallbacks:
 
     METHODS = ("GET", "POST")
 
-    def __init__(self, runtime: Runtime) -> None:
-        settings = runtime.settings
-        self._runtime = runtime
-        self._publisher = runtime.publisher
-        self._metrics = runtime.metrics
-        self._index = runtime.index
-        self._state = runtime.providers[PROVIDER]
+    def __init__(self, bus: Bus) -> None:
+        settings = bus.settings
+        self._publisher = bus.publisher
+        self._metrics = bus.metrics
+        self._states = bus.states
+        self._state = bus.providers[PROVIDER]
         self._prefix = settings.subject_prefix
         self._tokens = [t.reveal().encode() for t in settings.smspilot_callback_tokens]
         self._allowlist = settings.smspilot_allowed_ips
@@ -209,7 +208,8 @@ class SMSPilotCallbacks:
             await self._dead_letter(scope, shown_path, body, peer, str(exc), received_at)
             return 400, str(exc), "malformed"
 
-        tracked = self._index.get(PROVIDER, params.server_id) if self._index else None
+        # The mirror, else the bucket: a registration a moment ago on any replica is seen.
+        tracked = await self._states.lookup(PROVIDER, params.server_id)
         event = status_event(
             self._prefix,
             PROVIDER,
@@ -224,6 +224,8 @@ class SMSPilotCallbacks:
             callback_params=params.extra,
         )
         summary.update(server_id=params.server_id, status=event.status, raw=params.status)
+        if tracked is not None and tracked.records(event.id):
+            return 200, "OK", "duplicate"  # stored before, however long ago
         try:
             outcome = await self._publisher.publish(event)
         except PublishError as exc:

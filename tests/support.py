@@ -153,6 +153,42 @@ class Smsbus:
         except httpx.TransportError:
             return False
 
+    def readyz(self) -> dict[str, Any]:
+        """The /readyz body; {} while the process does not answer."""
+        try:
+            return dict(httpx.get(f"{self.base}/readyz", timeout=5).json())
+        except httpx.TransportError:
+            return {}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of /metrics (0 when absent)."""
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+        for line in httpx.get(f"{self.base}/metrics", timeout=5).text.splitlines():
+            if line.startswith(prefix):
+                return float(line.split()[-1])
+        return 0.0
+
+    def register(self, *items: dict[str, Any], timeout: float = 15) -> float:
+        """POST /v1/messages until it answers 202 (a 503 means NATS is not back yet); return
+        the monotonic time of the 202."""
+
+        def accepted() -> float | None:
+            try:
+                answer = httpx.post(f"{self.base}/v1/messages", json=list(items), timeout=10)
+            except httpx.TransportError:
+                return None
+            assert answer.status_code in (202, 503), answer.text
+            return time.monotonic() if answer.status_code == 202 else None
+
+        return wait_for(accepted, timeout=timeout, what="the registration to be accepted")
+
+    def children(self) -> list[int]:
+        """Process ids of this process's children (the embedded nats-server)."""
+        assert self.proc is not None
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in path.read_text().split()]
+
     def spool_depth(self) -> int | None:
         """Events in the replica's spool, from /readyz; None while it does not answer."""
         try:

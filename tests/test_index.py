@@ -9,19 +9,18 @@ from datetime import timedelta
 from pathlib import Path
 
 from bus.config import load_settings
+from bus.core import Bus, open_bus
 from bus.events import status_event, utcnow
 from bus.messages import MessageState, TrackItem, kv_key
-from bus.projector import read_state
-from bus.runtime import Runtime
+from bus.state import read_state
 from tests.support import NatsServer, await_for, isolated_env
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
 
 
-async def stored(runtime: Runtime, key: str, check: object = None) -> MessageState:
+async def stored(runtime: Bus, key: str, check: object = None) -> MessageState:
     """Wait (on the bucket, not a clock) until the projector has written `key`."""
-    assert runtime.messages is not None
-    kv = runtime.messages
+    kv = runtime.states.kv
 
     async def written() -> MessageState | None:
         state, _ = await read_state(kv, key)
@@ -30,9 +29,8 @@ async def stored(runtime: Runtime, key: str, check: object = None) -> MessageSta
     return await await_for(written, what=f"{key} projected")
 
 
-async def mirrored(runtime: Runtime, provider: str, message_id: str, status: str) -> None:
-    index = runtime.index
-    assert index is not None
+async def mirrored(runtime: Bus, provider: str, message_id: str, status: str) -> None:
+    index = runtime.states.mirror
 
     async def held() -> bool:
         state = index.get(provider, message_id)
@@ -41,9 +39,8 @@ async def mirrored(runtime: Runtime, provider: str, message_id: str, status: str
     await await_for(held, what=f"{provider} {message_id} in the mirror as {status}")
 
 
-async def let_go(runtime: Runtime, provider: str, message_id: str) -> None:
-    index = runtime.index
-    assert index is not None
+async def let_go(runtime: Bus, provider: str, message_id: str) -> None:
+    index = runtime.states.mirror
 
     async def gone() -> bool:
         return index.get(provider, message_id) is None
@@ -51,7 +48,7 @@ async def let_go(runtime: Runtime, provider: str, message_id: str) -> None:
     await await_for(gone, what=f"{provider} {message_id} let go by the mirror")
 
 
-def tracked_gauge(runtime: Runtime, provider: str) -> float:
+def tracked_gauge(runtime: Bus, provider: str) -> float:
     value = runtime.metrics.registry.get_sample_value(
         "smsbus_tracked_messages", {"provider": provider}
     )
@@ -62,11 +59,8 @@ def tracked_gauge(runtime: Runtime, provider: str) -> float:
 def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_path: Path) -> None:
     async def scenario() -> None:
         env = isolated_env(nats_server.url, SMSBUS_DATA_DIR=str(tmp_path))
-        runtime = Runtime(load_settings(env))
-        await runtime.start()
-        try:
-            index, prefix = runtime.index, runtime.settings.subject_prefix
-            assert index is not None
+        async with open_bus(load_settings(env)) as runtime:
+            index, prefix = runtime.states.mirror, runtime.settings.subject_prefix
             untracked, tracked, pending, smsc = (str(next(_ids)) for _ in range(4))
             await runtime.publisher.publish(
                 TrackItem("smspilot", tracked, client_ref="order-1").event(prefix)
@@ -111,7 +105,5 @@ def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_pat
             assert 2 == index.prune(retain=timedelta(0))
             assert index.get("smstower", open_one) is not None
             assert 1 == index.held
-        finally:
-            await runtime.stop()
 
     asyncio.run(scenario())

@@ -14,7 +14,7 @@ from schemathesis import checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from bus.config import load_settings
-from bus.runtime import Runtime
+from bus.core import open_bus
 from receiver.app import create_app
 from receiver.openapi import openapi
 from tests.support import NatsServer, Smsbus, isolated_env
@@ -37,12 +37,8 @@ def test_description_matches_the_routes(
 ) -> None:
     async def routes() -> list[tuple[str, str]]:
         env = isolated_env(nats_server.url, SMSBUS_DATA_DIR=str(tmp_path))
-        runtime = Runtime(load_settings(env))
-        await runtime.start()
-        try:
-            return create_app(runtime, receive=receive).routes
-        finally:
-            await runtime.stop()
+        async with open_bus(load_settings(env)) as bus:
+            return create_app(bus, receive=receive).routes
 
     served = asyncio.run(routes())
     assert described(openapi(receive=receive)) == set(served)

@@ -357,24 +357,21 @@ def test_an_unavailable_provider_backs_off_and_callbacks_stay_fast(
 
 def test_another_providers_message_with_the_same_id_does_not_unschedule() -> None:
     import asyncio
+    from types import SimpleNamespace
 
     from bus.config import load_settings
     from bus.messages import MessageState
     from pollers.engine import ProviderPoller
     from pollers.smstower import Client
 
-    class Index:
-        listeners: list = []  # noqa: RUF012
-
-        def __init__(self) -> None:
-            self.loaded = asyncio.Event()
-
-    class Runtime:  # only what the engine reads at construction
-        settings = load_settings({"SMSBUS_SMSTOWER_LOGIN": "l", "SMSBUS_SMSTOWER_PASSWORD": "p"})
-        index, cursors, publisher, metrics, providers = Index(), object(), None, None, {}
-
-    settings = Runtime.settings.providers["smstower"]
-    poller = ProviderPoller(Client(settings, None), Runtime(), settings)  # type: ignore[arg-type]
+    # Only what the engine reads at construction.
+    states = SimpleNamespace(mirror=None, follower=SimpleNamespace(loaded=asyncio.Event()))
+    bus = SimpleNamespace(
+        settings=load_settings({"SMSBUS_SMSTOWER_LOGIN": "l", "SMSBUS_SMSTOWER_PASSWORD": "p"}),
+        states=states, cursors=None, publisher=None, metrics=None, providers={},
+    )  # fmt: skip
+    settings = bus.settings.providers["smstower"]
+    poller = ProviderPoller(Client(settings, None), bus, settings)  # type: ignore[arg-type]
     tracked = MessageState("smstower", "123", tracked=True, registered_at="2026-11-22T10:00:00Z")
     poller.schedule(tracked)
     poller.schedule(MessageState("smsc", "123", tracked=True, final=True))

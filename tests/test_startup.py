@@ -36,7 +36,19 @@ def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         ({"SMSBUS_HTTP_HOST": "no-such-host.invalid"}, 1, "SMSBUS_HTTP_HOST: cannot resolve"),
         ({"SMSBUS_SMSPILOT_ALLOWED_IPS": "10.0.0.0/33"}, 2, "SMSBUS_SMSPILOT_ALLOWED_IPS: not an"),
         ({"SMSBUS_NATS_URL": "http://x:4222"}, 2, "SMSBUS_NATS_URL: not a NATS server URL"),
-        ({"SMSBUS_NATS_URL": "nats://u:hunter2@127.0.0.1:1"}, 1, "SMSBUS_NATS_URL: cannot reach"),
+        (
+            {"SMSBUS_NATS_URL": "nats://u:hunter2@127.0.0.1:1", "SMSBUS_STARTUP_TIMEOUT": "2"},
+            1,
+            "SMSBUS_NATS_URL: cannot reach",
+        ),
+        ({"SMSBUS_STARTUP_TIMEOUT": "0"}, 2, "SMSBUS_STARTUP_TIMEOUT: must be between"),
+        ({"SMSBUS_EMBEDDED_NATS_SYNC": "often"}, 2, "SMSBUS_EMBEDDED_NATS_SYNC: expected always"),
+        ({"SMSBUS_EMBEDDED_NATS_SYNC": "0s"}, 2, "SMSBUS_EMBEDDED_NATS_SYNC: expected always"),
+        (
+            {"SMSBUS_DUPLICATE_WINDOW": "600", "SMSBUS_STREAM_MAX_AGE": "60"},
+            2,
+            "SMSBUS_DUPLICATE_WINDOW: must not be longer than SMSBUS_STREAM_MAX_AGE",
+        ),
         (
             {"SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE": "/nonexistent/token"},
             2,

@@ -197,18 +197,27 @@ def test_an_older_final_applied_late_does_not_undo_a_newer_one() -> None:
         return {"provider": "smsc", "message_id": "7", "status": status, "final": True,
                 "provider_status": raw, "occurred_at": at}  # fmt: skip
 
-    read = apply_status(None, report("2", "read", "2026-11-22T10:00:05.000Z"))
+    read = apply_status(None, report("2", "read", "2026-11-22T10:00:05.000Z"), "f-read")
     # Redelivered out of order: "delivered" happened before "read" and must not replace it.
-    assert "read" == apply_status(read, report("1", "delivered", "2026-11-22T10:00:01.000Z")).status
-    assert (
-        "undelivered"
-        == apply_status(read, report("20", "undelivered", "2026-11-22T10:00:09.000Z")).status
-    )
+    late = apply_status(read, report("1", "delivered", "2026-11-22T10:00:01.000Z"), "f-delivered")
+    assert "read" == late.status
+    assert ("f-read", "f-delivered") == late.facts  # recorded all the same
+    undelivered = report("20", "undelivered", "2026-11-22T10:00:09.000Z")
+    assert "undelivered" == apply_status(read, undelivered, "f-undelivered").status
     # On a tie the report applied later wins.
-    assert (
-        "delivered"
-        == apply_status(read, report("1", "delivered", "2026-11-22T10:00:05.000Z")).status
-    )
+    tie = report("1", "delivered", "2026-11-22T10:00:05.000Z")
+    assert "delivered" == apply_status(read, tie, "f-tie").status
+
+
+def test_a_fact_already_recorded_changes_nothing() -> None:
+    sent = {"provider": "smspilot", "message_id": "7", "status": "sent", "final": False,
+            "provider_status": "1", "occurred_at": "2026-11-22T10:00:01.000Z"}  # fmt: skip
+    delivered = sent | {"status": "delivered", "final": True, "provider_status": "2",
+                        "occurred_at": "2026-11-22T10:00:05.000Z"}  # fmt: skip
+    state = apply_status(apply_status(None, sent, "a" * 64), delivered, "b" * 64)
+    assert state.records("a" * 64) and state.records("b" * 64)
+    assert state == apply_status(state, sent, "a" * 64)
+    assert state == apply_status(state, delivered, "b" * 64)
 
 
 def test_junk_on_the_track_subject_is_dead_lettered(

@@ -1,8 +1,8 @@
 """The `smsbus` command (CONTRACT.md section 6).
 
-This is the composition root: the one module that wires `receiver` and `pollers` to the
-bus, so it imports them inside the commands that need them. Errors a user can fix end the process
-with one line on stderr and a non-zero exit, never a traceback.
+`serve` runs the service (smsbus.serve wires the receiver, the pollers and the bus); the other
+commands are small clients of NATS and the providers. Errors a user can fix end the process with
+one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from collections.abc import Coroutine
-from types import FrameType
 from typing import Any
 
 import nats.errors
@@ -23,12 +23,13 @@ import uvloop
 from nats.js.api import DeliverPolicy
 
 from bus.config import Settings, load_settings, redact_url
+from bus.connection import Connection
 from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
 from bus.messages import TrackItem, kv_key, parse_track_item
-from bus.projector import bucket_names, read_state
-from bus.runtime import Runtime, connect_nats
+from bus.state import read_state
 from bus.statuses import PROVIDERS
+from bus.stream import bucket_names
 
 log = structlog.get_logger("smsbus")
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, None if args.command == "serve" else sys.stderr)
     try:
         if args.command == "serve":
+            from smsbus.serve import serve
+
             return _run(serve(settings, receive=not args.pollers_only, poll=not args.no_pollers))
         if args.command == "track":
             raw = {
@@ -98,55 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
-
-
-async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) -> int:
-    """Run until SIGTERM or Ctrl-C; then finish in-flight requests, flush the spool, exit 0."""
-    from pollers.runner import Pollers
-    from receiver.app import create_app
-    from receiver.server import bind, make_server
-
-    stopping: dict[str, Any] = {"requested": False, "server": None}
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # uvicorn installs its own handlers while serving and afterwards re-raises the signal it
-        # caught into these; they only ask for a stop, so the shutdown below always runs.
-        stopping["requested"] = True
-        if stopping["server"] is not None:
-            stopping["server"].should_exit = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    sock = bind(settings)
-    runtime = Runtime(settings)
-    try:
-        await runtime.start()
-    except BaseException:
-        sock.close()
-        await runtime.stop()
-        raise
-    pollers = Pollers(runtime) if poll else None
-    if pollers is not None:
-        pollers.start()
-    try:
-        server = make_server(create_app(runtime, receive=receive), settings)
-        stopping["server"] = server
-        if not stopping["requested"]:
-            log.info(
-                "serving",
-                url=f"http://{settings.http_host}:{settings.http_port}",
-                callback_route="/callbacks/smspilot"
-                + ("/<token>" if settings.smspilot_callback_tokens else ""),
-            )
-            await server.serve(sockets=[sock])
-    finally:
-        sock.close()
-        if pollers is not None:
-            await pollers.stop()
-        await runtime.stop()
-        log.info("stopped")
-    return 0
 
 
 async def tail(settings: Settings, subject: str | None) -> int:
@@ -191,12 +145,17 @@ async def tail(settings: Settings, subject: str | None) -> int:
     return 0
 
 
+CLI_CONNECT = 5.0  # seconds a command tries to reach NATS
+
+
 async def _connect(settings: Settings) -> Any:
     hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
+    conn = Connection(settings)
     try:
-        return await connect_nats(settings)
+        await conn.open(time.monotonic() + CLI_CONNECT)
     except StartupError as exc:
         raise StartupError(f"{exc}{hint}") from None
+    return conn.nc
 
 
 async def track(settings: Settings, item: TrackItem) -> int:

@@ -1,0 +1,139 @@
+"""The process's one NATS connection, and what follows it.
+
+`Connection` knows whether NATS is connected and counts changes (a disconnect, a reconnect), so
+that every watch and consumer can re-establish itself the moment NATS is back instead of waiting
+for nats-py to notice missed heartbeats. Opening retries until SMSBUS_STARTUP_TIMEOUT, so replicas
+started together against a cluster that is still forming wait rather than crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.client import JetStreamContext
+
+from bus.backoff import Backoff
+from bus.config import Settings, redact_url
+from bus.errors import StartupError
+
+log = structlog.get_logger("smsbus.nats")
+
+ATTEMPT_TIMEOUT = 5.0  # one connection attempt
+API_TIMEOUT = 5.0  # JetStream API calls
+
+
+def variable_for(settings: Settings) -> str:
+    return "SMSBUS_NATS_URL" if settings.nats_urls else "SMSBUS_EMBEDDED_NATS_PORT"
+
+
+class Connection:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self.generation = 0  # changes at every disconnect and reconnect
+        self._changed = asyncio.Event()
+        self._up = asyncio.Event()
+        self._closing = False
+
+    @property
+    def nc(self) -> NATS:
+        assert self._nc is not None, "Connection.open() first"
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "Connection.open() first"
+        return self._js
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def change(self) -> asyncio.Event:
+        """An event that is set at the next disconnect or reconnect."""
+        return self._changed
+
+    async def connected(self) -> None:
+        """Return once NATS is connected."""
+        await self._up.wait()
+
+    def jetstream(self, timeout: float) -> JetStreamContext:
+        return self.nc.jetstream(timeout=timeout)
+
+    async def open(self, deadline: float, **callbacks: Any) -> None:
+        """Connect, retrying until `deadline` (monotonic); StartupError naming the variable."""
+        urls = list(self._settings.effective_nats_urls)
+        shown = ", ".join(redact_url(u) for u in urls)
+        errors: list[BaseException] = []
+        backoff = Backoff(0.2, 2.0)
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+            if not self._closing and self._nc is not None and self._nc.is_connected:
+                log.warning("nats error", error=str(exc) or type(exc).__name__)
+
+        while True:
+            attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
+            try:
+                self._nc = await asyncio.wait_for(
+                    nats.connect(
+                        servers=urls,
+                        name="smsbus",
+                        connect_timeout=min(2.0, attempt),
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.25,
+                        ping_interval=5,
+                        max_outstanding_pings=2,
+                        error_cb=on_error,
+                        disconnected_cb=self._on_disconnected,
+                        reconnected_cb=self._on_reconnected,
+                        **callbacks,
+                    ),
+                    attempt,
+                )
+                break
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                errors.append(exc)
+                if time.monotonic() + backoff.ceiling > deadline:
+                    last = errors[-1]
+                    reason = str(last) or type(last).__name__
+                    raise StartupError(
+                        f"{variable_for(self._settings)}: cannot reach NATS at {shown}: {reason}"
+                    ) from None
+                wait = backoff.failed()
+                log.info("NATS not reachable yet; retrying", nats=shown, retry_in_s=round(wait, 2))
+                await asyncio.sleep(wait)
+        self._js = self._nc.jetstream(timeout=API_TIMEOUT)
+        self._up.set()
+
+    def _bump(self) -> None:
+        self.generation += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _on_disconnected(self) -> None:
+        self._up.clear()
+        self._bump()
+        if not self._closing:
+            log.warning("nats disconnected")
+
+    async def _on_reconnected(self) -> None:
+        url = self.nc.connected_url
+        log.info("nats reconnected", url=redact_url(url.geturl()) if url else None)
+        self._up.set()
+        self._bump()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await asyncio.wait_for(self._nc.close(), 5.0)

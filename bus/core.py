@@ -1,0 +1,217 @@
+"""The bus of one process, opened as one async context manager.
+
+`open_bus` starts, in order: the spool, the embedded nats-server (when SMSBUS_NATS_URL is empty),
+the NATS connection, the stream and buckets, the publisher and its drainer, the state mirror, the
+projector; every long-running loop under one `Supervisor`. It yields a `Bus` with every part
+built. Leaving the `async with` stops the loops and closes the resources in reverse order, in one
+place: the drainer gets SMSBUS_DRAIN_TIMEOUT to empty the spool before the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats.errors
+import structlog
+from nats.js.kv import KeyValue
+
+from bus.backoff import Backoff
+from bus.config import Settings, redact_url
+from bus.connection import Connection
+from bus.cursors import Cursors
+from bus.errors import StartupError
+from bus.metrics import Metrics
+from bus.nats_server import EmbeddedNats
+from bus.projector import Projector
+from bus.publisher import Publisher
+from bus.spool import Spool
+from bus.state import States
+from bus.stream import bucket_names, ensure_all, retrying, stream_exists
+from bus.supervisor import Beat, Supervisor
+
+log = structlog.get_logger("smsbus.bus")
+
+READINESS_CACHE = 1.0
+STALL_AFTER = 30.0  # a watch or consumer loop that has not beaten for this long is restarted
+
+
+@dataclass
+class ProviderState:
+    """What /readyz says of a provider."""
+
+    enabled: bool = False
+    leader: bool = False
+    last_success: str | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    reason: str
+    checked: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Bus:
+    settings: Settings
+    metrics: Metrics
+    conn: Connection
+    publisher: Publisher
+    states: States
+    cursors: Cursors
+    leases: KeyValue
+    projector: Projector
+    supervisor: Supervisor
+    providers: dict[str, ProviderState]
+    _readiness: Readiness = field(default_factory=lambda: Readiness(False, "starting", 0.0))
+
+    async def readiness(self) -> Readiness:
+        """NATS connected, and the stream present (that look-up cached for a second)."""
+        if not self.conn.is_connected:
+            self._readiness = Readiness(False, "NATS is not connected", checked=0.0)
+            return self._readiness
+        if time.monotonic() - self._readiness.checked < READINESS_CACHE:
+            return self._readiness
+        try:
+            present = await asyncio.wait_for(stream_exists(self.conn.js, self.settings.stream), 2.0)
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._readiness = Readiness(False, f"stream check failed: {type(exc).__name__}")
+            return self._readiness
+        if present:
+            self._readiness = Readiness(True, "ok")
+        else:
+            self._readiness = Readiness(False, f"stream {self.settings.stream} is missing")
+        return self._readiness
+
+    def detail(self) -> dict[str, object]:
+        """/readyz detail: each background task, and each watch or consumer with whether it is
+        behind or re-establishing."""
+        tasks = self.supervisor.statuses()
+        watches = {"state-mirror": self.states.follower, "projector": self.projector}
+        degraded = {n for n, t in tasks.items() if t.down} | {
+            n for n, w in watches.items() if w.behind
+        }
+        return {
+            "degraded": sorted(degraded),
+            "tasks": {n: t.public() for n, t in tasks.items()},
+            "watches": {n: w.public() for n, w in watches.items()},
+        }
+
+
+def check_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupError(f"SMSBUS_DATA_DIR: {path} is not writable: {exc.strerror}") from None
+
+
+def initial_providers(settings: Settings) -> dict[str, ProviderState]:
+    # smspilot's callbacks are always received; the others are on with their credentials.
+    return {
+        name: ProviderState(enabled=name == "smspilot" or p.enabled)
+        for name, p in settings.providers.items()
+    } or {"smspilot": ProviderState(enabled=True)}
+
+
+@contextlib.asynccontextmanager
+async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Bus]:
+    metrics = metrics or Metrics()
+    deadline = time.monotonic() + settings.startup_timeout
+    supervisor = Supervisor(on_restart=lambda name: metrics.task_restarts.labels(name).inc())
+    s = settings
+    async with contextlib.AsyncExitStack() as stack:
+        check_data_dir(s.data_dir)
+        spool = Spool(s.data_dir / "spool.sqlite3", on_depth=metrics.spool_depth.set)
+        await spool.open()
+        stack.push_async_callback(spool.close)
+        if s.embedded:
+            embedded = EmbeddedNats(
+                s.embedded_nats_port, s.data_dir / "nats", sync=s.embedded_nats_sync
+            )
+            await embedded.start()
+            stack.push_async_callback(embedded.stop)
+            log.info("embedded nats-server started", url=embedded.url)
+            stack.push_async_callback(
+                supervisor.spawn("embedded-nats", embedded.watch, backoff=Backoff(0.25, 10.0))
+            )
+        conn = Connection(s)
+        await conn.open(deadline)
+        stack.push_async_callback(conn.close)
+        buckets = await retrying(
+            deadline,
+            f"SMSBUS_STREAM: cannot create or update {s.stream} and its buckets",
+            lambda: ensure_all(conn.js, s),
+        )
+        states = States(
+            conn,
+            buckets.messages,
+            bucket_names(s.stream)[0],
+            on_open=lambda p, n: metrics.tracked.labels(p).set(n),
+        )
+        publisher = Publisher(
+            conn, spool, metrics, s.publish_timeout, s.duplicate_window, states.recorded
+        )
+        await publisher.start()
+        stack.push_async_callback(publisher.stop)
+        stack.push_async_callback(publisher.flush, s.drain_timeout)
+        stack.push_async_callback(supervisor.spawn("spool-drainer", publisher.run))
+        stack.push_async_callback(
+            supervisor.spawn("state-mirror", states.follower.run, stall_after=STALL_AFTER)
+        )
+        stack.push_async_callback(supervisor.spawn("mirror-prune", states.mirror.prune_every))
+        projector = Projector(conn, states, publisher, s.stream, s.subject_prefix)
+        await retrying(
+            deadline,
+            "SMSBUS_STREAM: cannot set up the projector consumer",
+            lambda: projector.ensure(conn.js),
+        )
+        stack.push_async_callback(
+            supervisor.spawn("projector", projector.run, stall_after=STALL_AFTER)
+        )
+
+        async def keep_schema(beat: Beat) -> None:
+            """After a reconnect (a restarted or replaced server), make sure the stream and the
+            buckets are there; they normally are, and then this is four look-ups."""
+            seen = conn.generation
+            while True:
+                change = conn.change()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(change.wait(), 1.0)
+                beat()
+                if conn.generation == seen or not conn.is_connected:
+                    continue
+                try:
+                    await ensure_all(conn.js, s)
+                    await projector.ensure(conn.js)
+                    seen = conn.generation
+                except (TimeoutError, nats.errors.Error) as exc:
+                    log.warning("stream check after reconnect failed; retrying", error=str(exc))
+
+        stack.push_async_callback(supervisor.spawn("schema", keep_schema))
+        log.info(
+            "bus ready",
+            nats=", ".join(redact_url(u) for u in s.effective_nats_urls),
+            stream=s.stream,
+            spool_depth=spool.depth,
+        )
+        yield Bus(
+            settings=s,
+            metrics=metrics,
+            conn=conn,
+            publisher=publisher,
+            states=states,
+            cursors=Cursors(buckets.cursors),
+            leases=buckets.leases,
+            projector=projector,
+            supervisor=supervisor,
+            providers=initial_providers(s),
+        )

@@ -1,0 +1,202 @@
+"""Following a stream in order, from the last sequence processed.
+
+A `Follower` reads one stream (a key-value bucket's stream, for the state mirror) through an
+ephemeral push consumer with idle heartbeats and flow control. It remembers the last stream
+sequence it applied, and there is one code path for a first start, a reconnect, a restarted
+server, a gap in the deliveries and a silent consumer: drop the consumer and create a new one that
+delivers from that sequence + 1. A disconnect or reconnect of the process's connection triggers it
+at once; a consumer that sends neither messages nor heartbeats for three heartbeat periods
+triggers it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
+
+from bus.backoff import Backoff
+from bus.connection import Connection
+from bus.supervisor import Beat
+
+log = structlog.get_logger("smsbus.follow")
+
+HEARTBEAT = 1.0
+SILENT_AFTER = 3 * HEARTBEAT
+INACTIVE_THRESHOLD = 30.0
+
+
+class Follower:
+    def __init__(
+        self,
+        conn: Connection,
+        name: str,
+        stream: str,
+        subject: str,
+        apply: Callable[[Msg], None],
+        on_reset: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.name = name
+        self._conn = conn
+        self._stream = stream
+        self._subject = subject
+        self._apply = apply
+        self._on_reset = on_reset
+        self.last = 0  # stream sequence of the last message applied
+        self.pending = 0  # messages the server still had for us at the last delivery
+        self.state = "starting"  # starting | loading | following | re-establishing
+        self.loaded = asyncio.Event()  # set once the first full read has caught up
+        self.establishments = 0
+        self._consumer: str | None = None
+        self._sub: Subscription | None = None
+        self._cseq = 0
+        self._activity = time.monotonic()
+        self._broken = asyncio.Event()
+
+    @property
+    def behind(self) -> bool:
+        return self.state != "following" or self.pending > 0
+
+    def public(self) -> dict[str, object]:
+        return {"state": self.state, "last_sequence": self.last, "pending": self.pending}
+
+    async def run(self, beat: Beat) -> None:
+        backoff = Backoff(0.05, 2.0)
+        while True:
+            while not self._conn.is_connected:
+                self.state = "re-establishing" if self.last else self.state
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._conn.connected(), HEARTBEAT)
+                beat()
+            change = self._conn.change()
+            try:
+                await self._establish()
+            except (TimeoutError, nats.errors.Error) as exc:
+                self.state = "re-establishing"
+                log.warning(
+                    "watch not re-established yet", watch=self.name,
+                    error=str(exc) or type(exc).__name__,
+                )  # fmt: skip
+                await self._teardown()
+                await asyncio.sleep(backoff.failed())
+                beat()
+                continue
+            backoff.succeeded()
+            try:
+                reason = await self._watch(change, beat)
+            finally:
+                await self._teardown()
+            self.state = "re-establishing"
+            log.info("watch re-establishing", watch=self.name, reason=reason, last=self.last)
+
+    async def _watch(self, change: asyncio.Event, beat: Beat) -> str:
+        """Wait until the consumer must be replaced; say why."""
+        while True:
+            waiters = [asyncio.ensure_future(e.wait()) for e in (change, self._broken)]
+            try:
+                await asyncio.wait(waiters, timeout=HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            beat()
+            if change.is_set():
+                return "connection changed"
+            if self._broken.is_set():
+                return "missed deliveries"
+            if time.monotonic() - self._activity > SILENT_AFTER:
+                return "no heartbeat"
+
+    async def _establish(self) -> None:
+        js = self._conn.js
+        if self.last:
+            info = await js.stream_info(self._stream)
+            if info.state.last_seq < self.last:  # a new stream under the old name
+                log.warning("watched stream was recreated; reloading", watch=self.name)
+                self.last = 0
+                self.loaded.clear()
+                self._on_reset()
+        self._broken.clear()
+        self._cseq = 0
+        self._activity = time.monotonic()
+        inbox = self._conn.nc.new_inbox()
+        self._sub = await self._conn.nc.subscribe(inbox, cb=self._on_msg)
+        config = ConsumerConfig(
+            deliver_subject=inbox,
+            filter_subject=self._subject,
+            ack_policy=AckPolicy.NONE,
+            max_deliver=1,
+            flow_control=True,
+            idle_heartbeat=HEARTBEAT,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=INACTIVE_THRESHOLD,
+        )
+        if self.last:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = self.last + 1
+        else:
+            config.deliver_policy = DeliverPolicy.LAST_PER_SUBJECT
+        self.state = "loading" if not self.loaded.is_set() else "following"
+        info = await js.add_consumer(self._stream, config)
+        self._consumer = info.name
+        self.establishments += 1
+        if info.num_pending == 0 and self._cseq == 0:
+            self.pending = 0
+            self._caught_up()
+
+    def _caught_up(self) -> None:
+        self.state = "following"
+        self.loaded.set()
+
+    async def _teardown(self) -> None:
+        sub, self._sub = self._sub, None
+        consumer, self._consumer = self._consumer, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        if consumer is not None and self._conn.is_connected:
+            # Best effort: the server drops it after INACTIVE_THRESHOLD anyway.
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await asyncio.wait_for(self._conn.js.delete_consumer(self._stream, consumer), 1.0)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get(Header.STATUS):
+            await self._on_status(msg)
+            return
+        self._activity = time.monotonic()
+        meta = msg.metadata
+        if meta.sequence.consumer != self._cseq + 1:
+            self._broken.set()  # a gap: start again from the last one applied
+            return
+        self._cseq = meta.sequence.consumer
+        if meta.sequence.stream > self.last:
+            self._apply(msg)
+            self.last = meta.sequence.stream
+        self.pending = meta.num_pending
+        if meta.num_pending == 0 and not self.loaded.is_set():
+            self._caught_up()
+        elif meta.num_pending == 0:
+            self.state = "following"
+
+    async def _on_status(self, msg: Msg) -> None:
+        """Idle heartbeats and flow-control requests from the server."""
+        self._activity = time.monotonic()
+        headers = msg.headers or {}
+        if msg.reply:  # a flow-control request: everything before it has been applied
+            with contextlib.suppress(nats.errors.Error):
+                await self._conn.nc.publish(msg.reply)
+        stalled = headers.get(Header.CONSUMER_STALLED)
+        if stalled:
+            with contextlib.suppress(nats.errors.Error):
+                await self._conn.nc.publish(stalled)
+        last = headers.get(Header.LAST_CONSUMER)
+        if last is not None and int(last) != self._cseq:
+            self._broken.set()

@@ -1,0 +1,79 @@
+"""`smsbus serve`: the bus, the pollers and the HTTP receiver in one process.
+
+Start-up opens the bus (bus.core.open_bus), starts the pollers' supervised tasks and serves HTTP;
+SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests finish, stops the pollers
+and closes the bus, whose last step is to drain the spool for up to SMSBUS_DRAIN_TIMEOUT. A second
+signal while it drains gives up the drain: the spool keeps its events for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from types import FrameType
+
+import structlog
+import uvicorn
+
+from bus.config import Settings
+from bus.core import open_bus
+from pollers.runner import start_pollers
+from receiver.app import create_app
+from receiver.server import bind, make_server
+
+log = structlog.get_logger("smsbus")
+
+
+class _Stop:
+    """What SIGTERM and SIGINT do: while serving, ask uvicorn to stop; once the bus is closing
+    (draining the spool), cancel the main task, which gives up the drain."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.draining = False
+        self.server: uvicorn.Server | None = None
+        self._main = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        # uvicorn installs its own handlers while serving and re-raises what it caught into
+        # these before `serve` returns, so those arrive here while `draining` is still False.
+        if self.draining:
+            log.warning("second stop signal: leaving without draining the spool")
+            if self._main is not None:
+                self._loop.call_soon_threadsafe(self._main.cancel)
+            return
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) -> int:
+    """Run until SIGTERM or Ctrl-C; then finish in-flight requests, flush the spool, exit 0."""
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sock = bind(settings)
+    try:
+        async with open_bus(settings) as bus, contextlib.AsyncExitStack() as stack:
+            if poll:
+                await start_pollers(bus, stack)
+            server = make_server(create_app(bus, receive=receive), settings)
+            stop.server = server
+            if not stop.requested:
+                log.info(
+                    "serving",
+                    url=f"http://{settings.http_host}:{settings.http_port}",
+                    callback_route="/callbacks/smspilot"
+                    + ("/<token>" if settings.smspilot_callback_tokens else ""),
+                )
+                await server.serve(sockets=[sock])
+            stop.draining = True
+    except asyncio.CancelledError:
+        if not stop.requested:
+            raise
+    finally:
+        sock.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,103 @@
+"""The supervisor restarts what fails or stalls, counts it, shows it, and stops in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from bus.backoff import Backoff
+from bus.supervisor import Beat, Supervisor
+from tests.support import await_for
+
+
+def test_a_loop_that_raises_is_restarted_counted_and_shown_down_until_it_beats() -> None:
+    async def scenario() -> None:
+        restarts: list[str] = []
+        supervisor = Supervisor(on_restart=restarts.append)
+        runs = 0
+        healthy = asyncio.Event()
+
+        async def flaky(beat: Beat) -> None:
+            nonlocal runs
+            runs += 1
+            if runs <= 2:
+                raise RuntimeError(f"boom {runs}")
+            await healthy.wait()
+            beat()
+            await asyncio.Event().wait()
+
+        stop = supervisor.spawn("flaky", flaky, backoff=Backoff(0.01, 0.02))
+        status = supervisor.statuses()["flaky"]
+        await await_for(lambda: _true(runs == 3), what="the third run")
+        assert ["flaky", "flaky"] == restarts
+        assert (2, "RuntimeError: boom 2") == (status.restarts, status.last_error)
+        assert status.down and status.down_since is not None
+        healthy.set()
+        await await_for(lambda: _true(not status.down), what="the loop to be up again")
+        assert "running" == status.state and status.down_since is None
+        await stop()
+        assert "stopped" == status.state
+
+    asyncio.run(scenario())
+
+
+def test_a_loop_that_stops_beating_is_cancelled_and_restarted() -> None:
+    async def scenario() -> None:
+        supervisor = Supervisor()
+        cancelled = 0
+        runs = 0
+
+        async def stuck(beat: Beat) -> None:
+            nonlocal cancelled, runs
+            runs += 1
+            try:
+                await asyncio.Event().wait()  # never beats
+            except asyncio.CancelledError:
+                cancelled += 1
+                raise
+
+        stop = supervisor.spawn("stuck", stuck, stall_after=0.3, backoff=Backoff(0.01, 0.02))
+        status = supervisor.statuses()["stuck"]
+        await await_for(lambda: _true(runs >= 2), what="a restart after the stall")
+        assert cancelled >= 1
+        assert "no progress for 0.3 s" == status.last_error
+        await stop()
+
+    asyncio.run(scenario())
+
+
+def test_loops_stop_in_reverse_order_of_start_with_their_resources() -> None:
+    async def scenario() -> list[str]:
+        supervisor = Supervisor()
+        order: list[str] = []
+
+        def loop(name: str):  # type: ignore[no-untyped-def]
+            async def run(beat: Beat) -> None:
+                try:
+                    await asyncio.Event().wait()
+                finally:
+                    order.append(name)
+
+            return run
+
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(order.append, "resource")
+            for name in ("first", "second", "third"):
+                stack.push_async_callback(supervisor.spawn(name, loop(name)))
+            await asyncio.sleep(0.01)
+        return order
+
+    assert ["third", "second", "first", "resource"] == asyncio.run(scenario())
+
+
+def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
+    backoff = Backoff(1.0, 8.0, draw=lambda low, high: high)
+    assert [1.0, 2.0, 4.0, 8.0, 8.0] == [backoff.failed() for _ in range(5)]
+    backoff.succeeded()
+    assert 1.0 == backoff.failed()
+    jittered = Backoff(10.0, 10.0, jitter=0.5)
+    assert all(5.0 <= jittered.failed() <= 10.0 for _ in range(100))
+
+
+async def _true(value: bool) -> bool:
+    return value

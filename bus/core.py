@@ -156,7 +156,10 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             buckets.messages,
             bucket_names(s.stream)[0],
             on_open=lambda p, n: metrics.tracked.labels(p).set(n),
+            direct=s.stream_replicas == 1,
         )
+        await states.start()
+        stack.push_async_callback(states.stop)
         publisher = Publisher(
             conn, spool, metrics, s.publish_timeout, s.duplicate_window, states.recorded
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 
@@ -56,6 +57,7 @@ class MessageIndex:
         self._by_provider: dict[str, dict[str, MessageState]] = {}
         self._keys: dict[str, tuple[str, str]] = {}
         self._revisions: dict[str, int] = {}
+        self._own: list[int] = []  # a heap: revisions this process wrote and `observe`d
 
     @property
     def held(self) -> int:
@@ -77,9 +79,15 @@ class MessageIndex:
 
     def apply(self, msg: Msg) -> None:
         """One message of the bucket's stream, as the follower delivers it (in order)."""
+        revision = msg.metadata.sequence.stream
+        own = self._own
+        while own and own[0] < revision:  # superseded before the watch got to them
+            heapq.heappop(own)
+        if own and own[0] == revision:
+            heapq.heappop(own)
+            return  # our own write: applied when it was acknowledged
         key = msg.subject[len(self._prefix) :]
         headers = msg.headers or {}
-        revision = msg.metadata.sequence.stream
         if (
             headers.get("KV-Operation") in _DELETES
             or headers.get("Nats-Marker-Reason") in _MARKER_DELETES
@@ -99,12 +107,14 @@ class MessageIndex:
         delivers it. A revision the follower has already passed is old news."""
         if revision <= self._floor() or revision <= self._revisions.get(key, 0):
             return
+        heapq.heappush(self._own, revision)
         self._hold(key, state, revision)
 
     def clear(self) -> None:
         """Forget everything (the bucket's stream was recreated)."""
         for key in list(self._keys):
             self._forget(key)
+        self._own.clear()
 
     def _hold(self, key: str, state: MessageState, revision: int) -> None:
         if revision < self._revisions.get(key, 0):

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -34,6 +37,8 @@ from bus.state import States
 from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.projector")
+
+Step = Callable[[], Awaitable[None]]
 
 DURABLE = "smsbus-projector"
 BATCH = 256
@@ -118,12 +123,17 @@ class Projector:
             beat()
             fetch = asyncio.ensure_future(sub.fetch(BATCH, timeout=FETCH_WAIT))
             changed = asyncio.ensure_future(change.wait())
-            await asyncio.wait({fetch, changed}, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            if not fetch.done():
-                fetch.cancel()  # its messages, if any arrive, come back after ACK_WAIT
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError, nats.errors.Error):
-                    await fetch
+            try:
+                await asyncio.wait({fetch, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+                if not fetch.done():
+                    fetch.cancel()  # its messages, if any arrive, come back after ACK_WAIT
+                    with contextlib.suppress(
+                        asyncio.CancelledError, TimeoutError, nats.errors.Error
+                    ):
+                        await fetch
+            if fetch.cancelled():
                 return
             try:
                 msgs = fetch.result()
@@ -135,67 +145,58 @@ class Projector:
                 return
             self.pending = msgs[-1].metadata.num_pending if msgs else 0
             # Messages about one key are applied in stream order; different keys concurrently.
-            groups: dict[str, list[Msg]] = {}
+            groups: dict[str, list[tuple[Msg, Step]]] = {}
             for msg in msgs:
-                groups.setdefault(self._key_of(msg), []).append(msg)
+                key, step = self._plan(msg)
+                groups.setdefault(key, []).append((msg, step))
             await asyncio.gather(*(self._apply_in_order(group) for group in groups.values()))
 
-    async def _apply_in_order(self, msgs: list[Msg]) -> None:
+    async def _apply_in_order(self, steps: list[tuple[Msg, Step]]) -> None:
         async with self._gate:
-            for i, msg in enumerate(msgs):
+            for i, (msg, step) in enumerate(steps):
                 try:
-                    await self.apply(msg)
+                    await step()
                     await msg.ack()
                 except (TimeoutError, nats.errors.Error, PublishError) as exc:
                     # Neither this nor the rest of its key is applied: all come back after
                     # RETRY_AFTER, in stream order (after ACK_WAIT if even the nak is lost).
                     log.warning("projector write failed", error=str(exc) or type(exc).__name__)
                     with contextlib.suppress(nats.errors.Error):
-                        for rest in msgs[i:]:
+                        for rest, _ in steps[i:]:
                             await rest.nak(delay=RETRY_AFTER)
                     return
 
-    @staticmethod
-    def _key_of(msg: Msg) -> str:
-        """The state key a message will touch (a best guess for junk, which touches none)."""
-        try:
-            data = orjson.loads(msg.data)
-            if isinstance(data, list):
-                return msg.subject  # a batch of registrations touches many keys
-            data = data.get("data", data)
-            # A mailing's numbers all touch the mailing's entry: keep them in one group.
-            return kv_key(str(data["provider"]), str(data["message_id"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            return msg.subject
-
-    async def apply(self, msg: Msg) -> None:
+    def _plan(self, msg: Msg) -> tuple[str, Step]:
+        """Decode a stream message once: the state key it touches (its group; a mailing's
+        numbers all touch the mailing's entry, so they share one) and the step that applies it.
+        Junk becomes a dead letter."""
         kind, provider = msg.subject.split(".")[1:3]
-        stored_at = rfc3339(msg.metadata.timestamp) if msg.metadata.timestamp else None
         if kind == "track":
-            await self._track(msg, provider, stored_at or rfc3339(utcnow()))
-        else:
-            await self._status(msg)
-
-    async def _track(self, msg: Msg, provider: str, at: str) -> None:
-        try:
-            items = parse_track_batch(msg.data, provider_hint=provider)
-        except PayloadError as exc:
-            await self._dead_letter(msg, provider, str(exc))
-            return
-        await self._states.register(items, at)
-
-    async def _status(self, msg: Msg) -> None:
+            try:
+                items = parse_track_batch(msg.data, provider_hint=provider)
+            except PayloadError as exc:
+                return msg.subject, partial(self._dead_letter, msg, provider, str(exc))
+            stamp = msg.metadata.timestamp
+            at = rfc3339(stamp) if stamp else rfc3339(utcnow())
+            if len(items) == 1:
+                key = kv_key(items[0].provider, items[0].message_id)
+            else:
+                key = msg.subject  # a batch of registrations touches many keys
+            return key, partial(self._states.register, items, at)
         try:
             event = orjson.loads(msg.data)
             data, event_id = event["data"], str(event["id"])
-            provider, phone = data["provider"], data.get("phone")
-            key = kv_key(provider, message_key(provider, data["message_id"], phone))
+            key = kv_key(str(data["provider"]), str(data["message_id"]))
             complete = all(f in data for f in ("status", "final", "provider_status", "occurred_at"))
         except (orjson.JSONDecodeError, KeyError, TypeError):
             complete = False
         if not complete:
-            await self._dead_letter(msg, msg.subject.split(".")[2], "not a status event")
-            return
+            return msg.subject, partial(self._dead_letter, msg, provider, "not a status event")
+        return key, partial(self._status, data, event_id)
+
+    async def _status(self, data: dict[str, Any], event_id: str) -> None:
+        provider, phone = data["provider"], data.get("phone")
+        key = kv_key(provider, message_key(provider, data["message_id"], phone))
         await self._states.update(key, lambda s: apply_status(s, data, event_id))
         if provider == "smspager" and phone:  # the mailing's aggregate, beside the number
             mailing = kv_key(provider, data["message_id"])

@@ -26,11 +26,11 @@ from typing import Any
 import nats.errors
 import structlog
 
-from bus.acks import AckError, Acks
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.events import Event
 from bus.metrics import Metrics
+from bus.replies import Replies, ReplyError, ack
 from bus.spool import Row, Spool
 from bus.supervisor import Beat
 
@@ -53,7 +53,7 @@ def _expire(future: asyncio.Future[Any]) -> None:
 
 
 def _in_process(exc: BaseException | None) -> bool:
-    return isinstance(exc, AckError) and exc.err_code == IN_PROCESS
+    return isinstance(exc, ReplyError) and exc.err_code == IN_PROCESS
 
 
 # What a failed publish attempt can raise: nats-py's client and JetStream errors, and our timeout.
@@ -77,7 +77,7 @@ class Publisher:
         recorded: Recorded = _never,
     ) -> None:
         self._conn = conn
-        self._acks = Acks(conn.nc)
+        self._replies = Replies(conn.nc)
         self._spool = spool
         self._metrics = metrics
         self._timeout = timeout
@@ -94,10 +94,10 @@ class Publisher:
         self._recorded = recorded
 
     async def start(self) -> None:
-        await self._acks.start()
+        await self._replies.start()
 
     async def stop(self) -> None:
-        await self._acks.stop()
+        await self._replies.stop()
 
     async def publish(self, event: Event) -> str:
         """Make the event durable; return "published" or "spooled", or raise PublishError."""
@@ -151,8 +151,8 @@ class Publisher:
             future, started = await self._send(event)
             handle = loop.call_at(deadline, _expire, future)
             try:
-                await future
-            except AckError as exc:
+                ack(await future)
+            except ReplyError as exc:
                 wait = resend.failed()
                 if not _in_process(exc) or loop.time() + wait >= deadline:
                     raise
@@ -167,10 +167,10 @@ class Publisher:
     async def _send(self, event: Event) -> tuple[asyncio.Future[Any], float]:
         # Past MAX_PENDING unacknowledged publishes NATS is stalled: fail over to the spool
         # rather than pile up more.
-        if self._acks.pending >= MAX_PENDING:
+        if self._replies.pending >= MAX_PENDING:
             raise _AckTimeout()
         started = time.perf_counter()
-        future = await self._acks.publish(event.subject, event.payload, event.headers)
+        future = await self._replies.request(event.subject, event.payload, event.headers)
         return future, started
 
     def _count_ack(self, event: Event, started: float) -> None:
@@ -246,6 +246,11 @@ class Publisher:
         acked = []
         for row, future, started in sent:
             exc = _AckTimeout() if future.cancelled() else future.exception()
+            if exc is None:
+                try:
+                    ack(future.result())
+                except ReplyError as refused:
+                    exc = refused
             if _in_process(exc):
                 with contextlib.suppress(*_ATTEMPT_ERRORS):
                     await self._publish_acked(row.event)

@@ -3,6 +3,10 @@ writing it.
 
 Reads go to the mirror first and to the bucket when the mirror does not hold the key, so a state
 written a moment ago by another replica is never missed (CONTRACT.md section 3, read your writes).
+A bucket read must see every write acknowledged before it: on a replicated bucket it asks the
+stream leader (`STREAM.MSG.GET`; a direct get may be answered by a replica that is behind); on a
+bucket with one replica, that replica is the leader, so reads use direct gets, and the reads of
+one event-loop turn go out as one batched request (`multi_last`).
 Writes are compare-and-set on the key's revision, starting from the mirror's copy (no read when it
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
 """
@@ -22,10 +26,14 @@ from bus.events import Event
 from bus.follow import Follower
 from bus.index import MessageIndex
 from bus.messages import MessageState, TrackItem, kv_key, message_key, register
+from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored
 
 CAS_ATTEMPTS = 50
 WRITES_AT_ONCE = 64  # concurrent writes of one batch of registrations
-LOOKUP_TIMEOUT = 1.0
+READ_TIMEOUT = 2.0
+LOOKUP_TIMEOUT = 1.0  # a callback or poll waits this long at most for the bucket
+BATCH_READ = 200  # keys per batched direct get (the server answers at most 1024)
+BATCH_TIMEOUT = LOOKUP_TIMEOUT  # for each reply of a batched direct get
 
 
 async def read_state(kv: KeyValue, key: str) -> tuple[MessageState | None, int]:
@@ -44,9 +52,18 @@ class States:
         kv: KeyValue,
         bucket: str,
         on_open: Callable[[str, int], None] = lambda p, n: None,
+        direct: bool = False,
     ) -> None:
         self._conn = conn
         self.kv = kv
+        self._replies = Replies(conn.nc)
+        self._direct = direct
+        self._get = f"$JS.API.STREAM.MSG.GET.KV_{bucket}"
+        self._direct_get = f"$JS.API.DIRECT.GET.KV_{bucket}"
+        self._subject = f"$KV.{bucket}."
+        self._queued: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]] = {}
+        self._flush_soon = False
+        self._batches: set[asyncio.Task[None]] = set()
         self.mirror = MessageIndex(bucket, on_open=on_open, floor=lambda: self.follower.last)
         self.follower = Follower(
             conn,
@@ -57,9 +74,91 @@ class States:
             on_reset=self.mirror.clear,
         )
 
-    async def read(self, key: str) -> tuple[MessageState | None, int]:
-        """The bucket's copy of a key. NATS errors pass through."""
-        return await read_state(self.kv, key)
+    async def start(self) -> None:
+        await self._replies.start()
+
+    async def stop(self) -> None:
+        await self._replies.stop()
+
+    async def read(
+        self, key: str, timeout: float = READ_TIMEOUT
+    ) -> tuple[MessageState | None, int]:
+        """The bucket leader's copy of a key, and its revision ((None, 0) when there is none).
+        NATS errors pass through, and TimeoutError after `timeout` (BATCH_TIMEOUT for a batched
+        direct get)."""
+        if self._direct:
+            future = asyncio.get_running_loop().create_future()
+            self._queued.setdefault(key, []).append(future)
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
+            return await future  # the batch bounds the wait (BATCH_TIMEOUT)
+        request = orjson.dumps({"last_by_subj": self._subject + key})
+        future = await self._replies.request(self._get, request)
+        try:
+            found = stored(await asyncio.wait_for(future, timeout))
+        finally:
+            future.cancel()
+        if found is None:
+            return None, 0
+        data, revision = found
+        return (MessageState.from_json(data) if data else None), revision
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        queued, self._queued = self._queued, {}
+        keys = list(queued)
+        for start in range(0, len(keys), BATCH_READ):
+            batch = {k: queued[k] for k in keys[start : start + BATCH_READ]}
+            task = asyncio.create_task(self._read_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _read_batch(
+        self, batch: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]]
+    ) -> None:
+        """One direct get for many keys: a reply per key found, then a status (204 end of
+        batch, or 404 when none was found); for one key, its value or a 404."""
+        found: dict[str, tuple[MessageState | None, int]] = {}
+        error: BaseException | None = None
+        subjects = [self._subject + key for key in batch]
+        token = None
+        try:
+            if len(subjects) == 1:  # the server's cheapest read: the key in the subject
+                subject, request = f"{self._direct_get}.{subjects[0]}", b""
+            else:
+                subject = self._direct_get
+                request = orjson.dumps({"multi_last": subjects, "batch": len(subjects)})
+            token, replies = await self._replies.request_many(subject, request)
+            while True:
+                msg = await asyncio.wait_for(replies.get(), BATCH_TIMEOUT)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is not None:
+                    if status not in ("204", "404"):
+                        error = ReplyError(int(status), 0, headers.get("Description", ""))
+                    break
+                key = headers["Nats-Subject"][len(self._subject) :]
+                found[key] = (_state_of(msg.data, headers), int(headers["Nats-Sequence"]))
+                if len(subjects) == 1:
+                    break  # a single get has no end-of-batch status
+        except (TimeoutError, nats.errors.Error, KeyError, ValueError) as exc:
+            error = (
+                exc
+                if isinstance(exc, TimeoutError | nats.errors.Error)
+                else ReplyError(0, 0, f"unreadable batch reply: {type(exc).__name__}")
+            )
+        finally:
+            if token is not None:
+                self._replies.done(token)
+        for key, futures in batch.items():
+            for future in futures:
+                if future.done():
+                    continue
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(found.get(key, (None, 0)))
 
     async def lookup(self, provider: str, message_key: str) -> MessageState | None:
         """The state of a message: the mirror's, else the bucket's. When the bucket cannot be
@@ -68,8 +167,7 @@ class States:
         if held is not None or not self._conn.is_connected:
             return held
         try:
-            key = kv_key(provider, message_key)
-            state, _ = await asyncio.wait_for(read_state(self.kv, key), LOOKUP_TIMEOUT)
+            state, _ = await self.read(kv_key(provider, message_key), LOOKUP_TIMEOUT)
         except (TimeoutError, nats.errors.Error):
             return None
         return state
@@ -81,7 +179,7 @@ class States:
         provider = data["provider"]
         key = kv_key(provider, message_key(provider, data["message_id"], data.get("phone")))
         try:
-            state, _ = await read_state(self.kv, key)
+            state, _ = await self.read(key)
         except (TimeoutError, nats.errors.Error):
             return False
         return state is not None and state.records(event.id)
@@ -96,20 +194,29 @@ class States:
             if attempt == 0:
                 current, revision = self.mirror.entry(key)
             else:
-                current, revision = await read_state(self.kv, key)
+                current, revision = await self.read(key)
             new = change(current)
             if new == current:
                 return new
             try:
-                if revision:
-                    revision = await self.kv.update(key, new.to_json(), last=revision)
-                else:
-                    revision = await self.kv.create(key, new.to_json())
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # someone else wrote it; read again
+                revision = await self._write(key, new.to_json(), revision)
+            except ReplyError as exc:
+                if exc.err_code in WRONG_LAST:
+                    continue  # someone else wrote it; read again
+                raise
             self.mirror.observe(key, new, revision)
             return new
         raise nats.errors.Error(f"{key}: still contended after {CAS_ATTEMPTS} attempts")
+
+    async def _write(self, key: str, value: bytes, last: int) -> int:
+        """Put `value` under `key` if the key's last revision is still `last` (0: no value yet);
+        the new revision. ReplyError on a conflict (WRONG_LAST) or a refusal."""
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        future = await self._replies.request(self._subject + key, value, headers)
+        try:
+            return ack(await asyncio.wait_for(future, READ_TIMEOUT)).seq
+        finally:
+            future.cancel()
 
     async def register(self, items: list[TrackItem], at: str) -> None:
         """Apply registrations (at most WRITES_AT_ONCE writes in flight); NATS errors pass
@@ -125,3 +232,13 @@ class States:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+
+def _state_of(data: bytes, headers: dict[str, str]) -> MessageState | None:
+    """A bucket value as a state: None for a delete marker or a value that does not read."""
+    if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
+        return None
+    try:
+        return MessageState.from_json(data)
+    except (ValueError, TypeError):
+        return None

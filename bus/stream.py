@@ -97,10 +97,13 @@ async def ensure_bucket(
         storage=StorageType.FILE,
         replicas=replicas,
         ttl=_seconds_or_none(max_age),
-        direct=True,  # reads may be answered by any replica of the bucket, without its leader
+        # Direct gets only with a single replica: on a replicated bucket any replica may answer
+        # one, also one that is behind, and a state read must see every write acknowledged
+        # before it (read your writes). bus.state reads the leader there.
+        direct=replicas == 1,
     )
     try:
-        await js.key_value(name)
+        bucket = await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         return await js.create_key_value(config)
     info = await js.stream_info(f"KV_{name}")
@@ -111,11 +114,12 @@ async def ensure_bucket(
         num_replicas=replicas,
         max_age=max_age or 0.0,
         duplicate_window=min(window, max_age) if max_age else window,
-        allow_direct=True,
+        allow_direct=replicas == 1,
     )
-    if _differs(updated, current) or not current.allow_direct:
+    if _differs(updated, current) or bool(current.allow_direct) != (replicas == 1):
         await js.update_stream(updated)
-    return await js.key_value(name)  # bound again: it reads allow_direct
+        bucket = await js.key_value(name)  # bound again: it reads allow_direct
+    return bucket
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,14 +62,14 @@ class Lease:
         return self._revision != 0 and time.monotonic() < self._valid_until
 
     async def acquire(self) -> bool:
-        """Take the lease if nobody holds it."""
+        """Take the lease if nobody holds it (or if the key is ours already: see `_reclaim`)."""
         started = time.monotonic()
         try:
             self._revision = await asyncio.wait_for(
                 self._bucket.create(self.key, self._holder), self._call_timeout
             )
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False  # someone holds it
+            return await self._reclaim(started)
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("lease not acquired", lease=self.key, error=str(exc) or type(exc).__name__)
             return False
@@ -85,11 +85,29 @@ class Lease:
                 self._call_timeout,
             )
         except nats.js.errors.KeyWrongLastSequenceError:
-            self._revision = 0
-            return False
+            return await self._reclaim(started)
         except (TimeoutError, nats.errors.Error) as exc:
             log.warning("lease not renewed", lease=self.key, error=str(exc) or type(exc).__name__)
             return self.held()
+        self._valid_until = started + self._ttl * MAX_AGE
+        return True
+
+    async def _reclaim(self, started: float) -> bool:
+        """The key is not at the revision we know. A write of ours that timed out may have been
+        applied after all (nats-py sends what it buffered once it reconnects): if the key still
+        names us, it is ours, and renewing it keeps it; else someone else holds it."""
+        self._revision = 0
+        try:
+            entry = await asyncio.wait_for(self._bucket.get(self.key), self._call_timeout)
+            if entry.value != self._holder:
+                return False
+            self._revision = await asyncio.wait_for(
+                self._bucket.update(self.key, self._holder, last=entry.revision),
+                self._call_timeout,
+            )
+        except (TimeoutError, nats.errors.Error):
+            self._revision = 0  # gone, taken, or unreachable: not ours now
+            return False
         self._valid_until = started + self._ttl * MAX_AGE
         return True
 

@@ -35,10 +35,17 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
     factory: Any
     if as_json:
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        shared.append(structlog.processors.dict_tracebacks)
+        # No local variables in tracebacks: they could hold a credential.
+        shared.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
         factory = structlog.BytesLoggerFactory(stream.buffer)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         factory = structlog.WriteLoggerFactory(stream)
     structlog.configure(
         processors=[*shared, renderer],

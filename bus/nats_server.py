@@ -130,6 +130,9 @@ class EmbeddedNats:
                 stdout=log_file,
                 stderr=log_file,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Its own session: a Ctrl-C in the terminal reaches smsbus only, which drains
+                # its spool into this server before stopping it.
+                start_new_session=True,
             )
         await self._wait_ready(timeout)
 

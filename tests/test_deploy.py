@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-MANIFESTS = sorted(p for p in (DEPLOY / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
+MANIFESTS = sorted(p for p in (DEPLOY / "k8s").glob("**/*.yaml") if p.name != "kustomization.yaml")
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 
 
@@ -37,7 +37,31 @@ def test_a_broken_manifest_is_rejected() -> None:
 def test_kustomization_lists_every_manifest_but_the_secret_example() -> None:
     [kustomization] = load(DEPLOY / "k8s" / "kustomization.yaml")
     listed = set(kustomization["resources"])
-    assert {p.name for p in MANIFESTS} - {"secret.example.yaml"} == listed
+    top = {p.name for p in MANIFESTS if p.parent == DEPLOY / "k8s"}
+    assert top - {"secret.example.yaml"} == listed
+
+
+def test_the_statefulset_variant_runs_the_same_pod_with_a_claim_for_the_spool() -> None:
+    [kustomization] = load(DEPLOY / "k8s" / "statefulset" / "kustomization.yaml")
+    assert ["..", "statefulset.yaml", "service.yaml"] == kustomization["resources"]
+    assert "kind: Deployment" in kustomization["patches"][0]["patch"]  # deleted from the base
+    [deployment] = load(DEPLOY / "k8s" / "deployment.yaml")
+    [statefulset] = load(DEPLOY / "k8s" / "statefulset" / "statefulset.yaml")
+    pod, stateful_pod = deployment["spec"]["template"], statefulset["spec"]["template"]
+    volumes = pod["spec"].pop("volumes")
+    assert [v for v in volumes if v["name"] != "smsbus-data"] == stateful_pod["spec"].pop("volumes")
+    assert pod == stateful_pod
+    [claim] = statefulset["spec"]["volumeClaimTemplates"]
+    assert "smsbus-data" == claim["metadata"]["name"]
+
+
+def test_the_grace_period_covers_the_spool_drain() -> None:
+    [deployment] = load(DEPLOY / "k8s" / "deployment.yaml")
+    [config] = load(DEPLOY / "k8s" / "configmap.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    drain = float(config["data"]["SMSBUS_DRAIN_TIMEOUT"])
+    # preStop 5 s, in-flight callbacks up to 10 s, then the drain.
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 10 + drain
 
 
 def test_smsbus_is_a_native_sidecar_probed_and_locked_down() -> None:

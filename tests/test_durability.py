@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import itertools
 import random
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,5 +193,81 @@ def test_embedded_nats_starts_with_serve_and_stops_with_it(tmp_path: Path) -> No
     try:
         stored = read_stream(f"nats://127.0.0.1:{nats_port}", "SMS", "sms.status.>")
         assert [server_id] == [s.event["data"]["message_id"] for s in stored]
+    finally:
+        assert 0 == bus.stop()
+
+
+def test_every_spooled_event_counts_as_a_publish_failure(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(
+        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
+    ).start()
+    try:
+        assert 0 == bus.metric("smsbus_publish_failures_total")
+        nats.kill(signal.SIGKILL)
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            answers = [call(client, str(next(_ids))) for _ in range(15)]
+        assert [(200, "OK")] * 15 == [(a.status, a.text) for a in answers]
+        assert 15 == bus.spool_depth()
+        assert 15 == bus.metric("smsbus_publish_failures_total")
+        nats.start()
+        wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+        assert 15 == bus.metric("smsbus_publish_failures_total")  # draining is not failing
+        assert 0 == bus.stop()
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def test_a_stopped_replica_drains_its_spool_before_its_data_dir_is_deleted(
+    tmp_path: Path,
+) -> None:
+    """A pod deleted during a NATS outage: SIGTERM with events in the spool, whose emptyDir is
+    deleted once the process has exited. It keeps trying for SMSBUS_DRAIN_TIMEOUT, so the events
+    reach NATS when it is back in that time, and nothing answered OK is lost."""
+    nats = NatsServer(tmp_path / "nats").start()
+    env = isolated_env(
+        nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT), SMSBUS_DRAIN_TIMEOUT="60"
+    )
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            published = [str(next(_ids)) for _ in range(5)]
+            assert all(call(client, i).text == "OK" for i in published)
+            nats.kill(signal.SIGKILL)
+            spooled = [str(next(_ids)) for _ in range(25)]
+            assert all(call(client, i).text == "OK" for i in spooled)
+        assert 25 == bus.spool_depth()
+        bus.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        wait_for(lambda: "draining the spool before exit" in bus.logs(), what="the drain")
+        with pytest.raises(subprocess.TimeoutExpired):
+            bus.proc.wait(3)  # type: ignore[union-attr]  # still waiting for NATS
+        nats.start()
+        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
+        shutil.rmtree(bus.data_dir)  # the emptyDir goes with the pod
+        assert dict.fromkeys(published + spooled, 1) == dict(stored_ids(nats, bus))
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def test_embedded_nats_gets_the_configured_sync_interval(tmp_path: Path) -> None:
+    env = {"SMSBUS_EMBEDDED_NATS_PORT": str(free_port()), "SMSBUS_EMBEDDED_NATS_SYNC": "always"}
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        config = (tmp_path / "bus" / "nats" / "nats-server.conf").read_text()
+        assert "sync_interval: always" in config
+        answer = httpx.get(
+            f"{bus.base}/callbacks/smspilot", params={"server_id": next(_ids), "status": 2}
+        )
+        assert "OK" == answer.text
+    finally:
+        assert 0 == bus.stop()
+    bus.env["SMSBUS_EMBEDDED_NATS_SYNC"] = "30s"
+    bus.start()
+    try:
+        assert (
+            'sync_interval: "30s"' in (tmp_path / "bus" / "nats" / "nats-server.conf").read_text()
+        )
     finally:
         assert 0 == bus.stop()

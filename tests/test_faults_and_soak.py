@@ -23,8 +23,12 @@ def run(script: str, *args: str, timeout: float) -> str:
     return done.stdout
 
 
-def test_chaos_loses_and_doubles_nothing() -> None:
-    out = run("chaos.py", "--duration", "40", "--rate", "50", timeout=400)
+@pytest.mark.parametrize(
+    ("topology", "duration"), [("cluster", 40), ("single", 30), ("embedded", 30)]
+)
+def test_chaos_loses_and_doubles_nothing(topology: str, duration: int) -> None:
+    args = ("--topology", topology, "--duration", str(duration), "--rate", "50")
+    out = run("chaos.py", *args, timeout=400)
     faults = re.search(r"faults: (\d+) \((.*)\)", out)
     assert faults is not None and int(faults.group(1)) >= 3
     for kind in ("kill nats", "pause nats", "kill smsbus"):
@@ -32,6 +36,12 @@ def test_chaos_loses_and_doubles_nothing() -> None:
     for label in ("callbacks answered OK", "scripted provider statuses", "inbound SMS"):
         tally = re.search(rf"{label}: expected (\d+), stored (\d+), missing 0, duplicated 0", out)
         assert tally is not None and int(tally.group(1)) > 0, label
+    polled = re.search(
+        r"registered after a fault and polled within interval \+ 2 s: (\d+) of (\d+)", out
+    )
+    assert polled is not None
+    if topology != "cluster":
+        assert polled.group(1) == polled.group(2)
     assert "result: PASS" in out
 
 

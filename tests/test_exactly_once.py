@@ -1,0 +1,134 @@
+"""Read your writes and exactly once per fact, with two replicas on one NATS: a callback right
+after `POST /v1/messages` answered 202 carries the tracking data on either replica, and a fact
+repeated after the stream's duplicate window (by a callback, or from a spool) is not stored
+again."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from bus.events import status_event, utcnow
+from tests.support import NatsServer, Smsbus, Stored, isolated_env, read_stream, wait_for
+
+pytestmark = pytest.mark.slow
+WINDOW = 2.0
+_ids = itertools.count(random.randrange(10**8, 10**9))
+
+
+@pytest.fixture(scope="module")
+def pair(
+    nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Smsbus]]:
+    env = isolated_env(nats_server.url, SMSBUS_DUPLICATE_WINDOW=str(WINDOW))
+    root = tmp_path_factory.mktemp("pair")
+    buses = [Smsbus(env, root / name).start() for name in ("a", "b")]
+    yield buses
+    for bus in buses:
+        assert 0 == bus.stop()
+
+
+def stored(nats: NatsServer, bus: Smsbus, message_id: str) -> list[Stored]:
+    found = read_stream(nats.url, bus.stream, f"{bus.prefix}.status.smspilot.>")
+    return [s for s in found if s.event["subject"] == message_id]
+
+
+def callback(client: httpx.Client, bus: Smsbus, server_id: str, status: int) -> None:
+    answer = client.get(
+        f"{bus.base}/callbacks/smspilot", params={"server_id": server_id, "status": status}
+    )
+    assert (200, "OK") == (answer.status_code, answer.text)
+
+
+@pytest.mark.parametrize("where", ["same", "other"])
+def test_a_callback_right_after_the_202_carries_the_tracking_data(
+    where: str, nats_server: NatsServer, pair: list[Smsbus]
+) -> None:
+    registrar, receiver = pair[0], pair[0] if where == "same" else pair[1]
+    ids = [str(next(_ids)) for _ in range(40)]
+    with httpx.Client(timeout=10) as client:
+        for n, server_id in enumerate(ids):
+            item = {"provider": "smspilot", "message_id": server_id,
+                    "phone": f"7903{n:07d}", "client_ref": f"order-{server_id}"}  # fmt: skip
+            answer = client.post(f"{registrar.base}/v1/messages", json=item)
+            assert 202 == answer.status_code, answer.text
+            callback(client, receiver, server_id, 1)
+    for n, server_id in enumerate(ids):
+        [event] = wait_for(lambda i=server_id: stored(nats_server, receiver, i), what="the event")
+        data = event.event["data"]
+        assert (f"7903{n:07d}", f"order-{server_id}") == (data["phone"], data["client_ref"])
+
+
+def test_a_fact_repeated_after_the_duplicate_window_is_not_stored_again(
+    nats_server: NatsServer, pair: list[Smsbus]
+) -> None:
+    server_id = str(next(_ids))
+    with httpx.Client(timeout=10) as client:
+        callback(client, pair[0], server_id, 2)
+        wait_for(lambda: stored(nats_server, pair[0], server_id), what="the event")
+
+        def recorded() -> bool:
+            answer = client.get(f"{pair[0].base}/v1/messages/smspilot/{server_id}")
+            return answer.status_code == 200 and answer.json()["status"] == "delivered"
+
+        wait_for(recorded, what="the projector to record the fact")
+        time.sleep(WINDOW + 0.5)  # the scenario itself: JetStream has forgotten the id
+        for bus in pair:  # SMSPilot retrying late, at either replica
+            callback(client, bus, server_id, 2)
+        callback(client, pair[1], server_id, 1)  # a new fact is still stored
+        wait_for(lambda: len(stored(nats_server, pair[0], server_id)) == 2, what="the new fact")
+    facts = [s.event["data"]["provider_status"] for s in stored(nats_server, pair[0], server_id)]
+    assert ["2", "1"] == facts
+    duplicates = sum(
+        1
+        for bus in pair
+        for line in bus.log_lines()
+        if line.get("event") == "callback" and line.get("outcome") == "duplicate"
+        and line.get("server_id") == server_id
+    )  # fmt: skip
+    assert 2 == duplicates
+
+
+def test_a_spooled_fact_already_recorded_is_dropped_after_the_window(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A publish that timed out but landed, and was applied, then sat in the spool past the
+    duplicate window (an outage, a crash): draining it must not store a second copy."""
+    env = isolated_env(nats_server.url, SMSBUS_DUPLICATE_WINDOW=str(WINDOW))
+    bus = Smsbus(env, tmp_path / "bus").start()
+    server_id = str(next(_ids))
+    with httpx.Client(timeout=10) as client:
+        callback(client, bus, server_id, 2)
+        wait_for(lambda: stored(nats_server, bus, server_id), what="the event")
+        wait_for(
+            lambda: client.get(f"{bus.base}/v1/messages/smspilot/{server_id}").status_code == 200,
+            what="the fact recorded",
+        )
+    assert 0 == bus.stop()
+    # What a spool holds after such a publish: the same event, spooled before the window.
+    event = status_event(bus.prefix, "smspilot", server_id, "2", via="callback",
+                         received_at=utcnow())  # fmt: skip
+    fresh = status_event(bus.prefix, "smspilot", str(next(_ids)), "2", via="callback",
+                         received_at=utcnow())  # fmt: skip
+    with sqlite3.connect(bus.data_dir / "spool.sqlite3") as db:
+        db.executemany(
+            "INSERT INTO spool (id, subject, type, provider, payload, spooled_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.id, e.subject, e.type, e.provider, e.payload, time.time() - 2 * WINDOW)
+             for e in (event, fresh)],
+        )  # fmt: skip
+    time.sleep(WINDOW + 0.5)
+    bus.start()
+    wait_for(lambda: bus.spool_depth() == 0, what="the spool to drain")
+    assert 1 == len(stored(nats_server, bus, server_id))
+    fresh_id = orjson.loads(fresh.payload)["subject"]
+    assert 1 == len(stored(nats_server, bus, fresh_id))  # an unrecorded fact is published
+    assert 0 == bus.stop()

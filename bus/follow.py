@@ -5,8 +5,8 @@ ephemeral push consumer with idle heartbeats and flow control. It remembers the 
 sequence it applied, and there is one code path for a first start, a reconnect, a restarted
 server, a gap in the deliveries and a silent consumer: drop the consumer and create a new one that
 delivers from that sequence + 1. A disconnect or reconnect of the process's connection triggers it
-at once; a consumer that sends neither messages nor heartbeats for three heartbeat periods
-triggers it too.
+at once, and so does a new leader for the stream (a JetStream advisory); a consumer that sends
+neither messages nor heartbeats for three heartbeat periods triggers it too.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.follow")
 
-HEARTBEAT = 1.0
+HEARTBEAT = 0.5
 SILENT_AFTER = 3 * HEARTBEAT
+# A new stream leader on a cluster: the ephemeral consumer may have lived on a node that died.
+LEADER_ELECTED = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}"
 INACTIVE_THRESHOLD = 30.0
+CALL_TIMEOUT = 1.0  # a call stuck in a leader election is tried again soon, not after 5 s
 
 
 class Follower:
@@ -57,6 +60,7 @@ class Follower:
         self.establishments = 0
         self._consumer: str | None = None
         self._sub: Subscription | None = None
+        self._advisories: Subscription | None = None
         self._cseq = 0
         self._activity = time.monotonic()
         self._broken = asyncio.Event()
@@ -110,12 +114,12 @@ class Follower:
             if change.is_set():
                 return "connection changed"
             if self._broken.is_set():
-                return "missed deliveries"
+                return "missed deliveries or a new stream leader"
             if time.monotonic() - self._activity > SILENT_AFTER:
                 return "no heartbeat"
 
     async def _establish(self) -> None:
-        js = self._conn.js
+        js = self._conn.jetstream(timeout=CALL_TIMEOUT)
         if self.last:
             info = await js.stream_info(self._stream)
             if info.state.last_seq < self.last:  # a new stream under the old name
@@ -128,6 +132,9 @@ class Follower:
         self._activity = time.monotonic()
         inbox = self._conn.nc.new_inbox()
         self._sub = await self._conn.nc.subscribe(inbox, cb=self._on_msg)
+        self._advisories = await self._conn.nc.subscribe(
+            LEADER_ELECTED.format(stream=self._stream), cb=self._on_leader
+        )
         config = ConsumerConfig(
             deliver_subject=inbox,
             filter_subject=self._subject,
@@ -156,7 +163,14 @@ class Follower:
         self.state = "following"
         self.loaded.set()
 
+    async def _on_leader(self, msg: Msg) -> None:
+        self._broken.set()
+
     async def _teardown(self) -> None:
+        advisories, self._advisories = self._advisories, None
+        if advisories is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await advisories.unsubscribe()
         sub, self._sub = self._sub, None
         consumer, self._consumer = self._consumer, None
         if sub is not None:

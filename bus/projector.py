@@ -45,6 +45,7 @@ BATCH = 256
 FETCH_WAIT = 1.0
 RETRY_AFTER = 1.0  # seconds before a message whose write failed is delivered again
 ACK_WAIT = 5.0
+CALL_TIMEOUT = 2.0  # binding again after a reconnect: retried soon while a leader is elected
 # Keys written at once. More makes bursts of ack handling that hold the event loop (and the
 # callbacks waiting on it) for tens of milliseconds; 16 keeps each burst near a millisecond.
 CONCURRENCY = 16
@@ -98,8 +99,9 @@ class Projector:
                 continue
             change = self._conn.change()
             try:
-                await self.ensure(self._conn.js)
-                sub = await self._conn.js.pull_subscribe_bind(durable=DURABLE, stream=self._stream)
+                js = self._conn.jetstream(timeout=CALL_TIMEOUT)
+                await self.ensure(js)
+                sub = await js.pull_subscribe_bind(durable=DURABLE, stream=self._stream)
             except (TimeoutError, nats.errors.Error) as exc:
                 self.state = "re-establishing"
                 log.warning("projector not bound yet", error=str(exc) or type(exc).__name__)

@@ -3,6 +3,8 @@
 In one invocation, under the same wrk load (32 connections, unique server_ids, one uvicorn worker
 each), alternating rounds of:
   - bare:   a Starlette route that only answers OK (bench/bare_app.py)
+  - naive:  a Starlette route awaiting `js.publish` per callback (bench/naive_app.py), what a user
+            would write by hand, publishing to smsbus's embedded nats-server
   - smsbus: `smsbus serve`, each answer after a real JetStream ack (embedded nats-server)
 then callback-to-subscriber latency at a steady 1,000 callbacks/s, the time from start to
 /readyz 200, and idle RSS. Only ratios between runs on the same machine mean much.
@@ -92,8 +94,12 @@ class Smsbus:
 
 
 class Bare:
-    def __init__(self) -> None:
+    """A plain uvicorn app from bench/ (bare_app: only OK; naive_app: a js.publish each)."""
+
+    def __init__(self, module: str = "bare_app", **env: str) -> None:
         self.port = free_port()
+        self.module = module
+        self.env = {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,12 +108,12 @@ class Bare:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN / "python"), "-m", "uvicorn", "bare_app:app", "--port", str(self.port),
+            [str(BIN / "python"), "-m", "uvicorn", f"{self.module}:app", "--port", str(self.port),
              "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level",
              "warning", "--no-proxy-headers"],
-            cwd=HERE,
+            cwd=HERE, env=self.env,
         )  # fmt: skip
-        wait_ready(f"{self.base}{PATH}", self.proc)
+        wait_ready(f"{self.base}{PATH}?server_id=1&status=2", self.proc)
 
     def stop(self) -> None:
         assert self.proc is not None
@@ -128,33 +134,39 @@ def wrk(base: str, duration: int, connections: int = 32) -> dict[str, float]:
 
 
 def throughput(duration: int, rounds: int, workdir: Path) -> None:
-    print(f"== throughput: wrk -t2 -c32 -d{duration}s, unique server_ids, one worker each")
+    print(f"== throughput: wrk -t2 -c32 -d{duration}s, unique server_ids, one worker each; "
+          "naive and smsbus share smsbus's embedded nats-server")  # fmt: skip
     print(f"{'run':<12}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'not OK':>8}{'sock err':>9}")  # fmt: skip
-    ratios = []
+    to_bare, to_naive = [], []
     for n in range(1, rounds + 1):
-        bare = Bare()
-        bare.start()
-        try:
-            b = wrk(bare.base, duration)
-        finally:
-            bare.stop()
         bus = Smsbus(workdir)
         bus.start()
         try:
-            s = wrk(bus.base, duration)
+            results = {}
+            for name, module in (("bare", "bare_app"), ("naive", "naive_app")):
+                app = Bare(module, NAIVE_NATS_URL=f"nats://127.0.0.1:{bus.nats_port}")
+                app.start()
+                try:
+                    results[name] = wrk(app.base, duration)
+                finally:
+                    app.stop()
+            results["smsbus"] = wrk(bus.base, duration)
             published = _metric(bus.base, 'smsbus_callbacks_total{outcome="published"}')
             spooled = _metric(bus.base, 'smsbus_callbacks_total{outcome="spooled"}')
         finally:
             bus.stop()
-        for name, r in ((f"bare #{n}", b), (f"smsbus #{n}", s)):
-            print(f"{name:<12}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+        for name, r in results.items():
+            print(f"{name + f' #{n}':<12}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
                   f"{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}{r['not_ok']:>8}"
                   f"{r['socket_errors']:>9}")  # fmt: skip
-        ratios.append(s["rate"] / b["rate"])
-        print(f"  round {n}: ratio smsbus/bare = {ratios[-1]:.2f}; "
+        to_bare.append(results["smsbus"]["rate"] / results["bare"]["rate"])
+        to_naive.append(results["smsbus"]["rate"] / results["naive"]["rate"])
+        print(f"  round {n}: smsbus/bare = {to_bare[-1]:.2f}, smsbus/naive = {to_naive[-1]:.2f}; "
               f"smsbus acked by JetStream {published:.0f}, spooled {spooled:.0f}")  # fmt: skip
-    print(f"ratio (median of {rounds}): {statistics.median(ratios):.2f}   target >= 0.5")
+    bare, naive = statistics.median(to_bare), statistics.median(to_naive)
+    print(f"median of {rounds}: smsbus/bare {bare:.2f}, smsbus/naive {naive:.2f}"
+          "   target smsbus/naive >= 1.0")  # fmt: skip
 
 
 def _metric(base: str, name: str) -> float:

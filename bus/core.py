@@ -32,7 +32,7 @@ from bus.projector import Projector
 from bus.publisher import Publisher
 from bus.spool import Spool
 from bus.state import States
-from bus.stream import bucket_names, ensure_all, retrying, stream_exists
+from bus.stream import bucket_names, commit_subject, ensure_all, retrying, stream_exists
 from bus.supervisor import Beat, Supervisor
 
 log = structlog.get_logger("smsbus.bus")
@@ -161,8 +161,10 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         await states.start()
         stack.push_async_callback(states.stop)
         publisher = Publisher(
-            conn, spool, metrics, s.publish_timeout, s.duplicate_window, states.recorded
-        )
+            conn, spool, metrics, s.publish_timeout, s.duplicate_window, states.recorded,
+            commit_subject=commit_subject(s.stream),
+        )  # fmt: skip
+        publisher.group_commit(buckets.batched)
         await publisher.start()
         stack.push_async_callback(publisher.stop)
         stack.push_async_callback(publisher.flush, s.drain_timeout)

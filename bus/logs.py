@@ -2,19 +2,84 @@
 
 JSON lines when stdout is not a TTY (containers) or SMSBUS_LOG_FORMAT=json; a console renderer on a
 TTY. Standard-library loggers (uvicorn, nats-py) are routed through the same renderer.
+
+JSON lines at info level (one per callback) that come in a burst are gathered for at most
+FLUSH_EVERY or FLUSH_BYTES and written with one system call; a line after a quiet moment, and a
+warning or an error (with everything before it), is written at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 import structlog
 
 from bus.events import rfc3339
+
+FLUSH_EVERY = 0.1  # seconds
+FLUSH_BYTES = 64 * 1024
+
+
+class LineWriter:
+    """A structlog logger writing rendered JSON lines to a binary stream, info lines in bursts."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._written = 0.0  # event-loop time of the last write
+        atexit.register(self.flush)
+
+    def info(self, message: bytes) -> None:
+        with self._lock:
+            self._lines.append(message)
+            self._size += len(message)
+            full = self._size >= FLUSH_BYTES
+            scheduled = self._scheduled
+        if full:
+            self.flush()
+            return
+        if scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a command, a thread): write now
+            self.flush()
+            return
+        if loop.time() - self._written >= FLUSH_EVERY:
+            self.flush()  # a quiet moment: this line alone, at once
+        else:
+            self._scheduled = True  # lines in a burst: together, a moment later
+            loop.call_later(FLUSH_EVERY, self.flush)
+
+    def urgent(self, message: bytes) -> None:
+        with self._lock:
+            self._lines.append(message)
+        self.flush()
+
+    debug = msg = info
+    warning = warn = error = err = critical = exception = fatal = urgent
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines, self._size = self._lines, [], 0
+            self._scheduled = False
+        if lines:
+            self._out.write(b"\n".join(lines) + b"\n")
+            self._out.flush()
+            try:
+                self._written = asyncio.get_running_loop().time()
+            except RuntimeError:
+                pass
 
 
 def _timestamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -41,7 +106,8 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             )
         )
-        factory = structlog.BytesLoggerFactory(stream.buffer)
+        writer = LineWriter(stream.buffer)
+        factory = lambda *args: writer  # noqa: E731
     else:
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback

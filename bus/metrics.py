@@ -57,6 +57,12 @@ class Metrics:
             "disconnected) and went to the spool",
             registry=r,
         )
+        self.publish_batch = Histogram(
+            "smsbus_publish_batch_events",
+            "Events per JetStream round trip (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.publish_resends = Counter(
             "smsbus_publish_resends",
             "Publishes sent again because JetStream was still storing the same fact "

@@ -29,6 +29,7 @@ import structlog
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.events import Event
+from bus.group import BatchTimeout, GroupCommit
 from bus.metrics import Metrics
 from bus.replies import Replies, ReplyError, ack
 from bus.spool import Row, Spool
@@ -75,9 +76,14 @@ class Publisher:
         timeout: float,
         duplicate_window: float,
         recorded: Recorded = _never,
+        commit_subject: str = "",
     ) -> None:
         self._conn = conn
         self._replies = Replies(conn.nc)
+        self._group = GroupCommit(
+            conn.nc, self._replies, commit_subject, self._publish_acked, self._count_ack, timeout,
+            sized=metrics.publish_batch.observe,
+        )  # fmt: skip
         self._spool = spool
         self._metrics = metrics
         self._timeout = timeout
@@ -90,8 +96,9 @@ class Publisher:
     def spool_depth(self) -> int:
         return self._spool.depth
 
-    def recorded_by(self, recorded: Recorded) -> None:
-        self._recorded = recorded
+    def group_commit(self, enabled: bool) -> None:
+        """Publish events of one loop turn as one fast batch (the stream takes them)."""
+        self._group.enabled = enabled
 
     async def start(self) -> None:
         await self._replies.start()
@@ -105,8 +112,8 @@ class Publisher:
             self._metrics.deadletters.labels(event.provider).inc()
         if self._spool.depth == 0 and self._conn.is_connected:
             try:
-                await self._publish_acked(event)
-            except _ATTEMPT_ERRORS as exc:
+                await self._group.publish(event)
+            except (*_ATTEMPT_ERRORS, BatchTimeout) as exc:
                 self._enter_degraded(exc)
             else:
                 return "published"
@@ -146,13 +153,14 @@ class Publisher:
     async def _publish_acked(self, event: Event) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
-        resend = Backoff(RESEND_FIRST, RESEND_CAP)
+        resend: Backoff | None = None
         while True:
             future, started = await self._send(event)
             handle = loop.call_at(deadline, _expire, future)
             try:
                 ack(await future)
             except ReplyError as exc:
+                resend = resend or Backoff(RESEND_FIRST, RESEND_CAP)
                 wait = resend.failed()
                 if not _in_process(exc) or loop.time() + wait >= deadline:
                     raise
@@ -184,7 +192,7 @@ class Publisher:
             self._degraded = True
             if exc is None:
                 reason = "NATS is not connected"
-            elif isinstance(exc, _AckTimeout):
+            elif isinstance(exc, _AckTimeout | BatchTimeout):
                 reason = "no ack in time"
             else:
                 reason = type(exc).__name__

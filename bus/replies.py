@@ -59,7 +59,7 @@ class Replies:
         return len(self._pending)
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sub = await self._nc.subscribe(self._prefix + ">", cb=self._on_reply)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -71,14 +71,21 @@ class Replies:
         self._pending.clear()
 
     async def request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        reply_tail: str | None = None,
     ) -> asyncio.Future[Msg]:
-        """Send one message with a reply subject of ours; the future resolves with the reply."""
-        token = self._nuid.next().decode()
+        """Send one message with a reply subject of ours; the future resolves with the reply.
+        `reply_tail` (a unique first token, then more) replaces the generated token, for replies
+        whose subject must carry more (a fast batch's commit)."""
+        tail = reply_tail or self._nuid.next().decode()
+        token = tail.split(".", 1)[0]
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._pending[token] = future
         future.add_done_callback(lambda _: self._pending.pop(token, None))
-        await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+        await self._nc.publish(subject, payload, reply=self._prefix + tail, headers=headers)
         return future
 
     async def request_many(self, subject: str, payload: bytes) -> tuple[str, asyncio.Queue[Msg]]:
@@ -93,7 +100,7 @@ class Replies:
         self._streams.pop(token, None)
 
     async def _on_reply(self, msg: Msg) -> None:
-        token = msg.subject[len(self._prefix) :]
+        token = msg.subject[len(self._prefix) :].split(".", 1)[0]
         future = self._pending.get(token)
         if future is not None:
             if not future.done():

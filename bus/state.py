@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -213,10 +214,11 @@ class States:
         the new revision. ReplyError on a conflict (WRONG_LAST) or a refusal."""
         headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
         future = await self._replies.request(self._subject + key, value, headers)
+        expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, _time_out, future)
         try:
-            return ack(await asyncio.wait_for(future, READ_TIMEOUT)).seq
+            return ack(await future).seq
         finally:
-            future.cancel()
+            expiry.cancel()
 
     async def register(self, items: list[TrackItem], at: str) -> None:
         """Apply registrations (at most WRITES_AT_ONCE writes in flight); NATS errors pass
@@ -242,3 +244,8 @@ def _state_of(data: bytes, headers: dict[str, str]) -> MessageState | None:
         return MessageState.from_json(data)
     except (ValueError, TypeError):
         return None
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():  # completing it also takes it off the pending replies
+        future.set_exception(TimeoutError("no answer in time"))

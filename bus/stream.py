@@ -45,25 +45,34 @@ def _seconds_or_none(value: float) -> float | None:
     return value if value > 0 else None
 
 
+def commit_subject(stream: str) -> str:
+    """Where fast batches are committed: a subject of the stream's own, outside the prefix, so
+    that no subscriber of the event subjects sees the (never stored) commit message."""
+    return f"_smsbus.{stream}.commit"
+
+
 def stream_config(settings: Settings) -> StreamConfig:
     return StreamConfig(
         name=settings.stream,
-        subjects=[f"{settings.subject_prefix}.>"],
+        subjects=[f"{settings.subject_prefix}.>", commit_subject(settings.stream)],
         storage=StorageType.FILE,
         num_replicas=settings.stream_replicas,
         duplicate_window=settings.duplicate_window,
         max_age=_seconds_or_none(settings.stream_max_age),
+        allow_batched=True,  # fast batches (nats-server 2.14+): bus.group's group commit
     )
 
 
-async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> bool:
+    """Create or update the stream; True when it takes fast batches (an older nats-server
+    ignores the setting)."""
     wanted = stream_config(settings)
     name = settings.stream
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        await js.add_stream(wanted)
-        return
+        created = await js.add_stream(wanted)
+        return bool(created.config.allow_batched)
     current = info.config
     if current.storage not in (None, StorageType.FILE):
         raise StartupError(
@@ -76,9 +85,11 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
         num_replicas=wanted.num_replicas,
         duplicate_window=wanted.duplicate_window,
         max_age=wanted.max_age or 0.0,
+        allow_batched=True,
     )
-    if _differs(updated, current):
-        await js.update_stream(updated)
+    if _differs(updated, current) or not current.allow_batched:
+        current = (await js.update_stream(updated)).config
+    return bool(current.allow_batched)
 
 
 def _differs(wanted: StreamConfig, current: StreamConfig) -> bool:
@@ -124,16 +135,18 @@ async def ensure_bucket(
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
+    batched: bool  # the stream takes fast batches
     messages: KeyValue
     cursors: KeyValue
     leases: KeyValue
 
 
 async def ensure_all(js: JetStreamContext, settings: Settings) -> Buckets:
-    await ensure_stream(js, settings)
+    batched = await ensure_stream(js, settings)
     messages, cursors, leases = bucket_names(settings.stream)
     replicas = settings.stream_replicas
     return Buckets(
+        batched=batched,
         messages=await ensure_bucket(js, messages, replicas, settings.state_max_age),
         cursors=await ensure_bucket(js, cursors, replicas),
         leases=await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE),

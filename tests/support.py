@@ -197,7 +197,20 @@ class Smsbus:
             return None
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
+        """The log so far, once smsbus has written what it holds (it writes lines that come in
+        a burst together, within a tenth of a second)."""
+        if self.log_path is None:
+            return ""
+        if self.proc is not None and self.proc.poll() is None:
+            sizes: list[int] = []
+
+            def settled() -> bool:
+                sizes.append(self.log_path.stat().st_size if self.log_path.exists() else 0)
+                time.sleep(0.05)
+                return len(sizes) >= 5 and len(set(sizes[-5:])) == 1
+
+            wait_for(settled, timeout=10, what="the log to settle")
+        return self.log_path.read_text(errors="replace")
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []

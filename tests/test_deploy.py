@@ -4,6 +4,7 @@ bundled schema (strict), the kustomization lists what exists, and the image runs
 from __future__ import annotations
 
 import copy
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -86,7 +87,8 @@ def test_smsbus_is_a_native_sidecar_probed_and_locked_down() -> None:
 def test_dockerfile_installs_the_project_and_runs_as_non_root() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in text
-    for package in ("bus", "receiver", "pollers"):
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    for package in project["tool"]["setuptools"]["packages"]:
         assert f"COPY {package} ./{package}" in text
     assert "pip install --no-cache-dir ." in text
     assert "USER 10001" in text

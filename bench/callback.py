@@ -68,6 +68,7 @@ class Smsbus:
             **os.environ,
             "SMSBUS_DATA_DIR": str(self.data),
             "SMSBUS_HTTP_PORT": str(self.http_port),
+            "SMSBUS_API_PORT": str(free_port()),
             "SMSBUS_EMBEDDED_NATS_PORT": str(self.nats_port),
             "SMSBUS_LOG_FORMAT": "json",
             **env,

@@ -161,7 +161,7 @@ class Script:
         for bus in self.rng.sample(self.buses, len(self.buses)):
             try:
                 answer = httpx.post(
-                    f"{bus.base}/v1/messages",
+                    f"{bus.api}/v1/messages",
                     json={"provider": "smstower", "message_id": message_id},
                     timeout=10,
                 )

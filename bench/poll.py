@@ -62,12 +62,13 @@ def main() -> None:
         for message_id in ids:
             tower.statuses[message_id] = ("delivered", date)
         with Served(tower.app) as served:
-            port = free_port()
+            port, api_port = free_port(), free_port()
             env = {
                 **os.environ,
                 "SMSBUS_NATS_URL": nats_server.url,
                 "SMSBUS_DATA_DIR": str(workdir / "bus"),
                 "SMSBUS_HTTP_PORT": str(port),
+                "SMSBUS_API_PORT": str(api_port),
                 "SMSBUS_LOG_FORMAT": "json",
                 "SMSBUS_SMSTOWER_URL": served.url,
                 "SMSBUS_SMSTOWER_LOGIN": tower.login,
@@ -78,9 +79,9 @@ def main() -> None:
             with (workdir / "smsbus.log").open("ab") as log:
                 proc = subprocess.Popen([str(BIN / "smsbus"), "serve"], env=env, stdout=log,
                                         stderr=log)  # fmt: skip
-            base = f"http://127.0.0.1:{port}"
+            base, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{api_port}"
             try:
-                _run(base, proc, nats_server, tower, ids, args.interval)
+                _run(base, api, proc, nats_server, tower, ids, args.interval)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
@@ -89,6 +90,7 @@ def main() -> None:
 
 def _run(
     base: str,
+    api: str,
     proc: subprocess.Popen[bytes],
     nats_server: NatsServer,
     tower: FakeSmstower,
@@ -109,7 +111,7 @@ def _run(
     )
 
     started = time.monotonic()
-    with httpx.Client(base_url=base, timeout=60) as client:
+    with httpx.Client(base_url=api, timeout=60) as client:
         for i in range(0, n, 1000):
             chunk = [{"provider": "smstower", "message_id": m} for m in ids[i : i + 1000]]
             response = client.post("/v1/messages", json=chunk)

@@ -163,7 +163,7 @@ async def soak(bus: Smsbus, tower: FakeSmstower, args: argparse.Namespace) -> li
     started = time.monotonic()
     until = started + args.duration
     load = Load(bus.base, args.rate)
-    providers = Providers(tower, bus.base)
+    providers = Providers(tower, bus.api)
     running = asyncio.gather(load.run(time.perf_counter() + args.duration), providers.run(until))
     samples: list[Sample] = []
     print(f"{'at s':>6} {'sent':>8} {'not OK':>6} {'p50 ms':>7} {'p99 ms':>7} "

@@ -92,6 +92,8 @@ class Settings:
     data_dir: Path = Path(".smsbus")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    api_host: str = "127.0.0.1"
+    api_port: int = 8081
     subject_prefix: str = "sms"
     stream: str = "SMS"
     stream_replicas: int = 1
@@ -102,6 +104,7 @@ class Settings:
     embedded_nats_sync: str = "2m"
     drain_timeout: float = 30.0
     publish_timeout: float = 2.0
+    deadletter_rate: int = 60  # a minute, per HTTP peer
     smspilot_callback_tokens: tuple[Secret, ...] = ()
     smspilot_allowed_ips: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -133,6 +136,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
         http_host=env.text("SMSBUS_HTTP_HOST", "127.0.0.1"),
         http_port=env.port("SMSBUS_HTTP_PORT", 8080),
+        api_host=env.text("SMSBUS_API_HOST", "127.0.0.1"),
+        api_port=env.port("SMSBUS_API_PORT", 8081),
         subject_prefix=env.nats_name("SMSBUS_SUBJECT_PREFIX", "sms"),
         stream=env.nats_name("SMSBUS_STREAM", "SMS"),
         stream_replicas=env.integer("SMSBUS_STREAM_REPLICAS", 1, low=1, high=5),
@@ -142,6 +147,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         duplicate_window=env.seconds("SMSBUS_DUPLICATE_WINDOW", 600.0, low=1, high=86400),
         embedded_nats_sync=env.sync_interval("SMSBUS_EMBEDDED_NATS_SYNC", "2m"),
         drain_timeout=env.seconds("SMSBUS_DRAIN_TIMEOUT", 30.0, low=0, high=86400),
+        deadletter_rate=env.integer("SMSBUS_DEADLETTER_RATE", 60, low=0, high=1_000_000),
         publish_timeout=env.seconds("SMSBUS_PUBLISH_TIMEOUT", 2.0, low=0.05, high=60.0),
         smspilot_callback_tokens=env.tokens("SMSBUS_SMSPILOT_CALLBACK_TOKEN"),
         smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
@@ -160,11 +166,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _check_windows(s: Settings) -> None:
-    """JetStream refuses a duplicate window longer than the stream's age limit."""
+    """JetStream refuses a duplicate window longer than the stream's age limit; the two
+    listeners must not want the same address."""
     if s.stream_max_age and s.duplicate_window > s.stream_max_age:
         raise ConfigError(
             "SMSBUS_DUPLICATE_WINDOW", "must not be longer than SMSBUS_STREAM_MAX_AGE"
         )
+    wildcard = ("0.0.0.0", "::", "")
+    same_host = s.api_host == s.http_host or s.api_host in wildcard or s.http_host in wildcard
+    if s.api_port == s.http_port and same_host:
+        raise ConfigError(
+            "SMSBUS_API_PORT",
+            f"{s.api_port} is SMSBUS_HTTP_PORT's too: the private API needs a port of its own",
+        )
+    if not s.embedded:
+        return
+    for variable, port in (("SMSBUS_HTTP_PORT", s.http_port), ("SMSBUS_API_PORT", s.api_port)):
+        if port == s.embedded_nats_port:
+            raise ConfigError(variable, f"{port} is SMSBUS_EMBEDDED_NATS_PORT's too")
 
 
 def _provider(env: _Env, name: str) -> ProviderSettings:

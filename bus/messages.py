@@ -15,26 +15,20 @@ import base64
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from bus.errors import PayloadError
-from bus.events import Event, fact_id, message_key, rfc3339, subject
-from bus.statuses import PROVIDERS
+from bus.events import Event, fact_id, message_key, subject
+from bus.shapes import MAX_ITEMS, REGISTRATION, digits, reason
 
-MAX_ITEMS = 1000
-FIELDS = frozenset({"provider", "message_id", "phone", "client_ref", "sent_at"})
+__all__ = ["MAX_ITEMS", "digits"]  # bus.shapes defines them; callers have always found them here
 
-# Ids the providers' documents call numbers: SMSPilot server_id, SMSTOWER idMessage, SMSC id.
-_NUMERIC_IDS = frozenset({"smspilot", "smstower", "smsc"})
-# smspager.txt: "Длина идентификатора не должна быть более 21 символа".
-_MAX_ID = {"smspager": 21}
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_=-]+$")
-_ASCII_DIGITS = re.compile(r"[0-9]+")
 FACT_CHARS = 16  # of an event id's 64 hex digits: 64 bits, ample within one message's facts
 MAX_FACTS = 32  # a message has a handful of facts; bound what junk statuses can add
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_=-]+$")
 
 
 def fact_of(event_id: str) -> str:
@@ -81,60 +75,20 @@ class TrackErrors(PayloadError):
         self.errors = errors
 
 
-def digits(text: str) -> str:
-    """Only the digits of a phone number (or any text)."""
-    return "".join(ch for ch in text if "0" <= ch <= "9")
-
-
 def parse_track_item(raw: Any, provider_hint: str | None = None) -> TrackItem:
-    """One registration, validated; PayloadError with the first reason otherwise."""
-    if not isinstance(raw, dict):
-        raise PayloadError("expected a JSON object")
-    unknown = sorted(set(raw) - FIELDS)
-    if unknown:
-        raise PayloadError(f"unknown field {unknown[0]!r}")
-    provider = raw.get("provider", provider_hint)
-    if provider not in PROVIDERS:
-        raise PayloadError(f"provider must be one of {', '.join(PROVIDERS)}")
-    if provider_hint is not None and provider != provider_hint:
-        raise PayloadError(f"provider {provider!r} does not match the subject's {provider_hint!r}")
-    message_id = raw.get("message_id")
-    if isinstance(message_id, int) and not isinstance(message_id, bool):
-        message_id = str(message_id)
-    if not isinstance(message_id, str) or not message_id.strip():
-        raise PayloadError("message_id is required (a string)")
-    if message_id != message_id.strip():
-        raise PayloadError("message_id has leading or trailing whitespace")
-    if len(message_id) > _MAX_ID.get(provider, 64):
-        raise PayloadError(f"message_id is longer than {_MAX_ID.get(provider, 64)} characters")
-    if provider in _NUMERIC_IDS and not _ASCII_DIGITS.fullmatch(message_id):
-        raise PayloadError(f"{provider} message ids are whole numbers")
-    phone = raw.get("phone")
-    if phone is not None:
-        if isinstance(phone, int) and not isinstance(phone, bool):
-            phone = str(phone)
-        if not isinstance(phone, str) or not 5 <= len(digits(phone)) <= 20:
-            raise PayloadError("phone must hold 5 to 20 digits")
-        phone = digits(phone)
-    client_ref = raw.get("client_ref")
-    if client_ref is not None and (not isinstance(client_ref, str) or len(client_ref) > 256):
-        raise PayloadError("client_ref must be a string of at most 256 characters")
-    sent_at = raw.get("sent_at")
-    if sent_at is not None:
-        sent_at = rfc3339(parse_rfc3339(sent_at, "sent_at"))
-    return TrackItem(provider, message_id, phone, client_ref, sent_at)
-
-
-def parse_rfc3339(value: Any, name: str) -> datetime:
-    if not isinstance(value, str):
-        raise PayloadError(f"{name} must be an RFC 3339 string")
+    """One registration (bus.shapes.Registration), validated; PayloadError with the first
+    reason otherwise. On `sms.track.<provider>` the provider may be left out."""
+    if provider_hint is not None and isinstance(raw, dict):
+        provider = raw.setdefault("provider", provider_hint)
+        if provider != provider_hint:
+            raise PayloadError(
+                f"provider {provider!r} does not match the subject's {provider_hint!r}"
+            )
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise PayloadError(f"{name} is not RFC 3339 (e.g. 2026-11-22T10:00:00Z)") from None
-    if moment.tzinfo is None:
-        raise PayloadError(f"{name} needs a time zone (e.g. Z or +03:00)")
-    return moment
+        item = REGISTRATION.validate_python(raw)
+    except ValidationError as exc:
+        raise PayloadError(reason(exc)) from None
+    return TrackItem(item.provider, item.message_id, item.phone, item.client_ref, item.sent_at)
 
 
 def parse_track_batch(body: bytes, provider_hint: str | None = None) -> list[TrackItem]:

@@ -108,6 +108,12 @@ class Metrics:
         self.deadletters = Counter(
             "smsbus_deadletters", "Inputs sent to the dead-letter subject", ["provider"], registry=r
         )
+        self.deadletters_dropped = Counter(
+            "smsbus_deadletters_dropped",
+            "Malformed requests answered but not kept: their peer passed SMSBUS_DEADLETTER_RATE",
+            ["provider"],
+            registry=r,
+        )
         # Labelled children resolved once: .labels() per call is measurable on the hot path.
         self.callback_outcome = {o: self.callbacks.labels(o) for o in CALLBACK_OUTCOMES}
         self.published = {
@@ -117,6 +123,7 @@ class Metrics:
         }
         for provider in PROVIDERS:
             self.deadletters.labels(provider)
+            self.deadletters_dropped.labels(provider)
             self.tracked.labels(provider)
             self.leader.labels(provider)
             for outcome in POLL_OUTCOMES:

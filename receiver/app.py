@@ -4,6 +4,8 @@ operational routes. No route answers with a traceback."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import structlog
@@ -63,9 +65,55 @@ class App:
         await self._handle(scope, receive, send)
 
 
-def create_app(bus: Bus, *, receive: bool = True) -> App:
-    """The app; with receive=False (`serve --pollers-only`) only the operational routes."""
-    callbacks = SMSPilotCallbacks(bus)
+def _operations(routes: list[Route]) -> Starlette:
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(LimitBody)],
+        exception_handlers={404: json_error, 405: json_error},
+    )
+
+
+def _served(starlette: Starlette) -> list[tuple[str, str]]:
+    return [
+        (method, re.sub(r":\w+}", "}", route.path))
+        for route in starlette.routes
+        if isinstance(route, Route)
+        for method in sorted(route.methods or ()) if method != "HEAD"
+    ]  # fmt: skip
+
+
+def _guarded(handle: ASGIApp, is_callback: Callable[[str], bool], bus: Bus) -> ASGIApp:
+    """Headers over the limits get a 431 on every route, before anything else reads them."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and headers_too_large(scope):
+            callback = is_callback(scope["path"])
+            if callback:
+                bus.metrics.callback_outcome["too_large"].inc()
+            log.warning("request headers too large", callback=callback,
+                        headers=len(scope["headers"]))  # fmt: skip
+            reason = f"request headers exceed {HEADER_LIMIT} bytes or {MAX_HEADERS} fields"
+            await send_text(send, 431, reason)
+            return
+        await handle(scope, receive, send)
+
+    return app
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """The two apps (CONTRACT.md section 3): `public` faces the providers and the cluster
+    (callbacks, health, readiness, metrics: nothing that shows a message); `private` serves the
+    sending app (registration, message state, the API description). Neither answers the
+    other's routes: they are 404 there."""
+
+    public: App
+    private: App
+
+
+def create_apps(bus: Bus, *, receive: bool = True) -> Listeners:
+    """Both apps; with receive=False (`serve --pollers-only`) no callbacks and no /v1 routes."""
+    callbacks = SMSPilotCallbacks(bus, bus.settings.deadletter_rate)
     description = openapi(receive=receive, version=version("smsbus"))
 
     async def healthz(request: Request) -> Response:
@@ -97,43 +145,40 @@ def create_app(bus: Bus, *, receive: bool = True) -> App:
         return JSONResponse(description)
 
     register, show = messages.routes(bus)
-    api = [
-        Route("/v1/messages", register, methods=["POST"]),
-        Route("/v1/messages/{provider}/{message_id:any}", show, methods=["GET"]),
-    ]
-    operations = Starlette(
-        routes=[
-            *(api if receive else []),
+    public = _operations(
+        [
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )
+    private = _operations(
+        [
+            *(
+                [
+                    Route("/v1/messages", register, methods=["POST"]),
+                    Route("/v1/messages/{provider}/{message_id:any}", show, methods=["GET"]),
+                ]
+                if receive
+                else []
+            ),
+            Route("/healthz", healthz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
-        ],
-        middleware=[Middleware(LimitBody)],
-        exception_handlers={404: json_error, 405: json_error},
+        ]
     )
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and headers_too_large(scope):
-            is_callback = callbacks.matches(scope["path"])
-            if is_callback:
-                bus.metrics.callback_outcome["too_large"].inc()
-            log.warning("request headers too large", callback=is_callback,
-                        headers=len(scope["headers"]))  # fmt: skip
-            reason = f"request headers exceed {HEADER_LIMIT} bytes or {MAX_HEADERS} fields"
-            await send_text(send, 431, reason)
-            return
+    async def public_app(scope: Scope, receive_: Receive, send: Send) -> None:
         if receive and scope["type"] == "http" and callbacks.matches(scope["path"]):
-            await callbacks(scope, receive, send)
+            await callbacks(scope, receive_, send)
         else:
-            await operations(scope, receive, send)
+            await public(scope, receive_, send)
 
-    routes = [
-        (method, re.sub(r":\w+}", "}", route.path))
-        for route in operations.routes
-        if isinstance(route, Route)
-        for method in sorted(route.methods or ()) if method != "HEAD"
-    ]  # fmt: skip
+    public_routes = _served(public)
     if receive:
-        routes += [(m, p) for p in (CALLBACK, CALLBACK + "/{token}") for m in callbacks.METHODS]
-    return App(app, routes)
+        public_routes += [
+            (m, p) for p in (CALLBACK, CALLBACK + "/{token}") for m in callbacks.METHODS
+        ]
+    return Listeners(
+        public=App(_guarded(public_app, callbacks.matches, bus), public_routes),
+        private=App(_guarded(private, lambda path: False, bus), _served(private)),
+    )

@@ -1,20 +1,21 @@
-"""The OpenAPI 3.0 description of the HTTP API, served at `/openapi.json`.
+"""The OpenAPI 3.1 description of the HTTP API, served at `/openapi.json` (private listener).
 
-Written by hand from CONTRACT.md section 3 rather than derived from the routes, so that
-`tests/test_openapi.py` can hold the two against each other and schemathesis can hold the live
-app to it.
+The paths and their descriptions are written here from CONTRACT.md section 3, each marked with
+the listener that serves it (`x-listeners`), so that `tests/test_openapi.py` can hold them to the
+routes each listener really serves; the request and answer shapes come from bus.shapes, the same
+models that validate the input. schemathesis holds the live service to the result.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bus.messages import MAX_ITEMS
-from bus.statuses import FINAL, NOT_FINAL, PROVIDERS, UNKNOWN
+from bus.shapes import components
+from bus.statuses import PROVIDERS
 from receiver.http import BODY_LIMIT
 from receiver.smspilot import PATH as CALLBACK
 
-_STATUSES = sorted(FINAL | NOT_FINAL | {UNKNOWN})
+PUBLIC, PRIVATE = "public", "private"
 
 
 def _text(description: str, enum: list[str] | None = None) -> dict[str, Any]:
@@ -28,158 +29,6 @@ def _json(description: str, ref: str) -> dict[str, Any]:
     return {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
-    }
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "nullable": True}
-
-
-# The JSON parser (orjson) takes integers from -2**63 to 2**64 - 1 and refuses others.
-# One registration per provider, so that each provider's id rule is part of the schema.
-_NUMERIC_ID = {
-    "oneOf": [
-        {"type": "string", "pattern": "^[0-9]{1,64}$"},
-        {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
-    ]
-}
-
-
-def _text_id(longest: int) -> dict[str, Any]:
-    """Any text without surrounding whitespace; a JSON number is taken as its digits."""
-    text = {"type": "string", "pattern": r"^\S([\s\S]*\S)?$", "maxLength": longest}
-    return {"oneOf": [text, {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1}]}
-
-
-_MESSAGE_IDS = {
-    "smspilot": _NUMERIC_ID,
-    "smstower": _NUMERIC_ID,
-    "smsc": _NUMERIC_ID,
-    "smspager": _text_id(21),
-    "epochta": _text_id(64),
-}
-_PHONE = {
-    "description": "5 to 20 digits; anything else in the text is dropped",
-    "oneOf": [
-        {"type": "string", "pattern": "^[^0-9]*([0-9][^0-9]*){5,20}$"},
-        {"type": "integer", "minimum": 10000, "maximum": 2**64 - 1},
-    ],
-}
-
-
-def _track_item(provider: str) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["provider", "message_id"],
-        "properties": {
-            "provider": {"type": "string", "enum": [provider]},
-            "message_id": _MESSAGE_IDS[provider],
-            "phone": _nullable(_PHONE),
-            "client_ref": _nullable({"type": "string", "maxLength": 256}),
-            "sent_at": _nullable({"type": "string", "format": "date-time"}),
-        },
-    }
-
-
-def _schemas() -> dict[str, Any]:
-    item_refs = [{"$ref": f"#/components/schemas/Track_{p}"} for p in PROVIDERS]
-    return {
-        **{f"Track_{p}": _track_item(p) for p in PROVIDERS},
-        "TrackItem": {"oneOf": item_refs},
-        "Registration": {
-            "oneOf": [
-                {"$ref": "#/components/schemas/TrackItem"},
-                {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": MAX_ITEMS,
-                    "items": {"$ref": "#/components/schemas/TrackItem"},
-                },
-            ]
-        },
-        "Accepted": {
-            "type": "object",
-            "required": ["accepted"],
-            "properties": {"accepted": {"type": "integer", "minimum": 1, "maximum": MAX_ITEMS}},
-        },
-        "RegistrationErrors": {
-            "type": "object",
-            "required": ["errors"],
-            "properties": {
-                "errors": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "error"],
-                        "properties": {
-                            "index": _nullable({"type": "integer", "minimum": 0}),
-                            "error": {"type": "string"},
-                        },
-                    },
-                }
-            },
-        },
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": {"type": "string"}},
-        },
-        "MessageState": {
-            "type": "object",
-            "required": [
-                "provider",
-                "message_id",
-                "status",
-                "final",
-                "provider_status",
-                "phone",
-                "client_ref",
-                "updated_at",
-            ],  # fmt: skip
-            "properties": {
-                "provider": {"type": "string", "enum": list(PROVIDERS)},
-                "message_id": {"type": "string"},
-                "status": _nullable({"type": "string", "enum": _STATUSES}),
-                "final": {"type": "boolean"},
-                "provider_status": _nullable({"type": "string"}),
-                "phone": _nullable({"type": "string", "pattern": "^[0-9]*$"}),
-                "client_ref": _nullable({"type": "string"}),
-                "updated_at": _nullable({"type": "string", "format": "date-time"}),
-            },
-        },
-        "Health": {
-            "type": "object",
-            "required": ["alive"],
-            "properties": {"alive": {"type": "boolean", "enum": [True]}},
-        },
-        "Readiness": {
-            "type": "object",
-            "required": ["ready", "reason", "spool_depth", "providers"],
-            "properties": {
-                "ready": {"type": "boolean"},
-                "reason": {"type": "string"},
-                "spool_depth": {"type": "integer", "minimum": 0},
-                "providers": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        p: {"$ref": "#/components/schemas/ProviderReadiness"} for p in PROVIDERS
-                    },
-                },
-            },
-        },
-        "ProviderReadiness": {
-            "type": "object",
-            "required": ["enabled", "leader", "last_success", "last_error"],
-            "properties": {
-                "enabled": {"type": "boolean"},
-                "leader": {"type": "boolean"},
-                "last_success": _nullable({"type": "string", "format": "date-time"}),
-                "last_error": _nullable({"type": "string"}),
-            },
-        },
     }
 
 
@@ -211,6 +60,7 @@ def _callback(with_token: bool) -> dict[str, Any]:
     ]
     form = {"type": "object", "required": required, "properties": fields}
     return {
+        "x-listeners": [PUBLIC],
         "get": {
             "summary": "SMSPilot delivery report",
             "operationId": "smspilotCallbackGet" + ("Token" if with_token else ""),
@@ -236,13 +86,15 @@ def _callback(with_token: bool) -> dict[str, Any]:
 def _operations() -> dict[str, Any]:
     return {
         "/healthz": {
+            "x-listeners": [PUBLIC, PRIVATE],
             "get": {
                 "summary": "Liveness; never depends on NATS or providers",
                 "operationId": "healthz",
                 "responses": {"200": _json("alive", "Health")},
-            }
+            },
         },
         "/readyz": {
+            "x-listeners": [PUBLIC],
             "get": {
                 "summary": "Readiness: NATS connected and the stream present",
                 "operationId": "readyz",
@@ -250,26 +102,28 @@ def _operations() -> dict[str, Any]:
                     "200": _json("ready", "Readiness"),
                     "503": _json("not ready; `reason` says why", "Readiness"),
                 },
-            }
+            },
         },
         "/metrics": {
+            "x-listeners": [PUBLIC],
             "get": {
                 "summary": "Prometheus metrics",
                 "operationId": "metrics",
                 "responses": {"200": _text("Prometheus text format 0.0.4")},
-            }
+            },
         },
         "/openapi.json": {
+            "x-listeners": [PRIVATE],
             "get": {
                 "summary": "This description",
                 "operationId": "openapi",
                 "responses": {
                     "200": {
-                        "description": "OpenAPI 3.0",
+                        "description": "OpenAPI 3.1",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     }
                 },
-            }
+            },
         },
     }
 
@@ -277,6 +131,7 @@ def _operations() -> dict[str, Any]:
 def _messages() -> dict[str, Any]:
     return {
         "/v1/messages": {
+            "x-listeners": [PRIVATE],
             "post": {
                 "summary": "Register sent messages for tracking (all or nothing)",
                 "operationId": "registerMessages",
@@ -289,16 +144,17 @@ def _messages() -> dict[str, Any]:
                     },
                 },
                 "responses": {
-                    "202": _json("durable in the stream (or the spool)", "Accepted"),
+                    "202": _json("every item's state is stored", "Accepted"),
                     "400": _json(
                         "nothing was applied; each bad item is named", "RegistrationErrors"
                     ),
                     "413": _text(f"the body is over {BODY_LIMIT} bytes"),
                     "503": _json("the registrations could not be stored; retry", "Error"),
                 },
-            }
+            },
         },
         "/v1/messages/{provider}/{message_id}": {
+            "x-listeners": [PRIVATE],
             "get": {
                 "summary": "A message's current state",
                 "operationId": "showMessage",
@@ -318,11 +174,11 @@ def _messages() -> dict[str, Any]:
                     },
                 ],
                 "responses": {
-                    "200": _json("the state", "MessageState"),
+                    "200": _json("the state", "MessageView"),
                     "404": _json("unknown provider or message", "Error"),
                     "503": _json("the state store is unavailable; retry", "Error"),
                 },
-            }
+            },
         },
     }
 
@@ -334,12 +190,21 @@ def openapi(*, receive: bool = True, version: str = "0") -> dict[str, Any]:
         paths |= {CALLBACK: _callback(False), CALLBACK + "/{token}": _callback(True)}
         paths |= _messages()
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "smsbus",
             "version": version,
             "description": "SMS delivery reports as CloudEvents on NATS JetStream.",
         },
         "paths": dict(sorted(paths.items())),
-        "components": {"schemas": _schemas()},
+        "components": {"schemas": components()},
+    }
+
+
+def listener_paths(description: dict[str, Any], listener: str) -> dict[str, Any]:
+    """The part of a description that one listener serves."""
+    return {
+        path: item
+        for path, item in description["paths"].items()
+        if listener in item.get("x-listeners", ())
     }

@@ -1,4 +1,4 @@
-"""Serving the app with uvicorn (httptools, uvloop) on a socket we bind ourselves.
+"""Serving the apps with uvicorn (httptools, uvloop) on sockets we bind ourselves.
 
 Binding first turns "port in use" into one clear line. `X-Forwarded-For` handling is ours
 (receiver.peers), so uvicorn's proxy-header rewriting is off: by default it would believe the
@@ -16,18 +16,18 @@ from bus.errors import StartupError
 from receiver.http import ASGIApp
 
 
-def bind(settings: Settings) -> socket.socket:
-    host, port = settings.http_host, settings.http_port
+def bind(host: str, port: int, prefix: str = "SMSBUS_HTTP") -> socket.socket:
+    """A listening socket; one line naming `<prefix>_HOST` or `<prefix>_PORT` if it cannot be."""
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise StartupError(f"SMSBUS_HTTP_HOST: cannot resolve {host!r}: {exc.strerror}") from None
+        raise StartupError(f"{prefix}_HOST: cannot resolve {host!r}: {exc.strerror}") from None
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise StartupError(
-            f"SMSBUS_HTTP_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            f"{prefix}_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
         ) from None
 
 

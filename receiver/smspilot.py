@@ -35,6 +35,7 @@ from receiver.http import (
     read_body,
     send_text,
 )
+from receiver.limits import PerPeerRate
 from receiver.peers import allowed, client_address
 
 log = structlog.get_logger("smsbus.callback")
@@ -118,8 +119,9 @@ class SMSPilotCallbacks:
 
     METHODS = ("GET", "POST")
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, deadletters_a_minute: int) -> None:
         settings = bus.settings
+        self._deadletters = PerPeerRate(deadletters_a_minute)
         self._publisher = bus.publisher
         self._metrics = bus.metrics
         self._states = bus.states
@@ -259,6 +261,10 @@ class SMSPilotCallbacks:
         reason: str,
         received_at: datetime,
     ) -> None:
+        self._state.last_error = reason
+        if not self._deadletters.allow(peer):  # SMSBUS_DEADLETTER_RATE: still a 4xx, not kept
+            self._metrics.deadletters_dropped.labels(PROVIDER).inc()
+            return
         query: dict[str, str | list[str]] = {}
         for key, value in parse_qsl(
             scope["query_string"].decode("utf-8", errors="replace"), keep_blank_values=True
@@ -279,7 +285,6 @@ class SMSPilotCallbacks:
             body=body,
             peer=peer,
         )
-        self._state.last_error = reason
         try:
             await self._publisher.publish(event)
         except PublishError as exc:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from typing import Any
+from urllib.parse import quote
 
 import nats.errors
 import nats.js.errors
@@ -26,10 +27,8 @@ from bus.config import Settings, load_settings, redact_url
 from bus.connection import Connection
 from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
-from bus.messages import TrackItem, kv_key, parse_track_item
-from bus.state import read_state
+from bus.messages import TrackItem, parse_track_item
 from bus.statuses import PROVIDERS
-from bus.stream import bucket_names
 
 log = structlog.get_logger("smsbus")
 
@@ -158,36 +157,63 @@ async def _connect(settings: Settings) -> Any:
     return conn.nc
 
 
-async def track(settings: Settings, item: TrackItem) -> int:
-    """Publish one registration to `<prefix>.track.<provider>`; print the accepted count."""
-    nc = await _connect(settings)
+def _api(settings: Settings) -> str:
+    """The private API's address as a local client reaches it."""
+    host = settings.api_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.api_port}"
+
+
+async def _call_api(settings: Settings, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    base = _api(settings)
     try:
-        event = item.event(settings.subject_prefix)
-        await nc.jetstream().publish(event.subject, event.payload, headers=event.headers)
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise StartupError(f"the registration was not stored: {exc}") from None
-    finally:
-        await nc.close()
-    print(1)
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            return await client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        raise StartupError(
+            f"SMSBUS_API_PORT: cannot reach the smsbus API at {base} ({type(exc).__name__}; "
+            "is `smsbus serve` running?)"
+        ) from None
+
+
+async def track(settings: Settings, item: TrackItem) -> int:
+    """Register one message through the private API (POST /v1/messages); print the accepted
+    count. Once it is printed, the message's callbacks and polls carry its tracking data."""
+    answer = await _call_api(
+        settings, "POST", "/v1/messages", content=item.to_json(),
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    if answer.status_code != 202:
+        body = (
+            answer.json()
+            if answer.headers.get("content-type", "").startswith("application/json")
+            else {}
+        )
+        reason = (
+            body.get("error")
+            or "; ".join(e["error"] for e in body.get("errors", []))
+            or answer.text
+        )
+        raise StartupError(f"the registration was not stored: {answer.status_code} {reason}")
+    print(answer.json()["accepted"])
     return 0
 
 
 async def status(settings: Settings, provider: str, message_id: str) -> int:
-    """Print what GET /v1/messages/<provider>/<message_id> would; exit 1 when unknown."""
-    nc = await _connect(settings)
-    try:
-        bucket = await nc.jetstream().key_value(bucket_names(settings.stream)[0])
-        state, _ = await read_state(bucket, kv_key(provider, message_id))
-    except nats.js.errors.BucketNotFoundError:
-        state = None
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise StartupError(f"cannot read the message state: {exc}") from None
-    finally:
-        await nc.close()
-    if state is None:
+    """Print GET /v1/messages/<provider>/<message_id> from the private API; exit 1 when the
+    message is unknown."""
+    answer = await _call_api(
+        settings, "GET", f"/v1/messages/{provider}/{quote(message_id, safe='/')}"
+    )
+    if answer.status_code == 404:
         print(json.dumps({"error": "unknown message"}))
         return 1
-    print(json.dumps(state.public(), ensure_ascii=False))
+    if answer.status_code != 200:
+        raise StartupError(f"cannot read the message state: {answer.status_code} {answer.text}")
+    print(json.dumps(answer.json(), ensure_ascii=False))
     return 0
 
 

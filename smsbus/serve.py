@@ -19,7 +19,7 @@ import uvicorn
 from bus.config import Settings
 from bus.core import open_bus
 from pollers.runner import start_pollers
-from receiver.app import create_app
+from receiver.app import create_apps
 from receiver.server import bind, make_server
 
 log = structlog.get_logger("smsbus")
@@ -32,7 +32,7 @@ class _Stop:
     def __init__(self) -> None:
         self.requested = False
         self.draining = False
-        self.server: uvicorn.Server | None = None
+        self.servers: list[uvicorn.Server] = []
         self._main = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
 
@@ -45,8 +45,8 @@ class _Stop:
                 self._loop.call_soon_threadsafe(self._main.cancel)
             return
         self.requested = True
-        if self.server is not None:
-            self.server.should_exit = True
+        for server in self.servers:
+            server.should_exit = True
 
 
 async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) -> int:
@@ -54,26 +54,36 @@ async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) 
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    sock = bind(settings)
+    s = settings
+    sockets = [bind(s.http_host, s.http_port, "SMSBUS_HTTP")]
     try:
+        sockets.append(bind(s.api_host, s.api_port, "SMSBUS_API"))
         async with open_bus(settings) as bus, contextlib.AsyncExitStack() as stack:
             if poll:
                 await start_pollers(bus, stack)
-            server = make_server(create_app(bus, receive=receive), settings)
-            stop.server = server
+            apps = create_apps(bus, receive=receive)
+            servers = [make_server(apps.public, s), make_server(apps.private, s)]
+            stop.servers = servers
             if not stop.requested:
                 log.info(
                     "serving",
-                    url=f"http://{settings.http_host}:{settings.http_port}",
+                    url=f"http://{s.http_host}:{s.http_port}",
+                    api=f"http://{s.api_host}:{s.api_port}",
                     callback_route="/callbacks/smspilot"
-                    + ("/<token>" if settings.smspilot_callback_tokens else ""),
+                    + ("/<token>" if s.smspilot_callback_tokens else ""),
                 )
-                await server.serve(sockets=[sock])
+                await asyncio.gather(
+                    *(
+                        server.serve(sockets=[sock])
+                        for server, sock in zip(servers, sockets, strict=True)
+                    )
+                )
             stop.draining = True
     except asyncio.CancelledError:
         if not stop.requested:
             raise
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
     log.info("stopped")
     return 0

@@ -113,12 +113,19 @@ class Smsbus:
     env: dict[str, str]
     data_dir: Path
     port: int = field(default_factory=free_port)
+    api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     @property
     def base(self) -> str:
+        """The public listener: callbacks, health, readiness, metrics."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        """The private listener: /v1/messages and /openapi.json."""
+        return f"http://127.0.0.1:{self.api_port}"
 
     @property
     def prefix(self) -> str:
@@ -135,6 +142,7 @@ class Smsbus:
             "PATH": os.environ.get("PATH", ""),
             "SMSBUS_DATA_DIR": str(self.data_dir),
             "SMSBUS_HTTP_PORT": str(self.port),
+            "SMSBUS_API_PORT": str(self.api_port),
             "SMSBUS_LOG_FORMAT": "json",
             **self.env,
         }
@@ -175,7 +183,7 @@ class Smsbus:
 
         def accepted() -> float | None:
             try:
-                answer = httpx.post(f"{self.base}/v1/messages", json=list(items), timeout=10)
+                answer = httpx.post(f"{self.api}/v1/messages", json=list(items), timeout=10)
             except httpx.TransportError:
                 return None
             assert answer.status_code in (202, 503), answer.text
@@ -229,6 +237,29 @@ class Smsbus:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+class Listeners:
+    """An HTTP client for both listeners of one Smsbus: /v1/... and /openapi.json go to the
+    private one, everything else to the public one."""
+
+    def __init__(self, bus: Smsbus, timeout: float = 10) -> None:
+        self.public = httpx.Client(base_url=bus.base, timeout=timeout)
+        self.private = httpx.Client(base_url=bus.api, timeout=timeout)
+
+    def _for(self, path: str) -> httpx.Client:
+        private = path.startswith("/v1/") or path == "/v1/messages" or path == "/openapi.json"
+        return self.private if private else self.public
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._for(path).get(path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._for(path).post(path, **kwargs)
+
+    def close(self) -> None:
+        self.public.close()
+        self.private.close()
 
 
 def isolated_env(nats_url: str, **extra: str) -> dict[str, str]:

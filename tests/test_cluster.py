@@ -102,7 +102,7 @@ def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> N
             )
             message = str(next(_ids))
             tower.statuses[message] = ("processing", "")
-            httpx.post(f"{buses[0].base}/v1/messages",
+            httpx.post(f"{buses[0].api}/v1/messages",
                        json={"provider": "smstower", "message_id": message})  # fmt: skip
 
             def statuses() -> list[str]:

@@ -93,3 +93,20 @@ def test_dockerfile_installs_the_project_and_runs_as_non_root() -> None:
     assert "pip install --no-cache-dir ." in text
     assert "USER 10001" in text
     assert 'ENTRYPOINT ["smsbus"]' in text and 'CMD ["serve"]' in text
+
+
+def test_only_the_public_port_is_reachable_and_only_from_ingress_and_monitoring() -> None:
+    [policy] = load(DEPLOY / "k8s" / "networkpolicy.yaml")
+    [config] = load(DEPLOY / "k8s" / "configmap.yaml")
+    [service] = load(DEPLOY / "k8s" / "service.yaml")
+    [deployment] = load(DEPLOY / "k8s" / "deployment.yaml")
+    public, private = config["data"]["SMSBUS_HTTP_PORT"], config["data"]["SMSBUS_API_PORT"]
+    assert "127.0.0.1" == config["data"]["SMSBUS_API_HOST"] and public != private
+    [rule] = policy["spec"]["ingress"]
+    assert [int(public)] == [p["port"] for p in rule["ports"]]
+    sources = [s["namespaceSelector"]["matchLabels"] for s in rule["from"]]
+    assert 2 == len(sources) and all(len(s) == 1 for s in sources)  # no open `from`
+    assert ["callbacks"] == [p["targetPort"] for p in service["spec"]["ports"]]
+    [app] = deployment["spec"]["template"]["spec"]["containers"]
+    [url] = [e["value"] for e in app["env"] if e["name"] == "SMSBUS_URL"]
+    assert f"http://127.0.0.1:{private}" == url

@@ -178,7 +178,7 @@ def test_epochta_and_smspilot_pollers(
         pochta.statuses[letter] = ("NOT_DELIVERED", "2026-11-22 10:00:00", "2026-11-22 10:01:00")
         pilot.statuses[server_id] = ("1", "2026-11-22 10:00:05")
         response = httpx.post(
-            f"{bus.base}/v1/messages",
+            f"{bus.api}/v1/messages",
             json=[
                 {"provider": "epochta", "message_id": letter},
                 {"provider": "smspilot", "message_id": server_id, "client_ref": "p-1"},

@@ -58,7 +58,7 @@ def test_a_callback_right_after_the_202_carries_the_tracking_data(
         for n, server_id in enumerate(ids):
             item = {"provider": "smspilot", "message_id": server_id,
                     "phone": f"7903{n:07d}", "client_ref": f"order-{server_id}"}  # fmt: skip
-            answer = client.post(f"{registrar.base}/v1/messages", json=item)
+            answer = client.post(f"{registrar.api}/v1/messages", json=item)
             assert 202 == answer.status_code, answer.text
             callback(client, receiver, server_id, 1)
     for n, server_id in enumerate(ids):
@@ -76,7 +76,7 @@ def test_a_fact_repeated_after_the_duplicate_window_is_not_stored_again(
         wait_for(lambda: stored(nats_server, pair[0], server_id), what="the event")
 
         def recorded() -> bool:
-            answer = client.get(f"{pair[0].base}/v1/messages/smspilot/{server_id}")
+            answer = client.get(f"{pair[0].api}/v1/messages/smspilot/{server_id}")
             return answer.status_code == 200 and answer.json()["status"] == "delivered"
 
         wait_for(recorded, what="the projector to record the fact")
@@ -109,7 +109,7 @@ def test_a_spooled_fact_already_recorded_is_dropped_after_the_window(
         callback(client, bus, server_id, 2)
         wait_for(lambda: stored(nats_server, bus, server_id), what="the event")
         wait_for(
-            lambda: client.get(f"{bus.base}/v1/messages/smspilot/{server_id}").status_code == 200,
+            lambda: client.get(f"{bus.api}/v1/messages/smspilot/{server_id}").status_code == 200,
             what="the fact recorded",
         )
     assert 0 == bus.stop()

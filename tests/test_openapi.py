@@ -15,17 +15,17 @@ from schemathesis.specs.openapi import checks as openapi_checks
 
 from bus.config import load_settings
 from bus.core import open_bus
-from receiver.app import create_app
-from receiver.openapi import openapi
+from receiver.app import create_apps
+from receiver.openapi import PRIVATE, PUBLIC, listener_paths, openapi
 from tests.support import NatsServer, Smsbus, isolated_env
 
 METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
 
 
-def described(spec: dict) -> set[tuple[str, str]]:  # type: ignore[type-arg]
+def described(spec: dict, listener: str) -> set[tuple[str, str]]:  # type: ignore[type-arg]
     return {
         (method.upper(), path)
-        for path, item in spec["paths"].items()
+        for path, item in listener_paths(spec, listener).items()
         for method in item
         if method in METHODS
     }
@@ -35,19 +35,22 @@ def described(spec: dict) -> set[tuple[str, str]]:  # type: ignore[type-arg]
 def test_description_matches_the_routes(
     receive: bool, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    async def routes() -> list[tuple[str, str]]:
+    async def routes() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         env = isolated_env(nats_server.url, SMSBUS_DATA_DIR=str(tmp_path))
         async with open_bus(load_settings(env)) as bus:
-            return create_app(bus, receive=receive).routes
+            apps = create_apps(bus, receive=receive)
+            return apps.public.routes, apps.private.routes
 
-    served = asyncio.run(routes())
-    assert described(openapi(receive=receive)) == set(served)
-    assert len(served) == len(set(served))
+    public, private = asyncio.run(routes())
+    description = openapi(receive=receive)
+    assert described(description, PUBLIC) == set(public)
+    assert described(description, PRIVATE) == set(private)
+    assert len(public) == len(set(public)) and len(private) == len(set(private))
+    assert all(item.get("x-listeners") for item in description["paths"].values())
     if receive:
-        assert ("POST", "/callbacks/smspilot/{token}") in served
-        assert ("GET", "/v1/messages/{provider}/{message_id}") in served
-    else:
-        assert ("GET", "/openapi.json") in served
+        assert ("POST", "/callbacks/smspilot/{token}") in public
+        assert ("GET", "/v1/messages/{provider}/{message_id}") in private
+    assert ("GET", "/openapi.json") in private
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +61,20 @@ def service(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_served_description_is_the_one_in_the_code(service: Smsbus) -> None:
-    served = httpx.get(f"{service.base}/openapi.json", timeout=10)
+    served = httpx.get(f"{service.api}/openapi.json", timeout=10)
     assert 200 == served.status_code
     assert served.headers["content-type"].startswith("application/json")
     assert openapi(receive=True, version=served.json()["info"]["version"]) == served.json()
 
 
-# The description in the code; the test above holds the served one to it.
-schema = schemathesis.openapi.from_dict(openapi(receive=True))
+# The description in the code, one part per listener; the test above holds the served one to it.
+def _part(listener: str) -> dict:  # type: ignore[type-arg]
+    description = openapi(receive=True)
+    return {**description, "paths": listener_paths(description, listener)}
+
+
+public_schema = schemathesis.openapi.from_dict(_part(PUBLIC))
+private_schema = schemathesis.openapi.from_dict(_part(PRIVATE))
 
 
 # No 5xx, and every answer is one the description allows (status, content type, body, headers);
@@ -81,13 +90,24 @@ CHECKS = [
     openapi_checks.unsupported_method,
     openapi_checks.allow_header_conformance,
 ]
-
-
-@schema.parametrize()
-@settings(
+SETTINGS = settings(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-def test_live_service_keeps_to_its_description(case: schemathesis.Case, service: Smsbus) -> None:
+
+
+@public_schema.parametrize()
+@SETTINGS
+def test_the_public_listener_keeps_to_its_description(
+    case: schemathesis.Case, service: Smsbus
+) -> None:
     case.call_and_validate(base_url=service.base, checks=CHECKS, timeout=10)
+
+
+@private_schema.parametrize()
+@SETTINGS
+def test_the_private_listener_keeps_to_its_description(
+    case: schemathesis.Case, service: Smsbus
+) -> None:
+    case.call_and_validate(base_url=service.api, checks=CHECKS, timeout=10)

@@ -64,7 +64,7 @@ def test_one_leader_per_provider_and_takeover_after_sigkill(
 
             message = str(next(_ids))
             tower.statuses[message] = ("processing", "")
-            httpx.post(f"{buses[0].base}/v1/messages",
+            httpx.post(f"{buses[0].api}/v1/messages",
                        json={"provider": "smstower", "message_id": message})  # fmt: skip
 
             def statuses() -> list[str]:

@@ -119,7 +119,7 @@ def test_history_inbound_and_the_rate_rule(
     bus.start()
     try:
         httpx.post(
-            f"{bus.base}/v1/messages",
+            f"{bus.api}/v1/messages",
             json={"provider": "smsc", "message_id": "899999", "client_ref": "c-9"},
         )
 

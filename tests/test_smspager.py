@@ -127,7 +127,7 @@ def test_mailing_numbers_become_events_and_the_mailing_finishes(
     bus = Smsbus(env, tmp_path).start()
     try:
         response = httpx.post(
-            f"{bus.base}/v1/messages",
+            f"{bus.api}/v1/messages",
             json={"provider": "smspager", "message_id": smsid, "client_ref": "mail-1"},
         )
         assert 202 == response.status_code
@@ -149,7 +149,7 @@ def test_mailing_numbers_become_events_and_the_mailing_finishes(
         assert ("79029021234", "undelivered", "mail-1") == events()[-1]
 
         def mailing() -> dict[str, Any]:
-            return httpx.get(f"{bus.base}/v1/messages/smspager/{smsid}", timeout=5).json()
+            return httpx.get(f"{bus.api}/v1/messages/smspager/{smsid}", timeout=5).json()
 
         shown = wait_for(lambda: mailing()["final"] and mailing(), what="the mailing to finish")
         assert ("undelivered", "notDelivered", "mail-1") == (
@@ -157,7 +157,7 @@ def test_mailing_numbers_become_events_and_the_mailing_finishes(
             shown["provider_status"],
             shown["client_ref"],
         )
-        number = httpx.get(f"{bus.base}/v1/messages/smspager/{smsid}/79019011234", timeout=5)
+        number = httpx.get(f"{bus.api}/v1/messages/smspager/{smsid}/79019011234", timeout=5)
         assert ("delivered", True) == (number.json()["status"], number.json()["final"])
         # Final: its detailed report is no longer asked for, while time (balances) goes by.
         polled = fake.detail_requests().count(smsid)

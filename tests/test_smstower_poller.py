@@ -65,7 +65,7 @@ def service(
 
 
 def register(bus: Smsbus, *items: dict[str, Any]) -> None:
-    response = httpx.post(f"{bus.base}/v1/messages", json=list(items), timeout=10)
+    response = httpx.post(f"{bus.api}/v1/messages", json=list(items), timeout=10)
     assert 202 == response.status_code, response.text
 
 

@@ -11,12 +11,19 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import nats
 import pytest
 
 from bus.messages import apply_status
-from tests.support import SMSBUS, NatsServer, Smsbus, isolated_env, read_stream, wait_for
+from tests.support import (
+    SMSBUS,
+    Listeners,
+    NatsServer,
+    Smsbus,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
 
@@ -33,17 +40,18 @@ def service(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture
-def client(service: Smsbus) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=service.base, timeout=10) as c:
-        yield c
+def client(service: Smsbus) -> Iterator[Listeners]:
+    both = Listeners(service)
+    yield both
+    both.close()
 
 
-def state(client: httpx.Client, provider: str, message_id: str) -> dict[str, Any] | None:
+def state(client: Listeners, provider: str, message_id: str) -> dict[str, Any] | None:
     response = client.get(f"/v1/messages/{provider}/{message_id}")
     return response.json() if response.status_code == 200 else None
 
 
-def tracked_gauge(client: httpx.Client, provider: str) -> float:
+def tracked_gauge(client: Listeners, provider: str) -> float:
     prefix = f'smsbus_tracked_messages{{provider="{provider}"}} '
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(prefix):
@@ -51,7 +59,7 @@ def tracked_gauge(client: httpx.Client, provider: str) -> float:
     raise AssertionError("smsbus_tracked_messages is missing")
 
 
-def test_register_one_and_read_it_back(client: httpx.Client) -> None:
+def test_register_one_and_read_it_back(client: Listeners) -> None:
     message_id = new_id()
     response = client.post(
         "/v1/messages",
@@ -78,7 +86,7 @@ def test_register_one_and_read_it_back(client: httpx.Client) -> None:
 
 
 def test_a_list_is_all_or_nothing(
-    service: Smsbus, nats_server: NatsServer, client: httpx.Client
+    service: Smsbus, nats_server: NatsServer, client: Listeners
 ) -> None:
     good, other = new_id(), new_id()
     response = client.post(
@@ -118,7 +126,7 @@ def test_a_list_is_all_or_nothing(
         ),
     ],
 )
-def test_bad_batches_are_400(client: httpx.Client, body: bytes, error: str) -> None:
+def test_bad_batches_are_400(client: Listeners, body: bytes, error: str) -> None:
     response = client.post("/v1/messages", content=body)
     assert (400, {"errors": [{"index": None, "error": error}]}) == (
         response.status_code,
@@ -126,7 +134,7 @@ def test_bad_batches_are_400(client: httpx.Client, body: bytes, error: str) -> N
     )
 
 
-def test_a_thousand_registrations_in_one_request(client: httpx.Client) -> None:
+def test_a_thousand_registrations_in_one_request(client: Listeners) -> None:
     ids = [new_id() for _ in range(1000)]
     response = client.post(
         "/v1/messages", json=[{"provider": "epochta", "message_id": f"m{i}"} for i in ids]
@@ -135,13 +143,13 @@ def test_a_thousand_registrations_in_one_request(client: httpx.Client) -> None:
     wait_for(lambda: state(client, "epochta", f"m{ids[-1]}"), what="the last registration")
 
 
-def test_unknown_message_and_provider_are_404(client: httpx.Client) -> None:
+def test_unknown_message_and_provider_are_404(client: Listeners) -> None:
     assert 404 == client.get("/v1/messages/smstower/1").status_code
     assert 404 == client.get("/v1/messages/nosuch/1").status_code
 
 
 def test_callback_carries_client_ref_and_phone_of_a_tracked_message(
-    service: Smsbus, nats_server: NatsServer, client: httpx.Client
+    service: Smsbus, nats_server: NatsServer, client: Listeners
 ) -> None:
     server_id = new_id()
     before = tracked_gauge(client, "smspilot")
@@ -173,7 +181,7 @@ def test_callback_carries_client_ref_and_phone_of_a_tracked_message(
     wait_for(lambda: tracked_gauge(client, "smspilot") == before, what="the gauge to drop")
 
 
-def test_final_status_never_goes_back_and_the_later_final_wins(client: httpx.Client) -> None:
+def test_final_status_never_goes_back_and_the_later_final_wins(client: Listeners) -> None:
     server_id = new_id()
 
     def callback(status: int) -> None:
@@ -248,22 +256,21 @@ def test_junk_on_the_track_subject_is_dead_lettered(
 
 
 def run_cli(service: Smsbus, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", ""), **service.env}
+    env = {"PATH": os.environ.get("PATH", ""), "SMSBUS_API_PORT": str(service.api_port),
+           **service.env}  # fmt: skip
     return subprocess.run(
         [SMSBUS, *args], env=env, capture_output=True, text=True, timeout=30, check=False
     )
 
 
 def test_cli_track_and_status(service: Smsbus) -> None:
+    """Both go through the private API, so the status right after the track shows it."""
     message_id = new_id()
     tracked = run_cli(service, "track", "smsc", message_id, "--client-ref", "cli-1")
     assert (0, "1") == (tracked.returncode, tracked.stdout.strip())
-
-    def shown() -> dict[str, Any] | None:
-        result = run_cli(service, "status", "smsc", message_id)
-        return json.loads(result.stdout) if result.returncode == 0 else None
-
-    body = wait_for(shown, what="smsbus status to find it")
+    result = run_cli(service, "status", "smsc", message_id)
+    assert 0 == result.returncode, result.stderr
+    body = json.loads(result.stdout)
     assert ("smsc", message_id, "cli-1", None) == (
         body["provider"],
         body["message_id"],

@@ -28,15 +28,32 @@ _LOG_FORMATS = ("auto", "json", "console")
 
 
 class Secret:
-    """A string that never shows itself in a repr, a log line or an exception."""
+    """A string that never shows itself in a repr, a log line or an exception. One read from a
+    `*_FILE` can be read again (`reload`), for a Secret that was rotated under a running
+    process."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_path", "_value")
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, path: str | None = None) -> None:
         self._value = value
+        self._path = path
 
     def reveal(self) -> str:
         return self._value
+
+    def reload(self) -> bool:
+        """Read the file again; True when the value changed. A file that cannot be read (or is
+        empty) keeps the value it had."""
+        if self._path is None:
+            return False
+        try:
+            value = Path(self._path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            return False
+        changed = bool(value) and value != self._value
+        if changed:
+            self._value = value
+        return changed
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -79,6 +96,7 @@ class ProviderSettings:
     interval: float
     max_interval: float
     credentials: tuple[Secret, ...] = ()
+    track_ttl: float = 259200.0  # SMSBUS_TRACK_TTL: how far back a status can still change
 
     @property
     def enabled(self) -> bool:
@@ -130,6 +148,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read every SMSBUS_* setting; raise ConfigError on the first bad one."""
     env = _Env(os.environ if environ is None else environ)
+    track_ttl = env.seconds("SMSBUS_TRACK_TTL", 259200.0, low=1, high=90 * 86400)
     settings = Settings(
         nats_urls=env.nats_urls("SMSBUS_NATS_URL"),
         embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
@@ -153,12 +172,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
         trusted_proxies=env.networks("SMSBUS_TRUSTED_PROXIES"),
         log_format=env.choice("SMSBUS_LOG_FORMAT", "auto", _LOG_FORMATS),
-        providers={name: _provider(env, name) for name in DEFAULT_URLS},
+        providers={name: _provider(env, name, track_ttl) for name in DEFAULT_URLS},
         smspilot_reconcile_after=env.seconds(
             "SMSBUS_SMSPILOT_RECONCILE_AFTER", 120.0, low=1, high=30 * 86400
         ),
         balance_interval=env.seconds("SMSBUS_BALANCE_INTERVAL", 300.0, low=1, high=86400),
-        track_ttl=env.seconds("SMSBUS_TRACK_TTL", 259200.0, low=1, high=90 * 86400),
+        track_ttl=track_ttl,
         lease_ttl=env.seconds("SMSBUS_LEASE_TTL", 15.0, low=1, high=600),
     )
     _check_windows(settings)
@@ -186,7 +205,7 @@ def _check_windows(s: Settings) -> None:
             raise ConfigError(variable, f"{port} is SMSBUS_EMBEDDED_NATS_PORT's too")
 
 
-def _provider(env: _Env, name: str) -> ProviderSettings:
+def _provider(env: _Env, name: str, track_ttl: float) -> ProviderSettings:
     upper = f"SMSBUS_{name.upper()}"
     default_interval = 60.0 if name == "smsc" else 30.0
     interval = env.seconds(f"{upper}_INTERVAL", default_interval, low=0.05, high=86400)
@@ -199,7 +218,9 @@ def _provider(env: _Env, name: str) -> ProviderSettings:
     max_interval = env.seconds(f"{upper}_MAX_INTERVAL", 600.0, low=0.05, high=7 * 86400)
     if max_interval < interval:
         raise ConfigError(f"{upper}_MAX_INTERVAL", f"must not be below {upper}_INTERVAL")
-    secrets = tuple(env.secret(f"{upper}_{part}") for part in CREDENTIALS[name])
+    variables = [f"{upper}_{part}" for part in CREDENTIALS[name]]
+    secrets = tuple(env.secret(variable) for variable in variables)
+    files = tuple(env.file_of(variable) for variable in variables)
     if any(secrets) and not all(secrets):
         missing = [
             part for part, value in zip(CREDENTIALS[name], secrets, strict=True) if not value
@@ -211,7 +232,10 @@ def _provider(env: _Env, name: str) -> ProviderSettings:
         tz=env.zone(f"{upper}_TZ", "Europe/Kyiv" if name == "smsc" else "Europe/Moscow"),
         interval=interval,
         max_interval=max_interval,
-        credentials=tuple(Secret(s) for s in secrets) if all(secrets) else (),
+        credentials=tuple(Secret(s, f) for s, f in zip(secrets, files, strict=True))
+        if all(secrets)
+        else (),
+        track_ttl=track_ttl,
     )
 
 
@@ -240,6 +264,10 @@ class _Env:
             raise ConfigError(file_name, f"cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(file_name, f"{path} is not UTF-8 text") from None
+
+    def file_of(self, name: str) -> str | None:
+        """The file NAME_FILE names, if the secret comes from one."""
+        return self._environ.get(f"{name}_FILE", "").strip() or None
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         raw = self._environ.get(name, "").strip()

@@ -63,10 +63,15 @@ def fact_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
+# Providers whose message id can name a send to several numbers: an SMS-Pager mailing's smsid,
+# an SMSC id (its history has a row per phone). There a status belongs to the id and the phone.
+PER_PHONE = frozenset({"smspager", "smsc"})
+
+
 def message_key(provider: str, message_id: str, phone: str | None) -> str:
-    """The key of a status fact: the message id; for SMS-Pager, whose id names a mailing, the id
-    and the phone (CONTRACT.md section 5)."""
-    return f"{message_id}/{phone}" if provider == "smspager" and phone else message_id
+    """The key of a status fact: the message id; for SMS-Pager and SMSC, the id and the phone
+    (CONTRACT.md section 5)."""
+    return f"{message_id}/{phone}" if provider in PER_PHONE and phone else message_id
 
 
 def subject(prefix: str, kind: str, provider: str, status: str | None = None) -> str:

@@ -30,7 +30,7 @@ from nats.js.client import JetStreamContext
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.errors import PayloadError, PublishError
-from bus.events import deadletter_event, message_key, rfc3339, utcnow
+from bus.events import PER_PHONE, deadletter_event, message_key, rfc3339, utcnow
 from bus.messages import apply_status, apply_to_mailing, kv_key, parse_track_batch
 from bus.publisher import Publisher
 from bus.state import States
@@ -200,7 +200,7 @@ class Projector:
         provider, phone = data["provider"], data.get("phone")
         key = kv_key(provider, message_key(provider, data["message_id"], phone))
         await self._states.update(key, lambda s: apply_status(s, data, event_id))
-        if provider == "smspager" and phone:  # the mailing's aggregate, beside the number
+        if provider in PER_PHONE and phone:  # the send as a whole, beside the number
             mailing = kv_key(provider, data["message_id"])
             await self._states.update(mailing, lambda s: apply_to_mailing(s, data))
 

@@ -101,6 +101,8 @@ SMSPILOT_ERRORS = {
     "601": "Undeliverable",
     "602": "Destination unreachable",
     "603": "Rejected",
+    # Not in the document's table, but its status table maps it (-1 with 604: cancelled).
+    "604": "Cancelled",
 }
 
 

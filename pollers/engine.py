@@ -1,28 +1,31 @@
-"""Polling one provider: the loop every provider client plugs into.
+"""Polling one provider: the loops a provider's capabilities (pollers.types.Provider) call for.
 
-- Tracked messages come from the local mirror of the state bucket. Each is due on the schedule of
-  pollers.schedule; messages due together go out in batches of the client's `status_batch`.
-  A report is published only when it differs from the current state; a final one ends polling;
-  an id the provider does not know yet stays tracked. After SMSBUS_TRACK_TTL (from `sent_at`, else
-  registration) a message with no final status gets a final `unknown` event (`via: "expiry"`).
+- Tracked messages come from the local mirror of the state bucket, onto a pollers.schedule
+  Schedule; messages due together go out in batches of the provider's `statuses.batch`. A report
+  is published only when it differs from the current state (or its fact is not recorded yet); a
+  final one ends polling; an id the provider does not know yet stays tracked. After
+  SMSBUS_TRACK_TTL (from `sent_at`, else registration) a message with no final status gets a
+  final `unknown` event (`via: "expiry"`).
 - Provider-wide work (SMSC's history, inbound SMS) runs every interval; the balance at start and
   every SMSBUS_BALANCE_INTERVAL. Inbound cursors live in the cursor bucket and advance only after
   the events they cover are durable.
-- Failures back off exponentially with jitter (auth failures hard, at least AUTH_BACKOFF), show in
-  /readyz and the metrics, and an unparsable answer goes to the dead-letter subject.
+- A failed call backs off by one rule (CONTRACT.md section 5): the interval, doubling with each
+  failure up to SMSBUS_<P>_MAX_INTERVAL, with jitter, reset by a success, and never less than a
+  wait the provider demands; after an auth failure the `*_FILE` secrets are read again. Failures
+  show in /readyz and the metrics, and an unparsable answer goes to the dead-letter subject. A
+  NATS problem (a cursor not saved, an event not stored) is not the provider's failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import structlog
 
+from bus.backoff import Backoff
 from bus.config import ProviderSettings
 from bus.core import Bus, ProviderState
 from bus.errors import (
@@ -44,15 +47,12 @@ from bus.events import (
 from bus.messages import MessageState
 from bus.statuses import normalise, normalise_error_code
 from bus.supervisor import Beat, TaskStatus
-from pollers.schedule import next_poll
-from pollers.types import ProviderClient, StatusReport
+from pollers.schedule import Schedule
+from pollers.types import Provider, StatusReport
 
 log = structlog.get_logger("smsbus.poller")
 
 CONCURRENCY = 8  # status requests in flight to one provider
-AUTH_BACKOFF = 300.0
-MAX_BACKOFF = 300.0
-NEVER = float("inf")
 
 
 def _seconds(value: str | None) -> float | None:
@@ -60,16 +60,12 @@ def _seconds(value: str | None) -> float | None:
 
 
 class ProviderPoller:
-    def __init__(self, client: ProviderClient, bus: Bus, settings: ProviderSettings):
-        self.client = client
+    def __init__(self, provider: Provider, bus: Bus, settings: ProviderSettings):
+        self.provider = provider
         self.name = settings.name
         self.settings = settings
         self._prefix = bus.settings.subject_prefix
-        self._ttl = bus.settings.track_ttl
         self._balance_interval = bus.settings.balance_interval
-        self._first = (
-            bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
-        )
         self._publisher = bus.publisher
         self._states = bus.states
         self._index = bus.states.mirror
@@ -77,65 +73,37 @@ class ProviderPoller:
         self._cursors = bus.cursors
         self._metrics = bus.metrics
         self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
-        self._heap: list[tuple[float, str]] = []
-        self._due: dict[str, float] = {}
-        self._failures = 0
+        first = (
+            bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
+        )
+        self.schedule = Schedule(
+            first=first,
+            interval=settings.interval,
+            cap=settings.max_interval,
+            ttl=bus.settings.track_ttl,
+            polled=provider.statuses is not None,
+        )
+        self._backoff = Backoff(settings.interval, settings.max_interval)
         self._resume_at = 0.0
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
 
-    # Scheduling
-
-    def schedule(self, state: MessageState, now: float | None = None) -> None:
-        """Put a tracked message on the schedule (the index calls this on every change)."""
+    def track(self, state: MessageState, now: float | None = None) -> None:
+        """Put a tracked message on the schedule (the mirror calls this on every change)."""
         if state.provider != self.name:
             return  # another provider's message; ids are only unique per provider
         if not state.tracked or state.final:
-            self._due.pop(state.message_id, None)
+            self.schedule.drop(state.message_id)
             return
-        if state.message_id not in self._due:
-            self._push(state, now if now is not None else time.time())
-
-    def _expires(self, state: MessageState, registered: float) -> float:
-        """SMSBUS_TRACK_TTL counts from `sent_at`, else from registration."""
-        return (_seconds(state.sent_at) or registered) + self._ttl
-
-    def _push(self, state: MessageState, after: float) -> None:
-        registered = _seconds(state.registered_at) or after
-        expires = self._expires(state, registered)
-        due = NEVER
-        if self.client.status_batch:
-            s = self.settings
-            due = next_poll(registered, after, self._first, s.interval, s.max_interval)
-        when = min(due, expires)
-        self._due[state.message_id] = when
-        heapq.heappush(self._heap, (when, state.message_id))
-
-    def _take_due(self, now: float) -> tuple[list[MessageState], list[MessageState]]:
-        """Pop what is due: (to poll, expired). A last, partial batch is topped up with messages
-        due within half an interval: polling those a little early saves a request."""
-        due: list[MessageState] = []
-        expired: list[MessageState] = []
-        size = self.client.status_batch or 1
-        horizon = now + self.settings.interval / 2
-        while self._heap and (
-            self._heap[0][0] <= now or (due and len(due) % size and self._heap[0][0] <= horizon)
-        ):
-            when, message_id = heapq.heappop(self._heap)
-            if self._due.get(message_id) != when:
-                continue  # superseded
-            del self._due[message_id]
-            state = self._index.get(self.name, message_id)
-            if state is None or not state.tracked or state.final:
-                continue
-            if now >= self._expires(state, _seconds(state.registered_at) or now):
-                expired.append(state)
-            elif self.client.status_batch:
-                due.append(state)
-            else:  # no per-id polling here: only the expiry is scheduled, and it moved later
-                self._push(state, now)
-        return due, expired
+        if state.message_id not in self.schedule:
+            after = now if now is not None else time.time()
+            self.schedule.push(
+                state.message_id,
+                registered=_seconds(state.registered_at) or after,
+                sent=_seconds(state.sent_at),
+                after=after,
+            )
 
     # The loops
 
@@ -147,23 +115,23 @@ class ProviderPoller:
         self._metrics.leader.labels(self.name).set(1)
         await self._loaded.wait()
         for state in self._index.of(self.name):
-            self.schedule(state)
-        self._index.listeners.append(self.schedule)
+            self.track(state)
+        self._index.listeners.append(self.track)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._status_loop())
-                if self.client.has_history:
+                group.create_task(self._status_loop())  # expiries, and per-id polls if any
+                if self.provider.history is not None:
                     group.create_task(
                         self._every(self.settings.interval, self._history, spaced="history")
                     )
-                if self.client.has_inbound:
+                if self.provider.inbound is not None:
                     group.create_task(
                         self._every(self.settings.interval, self._inbound, spaced="inbound")
                     )
-                if self.client.balance_unit:
+                if self.provider.balance is not None:
                     group.create_task(self._every(self._balance_interval, self._balance))
         finally:
-            self._index.listeners.remove(self.schedule)
+            self._index.listeners.remove(self.track)
             self.state.leader = False
             self._metrics.leader.labels(self.name).set(0)
 
@@ -206,28 +174,46 @@ class ProviderPoller:
             await self._status_round(time.time())
 
     async def _status_round(self, now: float) -> None:
-        due, expired = self._take_due(now)
-        for state in expired:
+        per_id = self.provider.statuses
+        size = per_id.batch if per_id is not None else 1
+        due = self.schedule.take(now, size, horizon=now + self.settings.interval / 2)
+        for message_id in due.expired:
+            state = self._index.get(self.name, message_id)
+            if state is None or not state.tracked or state.final:
+                continue
             try:
                 await self._expire(state)
             except PublishError as exc:
                 log.error("expiry not stored; will retry", provider=self.name, error=str(exc))
-                self._due[state.message_id] = now + self.settings.interval
-                heapq.heappush(self._heap, (now + self.settings.interval, state.message_id))
-        if due:
-            size = self.client.status_batch
+                self.track(state, now)
+                self.schedule.retry(message_id, now + self.settings.interval)
+        polled = [
+            state
+            for message_id in due.poll
+            if (state := self._index.get(self.name, message_id)) is not None
+            and state.tracked
+            and not state.final
+        ]
+        for message_id in set(due.poll) - {state.message_id for state in polled}:
+            self.schedule.drop(message_id)
+        if polled and per_id is not None:
             gate = asyncio.Semaphore(CONCURRENCY)
             await asyncio.gather(
-                *(self._poll_batch(due[i : i + size], now, gate) for i in range(0, len(due), size))
+                *(
+                    self._poll_batch(polled[i : i + size], now, gate)
+                    for i in range(0, len(polled), size)
+                )
             )
 
     async def _poll_batch(
         self, batch: list[MessageState], now: float, gate: asyncio.Semaphore
     ) -> None:
+        per_id = self.provider.statuses
+        assert per_id is not None
         finished: set[str] = set()
 
         async def poll() -> None:
-            reports = await self.client.statuses([s.message_id for s in batch])
+            reports = await per_id.fetch([s.message_id for s in batch])
             # Publish them together, so the acks are pipelined. A message is finished when all
             # its reports are final (several for an SMS-Pager mailing: one per number).
             finals = await asyncio.gather(*(self._report(r) for r in reports))
@@ -240,12 +226,11 @@ class ProviderPoller:
             ok = time.monotonic() >= self._resume_at and await self._guard(poll)
         for state in batch:
             if state.message_id in finished:
-                continue
-            if ok:  # past the top-up horizon, so a slot served early is not served again
-                self._push(state, now + self.settings.interval / 2)
+                self.schedule.drop(state.message_id)
+            elif ok:  # past the top-up horizon, so a slot served early is not served again
+                self.schedule.again(state.message_id, now + self.settings.interval / 2)
             else:  # due again as soon as the back-off allows
-                self._due[state.message_id] = now
-                heapq.heappush(self._heap, (now, state.message_id))
+                self.schedule.retry(state.message_id, now)
 
     async def _guard(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Run one provider call; on failure record it, back off, and keep going."""
@@ -266,21 +251,22 @@ class ProviderPoller:
         return True
 
     def _succeeded(self) -> None:
-        self._failures = 0
+        self._backoff.succeeded()
         self.state.last_success = rfc3339(utcnow())
         self._metrics.poll_requests.labels(self.name, "ok").inc()
         self._metrics.provider_up.labels(self.name).set(1)
 
     async def _failed(self, exc: ProviderError) -> None:
-        self._failures += 1
-        delay = min(MAX_BACKOFF, 2.0 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
+        delay = max(self._backoff.failed(), exc.retry_after)
         if isinstance(exc, ProviderAuthError):
-            outcome, delay = "auth_error", max(delay, AUTH_BACKOFF)
+            outcome = "auth_error"
+            # A rotated Kubernetes Secret: the next call uses what its file holds now.
+            if any([secret.reload() for secret in self.settings.credentials]):
+                log.info("credentials read again from their files", provider=self.name)
         elif isinstance(exc, ProviderPayloadError):
             outcome = "bad_answer"
         else:
             outcome = "unavailable"
-        delay = max(delay, exc.retry_after)
         self._resume_at = time.monotonic() + delay
         self.state.last_error = f"{rfc3339(utcnow())} {outcome}: {exc}"
         self._metrics.poll_requests.labels(self.name, outcome).inc()
@@ -306,7 +292,8 @@ class ProviderPoller:
     # The work
 
     async def _history(self) -> None:
-        for report in await self.client.history():
+        assert self.provider.history is not None
+        for report in await self.provider.history():
             await self._report(report)
 
     async def _report(self, report: StatusReport) -> bool:
@@ -328,8 +315,8 @@ class ProviderPoller:
         if state is not None and state.records(event.id):
             return final or state.final  # reported before, however long ago
         await self._publisher.publish(event)
-        if final:
-            self._due.pop(report.message_id, None)
+        if final and not report.phone:
+            self.schedule.drop(report.message_id)
         return final
 
     async def _expire(self, state: MessageState) -> None:
@@ -343,8 +330,9 @@ class ProviderPoller:
             await self._publisher.publish(event)
 
     async def _inbound(self) -> None:
+        assert self.provider.inbound is not None
         cursor = await self._cursor("inbound")
-        messages, new_cursor = await self.client.inbound(cursor)
+        messages, new_cursor = await self.provider.inbound(cursor)
         for sms in messages:
             await self._publisher.publish(
                 inbound_event(
@@ -362,9 +350,9 @@ class ProviderPoller:
             await self._save_cursor("inbound", new_cursor)
 
     async def _balance(self) -> None:
-        amount = await self.client.balance()
-        unit = self.client.balance_unit
-        assert unit is not None
+        balance = self.provider.balance
+        assert balance is not None
+        amount, unit = await balance.read(), balance.unit
         self._metrics.balance.labels(self.name, unit).set(float(amount))
         await self._publisher.publish(
             balance_event(self._prefix, self.name, amount, unit, datetime.now(UTC))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import ClassVar
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -19,8 +18,8 @@ from lxml import etree
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError
 from pollers import http
-from pollers.types import InboundSms, StatusReport
-from pollers.values import decimal, local
+from pollers.types import Balance, PerId, Provider, StatusReport
+from pollers.values import balance_text, decimal, local
 from pollers.xml import parse_xml, text
 
 PATH = "/members/sms/xml.php"
@@ -87,19 +86,13 @@ def parse_balance(body: bytes) -> Decimal:
 
 
 class Client:
-    name: ClassVar[str] = "epochta"
-    status_batch: ClassVar[int] = BATCH
-    balance_unit: ClassVar[str | None] = "credits"
-    has_inbound: ClassVar[bool] = False
-    has_history: ClassVar[bool] = False
-
     def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
         self._settings = settings
         self._http = client
-        self._username, self._password = (s.reveal() for s in settings.credentials)
 
     async def _call(self, operation: str, message_ids: Sequence[str] = ()) -> bytes:
-        document = request(operation, self._username, self._password, message_ids)
+        username, password = (s.reveal() for s in self._settings.credentials)
+        document = request(operation, username, password, message_ids)
         return await http.post(
             self._http, self._settings.url + PATH, form={"XML": document.decode()}
         )
@@ -108,12 +101,16 @@ class Client:
         body = await self._call("GETSTATUS", ids)
         return http.parsed(body, lambda: parse_status(body, self._settings.tz))
 
-    async def history(self) -> list[StatusReport]:
-        return []
-
-    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
-        return [], cursor
-
     async def balance(self) -> Decimal:
         body = await self._call("BALANCE")
         return http.parsed(body, lambda: parse_balance(body))
+
+
+def provider(settings: ProviderSettings, client: httpx.AsyncClient) -> Provider:
+    pochta = Client(settings, client)
+    return Provider(
+        name="epochta",
+        check=lambda: balance_text(pochta.balance, "credits"),
+        statuses=PerId(pochta.statuses, BATCH),
+        balance=Balance(pochta.balance, "credits"),
+    )

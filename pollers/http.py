@@ -23,6 +23,7 @@ async def post(
     form: Mapping[str, str] | None = None,
     content: bytes | None = None,
     content_type: str | None = None,
+    limit: int = MAX_ANSWER,
 ) -> bytes:
     """POST and return the answer's body; ProviderError subclasses on failure."""
     headers = {"content-type": content_type} if content_type else None
@@ -33,8 +34,8 @@ async def post(
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
-                if len(body) > MAX_ANSWER:
-                    raise ProviderPayloadError(f"answer larger than {MAX_ANSWER} bytes")
+                if len(body) > limit:
+                    raise ProviderPayloadError(f"answer larger than {limit} bytes")
     except httpx.TimeoutException:
         raise ProviderUnavailable(f"no answer from {url} in time") from None
     except httpx.HTTPError as exc:

@@ -15,16 +15,16 @@ from bus.lease import Lease, holder_id
 from bus.supervisor import Beat
 from pollers import epochta, smsc, smspager, smspilot, smstower
 from pollers.engine import ProviderPoller
-from pollers.types import ProviderClient
+from pollers.types import Build
 
 log = structlog.get_logger("smsbus.pollers")
 
-REGISTRY: dict[str, type[ProviderClient]] = {
-    "smspilot": smspilot.Client,
-    "smstower": smstower.Client,
-    "smspager": smspager.Client,
-    "smsc": smsc.Client,
-    "epochta": epochta.Client,
+REGISTRY: dict[str, Build] = {
+    "smspilot": smspilot.provider,
+    "smstower": smstower.provider,
+    "smspager": smspager.provider,
+    "smsc": smsc.provider,
+    "epochta": epochta.provider,
 }
 STOP_WAIT = 5.0
 

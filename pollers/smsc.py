@@ -2,21 +2,35 @@
 after an id. SMSC's document has no balance method here, and nothing needs tracking: the history
 lists every message of the account.
 
-Requests are POSTs with `login` and `psw` (the password's lower-case MD5) in the body and
-`fmt=3` (JSON). The server refuses a 4th identical history or inbound request within a minute
+Requests are POSTs with `login` and `psw` (the password's lower-case MD5) in the body, `fmt=3`
+(JSON) and `charset=utf-8`; an answer that is not valid UTF-8 anyway is read as windows-1251,
+SMSC's default. The server refuses a 4th identical history or inbound request within a minute
 (error 9): `SMSBUS_SMSC_INTERVAL` of at least 21 s keeps the regular polls under that, and a guard
 here holds back any request that would be the 4th identical one. After error 9 we wait 60 s.
+
+History, read so that no status change of a message sent within SMSBUS_TRACK_TTL is missed:
+- the history has a row per phone, and one `id` can name a send to several numbers: a row's
+  status belongs to the id and the phone;
+- `start` is the first day of the TTL window; rows come newest first, `cnt` at most 100 a page,
+  and `prev_id` ("the global id the server assigns") asks for the rows before a given one: the
+  row's own global id (`int_id`) when the answer carries it, else its `id`;
+- every poll reads the newest RECENT_PAGES pages, and goes on with a sweep of the older pages
+  where the last poll left it, as many pages as finish one sweep of the whole window within
+  SMSBUS_SMSC_MAX_INTERVAL (from the size of the last sweep); each sweep page has its own
+  `prev_id`, so no request repeats within a minute.
+Inbound: `get_answers` with `hour=168` (the document's most) beside `after_id`, so that an outage
+longer than the current day loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -26,17 +40,19 @@ from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
 from bus.messages import digits
 from pollers import http
-from pollers.types import InboundSms, StatusReport
+from pollers.types import InboundSms, Provider, StatusReport
 from pollers.values import local
 
 PATH = "/sys/get.php"
 DATE = "%d.%m.%Y %H:%M:%S"
 PAGE = 100  # "cnt … Максимальное значение равно 100"
-MAX_PAGES = 50  # per poll: at most 5,000 history rows
-LOOK_BACK = timedelta(days=2)  # the history window (`start`) of every poll
+RECENT_PAGES = 3  # read from the top every poll
+FIRST_SWEEP = 50  # sweep pages a poll before the size of the history is known
+MAX_SWEEP = 300  # sweep pages a poll, at most (30,000 rows)
 RATE_WINDOW = 60.0
 RATE_LIMIT = 3
 WAIT_AFTER_9 = 60.0
+INBOUND_HOURS = "168"  # "Максимальное количество часов - 168 (7 дней)"
 
 ERRORS = {
     "1": "error in the parameters",
@@ -68,11 +84,20 @@ def _error(data: Any) -> None:
     raise ProviderPayloadError(f"error {code}: {meaning}")
 
 
-def _json(body: bytes) -> Any:
-    if body.lstrip().startswith(b"ERROR"):  # the plain-text form, should fmt be ignored
-        _error({"error_code": digits(body.decode("utf-8", "replace").split("(")[0]) or "?"})
+def decode(body: bytes) -> str:
+    """An answer's text: UTF-8 as asked for, else windows-1251 (SMSC's default charset)."""
     try:
-        return orjson.loads(body)
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body.decode("cp1251", errors="replace")
+
+
+def _json(body: bytes) -> Any:
+    text = decode(body)
+    if text.lstrip().startswith("ERROR"):  # the plain-text form, should fmt be ignored
+        _error({"error_code": digits(text.split("(")[0]) or "?"})
+    try:
+        return orjson.loads(text)
     except orjson.JSONDecodeError:
         raise ProviderPayloadError("answer is not JSON") from None
 
@@ -88,30 +113,42 @@ def _rows(body: bytes, what: str) -> list[Any]:
     return data
 
 
-def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
-    """get_messages' rows; error 3 (nothing found) is an empty history."""
+def parse_page(body: bytes, tz: ZoneInfo) -> tuple[list[StatusReport], str | None]:
+    """One page of get_messages: a report per row (its id and phone), and the global id of
+    the last row, for the next page's `prev_id` (None for an empty page)."""
     reports = []
+    last = None
     for row in _rows(body, "history"):
         if not isinstance(row, dict) or row.get("id") is None or row.get("status") is None:
             raise ProviderPayloadError("a history row lacks id or status")
         stamp = row.get("last_timestamp")
-        if isinstance(stamp, int | float) and stamp > 0:
-            occurred: datetime | None = datetime.fromtimestamp(stamp, UTC)
+        if isinstance(stamp, int | float) and not isinstance(stamp, bool) and stamp > 0:
+            try:
+                occurred: datetime | None = datetime.fromtimestamp(stamp, UTC)
+            except (OverflowError, OSError, ValueError):
+                raise ProviderPayloadError(
+                    "a history row's last_timestamp is out of range"
+                ) from None
         else:
             occurred = local(str(row.get("last_date") or ""), DATE, tz)
         err = row.get("err")
-        phone = digits(str(row.get("phone") or "")) or None
+        failed = err not in (None, "", 0, "0")
         reports.append(
             StatusReport(
                 message_id=str(row["id"]),
                 raw_status=str(row["status"]),
                 occurred_at=occurred,
-                error_code=str(err) if err not in (None, "", 0, "0") else None,
-                error=str(row.get("status_name")) if err not in (None, "", 0, "0") else None,
-                phone=phone,
+                error_code=str(err) if failed else None,
+                error=str(row.get("status_name")) if failed else None,
+                phone=digits(str(row.get("phone") or "")) or None,
             )
         )
-    return reports
+        last = str(row.get("int_id") or row["id"])
+    return reports, last
+
+
+def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
+    return parse_page(body, tz)[0]
 
 
 def parse_answers(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
@@ -147,62 +184,93 @@ class RateGuard:
             await asyncio.sleep(RATE_WINDOW - (now - times[0]) + 0.1)
             times.popleft()
         times.append(time.monotonic())
+        if len(self._sent) > 10_000:  # sweep pages are all different: forget the old ones
+            self._sent = {k: v for k, v in self._sent.items() if v and now - v[-1] < RATE_WINDOW}
 
 
 class Client:
-    name: ClassVar[str] = "smsc"
-    status_batch: ClassVar[int] = 0
-    balance_unit: ClassVar[str | None] = None
-    has_inbound: ClassVar[bool] = True
-    has_history: ClassVar[bool] = True
-
     def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
         self._settings = settings
         self._http = client
-        login, password = (s.reveal() for s in settings.credentials)
-        self._auth = {"login": login, "psw": hashlib.md5(password.encode()).hexdigest().lower()}
         self._guard = RateGuard()
+        self._sweep_from: str | None = None  # prev_id where the sweep goes on; None: start over
+        self._sweep_pages = 0  # pages of the sweep under way
+        self._last_sweep = 0  # pages the last whole sweep took (0: not known yet)
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        login, password = (s.reveal() for s in self._settings.credentials)
+        return {"login": login, "psw": hashlib.md5(password.encode()).hexdigest().lower()}
 
     async def _get(self, **fields: str) -> bytes:
+        fields = fields | {"fmt": "3", "charset": "utf-8"}
         await self._guard.admit(fields)
-        form = self._auth | fields | {"fmt": "3"}
-        return await http.post(self._http, self._settings.url + PATH, form=form)
+        return await http.post(self._http, self._settings.url + PATH, form=self._auth | fields)
 
-    async def statuses(self, ids: list[str]) -> list[StatusReport]:
-        return []
+    def sweep_budget(self) -> int:
+        """Sweep pages this poll: enough to go once over the whole window (as big as the last
+        sweep found it) within SMSBUS_SMSC_MAX_INTERVAL."""
+        if not self._last_sweep:
+            return FIRST_SWEEP
+        s = self._settings
+        polls = max(1.0, s.max_interval / s.interval)
+        return max(1, min(MAX_SWEEP, math.ceil(self._last_sweep / polls) + 1))
+
+    async def _page(self, start: str, prev_id: str | None) -> tuple[list[StatusReport], str | None]:
+        fields = {"get_messages": "1", "start": start, "cnt": str(PAGE)}
+        if prev_id:
+            fields["prev_id"] = prev_id
+        body = await self._get(**fields)
+        return http.parsed(body, lambda: parse_page(body, self._settings.tz))
 
     async def history(self) -> list[StatusReport]:
-        """The last LOOK_BACK of the account's history, newest first, page by page."""
+        """The newest pages, then the next stretch of the sweep over the rest of the window."""
         tz = self._settings.tz
-        start = (datetime.now(tz) - LOOK_BACK).strftime("%d.%m.%Y")
+        start = (datetime.now(tz) - timedelta(seconds=self._settings.track_ttl)).strftime(
+            "%d.%m.%Y"
+        )
         reports: list[StatusReport] = []
         prev_id: str | None = None
-        for _ in range(MAX_PAGES):
-            fields = {"get_messages": "1", "start": start, "cnt": str(PAGE)}
-            if prev_id:
-                fields["prev_id"] = prev_id
-            body = await self._get(**fields)
-            page = http.parsed(body, partial(parse_history, body, tz))
+        for _ in range(RECENT_PAGES):
+            page, prev_id = await self._page(start, prev_id)
             reports.extend(page)
             if len(page) < PAGE:
+                return reports  # the whole window fits in the newest pages
+        if self._sweep_from is None:
+            self._sweep_from, self._sweep_pages = prev_id, RECENT_PAGES
+        for _ in range(self.sweep_budget()):
+            page, last = await self._page(start, self._sweep_from)
+            reports.extend(page)
+            self._sweep_pages += 1
+            if len(page) < PAGE or last is None:
+                self._last_sweep, self._sweep_from = self._sweep_pages, None
                 break
-            prev_id = page[-1].message_id
+            self._sweep_from = last
         return reports
 
     async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
-        fields = {"get_answers": "1"}
-        fields |= {"after_id": cursor} if cursor else {"hour": "24"}
+        fields = {"get_answers": "1", "hour": INBOUND_HOURS}
+        if cursor:
+            fields["after_id"] = cursor
         body = await self._get(**fields)
         found = http.parsed(body, lambda: parse_answers(body, self._settings.tz))
         if not found:
             return [], cursor
-        newest = max(
-            found, key=lambda sms: int(sms.message_id) if sms.message_id.isdecimal() else 0
-        )
-        return found, newest.message_id
+        numeric = [int(sms.message_id) for sms in found if sms.message_id.isdecimal()]
+        newest = str(max(numeric)) if numeric else cursor
+        if cursor and cursor.isdecimal():
+            found = [
+                s for s in found if not s.message_id.isdecimal() or int(s.message_id) > int(cursor)
+            ]
+        return found, newest
 
     async def probe(self) -> str:
         """One cheap authenticated call (SMSC has no balance method): one history row."""
         body = await self._get(get_messages="1", cnt="1")
         http.parsed(body, lambda: parse_history(body, self._settings.tz))
         return "history readable"
+
+
+def provider(settings: ProviderSettings, client: httpx.AsyncClient) -> Provider:
+    smsc = Client(settings, client)
+    return Provider(name="smsc", check=smsc.probe, history=smsc.history, inbound=smsc.inbound)

@@ -2,21 +2,27 @@
 bodies POSTed to /report.xml and /balance.xml, the credentials inside the XML.
 
 A mailing (its `smsid`) covers several numbers. The general report (`start`/`stop`) lists every
-mailing's counters; the detailed report (one `smsid`) lists its numbers by group (`delivered`,
-`notDelivered`, `waiting`, `enqueued`, `cancel`, `onModer`). So each poll first reads the general
-report: when no counter changed since the last one, the due mailings are left alone; otherwise,
-and for a mailing never detailed yet, its detailed report is read, giving one report per number.
-The general report names mailings by the system's own ids, not the smsid given at sending, so it
-can only tell that something changed, not what.
+mailing's counters, by the system's own ids ("отличается от SMSID, указанного при отправке"), so
+it can only tell that *something* changed, not what; the detailed report (one `smsid`) lists its
+numbers by group (`delivered`, `notDelivered`, `waiting`, `enqueued`, `cancel`, `onModer`). So:
+- each time the general report's counters differ from the last reading, a generation counter
+  moves on; a mailing is detailed again when the generation moved since *that mailing* was last
+  detailed (one mailing's poll never uses up the change another one needs);
+- and at least every SMSBUS_SMSPAGER_MAX_INTERVAL while it is open, whatever the report says:
+  no counter moves when moderation cancels a mailing (there is no counter for `cancel` or
+  `onModer`);
+- the general report covers SMSBUS_TRACK_TTL back, up to tomorrow: `stop` defaults to today and
+  its form is a date, which must not cut off today's mailings.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import OrderedDict
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import ClassVar
 
 import httpx
 from lxml import etree
@@ -25,8 +31,8 @@ from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError
 from bus.messages import digits
 from pollers import http
-from pollers.types import InboundSms, StatusReport
-from pollers.values import decimal
+from pollers.types import Balance, PerId, Provider, StatusReport
+from pollers.values import balance_text, decimal
 from pollers.xml import parse_xml, text
 
 REPORT = "/report.xml"
@@ -34,7 +40,10 @@ BALANCE = "/balance.xml"
 GROUPS = ("delivered", "notDelivered", "waiting", "enqueued", "cancel", "onModer")
 COUNTERS = ("allCol", "deliveredCol", "notDeliveredCol", "waitingCol", "enqueuedCol")
 BATCH = 20  # mailings per poll: one general report, then a detailed report each
-LOOK_BACK = timedelta(days=7)
+MAX_REMEMBERED = 100_000  # mailings whose last detailed report we remember
+# The general report has a <sms> block of about 300 bytes per mailing in the window, and the
+# document sets no limit: room for 200,000 mailings.
+GENERAL_LIMIT = 64 * 1024 * 1024
 
 # "РЕЗУЛЬТАТ ОБРАБОТКИ": 1 success; 500-504; 70x-70xx are XML parser errors.
 CODES = {
@@ -101,60 +110,74 @@ def parse_balance(body: bytes) -> Decimal:
 
 
 class Client:
-    name: ClassVar[str] = "smspager"
-    status_batch: ClassVar[int] = BATCH
-    balance_unit: ClassVar[str | None] = "RUB"
-    has_inbound: ClassVar[bool] = False
-    has_history: ClassVar[bool] = False
-
     def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
         self._settings = settings
         self._http = client
-        self._login, self._password = (s.reveal() for s in settings.credentials)
         self._counters: dict[str, tuple[str, ...]] | None = None
-        self._general_at = 0.0
-        self._changed = True
-        self._detailed: set[str] = set()
+        self._general_at = -math.inf
+        self.generation = 0  # moves on whenever the general report's counters change
+        # smsid -> (generation, monotonic time) of its last detailed report; the oldest first.
+        self._detailed: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    async def _post(self, path: str, **fields: str) -> bytes:
-        document = request(self._login, self._password, **fields)
+    async def _post(self, path: str, limit: int = http.MAX_ANSWER, **fields: str) -> bytes:
+        login, password = (s.reveal() for s in self._settings.credentials)
+        document = request(login, password, **fields)
         return await http.post(
-            self._http, self._settings.url + path, content=document, content_type="application/xml"
-        )
+            self._http, self._settings.url + path, content=document,
+            content_type="application/xml", limit=limit,
+        )  # fmt: skip
 
-    async def _something_changed(self) -> bool:
-        """Read the general report (at most once per half interval); True if any counter moved."""
+    async def _read_general(self) -> int:
+        """The generation, reading the general report at most once per half interval."""
         if time.monotonic() - self._general_at < self._settings.interval / 2:
-            return self._changed
-        today = datetime.now(self._settings.tz)
+            return self.generation
+        now = datetime.now(self._settings.tz)
         body = await self._post(
             REPORT,
-            start=(today - LOOK_BACK).strftime("%Y-%m-%d"),
-            stop=today.strftime("%Y-%m-%d"),
+            limit=GENERAL_LIMIT,
+            start=(now - timedelta(seconds=self._settings.track_ttl)).strftime("%Y-%m-%d"),
+            stop=(now + timedelta(days=1)).strftime("%Y-%m-%d"),
         )
         counters = http.parsed(body, lambda: parse_general(body))
-        self._changed = counters != self._counters
+        if counters != self._counters:
+            self.generation += 1
         self._counters = counters
         self._general_at = time.monotonic()
-        return self._changed
+        return self.generation
+
+    def due(self, smsid: str, generation: int, now: float) -> bool:
+        """Detail this mailing now? Never detailed, the report changed since, or too long ago."""
+        seen = self._detailed.get(smsid)
+        if seen is None:
+            return True
+        at_generation, at = seen
+        return at_generation != generation or now - at >= self._settings.max_interval
 
     async def statuses(self, ids: list[str]) -> list[StatusReport]:
-        changed = await self._something_changed()
+        generation = await self._read_general()
         reports: list[StatusReport] = []
         for smsid in ids:
-            if not changed and smsid in self._detailed:
+            now = time.monotonic()
+            if not self.due(smsid, generation, now):
                 continue
             body = await self._post(REPORT, smsid=smsid)
             reports.extend(http.parsed(body, partial(parse_detail, body, smsid)))
-            self._detailed.add(smsid)
+            self._detailed[smsid] = (generation, now)
+            self._detailed.move_to_end(smsid)
+            while len(self._detailed) > MAX_REMEMBERED:
+                self._detailed.popitem(last=False)
         return reports
-
-    async def history(self) -> list[StatusReport]:
-        return []
-
-    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
-        return [], cursor
 
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)
         return http.parsed(body, lambda: parse_balance(body))
+
+
+def provider(settings: ProviderSettings, client: httpx.AsyncClient) -> Provider:
+    pager = Client(settings, client)
+    return Provider(
+        name="smspager",
+        check=lambda: balance_text(pager.balance, "RUB"),
+        statuses=PerId(pager.statuses, BATCH),
+        balance=Balance(pager.balance, "RUB"),
+    )

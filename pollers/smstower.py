@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import ClassVar
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -18,8 +17,8 @@ from lxml import etree
 from bus.config import ProviderSettings
 from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
 from pollers import http
-from pollers.types import InboundSms, StatusReport
-from pollers.values import decimal, format_local, local
+from pollers.types import Balance, InboundSms, PerId, Provider, StatusReport
+from pollers.values import balance_text, decimal, format_local, local
 from pollers.window import Window
 from pollers.xml import parse_xml, text
 
@@ -100,27 +99,18 @@ def parse_balance(body: bytes) -> Decimal:
 
 
 class Client:
-    name: ClassVar[str] = "smstower"
-    status_batch: ClassVar[int] = MAX_IDS
-    balance_unit: ClassVar[str | None] = "SMS"
-    has_inbound: ClassVar[bool] = True
-    has_history: ClassVar[bool] = False
-
     def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
         self._settings = settings
         self._http = client
-        login, password = (s.reveal() for s in settings.credentials)
-        self._auth = {"login": login, "password": password}
 
     async def _post(self, path: str, **fields: str) -> bytes:
-        return await http.post(self._http, self._settings.url + path, form=self._auth | fields)
+        login, password = (s.reveal() for s in self._settings.credentials)
+        auth = {"login": login, "password": password}
+        return await http.post(self._http, self._settings.url + path, form=auth | fields)
 
     async def statuses(self, ids: list[str]) -> list[StatusReport]:
         body = await self._post(STATUS, messageid=",".join(ids))
         return http.parsed(body, lambda: parse_status(body, self._settings.tz))
-
-    async def history(self) -> list[StatusReport]:
-        return []
 
     async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
         window = Window(cursor, datetime.now(UTC))
@@ -136,3 +126,14 @@ class Client:
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)
         return http.parsed(body, lambda: parse_balance(body))
+
+
+def provider(settings: ProviderSettings, client: httpx.AsyncClient) -> Provider:
+    tower = Client(settings, client)
+    return Provider(
+        name="smstower",
+        check=lambda: balance_text(tower.balance, "SMS"),
+        statuses=PerId(tower.statuses, MAX_IDS),
+        inbound=tower.inbound,
+        balance=Balance(tower.balance, "SMS"),
+    )

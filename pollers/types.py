@@ -1,11 +1,11 @@
-"""What a provider client returns, and the shape every provider client has."""
+"""What a provider call returns, and what a provider can do (`Provider`), as data."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import ClassVar, Protocol
 
 import httpx
 
@@ -31,28 +31,38 @@ class InboundSms:
     sent_at: datetime | None = None
 
 
-class ProviderClient(Protocol):
-    """One provider's API. Methods raise bus.errors.ProviderError subclasses."""
+Statuses = Callable[[list[str]], Awaitable[list[StatusReport]]]
+History = Callable[[], Awaitable[list[StatusReport]]]
+Inbound = Callable[[str | None], Awaitable[tuple[list[InboundSms], str | None]]]
 
-    name: ClassVar[str]
-    status_batch: ClassVar[int]  # ids per status request; 0: statuses are not polled per id
-    balance_unit: ClassVar[str | None]  # None: the provider's document has no balance method
-    has_inbound: ClassVar[bool]
-    has_history: ClassVar[bool]  # statuses come from an account-wide history (SMSC)
 
-    def __init__(self, settings: ProviderSettings, http: httpx.AsyncClient) -> None: ...
+@dataclass(frozen=True, slots=True)
+class PerId:
+    """Statuses asked for by message id, `batch` ids a request (the document's limit)."""
 
-    async def statuses(self, ids: list[str]) -> list[StatusReport]: ...
+    fetch: Statuses
+    batch: int
 
-    async def history(self) -> list[StatusReport]: ...
 
-    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]: ...
+@dataclass(frozen=True, slots=True)
+class Balance:
+    read: Callable[[], Awaitable[Decimal]]
+    unit: str
 
-    async def balance(self) -> Decimal:
-        """Called only when `balance_unit` is set."""
-        ...
 
-    async def probe(self) -> str:
-        """For a provider without a balance method (`balance_unit` None): one cheap authenticated
-        call for `smsbus check`, and a short description of its result."""
-        ...
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """What one provider can do, as its document describes it: the engine starts a loop for each
+    capability there is, and none for one there is not. Every callable raises the
+    bus.errors.ProviderError tree on failure. `check` is the one cheap authenticated call of
+    `smsbus check` (the balance where there is one)."""
+
+    name: str
+    check: Callable[[], Awaitable[str]]
+    statuses: PerId | None = None
+    history: History | None = None  # an account-wide history of statuses (SMSC)
+    inbound: Inbound | None = None
+    balance: Balance | None = None
+
+
+Build = Callable[[ProviderSettings, httpx.AsyncClient], Provider]

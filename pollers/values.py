@@ -3,6 +3,7 @@ in UTC) and decimal amounts."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
@@ -33,3 +34,8 @@ def decimal(raw: object, what: str) -> Decimal:
     if value is None or not value.is_finite():
         raise ProviderPayloadError(f"{what} is not a number")
     return value
+
+
+async def balance_text(read: Callable[[], Awaitable[Decimal]], unit: str) -> str:
+    """What `smsbus check` prints of a balance reading."""
+    return f"balance {await read()} {unit}"

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import structlog
 from starlette.requests import Request
@@ -67,21 +67,31 @@ class CallbackParams:
     extra: dict[str, str]
 
 
-def parse_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
-    """Decode a URL-encoded query or form body; PayloadError when it is not one."""
+def _text(raw: bytes) -> str:
+    """A decoded query value: its UTF-8 text, or, when it is not valid UTF-8 (a windows-1251
+    `?ref=%C7%E0%EA%E0%E7` from an older system), its bytes kept as `%XX` escapes (CONTRACT.md
+    section 5) so that nothing the sender put in its URL is lost."""
     try:
-        text = raw.decode("utf-8")
-        return parse_qsl(
-            text,
-            keep_blank_values=True,
-            encoding="utf-8",
-            errors="strict",
-            max_num_fields=MAX_FIELDS,
-        )
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise PayloadError(f"{what} is not valid UTF-8") from None
-    except ValueError:
-        raise PayloadError(f"{what} has more than {MAX_FIELDS} fields") from None
+        return "".join(chr(b) if b < 0x80 and b != 0x25 else f"%{b:02X}" for b in raw)
+
+
+def parse_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
+    """Decode a URL-encoded query or form body, pair by pair; PayloadError when it has more
+    than MAX_FIELDS fields. Values that are not UTF-8 are kept escaped (`_text`); whether
+    SMSPilot's own three fields are acceptable is parse_callback's question."""
+    parts = [part for part in raw.split(b"&") if part]
+    if len(parts) > MAX_FIELDS:
+        raise PayloadError(f"{what} has more than {MAX_FIELDS} fields")
+    pairs = []
+    for part in parts:
+        key, _, value = part.partition(b"=")
+        pairs.append(
+            (_text(unquote_to_bytes(key.replace(b"+", b" "))),
+             _text(unquote_to_bytes(value.replace(b"+", b" "))))
+        )  # fmt: skip
+    return pairs
 
 
 def parse_callback(pairs: list[tuple[str, str]]) -> CallbackParams:

@@ -244,12 +244,8 @@ async def check(settings: Settings) -> int:
             if not provider.enabled:
                 print(f"{name}: off (no credentials)")
                 continue
-            client = REGISTRY[name](provider, http)
             try:
-                if client.balance_unit:  # the document's balance method is the cheap call
-                    result = f"balance {await client.balance()} {client.balance_unit}"
-                else:
-                    result = await client.probe()
+                result = await REGISTRY[name](provider, http).check()
             except ProviderError as exc:
                 print(f"{name}: FAILED: {exc}")
                 failed = True

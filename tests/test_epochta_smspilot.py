@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections.abc import Iterator
@@ -11,9 +12,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 import pytest
 from lxml import etree
 
+from bus.config import load_settings
 from bus.errors import ProviderAuthError, ProviderPayloadError
 from pollers import epochta, smspilot
 from pollers.types import InboundSms, StatusReport
@@ -120,8 +123,43 @@ def test_smspilot_documented_errors(code: str, error: type[Exception]) -> None:
         smspilot.parse_check(body, MSK)
 
 
-def test_smspilot_302_means_not_known_yet() -> None:
-    assert [] == smspilot.parse_check(b'{"error": {"code": "302"}}', MSK)
+def test_smspilot_302_means_an_id_is_not_known_yet() -> None:
+    with pytest.raises(smspilot.NotFound):
+        smspilot.parse_check(b'{"error": {"code": "302"}}', MSK)
+
+
+def test_a_check_row_with_an_error_code_carries_its_text() -> None:
+    body = b'{"check": [{"server_id": "5", "status": "-1", "error": "603", "modified": ""}]}'
+    [report] = smspilot.parse_check(body, MSK)
+    assert ("-1", "603", "Rejected") == (report.raw_status, report.error_code, report.error)
+
+
+def test_inbound_created_is_moscow_time_whatever_the_zone_setting() -> None:
+    """The client reads it without SMSBUS_SMSPILOT_TZ (which is for `modified`)."""
+    row = {"id": "1", "phone": "7", "num": "8", "text": "t", "created": "2026-09-20 20:15"}
+    [sms] = smspilot.parse_inbound(orjson.dumps({"inbound": [row]}))
+    assert datetime(2026, 9, 20, 17, 15, tzinfo=UTC) == sms.sent_at
+
+
+def test_one_unknown_id_does_not_hold_back_the_known_ones() -> None:
+    fake = FakeSmspilot()
+    known = [str(10_000 + n) for n in range(99)]
+    fake.statuses = {i: ("2", "2026-11-22 10:00:00") for i in known}
+    unknown = "99999"
+    with Served(fake.app) as served:
+        env = {"SMSBUS_SMSPILOT_URL": served.url, "SMSBUS_SMSPILOT_APIKEY": fake.apikey,
+               "SMSBUS_SMSPILOT_TZ": "UTC"}  # fmt: skip
+        settings = load_settings(env).providers["smspilot"]
+
+        async def check() -> list[StatusReport]:
+            async with httpx.AsyncClient() as http:
+                return await smspilot.Client(settings, http).statuses(
+                    [*known[:50], unknown, *known[50:]]
+                )
+
+        reports = asyncio.run(check())
+    assert sorted(known) == sorted(r.message_id for r in reports)
+    assert len(fake.requests) <= 2 * 8  # a bisection, not an id at a time
 
 
 @pytest.mark.parametrize("body", [hostile.GARBAGE, b"[]", b'{"check": 5}', b""])

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
+from bus.config import ProviderSettings, load_settings
 from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
-from pollers.smsc import parse_answers, parse_history
+from pollers.smsc import Client, RateGuard, parse_answers, parse_history
 from pollers.types import InboundSms, StatusReport
 from tests.fakes.server import Served
 from tests.fakes.smsc import FakeSmsc
@@ -98,15 +101,112 @@ def smsc() -> Iterator[tuple[FakeSmsc, str]]:
         yield fake, served.url
 
 
+def settings_for(url: str, fake: FakeSmsc, **extra: str) -> ProviderSettings:
+    env = {"SMSBUS_SMSC_URL": url, "SMSBUS_SMSC_LOGIN": fake.login,
+           "SMSBUS_SMSC_PASSWORD": fake.password, **extra}  # fmt: skip
+    return load_settings(env).providers["smsc"]
+
+
+def history_polls(fake: FakeSmsc, url: str, polls: int, **extra: str) -> list[list[StatusReport]]:
+    """`polls` history polls of a real client against the fake, a minute apart as far as the
+    three-identical-requests rule goes."""
+
+    async def run() -> list[list[StatusReport]]:
+        async with httpx.AsyncClient() as http:
+            client = Client(settings_for(url, fake, **extra), http)
+            found = []
+            for _ in range(polls):
+                fake._identical.clear()
+                client._guard = RateGuard()
+                found.append(await client.history())
+            return found
+
+    return asyncio.run(run())
+
+
+def test_one_id_sent_to_several_numbers_is_a_report_per_number(
+    smsc: tuple[FakeSmsc, str],
+) -> None:
+    fake, url = smsc
+    fake.send(4242, ["380501111111", "380502222222"], status=1)
+    [reports] = history_polls(fake, url, 1)
+    assert {("4242", "380501111111", "1"), ("4242", "380502222222", "1")} == {
+        (r.message_id, r.phone, r.raw_status) for r in reports
+    }
+
+
+@pytest.mark.parametrize("honours_charset", [True, False])
+def test_cyrillic_answers_read_in_utf8_or_windows_1251(
+    smsc: tuple[FakeSmsc, str], honours_charset: bool
+) -> None:
+    fake, url = smsc
+    fake.honours_charset = honours_charset
+    fake.send(77, ["380503333333"], status=20, status_name="Абонент недоступний")
+    fake.change(77, "380503333333", 20, err=1)
+    [[report]] = history_polls(fake, url, 1)
+    assert ("20", "1", "Абонент недоступний") == (
+        report.raw_status,
+        report.error_code,
+        report.error,
+    )
+    assert all(f.get("charset") == "utf-8" for f in fake.forms)
+
+
+def test_the_whole_ttl_window_is_swept_in_pages_whatever_the_ids(
+    smsc: tuple[FakeSmsc, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pollers import smsc as module
+
+    fake, url = smsc
+    monkeypatch.setattr(module, "FIRST_SWEEP", 4)
+    now = datetime.now(KYIV)
+    ids = random.Random(3).sample(range(10_000, 99_999), 1_500)  # not ordered like int_id
+    for n, message_id in enumerate(ids):  # 15 pages, spread over the last 2.9 days
+        fake.send(message_id, [f"38050{n:07d}"], status=0, sent=now - timedelta(hours=70 - n / 25))
+    oldest = ids[0]
+    fake.change(oldest, "380500000000", 1)  # a change on day 3, on the last page
+    polls = history_polls(fake, url, 4)
+    seen = [{r.message_id for r in reports} for reports in polls]
+    assert set(map(str, ids)) == set().union(*seen)  # every row read, no page skipped
+    assert str(oldest) in set().union(*seen[:4])
+    prev_ids = [f["prev_id"] for f in fake.pages() if "prev_id" in f]
+    int_ids = {str(r["int_id"]) for r in fake.history}
+    assert prev_ids and set(prev_ids) <= int_ids  # paged by the global id the answer carries
+    start = (now - timedelta(days=3)).strftime("%d.%m.%Y")
+    assert {start} == {f["start"] for f in fake.pages()}
+    assert 0 == fake.refused
+
+
+def test_inbound_asks_for_a_week_beside_the_last_id(smsc: tuple[FakeSmsc, str]) -> None:
+    fake, url = smsc
+    received = (datetime.now(KYIV) - timedelta(hours=30)).strftime("%d.%m.%Y %H:%M:%S")
+    fake.answers = [
+        {"id": 56, "received": received, "phone": "380501234567", "message": "так",
+         "to_phone": "380441234567", "sent": received},
+    ]  # fmt: skip
+
+    async def run() -> tuple[list[InboundSms], str | None]:
+        async with httpx.AsyncClient() as http:
+            return await Client(settings_for(url, fake), http).inbound("55")
+
+    found, cursor = asyncio.run(run())
+    assert (["56"], "56") == ([m.message_id for m in found], cursor)  # yesterday's too
+    [form] = [f for f in fake.forms if f.get("get_answers")]
+    assert ("55", "168") == (form["after_id"], form["hour"])
+
+
 @pytest.mark.slow
 def test_history_inbound_and_the_rate_rule(
     nats_server: NatsServer, tmp_path: Path, smsc: tuple[FakeSmsc, str]
 ) -> None:
     fake, url = smsc
-    fake.history = [row(900000 - i, 1 if i % 2 else 0) for i in range(150)]  # two pages
+    for n in range(150):  # two pages
+        fake.send(900000 - n, [f"3805012{n:05d}"], status=1 if n % 2 else 0)
+    fake.send(4242, ["380501111111", "380502222222"], status=1)  # one id, two numbers
+    received = datetime.now(KYIV).strftime("%d.%m.%Y %H:%M:%S")
     fake.answers = [
-        {"id": 55, "received": "22.11.2026 12:00:09", "phone": "380501234567", "message": "так",
-         "to_phone": "380441234567", "sent": "22.11.2026 12:00:07"}
+        {"id": 55, "received": received, "phone": "380501234567", "message": "так",
+         "to_phone": "380441234567", "sent": received}
     ]  # fmt: skip
     env = isolated_env(
         nats_server.url,
@@ -118,18 +218,21 @@ def test_history_inbound_and_the_rate_rule(
     bus = Smsbus(env, tmp_path)
     bus.start()
     try:
-        httpx.post(
-            f"{bus.api}/v1/messages",
-            json={"provider": "smsc", "message_id": "899999", "client_ref": "c-9"},
-        )
+        bus.register({"provider": "smsc", "message_id": "4242", "client_ref": "c-9"})
 
-        def statuses() -> dict[str, dict]:
+        def statuses() -> dict[tuple[str, str], dict]:
             found = read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smsc.>")
-            return {s.event["subject"]: s.event["data"] for s in found}
+            return {(s.event["subject"], s.event["data"]["phone"]): s.event["data"] for s in found}
 
-        wait_for(lambda: len(statuses()) == 150, what="150 statuses")
+        wait_for(lambda: len(statuses()) == 152, what="152 statuses")
         got = statuses()
         assert {"delivered", "sent"} == {d["status"] for d in got.values()}
+        both = [got[("4242", p)] for p in ("380501111111", "380502222222")]
+        assert 2 == len({d["phone"] for d in both})  # two events: one per number
+        one = httpx.get(f"{bus.api}/v1/messages/smsc/4242/380502222222").json()
+        whole = httpx.get(f"{bus.api}/v1/messages/smsc/4242").json()
+        assert ("delivered", True) == (one["status"], one["final"])
+        assert ("delivered", True, "c-9") == (whole["status"], whole["final"], whole["client_ref"])
         [answer] = wait_for(
             lambda: read_stream(nats_server.url, bus.stream, f"{bus.prefix}.inbound.smsc"),
             what="the inbound SMS",
@@ -138,9 +241,8 @@ def test_history_inbound_and_the_rate_rule(
         md5 = hashlib.md5(fake.password.encode()).hexdigest()
         assert all(f["psw"] == md5 and f.get("fmt") == "3" for f in fake.forms)
         assert all(fake.password not in q and md5 not in q for q in fake.queries)
-        assert [None, "899901"] == [f.get("prev_id") for f in fake.forms if f.get("get_messages")][
-            :2
-        ]
+        first_two = [f.get("prev_id") for f in fake.pages()][:2]
+        assert first_two[0] is None and first_two[1] == str(fake.history[99]["int_id"])
         assert 0 == fake.refused
         assert fake.password not in bus.logs()
     finally:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 from lxml import etree
 
+from bus.config import load_settings
 from bus.errors import ProviderAuthError, ProviderPayloadError
 from pollers import smspager
 from pollers.types import StatusReport
@@ -167,3 +171,72 @@ def test_mailing_numbers_become_events_and_the_mailing_finishes(
         assert fake.password not in bus.logs()
     finally:
         assert 0 == bus.stop()
+
+
+def pager_client(url: str, fake: FakeSmspager, **extra: str) -> smspager.Client:
+    env = {"SMSBUS_SMSPAGER_URL": url, "SMSBUS_SMSPAGER_LOGIN": fake.login,
+           "SMSBUS_SMSPAGER_PASSWORD": fake.password, **extra}  # fmt: skip
+    return smspager.Client(load_settings(env).providers["smspager"], None)  # type: ignore[arg-type]
+
+
+class Clock:
+    """time.monotonic of pollers.smspager, moved by the test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr(smspager.time, "monotonic", lambda: self.now)
+
+
+def polled(url: str, fake: FakeSmspager, client: smspager.Client, *ids: str) -> list[StatusReport]:
+    async def run() -> list[StatusReport]:
+        async with httpx.AsyncClient() as http:
+            client._http = http
+            return await client.statuses(list(ids))
+
+    return asyncio.run(run())
+
+
+def test_a_change_seen_while_polling_one_mailing_is_not_used_up_for_another(
+    pager: tuple[FakeSmspager, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, url = pager
+    clock = Clock(monkeypatch)
+    client = pager_client(url, fake, SMSBUS_SMSPAGER_INTERVAL="30")
+    fake.mailings["A"] = {"waiting": ["79010000001"]}
+    fake.mailings["B"] = {"waiting": ["79010000002"]}
+    assert 2 == len(polled(url, fake, client, "A", "B"))  # both detailed once
+    fake.mailings["B"] = {"delivered": ["79010000002"]}  # B changes...
+    clock.now += 31
+    polled(url, fake, client, "A")  # ...and A's poll is the one to read the report
+    clock.now += 31  # the report is read again, and shows no change since A's poll
+    [report] = polled(url, fake, client, "B")
+    assert ("B", "delivered") == (report.message_id, report.raw_status)
+
+
+def test_a_mailing_cancelled_by_moderation_is_seen_though_no_counter_moves(
+    pager: tuple[FakeSmspager, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, url = pager
+    clock = Clock(monkeypatch)
+    client = pager_client(
+        url, fake, SMSBUS_SMSPAGER_INTERVAL="30", SMSBUS_SMSPAGER_MAX_INTERVAL="600"
+    )
+    fake.mailings["M"] = {"onModer": ["79010000003"]}
+    assert ["onModer"] == [r.raw_status for r in polled(url, fake, client, "M")]
+    fake.mailings["M"] = {"cancel": ["79010000003"]}  # the counters are all the same
+    clock.now += 31
+    assert [] == polled(url, fake, client, "M")  # nothing moved, nothing asked
+    clock.now += 600
+    assert ["cancel"] == [r.raw_status for r in polled(url, fake, client, "M")]
+
+
+def test_the_general_report_covers_the_ttl_and_cannot_cut_today_off(
+    pager: tuple[FakeSmspager, str],
+) -> None:
+    fake, url = pager
+    fake.mailings["M"] = {"waiting": ["79010000004"]}
+    polled(url, fake, pager_client(url, fake), "M")
+    [general] = [etree.fromstring(b) for p, b in fake.bodies if b"<start>" in b]
+    today = datetime.now(ZoneInfo("Europe/Moscow")).date()
+    assert str(today - timedelta(days=3)) == general.findtext("start")
+    assert str(today + timedelta(days=1)) == general.findtext("stop")

@@ -271,13 +271,20 @@ def test_hostile_answers_are_dead_lettered_and_polling_recovers(
             assert 0 == bus.stop()
 
 
-def test_auth_failure_backs_off_hard_and_shows_in_readyz(
+def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
+    """A password fixed at the provider and in the Kubernetes Secret is used at the next call:
+    smsbus reads the `*_FILE` again after the provider refuses it, without a restart, and backs
+    off by the one rule (interval, doubling to the max), not for minutes."""
     tower = FakeSmstower()
+    secret = tmp_path / "password"
+    secret.write_text("wrong-password\n")
     with Served(tower.app) as served:
-        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_PASSWORD="wrong-password")
-        bus = Smsbus(env, tmp_path).start()
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_PASSWORD_FILE=str(secret),
+                      SMSBUS_SMSTOWER_INTERVAL="0.5", SMSBUS_SMSTOWER_MAX_INTERVAL="2")  # fmt: skip
+        del env["SMSBUS_SMSTOWER_PASSWORD"]
+        bus = Smsbus(env, tmp_path / "bus").start()
         try:
 
             def failing() -> dict[str, Any] | None:
@@ -287,11 +294,13 @@ def test_auth_failure_backs_off_hard_and_shows_in_readyz(
             state = wait_for(failing, what="the auth failure in /readyz")
             assert "auth_error: code 4: wrong login or password" in state["last_error"]
             assert 0 == metric(bus, 'smsbus_provider_up{provider="smstower"}')
-            calls = len(tower.requests)
-            register(bus, {"provider": "smstower", "message_id": new_id()})
-            time.sleep(2)  # nothing to wait for: asserting that nothing happens
-            assert calls == len(tower.requests)
-            assert "wrong-password" not in bus.logs()
+            wait_for(lambda: len(tower.requests) >= 4, what="calls going on, backing off")
+            gaps = [b.at - a.at for a, b in itertools.pairwise(tower.requests)]
+            assert max(gaps) <= 2 * 1.1  # never longer than SMSBUS_SMSTOWER_MAX_INTERVAL
+            secret.write_text(f"{tower.password}\n")  # the Secret rotated
+            wait_for(lambda: metric(bus, 'smsbus_provider_up{provider="smstower"}') == 1,
+                     timeout=10, what="the rotated password to be used")  # fmt: skip
+            assert "wrong-password" not in bus.logs() and tower.password not in bus.logs()
         finally:
             assert 0 == bus.stop()
 
@@ -353,26 +362,3 @@ def test_an_unavailable_provider_backs_off_and_callbacks_stay_fast(
                 assert len(tower.requests) > calls
         finally:
             assert 0 == bus.stop()
-
-
-def test_another_providers_message_with_the_same_id_does_not_unschedule() -> None:
-    import asyncio
-    from types import SimpleNamespace
-
-    from bus.config import load_settings
-    from bus.messages import MessageState
-    from pollers.engine import ProviderPoller
-    from pollers.smstower import Client
-
-    # Only what the engine reads at construction.
-    states = SimpleNamespace(mirror=None, follower=SimpleNamespace(loaded=asyncio.Event()))
-    bus = SimpleNamespace(
-        settings=load_settings({"SMSBUS_SMSTOWER_LOGIN": "l", "SMSBUS_SMSTOWER_PASSWORD": "p"}),
-        states=states, cursors=None, publisher=None, metrics=None, providers={},
-    )  # fmt: skip
-    settings = bus.settings.providers["smstower"]
-    poller = ProviderPoller(Client(settings, None), bus, settings)  # type: ignore[arg-type]
-    tracked = MessageState("smstower", "123", tracked=True, registered_at="2026-11-22T10:00:00Z")
-    poller.schedule(tracked)
-    poller.schedule(MessageState("smsc", "123", tracked=True, final=True))
-    assert "123" in poller._due

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import nats
+import orjson
 import pytest
 
 from bus.messages import apply_status
@@ -226,6 +227,35 @@ def test_a_fact_already_recorded_changes_nothing() -> None:
     assert state.records("a" * 64) and state.records("b" * 64)
     assert state == apply_status(state, sent, "a" * 64)
     assert state == apply_status(state, delivered, "b" * 64)
+
+
+def test_a_list_on_the_track_subject_registers_each_item_and_one_bad_item_refuses_all(
+    service: Smsbus, nats_server: NatsServer, client: Listeners
+) -> None:
+    ids = [new_id() for _ in range(3)]
+    refused = new_id()
+
+    async def publish() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        subject = f"{service.prefix}.track.smstower"
+        items = [{"message_id": i, "client_ref": f"r{i}"} for i in ids]  # the subject names it
+        await js.publish(subject, orjson.dumps(items))
+        await js.publish(subject, orjson.dumps([{"message_id": refused}, {"message_id": "x"}]))
+        await nc.close()
+
+    asyncio.run(publish())
+    for message_id in ids:
+        shown = wait_for(lambda m=message_id: state(client, "smstower", m), what="the item")
+        assert f"r{message_id}" == shown["client_ref"]
+
+    def letter() -> Any:
+        found = read_stream(nats_server.url, service.stream, f"{service.prefix}.deadletter.>")
+        return next((s for s in found if refused in s.event["data"]["raw"]["body"]), None)
+
+    dead = wait_for(letter, what="the refused list as a dead letter")
+    assert "1: smstower message ids are whole numbers" in dead.event["data"]["reason"]
+    assert state(client, "smstower", refused) is None
 
 
 def test_junk_on_the_track_subject_is_dead_lettered(

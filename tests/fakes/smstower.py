@@ -101,11 +101,14 @@ class FakeSmstower:
         form, early = await self._common(request)
         if early:
             return early
-        try:
+        try:  # smstower.txt, incomingsms.php: 8 for the start date, 9 for the end date
             start = datetime.strptime(form["startDate"], "%Y-%m-%d %H:%M:%S")
-            end = datetime.strptime(form["endDate"], "%Y-%m-%d %H:%M:%S")
         except (KeyError, ValueError):
             return xml("<response><code>8</code></response>")
+        try:
+            end = datetime.strptime(form["endDate"], "%Y-%m-%d %H:%M:%S")
+        except (KeyError, ValueError):
+            return xml("<response><code>9</code></response>")
         rows = "".join(
             f"<message><sourceAddress>{m['from']}</sourceAddress>"
             f"<destinationAddress>{m['to']}</destinationAddress><smsText>{m['text']}</smsText>"

@@ -1,0 +1,73 @@
+"""The schedule of tracked messages, on a clock of the test's own: first poll one interval after
+registration, doubling gaps up to the cap, batches topped up, expiry at the TTL."""
+
+from __future__ import annotations
+
+from pollers.schedule import Schedule, next_poll
+
+T0 = 1_000_000.0
+
+
+def schedule(**overrides: float | bool) -> Schedule:
+    settings: dict[str, float | bool] = dict(first=30.0, interval=30.0, cap=120.0, ttl=3600.0)
+    return Schedule(**(settings | overrides))  # type: ignore[arg-type]
+
+
+def test_next_poll_doubles_to_the_cap() -> None:
+    polls = []
+    after = T0
+    for _ in range(6):
+        after = next_poll(T0, after, 30, 30, 120)
+        polls.append(after - T0)
+    assert [30, 60, 120, 240, 360, 480] == polls
+
+
+def test_a_message_is_due_one_interval_after_registration_then_at_doubling_gaps() -> None:
+    s = schedule()
+    s.push("1", registered=T0, sent=None, after=T0)
+    assert ([], []) == _take(s, T0 + 29)
+    assert (["1"], []) == _take(s, T0 + 30)
+    assert ([], []) == _take(s, T0 + 31)  # taken: not due again until put back
+    s.again("1", after=T0 + 30)
+    assert ([], []) == _take(s, T0 + 59)
+    assert (["1"], []) == _take(s, T0 + 60)
+
+
+def test_a_partial_batch_is_topped_up_with_what_is_due_soon() -> None:
+    s = schedule()
+    for n in range(3):
+        s.push(str(n), registered=T0 + n * 10, sent=None, after=T0)
+    due = s.take(T0 + 30, batch=100, horizon=T0 + 45)
+    assert ["0", "1"] == due.poll  # "2" is due at T0+50, past the horizon
+    assert ["2"] == s.take(T0 + 50, batch=100, horizon=T0 + 50).poll
+
+
+def test_a_failed_poll_is_due_again_when_asked_and_expiry_wins() -> None:
+    s = schedule(ttl=100.0)
+    s.push("1", registered=T0, sent=T0 - 50, after=T0)  # the TTL counts from sent_at
+    assert ["1"] == s.take(T0 + 30, batch=10, horizon=T0 + 30).poll
+    s.retry("1", at=T0 + 31)
+    assert ["1"] == s.take(T0 + 31, batch=10, horizon=T0 + 31).poll
+    s.again("1", after=T0 + 31)  # next slot T0+60 is past the expiry at T0+50
+    assert ([], ["1"]) == _take(s, T0 + 50)
+    assert "1" not in s
+
+
+def test_without_per_id_polls_only_the_expiry_is_scheduled() -> None:
+    s = schedule(polled=False, ttl=100.0)
+    s.push("1", registered=T0, sent=None, after=T0)
+    assert ([], []) == _take(s, T0 + 99)
+    assert ([], ["1"]) == _take(s, T0 + 100)
+
+
+def test_a_dropped_message_is_never_due() -> None:
+    s = schedule()
+    s.push("1", registered=T0, sent=None, after=T0)
+    s.drop("1")
+    assert ([], []) == _take(s, T0 + 10_000)
+    assert 0 == len(s)
+
+
+def _take(s: Schedule, now: float) -> tuple[list[str], list[str]]:
+    due = s.take(now, batch=100, horizon=now)
+    return due.poll, due.expired

@@ -7,6 +7,15 @@ duration (target <= 30 s), smsbus's peak RSS (target <= 300 MB) and status event
 the stream.
 
     .venv/bin/python bench/poll.py [--messages 100000] [--interval 60]
+
+With `--provider smsc`: an SMSC account with N SMS sent over the last 2.9 days, in the fake
+SMSC's history (100 rows a page, paged by global id), every one `sent`; once smsbus has read them
+all, the statuses of 1,000 spread over the window change to delivered, and the script times how
+long each change takes to reach the stream (target: each within SMSBUS_SMSC_MAX_INTERVAL), with
+SMSC requests a minute and smsbus's RSS.
+
+    .venv/bin/python bench/poll.py --provider smsc [--messages 100000] [--interval 60]
+                                   [--max-interval 600]
 """
 
 from __future__ import annotations
@@ -21,15 +30,19 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import nats
+import orjson
+from nats.js.api import DeliverPolicy
 from procfs import peak_rss_mb, rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fakes.server import Served  # noqa: E402
+from tests.fakes.smsc import KYIV, FakeSmsc  # noqa: E402
 from tests.fakes.smstower import FakeSmstower, msk_now  # noqa: E402
 from tests.support import NatsServer, free_port  # noqa: E402
 
@@ -48,8 +61,15 @@ async def stored(url: str, subject: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--interval", type=float, default=60.0, help="SMSBUS_SMSTOWER_INTERVAL")
+    parser.add_argument("--interval", type=float, default=60.0, help="SMSBUS_<P>_INTERVAL")
+    parser.add_argument(
+        "--max-interval", type=float, default=600.0, help="SMSBUS_SMSC_MAX_INTERVAL"
+    )
+    parser.add_argument("--provider", choices=["smstower", "smsc"], default="smstower")
     args = parser.parse_args()
+    if args.provider == "smsc":
+        smsc_main(args)
+        return
     n = args.messages
 
     with tempfile.TemporaryDirectory(prefix="smsbus-poll-") as work:
@@ -162,6 +182,96 @@ def _run(
     high = peak_rss_mb(proc.pid)
     print(f"smsbus RSS: peak {max(peak[0], high):.0f} MB (kernel high-water {high:.0f} MB), "
           f"now {rss_mb(proc.pid):.0f} MB   target <= 300 MB")  # fmt: skip
+
+
+def smsc_main(args: argparse.Namespace) -> None:
+    n, changes = args.messages, 1000
+    with tempfile.TemporaryDirectory(prefix="smsbus-poll-smsc-") as work:
+        workdir = Path(work)
+        nats_server = NatsServer(workdir / "nats").start()
+        fake = FakeSmsc()
+        now = datetime.now(KYIV)
+        ids = random.Random(1).sample(range(10**7, 10**8), n)
+        for k, message_id in enumerate(ids):  # newest last; spread over 2.9 days
+            sent = now - timedelta(hours=69.6 * (1 - k / n))
+            fake.send(message_id, [f"380{message_id}"], status=0, sent=sent, sort=False)
+        fake.sort()
+        with Served(fake.app) as served:
+            port, api_port = free_port(), free_port()
+            env = {
+                **os.environ,
+                "SMSBUS_NATS_URL": nats_server.url,
+                "SMSBUS_DATA_DIR": str(workdir / "bus"),
+                "SMSBUS_HTTP_PORT": str(port),
+                "SMSBUS_API_PORT": str(api_port),
+                "SMSBUS_LOG_FORMAT": "json",
+                "SMSBUS_SMSC_URL": served.url,
+                "SMSBUS_SMSC_LOGIN": fake.login,
+                "SMSBUS_SMSC_PASSWORD": fake.password,
+                "SMSBUS_SMSC_INTERVAL": str(args.interval),
+                "SMSBUS_SMSC_MAX_INTERVAL": str(args.max_interval),
+            }
+            with (workdir / "smsbus.log").open("ab") as log:
+                proc = subprocess.Popen([str(BIN / "smsbus"), "serve"], env=env, stdout=log,
+                                        stderr=log)  # fmt: skip
+            try:
+                print(f"machine: {os.cpu_count()} cores; SMSC history of {n} SMS over 2.9 days; "
+                      f"interval {args.interval:g} s, max {args.max_interval:g} s")  # fmt: skip
+                started = time.monotonic()
+                peak = 0.0
+                while asyncio.run(stored(nats_server.url, "sms.status.smsc.>")) < n:
+                    peak = max(peak, rss_mb(proc.pid))
+                    if proc.poll() is not None:
+                        raise SystemExit("smsbus exited")
+                    time.sleep(1)
+                print(f"first read of the whole history: {time.monotonic() - started:.0f} s")
+                # 1,000 changes spread over the window, from the newest to the oldest rows.
+                changed_at = time.monotonic()
+                chosen = ids[:: n // changes][:changes]
+                for message_id in chosen:
+                    fake.change(message_id, f"380{message_id}", 1)
+                seen: dict[str, float] = {}
+                deadline = changed_at + 3 * args.max_interval
+                while len(seen) < len(chosen) and time.monotonic() < deadline:
+                    for subject in asyncio.run(delivered(nats_server.url)):
+                        seen.setdefault(subject, time.monotonic())
+                    peak = max(peak, rss_mb(proc.pid))
+                    time.sleep(2)
+                delays = sorted(seen[str(m)] - changed_at for m in chosen if str(m) in seen)
+                window = [t for t in fake.times if t >= changed_at]
+                minutes = max((window[-1] - window[0]) / 60, 1 / 60) if window else 1
+                print(f"changes seen: {len(delays)} of {len(chosen)}; time to see them: median "
+                      f"{delays[len(delays) // 2]:.0f} s, max {delays[-1]:.0f} s "
+                      f"(target each <= {args.max_interval:g} s)")  # fmt: skip
+                print(f"SMSC requests: {len(window) / minutes:.0f} a minute; refused "
+                      f"{fake.refused}")  # fmt: skip
+                high = peak_rss_mb(proc.pid)
+                print(f"smsbus RSS: peak {max(peak, high):.0f} MB, now {rss_mb(proc.pid):.0f} MB")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+        nats_server.stop()
+
+
+async def delivered(url: str) -> set[str]:
+    """The message ids with a delivered event in the stream."""
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info("SMS", subjects_filter="sms.status.smsc.delivered")
+        if not (info.state.subjects or {}):
+            return set()
+        sub = await nc.jetstream().subscribe(
+            "sms.status.smsc.delivered", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        found: set[str] = set()
+        total = sum((info.state.subjects or {}).values())
+        for _ in range(total):
+            msg = await sub.next_msg(timeout=5)
+            found.add(orjson.loads(msg.data)["subject"])
+        await sub.unsubscribe()
+        return found
+    finally:
+        await nc.close()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import nats.errors
 import structlog
@@ -94,7 +95,10 @@ class Bus:
         """/readyz detail: each background task, and each watch or consumer with whether it is
         behind or re-establishing."""
         tasks = self.supervisor.statuses()
-        watches = {"state-mirror": self.states.follower, "projector": self.projector}
+        watches: dict[str, Watch] = {
+            "state-mirror": self.states.follower,
+            "projector": self.projector,
+        }
         degraded = {n for n, t in tasks.items() if t.down} | {
             n for n, w in watches.items() if w.behind
         }
@@ -103,6 +107,15 @@ class Bus:
             "tasks": {n: t.public() for n, t in tasks.items()},
             "watches": {n: w.public() for n, w in watches.items()},
         }
+
+
+class Watch(Protocol):
+    """A watch or consumer as /readyz shows it."""
+
+    @property
+    def behind(self) -> bool: ...
+
+    def public(self) -> dict[str, object]: ...
 
 
 def check_data_dir(path: Path) -> None:

@@ -121,8 +121,8 @@ class Follower:
     async def _establish(self) -> None:
         js = self._conn.jetstream(timeout=CALL_TIMEOUT)
         if self.last:
-            info = await js.stream_info(self._stream)
-            if info.state.last_seq < self.last:  # a new stream under the old name
+            stream = await js.stream_info(self._stream)
+            if stream.state.last_seq < self.last:  # a new stream under the old name
                 log.warning("watched stream was recreated; reloading", watch=self.name)
                 self.last = 0
                 self.loaded.clear()

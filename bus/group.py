@@ -140,12 +140,12 @@ class GroupCommit:
         commit = f"{batch}.{FLOW}.fail.{len(events) + 1}.{OP_COMMIT_EOB}.$FI"
         future = await self._replies.request(self._commit, b"", reply_tail=commit)
         try:
-            reply = await asyncio.wait_for(future, self._timeout)
+            committed = await asyncio.wait_for(future, self._timeout)
         except TimeoutError:
             raise BatchTimeout() from None
         finally:
             future.cancel()
-        answer: Any = orjson.loads(reply.data) if reply.data else {}
+        answer: Any = orjson.loads(committed.data) if committed.data else {}
         if not isinstance(answer, dict) or "error" in answer:
             error = answer.get("error", {}) if isinstance(answer, dict) else {}
             raise ReplyError(

@@ -24,7 +24,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
-from pydantic.json_schema import GenerateJsonSchema
+from pydantic.json_schema import models_json_schema
 
 from bus.events import rfc3339
 from bus.statuses import FINAL, NOT_FINAL, PROVIDERS, UNKNOWN
@@ -44,7 +44,7 @@ def digits(text: str) -> str:
     return "".join(ch for ch in text if "0" <= ch <= "9")
 
 
-def _checked(check: Callable[[Any], Any], schema: dict[str, Any]) -> Any:
+def _checked(check: Callable[[Any], Any], schema: dict[str, Any]) -> tuple[Any, Any]:
     """A field checked by code, with the JSON Schema that says the same."""
     return (BeforeValidator(check), WithJsonSchema(schema))
 
@@ -125,7 +125,7 @@ def parse_rfc3339(value: Any, name: str) -> datetime:
 _INTEGER = {"type": "integer", "minimum": INT64_MIN, "maximum": UINT64_MAX}
 
 
-def NumericId(provider: str) -> Any:  # noqa: N802 - a type
+def numeric_id(provider: str) -> tuple[Any, Any]:
     """Ids the provider's document calls numbers: digits, as text or as a JSON number."""
     schema = {
         "oneOf": [
@@ -133,13 +133,13 @@ def NumericId(provider: str) -> Any:  # noqa: N802 - a type
             {"type": "integer", "minimum": 0, "maximum": UINT64_MAX},
         ]
     }
-    return Annotated[str, *_checked(_numeric_id(provider), schema)]
+    return _checked(_numeric_id(provider), schema)
 
 
-def TextId(longest: int) -> Any:  # noqa: N802 - a type
+def text_id(longest: int) -> tuple[Any, Any]:
     """Any text without surrounding whitespace (a JSON number is taken as its digits)."""
     text = {"type": "string", "pattern": r"^\S([\s\S]*\S)?$", "maxLength": longest}
-    return Annotated[str, *_checked(_text_id(longest), {"oneOf": [text, _INTEGER]})]
+    return _checked(_text_id(longest), {"oneOf": [text, _INTEGER]})
 
 
 Phone = Annotated[
@@ -177,35 +177,35 @@ class RegisterSmspilot(_Registration):
     """A sent SMSPilot message: `message_id` is its server_id."""
 
     provider: Literal["smspilot"]
-    message_id: NumericId("smspilot")
+    message_id: Annotated[str, *numeric_id("smspilot")]
 
 
 class RegisterSmstower(_Registration):
     """A sent SMSTOWER message: `message_id` is its idMessage."""
 
     provider: Literal["smstower"]
-    message_id: NumericId("smstower")
+    message_id: Annotated[str, *numeric_id("smstower")]
 
 
 class RegisterSmsc(_Registration):
     """A sent SMSC message: `message_id` is its id."""
 
     provider: Literal["smsc"]
-    message_id: NumericId("smsc")
+    message_id: Annotated[str, *numeric_id("smsc")]
 
 
 class RegisterSmspager(_Registration):
     """A sent SMS-Pager mailing: `message_id` is its smsid ("not more than 21 characters")."""
 
     provider: Literal["smspager"]
-    message_id: TextId(21)
+    message_id: Annotated[str, *text_id(21)]
 
 
 class RegisterEpochta(_Registration):
     """A sent ePochta message: `message_id` is its messageId."""
 
     provider: Literal["epochta"]
-    message_id: TextId(64)
+    message_id: Annotated[str, *text_id(64)]
 
 
 Registration = Annotated[
@@ -274,12 +274,11 @@ SHAPES: tuple[type[BaseModel], ...] = (
 
 def components() -> dict[str, Any]:
     """The OpenAPI 3.1 `components.schemas` of every shape (refs as `#/components/schemas/X`)."""
-    adapter = TypeAdapter(tuple[*SHAPES, Registration])  # type: ignore[misc]
-    schema = adapter.json_schema(
-        ref_template="#/components/schemas/{model}", schema_generator=GenerateJsonSchema
-    )
-    defs: dict[str, Any] = schema.get("$defs", {})
-    defs["TrackItem"] = schema["prefixItems"][-1]
+    ref = "#/components/schemas/{model}"
+    _, models = models_json_schema([(m, "validation") for m in SHAPES], ref_template=ref)
+    registration = REGISTRATION.json_schema(ref_template=ref)
+    defs: dict[str, Any] = {**models.get("$defs", {}), **registration.pop("$defs", {})}
+    defs["TrackItem"] = registration
     defs["Registration"] = {
         "oneOf": [
             {"$ref": "#/components/schemas/TrackItem"},

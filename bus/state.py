@@ -23,10 +23,10 @@ import orjson
 from nats.js.kv import KeyValue
 
 from bus.connection import Connection
-from bus.events import Event
+from bus.events import Event, message_key
 from bus.follow import Follower
 from bus.index import MessageIndex
-from bus.messages import MessageState, TrackItem, kv_key, message_key, register
+from bus.messages import MessageState, TrackItem, kv_key, register
 from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored
 
 CAS_ATTEMPTS = 50
@@ -43,7 +43,7 @@ async def read_state(kv: KeyValue, key: str) -> tuple[MessageState | None, int]:
         entry = await kv.get(key)
     except nats.js.errors.KeyNotFoundError:
         return None, 0
-    return (MessageState.from_json(entry.value) if entry.value else None), entry.revision
+    return (MessageState.from_json(entry.value) if entry.value else None), entry.revision or 0
 
 
 class States:
@@ -88,12 +88,13 @@ class States:
         NATS errors pass through, and TimeoutError after `timeout` (BATCH_TIMEOUT for a batched
         direct get)."""
         if self._direct:
-            future = asyncio.get_running_loop().create_future()
-            self._queued.setdefault(key, []).append(future)
+            queued: asyncio.Future[tuple[MessageState | None, int]]
+            queued = asyncio.get_running_loop().create_future()
+            self._queued.setdefault(key, []).append(queued)
             if not self._flush_soon:
                 self._flush_soon = True
                 asyncio.get_running_loop().call_soon(self._flush)
-            return await future  # the batch bounds the wait (BATCH_TIMEOUT)
+            return await queued  # the batch bounds the wait (BATCH_TIMEOUT)
         request = orjson.dumps({"last_by_subj": self._subject + key})
         future = await self._replies.request(self._get, request)
         try:

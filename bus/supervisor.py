@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -72,7 +73,7 @@ class Beat:
             self._status.up()
 
 
-Loop = Callable[[Beat], Awaitable[None]]
+Loop = Callable[[Beat], Coroutine[Any, Any, None]]
 
 
 @dataclass

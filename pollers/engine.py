@@ -321,7 +321,8 @@ class ProviderPoller:
 
     async def _expire(self, state: MessageState) -> None:
         """A final `unknown` for the message, or for each number of a mailing still open."""
-        phones = [p for p, n in (state.numbers or {}).items() if not n["final"]] or [state.phone]
+        open_numbers = [p for p, n in (state.numbers or {}).items() if not n["final"]]
+        phones: list[str | None] = [*open_numbers] or [state.phone]
         for phone in phones:
             event = status_event(
                 self._prefix, self.name, state.message_id, "", via="expiry",

@@ -4,7 +4,7 @@ in UTC) and decimal amounts."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
 
@@ -21,7 +21,7 @@ def local(value: str | None, fmt: str, tz: ZoneInfo) -> datetime | None:
         raise ProviderPayloadError(f"date {value[:40]!r} is not in the documented form") from None
 
 
-def format_local(moment: datetime, fmt: str, tz: ZoneInfo) -> str:
+def format_local(moment: datetime, fmt: str, tz: tzinfo) -> str:
     return moment.astimezone(tz).strftime(fmt)
 
 

@@ -10,6 +10,7 @@ the md5 password, and all the document allows:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import time
@@ -40,6 +41,8 @@ class FakeSmsc:
     honours_charset: bool = True  # False: windows-1251 whatever the request asks
     _identical: dict[str, list[float]] = field(default_factory=dict)
     _next_int: itertools.count[int] = field(default_factory=lambda: itertools.count(900_000))
+    _keys: list[int] = field(default_factory=list)  # -global id of each history row, ascending
+    times: list[float] = field(default_factory=list)  # when each request came (monotonic)
 
     def send(
         self,
@@ -48,8 +51,10 @@ class FakeSmsc:
         status: int = 0,
         sent: datetime | None = None,
         status_name: str = "Передано оператору",
+        sort: bool = True,
     ) -> None:
-        """One send (one id) to several numbers: a row per phone, newest first."""
+        """One send (one id) to several numbers: a row per phone, newest first (`sort=False`
+        for many at once, then `sort()`)."""
         sent = sent or datetime.now(KYIV)
         for phone in phones:
             row = {
@@ -61,8 +66,14 @@ class FakeSmsc:
                 "country": "Україна", "operator": "Kyivstar", "region": "", "id": message_id,
                 "int_id": next(self._next_int),
             }  # fmt: skip
-            self.history.insert(0, row)
-        self.history.sort(key=lambda r: -int(r["int_id"]))
+            self.history.append(row)
+        if sort:
+            self.sort()
+
+    def sort(self) -> None:
+        """Newest first, by the global id."""
+        self.history.sort(key=lambda r: -int(r.get("int_id", r["id"])))
+        self._keys = [-int(r.get("int_id", r["id"])) for r in self.history]
 
     def change(self, message_id: int, phone: str, status: int, **fields: Any) -> None:
         now = datetime.now(KYIV)
@@ -82,6 +93,7 @@ class FakeSmsc:
         form = {k: str(v) for k, v in (await request.form()).items()}
         self.forms.append(form)
         self.queries.append(request.url.query)
+        self.times.append(time.monotonic())
         utf8 = self.honours_charset and form.get("charset", "").lower() == "utf-8"
         key = orjson.dumps(form, option=orjson.OPT_SORT_KEYS).decode()
         now = time.monotonic()
@@ -114,18 +126,19 @@ class FakeSmsc:
 
     def _messages(self, form: dict[str, str]) -> Any:
         rows = self.history
-        if "start" in form:
-            start = datetime.strptime(form["start"], "%d.%m.%Y").replace(tzinfo=KYIV)
-            rows = [r for r in rows if r["send_timestamp"] >= start.timestamp()]
         if "prev_id" in form:
             before = int(form["prev_id"])
-            rows = [
-                r
-                for r in rows
-                if int(r.get("int_id", r["id"]) if self.global_ids else r["id"]) < before
-            ]
+            if self.global_ids and len(self._keys) == len(self.history):
+                rows = rows[bisect.bisect_right(self._keys, -before) :]  # a big history, fast
+            else:
+                field_ = "int_id" if self.global_ids else "id"
+                rows = [r for r in rows if int(r.get(field_, r["id"])) < before]
         count = min(100, int(form.get("cnt", "100")))
-        page = rows[:count]
+        if "start" in form:  # rows are newest first: the ones sent before `start` come last
+            start = datetime.strptime(form["start"], "%d.%m.%Y").replace(tzinfo=KYIV).timestamp()
+            page = list(itertools.islice((r for r in rows if r["send_timestamp"] >= start), count))
+        else:
+            page = rows[:count]
         if not page:
             return {"error": "messages not found", "error_code": 3}
         if not self.global_ids:

@@ -16,7 +16,8 @@ History, read so that no status change of a message sent within SMSBUS_TRACK_TTL
   row's own global id (`int_id`) when the answer carries it, else its `id`;
 - every poll reads the newest RECENT_PAGES pages, and goes on with a sweep of the older pages
   where the last poll left it, as many pages as finish one sweep of the whole window within
-  SMSBUS_SMSC_MAX_INTERVAL (from the size of the last sweep); each sweep page has its own
+  SMSBUS_SMSC_MAX_INTERVAL (from the size of the last sweep, MAX_SWEEP before one has ended);
+  each sweep page has its own
   `prev_id`, so no request repeats within a minute.
 Inbound: `get_answers` with `hour=168` (the document's most) beside `after_id`, so that an outage
 longer than the current day loses nothing.
@@ -47,8 +48,7 @@ PATH = "/sys/get.php"
 DATE = "%d.%m.%Y %H:%M:%S"
 PAGE = 100  # "cnt … Максимальное значение равно 100"
 RECENT_PAGES = 3  # read from the top every poll
-FIRST_SWEEP = 50  # sweep pages a poll before the size of the history is known
-MAX_SWEEP = 300  # sweep pages a poll, at most (30,000 rows)
+MAX_SWEEP = 300  # sweep pages a poll, at most (30,000 rows); also before the size is known
 RATE_WINDOW = 60.0
 RATE_LIMIT = 3
 WAIT_AFTER_9 = 60.0
@@ -209,11 +209,13 @@ class Client:
 
     def sweep_budget(self) -> int:
         """Sweep pages this poll: enough to go once over the whole window (as big as the last
-        sweep found it) within SMSBUS_SMSC_MAX_INTERVAL."""
+        sweep found it) within SMSBUS_SMSC_MAX_INTERVAL, one interval kept in hand for the time
+        the pages take. Until a sweep has ended (after a start) the most, so that the first one
+        is over soon."""
         if not self._last_sweep:
-            return FIRST_SWEEP
+            return MAX_SWEEP
         s = self._settings
-        polls = max(1.0, s.max_interval / s.interval)
+        polls = max(1.0, s.max_interval / s.interval - 1)
         return max(1, min(MAX_SWEEP, math.ceil(self._last_sweep / polls) + 1))
 
     async def _page(self, start: str, prev_id: str | None) -> tuple[list[StatusReport], str | None]:

@@ -158,7 +158,7 @@ def test_the_whole_ttl_window_is_swept_in_pages_whatever_the_ids(
     from pollers import smsc as module
 
     fake, url = smsc
-    monkeypatch.setattr(module, "FIRST_SWEEP", 4)
+    monkeypatch.setattr(module, "MAX_SWEEP", 4)
     now = datetime.now(KYIV)
     ids = random.Random(3).sample(range(10_000, 99_999), 1_500)  # not ordered like int_id
     for n, message_id in enumerate(ids):  # 15 pages, spread over the last 2.9 days

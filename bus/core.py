@@ -186,7 +186,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             supervisor.spawn("state-mirror", states.follower.run, stall_after=STALL_AFTER)
         )
         stack.push_async_callback(supervisor.spawn("mirror-prune", states.mirror.prune_every))
-        projector = Projector(conn, states, publisher, s.stream, s.subject_prefix)
+        projector = Projector(conn, states, publisher, s.stream, s.subject_prefix, metrics)
         await retrying(
             deadline,
             "SMSBUS_STREAM: cannot set up the projector consumer",
@@ -215,6 +215,14 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     log.warning("stream check after reconnect failed; retrying", error=str(exc))
 
         stack.push_async_callback(supervisor.spawn("schema", keep_schema))
+
+        def sample() -> None:
+            metrics.nats_connected.set(int(conn.is_connected))
+            for name, task in supervisor.statuses().items():
+                metrics.task_up.labels(name).set(int(not task.down))
+                metrics.task_restarts.labels(name)  # shown at 0 before a first restart
+
+        metrics.before_render = sample
         log.info(
             "bus ready",
             nats=", ".join(redact_url(u) for u in s.effective_nats_urls),

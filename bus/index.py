@@ -21,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
 from nats.aio.msg import Msg
 
-from bus.events import rfc3339, utcnow
-from bus.messages import MessageState
+from bus import packed
+from bus.events import utcnow
+from bus.messages import MessageState, key_parts
 from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.index")
@@ -43,6 +44,8 @@ PRUNE_EVERY = 600.0
 
 
 class MessageIndex:
+    """States by provider and message key, each packed (bus.packed) with its revision."""
+
     def __init__(
         self,
         bucket: str,
@@ -54,28 +57,40 @@ class MessageIndex:
         self._floor = floor  # the last bucket revision the follower has applied
         self._open: collections.Counter[str] = collections.Counter()
         self.listeners: list[Callable[[MessageState], None]] = []  # told of every new state
-        self._by_provider: dict[str, dict[str, MessageState]] = {}
-        self._keys: dict[str, tuple[str, str]] = {}
-        self._revisions: dict[str, int] = {}
+        self._by_provider: dict[str, dict[str, bytes]] = {}
         self._own: list[int] = []  # a heap: revisions this process wrote and `observe`d
 
     @property
     def held(self) -> int:
         """How many states the mirror holds."""
-        return len(self._keys)
+        return sum(len(states) for states in self._by_provider.values())
 
     def entry(self, key: str) -> tuple[MessageState | None, int]:
         """A bucket key's state and revision as last seen (None, 0 when not held)."""
-        held = self._keys.get(key)
-        if held is None:
+        provider, message_id = key_parts(key)
+        blob = self._by_provider.get(provider, {}).get(message_id)
+        if blob is None:
             return None, 0
-        return self.get(*held), self._revisions.get(key, 0)
+        return packed.unpack(blob, provider, message_id)
 
     def get(self, provider: str, message_id: str) -> MessageState | None:
-        return self._by_provider.get(provider, {}).get(message_id)
+        blob = self._by_provider.get(provider, {}).get(message_id)
+        return None if blob is None else packed.unpack(blob, provider, message_id)[0]
 
-    def of(self, provider: str) -> Iterator[MessageState]:
-        return iter(list(self._by_provider.get(provider, {}).values()))
+    def open_ids(self, provider: str) -> list[str]:
+        """The message keys of a provider's open tracked messages (a copy)."""
+        return [
+            k for k, blob in self._by_provider.get(provider, {}).items() if packed.is_open(blob)
+        ]
+
+    def timing(self, provider: str, message_id: str) -> tuple[float | None, float | None] | None:
+        """An open tracked message's registration and `sent_at`, in seconds since the epoch
+        (None when unknown); None when the message is not open or not held."""
+        blob = self._by_provider.get(provider, {}).get(message_id)
+        if blob is None or not packed.is_open(blob):
+            return None
+        registered, sent, _ = packed.times(blob)
+        return _seconds(registered), _seconds(sent)
 
     def apply(self, msg: Msg) -> None:
         """One message of the bucket's stream, as the follower delivers it (in order)."""
@@ -93,49 +108,55 @@ class MessageIndex:
             or headers.get("Nats-Marker-Reason") in _MARKER_DELETES
             or not msg.data
         ):
-            self._forget(key)
+            self._forget(*key_parts(key))
             return
         try:
             state = MessageState.from_json(msg.data)
         except (ValueError, TypeError):
             log.warning("unreadable state in the bucket", key=key)
             return
-        self._hold(key, state, revision)
+        self._hold(state, revision)
 
     def observe(self, key: str, state: MessageState, revision: int) -> None:
         """This process wrote `state` at `revision`: hold it now rather than when the watch
         delivers it. A revision the follower has already passed is old news."""
-        if revision <= self._floor() or revision <= self._revisions.get(key, 0):
+        if revision <= self._floor() or revision <= self._revision(state):
             return
         heapq.heappush(self._own, revision)
-        self._hold(key, state, revision)
+        self._hold(state, revision)
 
     def clear(self) -> None:
         """Forget everything (the bucket's stream was recreated)."""
-        for key in list(self._keys):
-            self._forget(key)
+        for provider, states in self._by_provider.items():
+            for message_id in list(states):
+                self._forget(provider, message_id)
         self._own.clear()
 
-    def _hold(self, key: str, state: MessageState, revision: int) -> None:
-        if revision < self._revisions.get(key, 0):
+    def _revision(self, state: MessageState) -> int:
+        blob = self._by_provider.get(state.provider, {}).get(state.message_id)
+        return 0 if blob is None else packed.revision_of(blob)
+
+    def _hold(self, state: MessageState, revision: int) -> None:
+        if revision < self._revision(state):
             return
         if state.final and state.provider in _NO_REPEATS:
-            self._forget(key)
+            self._forget(state.provider, state.message_id)
             return
-        self._put(state.provider, state.message_id, state)
-        self._keys[key] = (state.provider, state.message_id)
-        self._revisions[key] = revision
+        self._put(state.provider, state.message_id, packed.pack(state, revision))
+        for listener in self.listeners:
+            listener(state)
 
     def prune(self, retain: timedelta = RETAIN) -> int:
         """Let go of every state that is not open and has not changed for `retain`."""
-        cutoff = rfc3339(utcnow() - retain)
+        cutoff = (utcnow() - retain).timestamp() * 1000
         old = [
-            key
-            for key, held in self._keys.items()
-            if not _is_open(state := self.get(*held)) and (state is None or _older(state, cutoff))
+            (provider, message_id)
+            for provider, states in self._by_provider.items()
+            for message_id, blob in states.items()
+            if not packed.is_open(blob) and _older(blob, cutoff)
         ]
-        for key in old:
-            self._forget(key)
+        for provider, message_id in old:
+            self._forget(provider, message_id)
         return len(old)
 
     async def prune_every(self, beat: Beat) -> None:
@@ -143,30 +164,34 @@ class MessageIndex:
             beat()
             await asyncio.sleep(PRUNE_EVERY)
             if pruned := self.prune():
-                log.info("message states let go", count=pruned, held=len(self._keys))
+                log.info("message states let go", count=pruned, held=self.held)
 
-    def _forget(self, key: str) -> None:
-        held = self._keys.pop(key, None)
-        self._revisions.pop(key, None)
-        if held:
-            self._put(*held, None)
+    def _forget(self, provider: str, message_id: str) -> None:
+        self._put(provider, message_id, None)
 
-    def _put(self, provider: str, message_id: str, state: MessageState | None) -> None:
+    def _put(self, provider: str, message_id: str, blob: bytes | None) -> None:
         states = self._by_provider.setdefault(provider, {})
-        old = states.pop(message_id, None)
-        if state is not None:
-            states[message_id] = state
-            for listener in self.listeners:
-                listener(state)
-        change = _is_open(state) - _is_open(old)
+        old = states.get(message_id)
+        if blob is not None:
+            states[message_id] = blob
+        elif old is not None:
+            del states[message_id]
+        change = _is_open(blob) - _is_open(old)
         if change:
             self._open[provider] += change
             self._on_open(provider, self._open[provider])
 
 
-def _older(state: MessageState, cutoff: str) -> bool:
-    return (state.updated_at or state.registered_at or "") < cutoff
+def _older(blob: bytes, cutoff: float) -> bool:
+    """Last changed (else registered) before `cutoff` (ms), or never."""
+    registered, _, updated = packed.times(blob)
+    when = updated if updated != packed.NONE else registered
+    return when == packed.NONE or when < cutoff
 
 
-def _is_open(state: MessageState | None) -> int:
-    return int(state is not None and state.tracked and not state.final)
+def _is_open(blob: bytes | None) -> int:
+    return int(blob is not None and packed.is_open(blob))
+
+
+def _seconds(ms: int) -> float | None:
+    return None if ms == packed.NONE else ms / 1000

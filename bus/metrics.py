@@ -6,6 +6,8 @@ message id or a phone number.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -25,6 +27,12 @@ CALLBACK_OUTCOMES = (
 )
 
 POLL_OUTCOMES = ("ok", "unavailable", "auth_error", "bad_answer")
+# Seconds to days: an SMS is delivered in seconds, a phone that is off for days gets it when it
+# is on again, and tracking ends at SMSBUS_TRACK_TTL (3 days by default).
+DELIVERY_BUCKETS = (
+    1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400,
+    2 * 86400, 3 * 86400, 7 * 86400,
+)  # fmt: skip
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -114,6 +122,36 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.polled = Gauge(
+            "smsbus_provider_polled",
+            "1 for each provider this process polls when it holds the lease (enabled here)",
+            ["provider"],
+            registry=r,
+        )
+        self.expired = Counter(
+            "smsbus_expired",
+            "Tracked messages that reached SMSBUS_TRACK_TTL with no final status (final unknown)",
+            ["provider"],
+            registry=r,
+        )
+        self.delivery = Histogram(
+            "smsbus_delivery_seconds",
+            "From sent_at (else the registration) to a message's first final status, counted "
+            "once per message by the replica that stores that state",
+            ["provider", "status"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.nats_connected = Gauge(
+            "smsbus_nats_connected", "1 while the NATS connection is up", registry=r
+        )
+        self.task_up = Gauge(
+            "smsbus_task_up",
+            "1 while a supervised background task runs, 0 while it restarts or has stalled",
+            ["task"],
+            registry=r,
+        )
+        self.before_render: Callable[[], None] = lambda: None  # refreshes the sampled gauges
         # Labelled children resolved once: .labels() per call is measurable on the hot path.
         self.callback_outcome = {o: self.callbacks.labels(o) for o in CALLBACK_OUTCOMES}
         self.published = {
@@ -126,8 +164,11 @@ class Metrics:
             self.deadletters_dropped.labels(provider)
             self.tracked.labels(provider)
             self.leader.labels(provider)
+            self.polled.labels(provider)
+            self.expired.labels(provider)
             for outcome in POLL_OUTCOMES:
                 self.poll_requests.labels(provider, outcome)
 
     def render(self) -> bytes:
+        self.before_render()
         return generate_latest(self.registry)

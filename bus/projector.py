@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -31,7 +32,14 @@ from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.errors import PayloadError, PublishError
 from bus.events import PER_PHONE, deadletter_event, message_key, rfc3339, utcnow
-from bus.messages import apply_status, apply_to_mailing, kv_key, parse_track_batch
+from bus.messages import (
+    MessageState,
+    apply_status,
+    apply_to_mailing,
+    kv_key,
+    parse_track_batch,
+)
+from bus.metrics import Metrics
 from bus.publisher import Publisher
 from bus.state import States
 from bus.supervisor import Beat
@@ -53,9 +61,16 @@ CONCURRENCY = 16
 
 class Projector:
     def __init__(
-        self, conn: Connection, states: States, publisher: Publisher, stream: str, prefix: str
+        self,
+        conn: Connection,
+        states: States,
+        publisher: Publisher,
+        stream: str,
+        prefix: str,
+        metrics: Metrics,
     ) -> None:
         self._conn = conn
+        self._metrics = metrics
         self._states = states
         self._publisher = publisher
         self._stream = stream
@@ -199,10 +214,36 @@ class Projector:
     async def _status(self, data: dict[str, Any], event_id: str) -> None:
         provider, phone = data["provider"], data.get("phone")
         key = kv_key(provider, message_key(provider, data["message_id"], phone))
-        await self._states.update(key, lambda s: apply_status(s, data, event_id))
+        before: list[MessageState | None] = [None]
+
+        def change(state: MessageState | None) -> MessageState:
+            before[0] = state  # the state this write started from, on the attempt that wins
+            return apply_status(state, data, event_id)
+
+        state = await self._states.update(key, change)
+        # Compare-and-set lets one write, on one replica, take a message to its first final.
+        first_final = state.final and not (before[0] is not None and before[0].final)
+        registered = state
         if provider in PER_PHONE and phone:  # the send as a whole, beside the number
             mailing = kv_key(provider, data["message_id"])
-            await self._states.update(mailing, lambda s: apply_to_mailing(s, data))
+            registered = await self._states.update(mailing, lambda s: apply_to_mailing(s, data))
+        if first_final:
+            self._delivered(registered, data)
+
+    def _delivered(self, registered: MessageState, data: dict[str, Any]) -> None:
+        """Observe smsbus_delivery_seconds: from `sent_at`, else the registration, to when the
+        provider says the final status happened. An untracked message has neither: not
+        counted."""
+        start = registered.sent_at or registered.registered_at
+        end = data.get("occurred_at") or data.get("received_at")
+        if not start or not end:
+            return
+        try:
+            seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+        except (TypeError, ValueError):
+            return
+        status = str(data["status"])
+        self._metrics.delivery.labels(registered.provider, status).observe(max(0.0, seconds))
 
     async def _dead_letter(self, msg: Msg, provider: str, reason: str) -> None:
         event = deadletter_event(

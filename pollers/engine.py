@@ -22,6 +22,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 
 import structlog
 
@@ -53,10 +54,9 @@ from pollers.types import Provider, StatusReport
 log = structlog.get_logger("smsbus.poller")
 
 CONCURRENCY = 8  # status requests in flight to one provider
-
-
-def _seconds(value: str | None) -> float | None:
-    return datetime.fromisoformat(value).timestamp() if value else None
+ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
+EXPIRIES_AT_ONCE = 100
+LOAD_SLICE = 20_000  # messages put on the schedule between two turns of the event loop
 
 
 class ProviderPoller:
@@ -81,6 +81,7 @@ class ProviderPoller:
             interval=settings.interval,
             cap=settings.max_interval,
             ttl=bus.settings.track_ttl,
+            timing=partial(self._index.timing, self.name),
             polled=provider.statuses is not None,
         )
         self._backoff = Backoff(settings.interval, settings.max_interval)
@@ -97,13 +98,18 @@ class ProviderPoller:
             self.schedule.drop(state.message_id)
             return
         if state.message_id not in self.schedule:
-            after = now if now is not None else time.time()
-            self.schedule.push(
-                state.message_id,
-                registered=_seconds(state.registered_at) or after,
-                sent=_seconds(state.sent_at),
-                after=after,
-            )
+            self.schedule.push(state.message_id, after=now if now is not None else time.time())
+
+    async def _schedule_all(self) -> None:
+        """Put every open tracked message of the mirror on the schedule, a slice at a time so
+        that a million of them do not hold up the event loop."""
+        now = time.time()
+        for n, message_id in enumerate(self._index.open_ids(self.name), 1):
+            if message_id not in self.schedule:
+                self.schedule.push(message_id, after=now)
+            if n % LOAD_SLICE == 0:
+                self._beat()
+                await asyncio.sleep(0)
 
     # The loops
 
@@ -114,10 +120,9 @@ class ProviderPoller:
         self.state.leader = True
         self._metrics.leader.labels(self.name).set(1)
         await self._loaded.wait()
-        for state in self._index.of(self.name):
-            self.track(state)
         self._index.listeners.append(self.track)
         try:
+            await self._schedule_all()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._status_loop())  # expiries, and per-id polls if any
                 if self.provider.history is not None:
@@ -169,24 +174,28 @@ class ProviderPoller:
         while not self.stopping:
             await asyncio.sleep(self._tick)
             self._beat()
-            if time.monotonic() < self._resume_at:
-                continue
-            await self._status_round(time.time())
+            # Round after round while there is more due than one round takes.
+            while time.monotonic() >= self._resume_at and await self._status_round(time.time()):
+                self._beat()
 
-    async def _status_round(self, now: float) -> None:
+    async def _status_round(self, now: float) -> bool:
+        """Poll (or expire) what is due, up to ROUND_BATCHES batches; True when that was not
+        all."""
         per_id = self.provider.statuses
         size = per_id.batch if per_id is not None else 1
-        due = self.schedule.take(now, size, horizon=now + self.settings.interval / 2)
-        for message_id in due.expired:
-            state = self._index.get(self.name, message_id)
-            if state is None or not state.tracked or state.final:
-                continue
-            try:
-                await self._expire(state)
-            except PublishError as exc:
-                log.error("expiry not stored; will retry", provider=self.name, error=str(exc))
-                self.track(state, now)
-                self.schedule.retry(message_id, now + self.settings.interval)
+        limit = size * ROUND_BATCHES
+        due = self.schedule.take(now, size, horizon=now + self.settings.interval / 2, limit=limit)
+        expiring = [
+            state
+            for message_id in due.expired
+            if (state := self._index.get(self.name, message_id)) is not None
+            and state.tracked
+            and not state.final
+        ]
+        for i in range(0, len(expiring), EXPIRIES_AT_ONCE):  # published together: acks pipelined
+            await asyncio.gather(
+                *(self._expire_or_retry(s, now) for s in expiring[i : i + EXPIRIES_AT_ONCE])
+            )
         polled = [
             state
             for message_id in due.poll
@@ -204,6 +213,15 @@ class ProviderPoller:
                     for i in range(0, len(polled), size)
                 )
             )
+        return len(due.poll) + len(due.expired) >= limit
+
+    async def _expire_or_retry(self, state: MessageState, now: float) -> None:
+        try:
+            await self._expire(state)
+        except PublishError as exc:
+            log.error("expiry not stored; will retry", provider=self.name, error=str(exc))
+            self.track(state, now)
+            self.schedule.retry(state.message_id, now + self.settings.interval)
 
     async def _poll_batch(
         self, batch: list[MessageState], now: float, gate: asyncio.Semaphore
@@ -329,6 +347,7 @@ class ProviderPoller:
                 received_at=utcnow(), phone=phone, client_ref=state.client_ref,
             )  # fmt: skip
             await self._publisher.publish(event)
+        self._metrics.expired.labels(self.name).inc()
 
     async def _inbound(self) -> None:
         assert self.provider.inbound is not None

@@ -49,6 +49,7 @@ async def start_pollers(bus: Bus, stack: contextlib.AsyncExitStack) -> list[Prov
     holder = holder_id()
     log.info("polling", providers=[p.name for p in pollers], holder=holder)
     for poller in pollers:
+        bus.metrics.polled.labels(poller.name).set(1)
         lease = Lease(bus.leases, poller.name, holder, bus.settings.lease_ttl)
         stop = bus.supervisor.spawn(f"poller-{poller.name}", functools.partial(lead, poller, lease))
         stack.push_async_callback(stop)

@@ -1,15 +1,26 @@
 """When a tracked message is polled (CONTRACT.md section 2): one interval after registration,
 then at doubling intervals up to the cap, until it expires SMSBUS_TRACK_TTL after `sent_at` (else
 registration). Pure: every time is passed in, so the rules are tested on a clock of the test's
-own, and every replica and restart agrees without storing a schedule."""
+own, and every replica and restart agrees without storing a schedule.
+
+Built to hold a million messages in little memory: the schedule keeps, for each message, only
+the whole second it is due in, and messages are kept by that second (one list per second that
+has any), so the per-message cost is one dict entry and one list slot. When a message was
+registered and sent comes from `timing` (the state mirror), not from a copy here.
+"""
 
 from __future__ import annotations
 
 import heapq
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-NEVER = float("inf")
-TAKEN = -1.0  # an entry being polled: on no heap slot until `again` or `retry`
+# A message's registration and sent_at (seconds since the epoch, None when unknown), or None
+# when it is no longer open.
+Timing = Callable[[str], "tuple[float | None, float | None] | None"]
+
+_TAKEN: list[str] = []  # being polled: due again only when put back (`again`, `retry`)
 
 
 def next_poll(base: float, after: float, first: float, interval: float, cap: float) -> float:
@@ -37,76 +48,118 @@ class Due:
 
 
 class Schedule:
-    """Tracked messages by the time each is due. `polled` False: only expiries are scheduled
-    (a provider whose statuses come from an account history)."""
+    """Tracked messages by the second each is due in (a message is never taken before it is
+    due, and at most a second after). `polled` False: only expiries are scheduled (a provider
+    whose statuses come from an account history)."""
 
     def __init__(
-        self, *, first: float, interval: float, cap: float, ttl: float, polled: bool = True
+        self,
+        *,
+        first: float,
+        interval: float,
+        cap: float,
+        ttl: float,
+        timing: Timing,
+        polled: bool = True,
     ) -> None:
         self._first, self._interval, self._cap, self._ttl = first, interval, cap, ttl
+        self._timing = timing
         self._polled = polled
-        self._heap: list[tuple[float, str]] = []
-        self._entries: dict[str, tuple[float, float, float]] = {}  # id: (when, base, expires)
+        # id: the list of the second it is due in (shared, so an id costs no object of its own),
+        # or _TAKEN. A list may also hold ids that have moved on: `take` skips those.
+        self._due: dict[str, list[str]] = {}
+        self._slots: dict[int, list[str]] = {}  # second: its list
+        self._seconds: list[int] = []  # a heap of the keys of _slots
 
     def __contains__(self, message_id: str) -> bool:
-        return message_id in self._entries
+        return message_id in self._due
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._due)
 
-    def push(self, message_id: str, *, registered: float, sent: float | None, after: float) -> None:
-        """Due at its next poll time after `after`, or at its expiry if that comes first."""
-        expires = (sent or registered) + self._ttl
-        due = (
-            next_poll(registered, after, self._first, self._interval, self._cap)
-            if self._polled
-            else NEVER
-        )
-        self._put(message_id, min(due, expires), registered, expires)
-
-    def retry(self, message_id: str, at: float) -> None:
-        """Due again at `at` (a failed call, a lost publish), keeping its expiry."""
-        entry = self._entries.get(message_id)
-        if entry is not None:
-            self._put(message_id, min(at, entry[2]), entry[1], entry[2])
+    def push(self, message_id: str, *, after: float) -> bool:
+        """Due at its next poll time after `after`, or at its expiry if that comes first. False
+        (and not scheduled) when `timing` does not know it as open."""
+        return self._schedule(message_id, after)
 
     def again(self, message_id: str, after: float) -> None:
         """Polled: due at its next poll time after `after`."""
-        entry = self._entries.get(message_id)
-        if entry is None:
-            return
-        _, registered, expires = entry
-        due = next_poll(registered, after, self._first, self._interval, self._cap)
-        self._put(message_id, min(due, expires), registered, expires)
+        if message_id in self._due:
+            self._schedule(message_id, after)
+
+    def retry(self, message_id: str, at: float) -> None:
+        """Due again at `at` (a failed call, a lost expiry); expired then if its time is over."""
+        if message_id in self._due and self._expiry(message_id) is not None:
+            self._put(message_id, math.ceil(at))
 
     def drop(self, message_id: str) -> None:
-        self._entries.pop(message_id, None)
+        self._due.pop(message_id, None)
 
-    def _put(self, message_id: str, when: float, registered: float, expires: float) -> None:
-        self._entries[message_id] = (when, registered, expires)
-        heapq.heappush(self._heap, (when, message_id))
+    def _schedule(self, message_id: str, after: float) -> bool:
+        times = self._expiry(message_id)
+        if times is None:
+            self._due.pop(message_id, None)
+            return False
+        registered, expires = times
+        at = (
+            next_poll(registered, after, self._first, self._interval, self._cap)
+            if self._polled
+            else expires
+        )
+        self._put(message_id, math.ceil(min(at, expires)))
+        return True
 
-    def take(self, now: float, batch: int, horizon: float) -> Due:
-        """Take what is due at `now`. A last, partial batch is topped up with ids due by
-        `horizon`: polling those a little early saves a request. Taken ids leave the schedule
-        until pushed again (`again`, `retry`); expired ones for good."""
+    def _expiry(self, message_id: str) -> tuple[float, float] | None:
+        """When the message was registered, and when its tracking ends."""
+        times = self._timing(message_id)
+        if times is None:
+            return None
+        registered, sent = times
+        if registered is None:
+            registered = sent if sent is not None else 0.0
+        return registered, (sent if sent is not None else registered) + self._ttl
+
+    def _put(self, message_id: str, second: int) -> None:
+        ids = self._slots.get(second)
+        if ids is None:
+            ids = self._slots[second] = []
+            heapq.heappush(self._seconds, second)
+        elif self._due.get(message_id) is ids:
+            return  # there already
+        ids.append(message_id)
+        self._due[message_id] = ids
+
+    def take(self, now: float, batch: int, horizon: float, limit: int | None = None) -> Due:
+        """Take what is due at `now`, at most `limit` ids to poll. A last, partial batch is
+        topped up with ids due by `horizon`: polling those a little early saves a request.
+        Taken ids leave the schedule until put back (`again`, `retry`); expired ones for good."""
         poll: list[str] = []
         expired: list[str] = []
-        heap = self._heap
-        while heap and (
-            heap[0][0] <= now or (poll and len(poll) % batch and heap[0][0] <= horizon)
-        ):
-            when, message_id = heapq.heappop(heap)
-            entry = self._entries.get(message_id)
-            if entry is None or entry[0] != when:
-                continue  # superseded, or dropped
-            if now >= entry[2]:
-                expired.append(message_id)
-                del self._entries[message_id]
-            elif self._polled:
-                poll.append(message_id)
-                self._entries[message_id] = (TAKEN, entry[1], entry[2])
-            else:
-                self._entries[message_id] = (NEVER, entry[1], entry[2])
-                self._put(message_id, entry[2], entry[1], entry[2])
+        due, slots, seconds = self._due, self._slots, self._seconds
+        while seconds and (limit is None or len(poll) < limit):
+            second = seconds[0]
+            if second > now and not (poll and len(poll) % batch and second <= horizon):
+                break
+            ids = slots[second]
+            while ids and (limit is None or len(poll) < limit):
+                if second > now and not len(poll) % batch:
+                    break  # topped up
+                message_id = ids.pop()
+                if due.get(message_id) is not ids:
+                    continue  # moved on, dropped or taken
+                times = self._expiry(message_id)
+                if times is None:
+                    del due[message_id]  # no longer open
+                elif now >= times[1]:
+                    expired.append(message_id)
+                    del due[message_id]
+                elif self._polled:
+                    poll.append(message_id)
+                    due[message_id] = _TAKEN
+                else:  # only its expiry counts; it is not that yet
+                    self._put(message_id, math.ceil(times[1]))
+            if ids:
+                break
+            heapq.heappop(seconds)
+            del slots[second]
         return Due(poll, expired)

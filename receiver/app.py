@@ -23,6 +23,7 @@ from receiver import messages
 from receiver.http import (
     HEADER_LIMIT,
     MAX_HEADERS,
+    REGISTRATION_BODY_LIMIT,
     ASGIApp,
     LimitBody,
     Receive,
@@ -66,9 +67,10 @@ class App:
 
 
 def _operations(routes: list[Route]) -> Starlette:
+    larger = {("POST", "/v1/messages"): REGISTRATION_BODY_LIMIT}
     return Starlette(
         routes=routes,
-        middleware=[Middleware(LimitBody)],
+        middleware=[Middleware(LimitBody, larger=larger)],
         exception_handlers={404: json_error, 405: json_error},
     )
 

@@ -15,6 +15,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # CONTRACT.md section 3: request bodies over 64 KiB get 413.
 BODY_LIMIT = 64 * 1024
+# POST /v1/messages (private): 1000 registrations of the largest size allowed (bus.shapes), each
+# value escaped as JSON may be, fit.
+REGISTRATION_BODY_LIMIT = 2 * 1024 * 1024
 # uvicorn with httptools sets no limit on headers; a callback needs a handful.
 HEADER_LIMIT = 16 * 1024
 MAX_HEADERS = 100
@@ -90,27 +93,35 @@ async def send_text(
 
 
 class LimitBody:
-    """Starlette middleware: a body over BODY_LIMIT bytes is answered 413."""
+    """Starlette middleware: a body over BODY_LIMIT bytes is answered 413; `larger` names the
+    (method, path) pairs with a limit of their own."""
 
-    def __init__(self, app: ASGIApp, limit: int = BODY_LIMIT) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = BODY_LIMIT,
+        larger: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.larger.get((scope["method"], scope["path"]), self.limit)
         length = declared_length(scope)
-        if length is not None and length > self.limit:
-            return await send_text(send, 413, f"request body exceeds {self.limit} bytes")
+        if length is not None and length > limit:
+            return await send_text(send, 413, f"request body exceeds {limit} bytes")
         size = 0
 
         async def counted_receive() -> Message:
             nonlocal size
             message = await receive()
             size += len(message.get("body", b""))
-            if size > self.limit:
+            if size > limit:
                 # Raised inside the route, so Starlette's exception middleware answers it.
-                raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+                raise HTTPException(413, f"request body exceeds {limit} bytes")
             return message
 
         await self.app(scope, counted_receive, send)

@@ -12,7 +12,7 @@ from typing import Any
 
 from bus.shapes import components
 from bus.statuses import PROVIDERS
-from receiver.http import BODY_LIMIT
+from receiver.http import BODY_LIMIT, REGISTRATION_BODY_LIMIT
 from receiver.smspilot import PATH as CALLBACK
 
 PUBLIC, PRIVATE = "public", "private"
@@ -148,7 +148,7 @@ def _messages() -> dict[str, Any]:
                     "400": _json(
                         "nothing was applied; each bad item is named", "RegistrationErrors"
                     ),
-                    "413": _text(f"the body is over {BODY_LIMIT} bytes"),
+                    "413": _text(f"the body is over {REGISTRATION_BODY_LIMIT} bytes"),
                     "503": _json("the registrations could not be stored; retry", "Error"),
                 },
             },

@@ -8,9 +8,21 @@ from pollers.schedule import Schedule, next_poll
 T0 = 1_000_000.0
 
 
-def schedule(**overrides: float | bool) -> Schedule:
-    settings: dict[str, float | bool] = dict(first=30.0, interval=30.0, cap=120.0, ttl=3600.0)
-    return Schedule(**(settings | overrides))  # type: ignore[arg-type]
+class Messages(Schedule):
+    """A schedule whose timing comes from a dict, as the engine's comes from the mirror."""
+
+    def __init__(self, **overrides: float | bool) -> None:
+        self.open: dict[str, tuple[float | None, float | None]] = {}
+        settings: dict[str, float | bool] = dict(first=30.0, interval=30.0, cap=120.0, ttl=3600.0)
+        super().__init__(**(settings | overrides), timing=self.open.get)  # type: ignore[arg-type]
+
+    def register(self, message_id: str, *, registered: float, sent: float | None, after: float):
+        self.open[message_id] = (registered, sent)
+        assert self.push(message_id, after=after)
+
+
+def schedule(**overrides: float | bool) -> Messages:
+    return Messages(**overrides)
 
 
 def test_next_poll_doubles_to_the_cap() -> None:
@@ -24,7 +36,7 @@ def test_next_poll_doubles_to_the_cap() -> None:
 
 def test_a_message_is_due_one_interval_after_registration_then_at_doubling_gaps() -> None:
     s = schedule()
-    s.push("1", registered=T0, sent=None, after=T0)
+    s.register("1", registered=T0, sent=None, after=T0)
     assert ([], []) == _take(s, T0 + 29)
     assert (["1"], []) == _take(s, T0 + 30)
     assert ([], []) == _take(s, T0 + 31)  # taken: not due again until put back
@@ -36,7 +48,7 @@ def test_a_message_is_due_one_interval_after_registration_then_at_doubling_gaps(
 def test_a_partial_batch_is_topped_up_with_what_is_due_soon() -> None:
     s = schedule()
     for n in range(3):
-        s.push(str(n), registered=T0 + n * 10, sent=None, after=T0)
+        s.register(str(n), registered=T0 + n * 10, sent=None, after=T0)
     due = s.take(T0 + 30, batch=100, horizon=T0 + 45)
     assert ["0", "1"] == due.poll  # "2" is due at T0+50, past the horizon
     assert ["2"] == s.take(T0 + 50, batch=100, horizon=T0 + 50).poll
@@ -44,7 +56,7 @@ def test_a_partial_batch_is_topped_up_with_what_is_due_soon() -> None:
 
 def test_a_failed_poll_is_due_again_when_asked_and_expiry_wins() -> None:
     s = schedule(ttl=100.0)
-    s.push("1", registered=T0, sent=T0 - 50, after=T0)  # the TTL counts from sent_at
+    s.register("1", registered=T0, sent=T0 - 50, after=T0)  # the TTL counts from sent_at
     assert ["1"] == s.take(T0 + 30, batch=10, horizon=T0 + 30).poll
     s.retry("1", at=T0 + 31)
     assert ["1"] == s.take(T0 + 31, batch=10, horizon=T0 + 31).poll
@@ -55,14 +67,14 @@ def test_a_failed_poll_is_due_again_when_asked_and_expiry_wins() -> None:
 
 def test_without_per_id_polls_only_the_expiry_is_scheduled() -> None:
     s = schedule(polled=False, ttl=100.0)
-    s.push("1", registered=T0, sent=None, after=T0)
+    s.register("1", registered=T0, sent=None, after=T0)
     assert ([], []) == _take(s, T0 + 99)
     assert ([], ["1"]) == _take(s, T0 + 100)
 
 
 def test_a_dropped_message_is_never_due() -> None:
     s = schedule()
-    s.push("1", registered=T0, sent=None, after=T0)
+    s.register("1", registered=T0, sent=None, after=T0)
     s.drop("1")
     assert ([], []) == _take(s, T0 + 10_000)
     assert 0 == len(s)
@@ -71,3 +83,45 @@ def test_a_dropped_message_is_never_due() -> None:
 def _take(s: Schedule, now: float) -> tuple[list[str], list[str]]:
     due = s.take(now, batch=100, horizon=now)
     return due.poll, due.expired
+
+
+def test_a_message_no_longer_open_is_never_taken() -> None:
+    s = schedule()
+    s.register("1", registered=T0, sent=None, after=T0)
+    s.register("2", registered=T0, sent=None, after=T0)
+    del s.open["1"]  # final meanwhile (the mirror no longer has it open)
+    assert (["2"], []) == _take(s, T0 + 30)
+    assert "1" not in s
+    assert not s.push("1", after=T0)
+
+
+def test_due_in_a_second_not_before_it() -> None:
+    s = schedule()
+    s.register("1", registered=T0 + 0.25, sent=None, after=T0)  # due at T0 + 30.25
+    assert ([], []) == _take(s, T0 + 30.2)
+    assert (["1"], []) == _take(s, T0 + 31)
+
+
+def test_take_stops_at_the_limit_and_the_rest_stays_due() -> None:
+    s = schedule()
+    for n in range(250):
+        s.register(str(n), registered=T0, sent=None, after=T0)
+    first = s.take(T0 + 30, batch=100, horizon=T0 + 30, limit=200).poll
+    rest = s.take(T0 + 30, batch=100, horizon=T0 + 30, limit=200).poll
+    assert (200, 50) == (len(first), len(rest))
+    assert {str(n) for n in range(250)} == set(first) | set(rest)
+
+
+def test_many_messages_take_little_memory() -> None:
+    import tracemalloc
+
+    ids = [str(5_000_000_000 + n) for n in range(200_000)]
+    s = schedule()
+    for message_id in ids:
+        s.open[message_id] = (T0, None)
+    tracemalloc.start()
+    for n, message_id in enumerate(ids):
+        s.push(message_id, after=T0 + n / 2_000)
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert used / len(ids) < 80  # bytes a message: one dict entry and one list slot

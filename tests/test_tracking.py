@@ -116,6 +116,24 @@ def test_a_list_is_all_or_nothing(
     assert [] == [s for s in stored if s.event.get("message_id") in (good, other)]
 
 
+def test_a_thousand_registrations_of_the_largest_size_fit_in_one_request(
+    service: Smsbus, client: Listeners
+) -> None:
+    ids = [new_id() for _ in range(1000)]
+    items = [
+        {"provider": "smspager", "message_id": f"{m}{'9' * (21 - len(m))}",
+         "phone": "7" * 20, "client_ref": "\u0451" * 256,
+         "sent_at": "2026-11-22T10:00:00.123+03:00"}
+        for m in ids
+    ]  # fmt: skip
+    body = json.dumps(items, ensure_ascii=True).encode()  # every client_ref char as \\uXXXX
+    assert len(body) > 1024 * 1024
+    response = client.post("/v1/messages", content=body)
+    assert (202, {"accepted": 1000}) == (response.status_code, response.json())
+    too_big = client.post("/v1/messages", content=body + b" " * (2 * 1024 * 1024))
+    assert (413, "request body exceeds 2097152 bytes") == (too_big.status_code, too_big.text)
+
+
 @pytest.mark.parametrize(
     ("body", "error"),
     [

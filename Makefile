@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench chaos soak fuzz clean
+.PHONY: run test lint bench chaos soak fuzz rules dashboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ soak: $(STAMP)
 fuzz: $(STAMP)
 	SMSBUS_FUZZ_EXAMPLES=34000 $(BIN)/pytest tests/test_hostile_input.py -q -p no:cacheprovider \
 		--hypothesis-show-statistics
+
+# deploy/prometheus/prometheusrule.yaml from smsbus-rules.yaml, deploy/grafana/smsbus.json from
+# build.py (the test suite fails when either is stale).
+rules: $(STAMP)
+	$(BIN)/python deploy/prometheus/operator_rule.py
+
+dashboard: $(STAMP)
+	$(BIN)/python deploy/grafana/build.py
 
 clean:
 	rm -rf $(VENV) .smsbus .pytest_cache .ruff_cache .mypy_cache

@@ -8,6 +8,9 @@ loopback, answering every id as still on its way, so every message stays open), 
 request; cycle time, first to last request), status events per second into the stream, smsbus's
 RSS with every message registered and at its peak; then a restart onto the same bucket with every
 message open and due: time to /readyz, until every message is scheduled, until the first poll.
+Callbacks are measured on the same process twice (wrk, 10 s, unique server_ids, as in
+bench/callback.py): idle before any registration, and while it polls every open message at full
+pace after the restart; their ratio is printed.
 
     .venv/bin/python bench/poll.py [--messages 100000[,1000000]] [--interval 60]
 
@@ -39,6 +42,7 @@ from pathlib import Path
 import httpx
 import nats
 import orjson
+from callback import wrk
 from nats.js.api import DeliverPolicy
 from procfs import peak_rss_mb, rss_mb
 
@@ -128,12 +132,20 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
             }
             with Serve(env, workdir) as bus:
                 print(f"== {n} tracked messages")
+                idle = _callbacks(bus, "idle, nothing registered")
                 figures += _first_cycle(bus, nats_server, tower, ids, interval)
             # The same bucket, every message open; due at once, to time the way to a poll.
             fast = env | {"SMSBUS_SMSTOWER_INTERVAL": "1", "SMSBUS_SMSTOWER_MAX_INTERVAL": "1"}
             asked_before = len(tower.seen("/getstatus.v2.php"))
             with Serve(fast, workdir) as bus:
                 figures += _restart(bus, tower, n, asked_before)
+                busy = _callbacks(bus, f"while polling {n} open messages at full pace")
+            figures += [
+                ("callbacks idle /s", f"{idle['rate']:.0f}"),
+                ("callbacks while polling /s", f"{busy['rate']:.0f}"),
+                ("callbacks while polling p99 ms", f"{busy['p99_ms']:.1f}"),
+                ("callbacks polling/idle", f"{busy['rate'] / idle['rate']:.2f}"),
+            ]
         nats_server.stop()
     return figures
 
@@ -244,6 +256,13 @@ def _first_cycle(
         ("RSS registered MB", f"{settled_rss:.0f}"),
         ("RSS peak MB", f"{peak_mb:.0f}"),
     ]
+
+
+def _callbacks(bus: Serve, when: str) -> dict[str, float]:
+    result = wrk(bus.base, 10)
+    print(f"callbacks {when}: {result['rate']:.0f}/s, p50 {result['p50_ms']:.1f} ms, "
+          f"p99 {result['p99_ms']:.1f} ms, not OK {result['not_ok']:.0f}")  # fmt: skip
+    return result
 
 
 def _restart(bus: Serve, tower: FakeSmstower, n: int, asked_before: int) -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ callback and a poll) is one stored message: JetStream drops the second by its `N
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import uuid
 from collections.abc import Mapping
@@ -36,11 +37,18 @@ class Event:
     provider: str
     payload: bytes
     status: str | None = None  # the normalised status of a status event, for logs
+    traceparent: str | None = None  # W3C Trace Context, also in the payload (CloudEvents)
 
     @property
     def headers(self) -> dict[str, str]:
         content_type = "application/json" if self.type == "track" else CONTENT_TYPE
-        return {"Nats-Msg-Id": self.id, "Content-Type": content_type}
+        if self.traceparent is None:
+            return {"Nats-Msg-Id": self.id, "Content-Type": content_type}
+        return {
+            "Nats-Msg-Id": self.id,
+            "Content-Type": content_type,
+            "traceparent": self.traceparent,
+        }
 
 
 def rfc3339(moment: datetime) -> str:
@@ -80,7 +88,13 @@ def subject(prefix: str, kind: str, provider: str, status: str | None = None) ->
 
 
 def _encode(
-    event_id: str, provider: str, kind: str, key: str | None, time: str, data: Any
+    event_id: str,
+    provider: str,
+    kind: str,
+    key: str | None,
+    time: str,
+    data: Any,
+    traceparent: str | None = None,
 ) -> bytes:
     envelope: dict[str, Any] = {
         "specversion": "1.0",
@@ -90,8 +104,19 @@ def _encode(
     }
     if key is not None:
         envelope["subject"] = key
-    envelope.update(time=time, datacontenttype="application/json", data=data)
+    envelope.update(time=time, datacontenttype="application/json")
+    if traceparent is not None:  # the CloudEvents distributed-tracing extension
+        envelope["traceparent"] = traceparent
+    envelope["data"] = data
     return orjson.dumps(envelope)
+
+
+def traceparent_of(payload: bytes) -> str | None:
+    """The `traceparent` attribute of an encoded event (a spooled one has no headers kept)."""
+    if b'"traceparent":' not in payload:
+        return None
+    value = orjson.loads(payload).get("traceparent")
+    return value if isinstance(value, str) else None
 
 
 def status_event(
@@ -108,8 +133,10 @@ def status_event(
     phone: str | None = None,
     client_ref: str | None = None,
     callback_params: Mapping[str, str] | None = None,
+    traceparent: str | None = None,
 ) -> Event:
-    """A delivery-status event. For SMS-Pager, pass the phone: it is part of the message key."""
+    """A delivery-status event. For SMS-Pager, pass the phone: it is part of the message key.
+    `traceparent` is the registration's, so the sending app's trace leads to the report."""
     error_code = normalise_error_code(error_code)
     if via == "expiry":  # nothing final was heard within SMSBUS_TRACK_TTL
         raw_status = ""
@@ -141,8 +168,9 @@ def status_event(
         subject=subject(prefix, "status", provider, normalised.status),
         type="status",
         provider=provider,
-        payload=_encode(event_id, provider, "status", message_id, occurred, data),
+        payload=_encode(event_id, provider, "status", message_id, occurred, data, traceparent),
         status=normalised.status,
+        traceparent=traceparent,
     )
 
 
@@ -194,6 +222,16 @@ def balance_event(
     )
 
 
+def _utf8_head(head: bytes, cut: bool) -> str:
+    """The text of a body's first bytes; a character split by the cut is left out."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if cut and exc.reason == "unexpected end of data":
+            return head[: exc.start].decode("utf-8")
+        raise
+
+
 def deadletter_event(
     prefix: str,
     provider: str,
@@ -205,24 +243,32 @@ def deadletter_event(
     query: Mapping[str, str | list[str]],
     body: bytes | str,
     peer: str | None,
+    content_type: str | None = None,
 ) -> Event:
-    """Input that could not be understood, kept whole enough to replay or debug.
+    """Input that could not be understood, kept whole enough to replay (`smsbus replay`) or debug.
 
-    Every dead letter is its own fact (two identical junk requests are two receptions), so its id
-    is random rather than a digest.
+    The body is kept as it came: its text when it is UTF-8, else base64 with `body_encoding`
+    saying so (a windows-1251 form must replay byte for byte); `truncated` marks a body cut at
+    DEADLETTER_BODY_LIMIT. Every dead letter is its own fact (two identical junk requests are two
+    receptions), so its id is random rather than a digest.
     """
-    if isinstance(body, bytes):
-        body = body[:DEADLETTER_BODY_LIMIT].decode("utf-8", errors="replace")
-    else:
-        body = body[:DEADLETTER_BODY_LIMIT]
+    raw: dict[str, Any] = {"method": method, "path": path, "query": dict(query)}
+    if isinstance(body, str):
+        body = body.encode("utf-8", errors="surrogatepass")
+    head = body[:DEADLETTER_BODY_LIMIT]
+    try:
+        raw["body"] = _utf8_head(head, cut=len(body) > len(head))
+    except UnicodeDecodeError:
+        raw["body"] = base64.b64encode(head).decode("ascii")
+        raw["body_encoding"] = "base64"
+    if len(body) > len(head):
+        raw["truncated"] = True
+    if content_type is not None:
+        raw["content_type"] = content_type[:200]
+    raw["peer"] = peer
     event_id = uuid.uuid4().hex
     time = rfc3339(received_at)
-    data = {
-        "provider": provider,
-        "reason": reason,
-        "raw": {"method": method, "path": path, "query": dict(query), "body": body, "peer": peer},
-        "received_at": time,
-    }
+    data = {"provider": provider, "reason": reason, "raw": raw, "received_at": time}
     return Event(
         id=event_id,
         subject=subject(prefix, "deadletter", provider),

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from bus.errors import PayloadError
 from bus.events import Event, fact_id, message_key, subject
-from bus.shapes import MAX_ITEMS, REGISTRATION, digits, reason
+from bus.shapes import MAX_ITEMS, REGISTRATION, digits, reason, valid_traceparent
 
 __all__ = ["MAX_ITEMS", "digits"]  # bus.shapes defines them; callers have always found them here
 
@@ -43,6 +43,7 @@ class TrackItem:
     phone: str | None = None
     client_ref: str | None = None
     sent_at: str | None = None  # RFC 3339, UTC
+    traceparent: str | None = None  # W3C Trace Context of the send; not part of the fact
 
     def to_json(self) -> bytes:
         fields = {k: getattr(self, k) for k in self.__slots__}
@@ -88,7 +89,10 @@ def parse_track_item(raw: Any, provider_hint: str | None = None) -> TrackItem:
         item = REGISTRATION.validate_python(raw)
     except ValidationError as exc:
         raise PayloadError(reason(exc)) from None
-    return TrackItem(item.provider, item.message_id, item.phone, item.client_ref, item.sent_at)
+    return TrackItem(
+        item.provider, item.message_id, item.phone, item.client_ref, item.sent_at,
+        item.traceparent,
+    )  # fmt: skip
 
 
 def parse_track_batch(body: bytes, provider_hint: str | None = None) -> list[TrackItem]:
@@ -113,6 +117,16 @@ def parse_track_batch(body: bytes, provider_hint: str | None = None) -> list[Tra
     if errors:
         raise TrackErrors(errors)
     return parsed
+
+
+def with_trace(items: list[TrackItem], traceparent: str | None) -> list[TrackItem]:
+    """The `traceparent` of the request or NATS message that carried registrations, given to
+    each item that has none of its own. One that is not valid W3C Trace Context is ignored, as
+    the standard asks of a receiver: a trace is never a reason to refuse a registration."""
+    if traceparent is None or not valid_traceparent(traceparent.strip()):
+        return items
+    trace = traceparent.strip()
+    return [item if item.traceparent else replace(item, traceparent=trace) for item in items]
 
 
 def kv_key(provider: str, message_id: str) -> str:
@@ -156,6 +170,7 @@ class MessageState:
     # SMS-Pager mailings: each number's {"status", "final"}; the mailing is final when all are.
     numbers: dict[str, dict[str, Any]] | None = None
     facts: tuple[str, ...] = ()  # fact_of(event id) of every status applied, oldest first
+    traceparent: str | None = None  # of the registration: sent on the message's status events
 
     def to_json(self) -> bytes:
         """The bucket's value: the fields that differ from their defaults (from_json fills in
@@ -186,6 +201,7 @@ class MessageState:
             "phone": self.phone,
             "client_ref": self.client_ref,
             "updated_at": self.updated_at,
+            "traceparent": self.traceparent,
         }
 
 
@@ -200,6 +216,7 @@ def register(state: MessageState | None, item: TrackItem, at: str) -> MessageSta
         phone=item.phone or state.phone,
         client_ref=item.client_ref or state.client_ref,
         sent_at=item.sent_at or state.sent_at,
+        traceparent=item.traceparent or state.traceparent,
         updated_at=state.updated_at or at,
     )
 

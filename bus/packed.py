@@ -35,6 +35,7 @@ _REST = (
     ("status", "s"),
     ("provider_status", "ps"),
     ("numbers", "n"),
+    ("traceparent", "t"),
 )
 
 
@@ -78,6 +79,7 @@ def unpack(blob: bytes, provider: str, message_id: str) -> tuple[MessageState, i
         updated_at=rest["ua"] if "ua" in rest else _text(updated),
         numbers=rest.get("n"),
         facts=facts,
+        traceparent=rest.get("t"),
     )
     return state, revision
 

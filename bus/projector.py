@@ -38,6 +38,7 @@ from bus.messages import (
     apply_to_mailing,
     kv_key,
     parse_track_batch,
+    with_trace,
 )
 from bus.metrics import Metrics
 from bus.publisher import Publisher
@@ -191,6 +192,7 @@ class Projector:
         if kind == "track":
             try:
                 items = parse_track_batch(msg.data, provider_hint=provider)
+                items = with_trace(items, (msg.headers or {}).get("traceparent"))
             except PayloadError as exc:
                 return msg.subject, partial(self._dead_letter, msg, provider, str(exc))
             stamp = msg.metadata.timestamp

@@ -104,6 +104,22 @@ def _client_ref(value: Any) -> str | None:
     return value
 
 
+# W3C Trace Context, version 00's form: not version ff, neither id all zeros (one pattern for
+# the check and the schema).
+TRACEPARENT_PATTERN = "^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"
+_TRACEPARENT = re.compile(TRACEPARENT_PATTERN)
+
+
+def valid_traceparent(value: str) -> bool:
+    return _TRACEPARENT.fullmatch(value) is not None  # `$` alone would let a newline end it
+
+
+def _traceparent(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not valid_traceparent(value)):
+        raise Invalid("traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+    return value
+
+
 def _sent_at(value: Any) -> str | None:
     if value is None:
         return None
@@ -165,12 +181,30 @@ SentAt = Annotated[
     *_checked(_sent_at, {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}),
 ]
 
+TraceParent = Annotated[
+    str | None,
+    *_checked(
+        _traceparent,
+        {
+            "description": "W3C Trace Context: carried on this message's status events",
+            "anyOf": [
+                {
+                    "type": "string",
+                    "pattern": TRACEPARENT_PATTERN,
+                },
+                {"type": "null"},
+            ],
+        },
+    ),
+]
+
 
 class _Registration(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     phone: Phone = None
     client_ref: ClientRef = None
     sent_at: SentAt = None
+    traceparent: TraceParent = None
 
 
 class RegisterSmspilot(_Registration):
@@ -243,6 +277,7 @@ class MessageView(BaseModel):
     phone: Annotated[str, Field(pattern="^[0-9]*$")] | None
     client_ref: str | None
     updated_at: datetime | None
+    traceparent: str | None = None
 
 
 class Health(BaseModel):

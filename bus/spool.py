@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bus.errors import PublishError, StartupError
-from bus.events import Event
+from bus.events import Event, traceparent_of
 
 T = TypeVar("T")
 
@@ -142,7 +142,7 @@ class Spool:
             (limit,),
         )
         return [
-            Row(seq, Event(id=id_, subject=subj, type=kind, provider=prov, payload=bytes(data)), at)
+            Row(seq, _event(id_, subj, kind, prov, bytes(data)), at)
             for seq, id_, subj, kind, prov, data, at in cursor
         ]
 
@@ -153,3 +153,10 @@ class Spool:
             deleted = self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
         self._rows -= deleted.rowcount
         return self._rows
+
+
+def _event(event_id: str, subject: str, kind: str, provider: str, payload: bytes) -> Event:
+    return Event(
+        id=event_id, subject=subject, type=kind, provider=provider, payload=payload,
+        traceparent=traceparent_of(payload),
+    )  # fmt: skip

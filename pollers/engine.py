@@ -329,6 +329,7 @@ class ProviderPoller:
             received_at=utcnow(), occurred_at=report.occurred_at, error_code=error_code,
             error=report.error, phone=report.phone or (state.phone if state else None),
             client_ref=tracked.client_ref if tracked else None,
+            traceparent=tracked.traceparent if tracked else None,
         )  # fmt: skip
         if state is not None and state.records(event.id):
             return final or state.final  # reported before, however long ago
@@ -345,6 +346,7 @@ class ProviderPoller:
             event = status_event(
                 self._prefix, self.name, state.message_id, "", via="expiry",
                 received_at=utcnow(), phone=phone, client_ref=state.client_ref,
+                traceparent=state.traceparent,
             )  # fmt: skip
             await self._publisher.publish(event)
         self._metrics.expired.labels(self.name).inc()

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from bus.core import Bus
 from bus.events import rfc3339, utcnow
-from bus.messages import TrackErrors, kv_key, parse_track_batch
+from bus.messages import TrackErrors, kv_key, parse_track_batch, with_trace
 from bus.statuses import PROVIDERS
 
 WRITE_TIMEOUT_EXTRA = 3.0  # on top of SMSBUS_PUBLISH_TIMEOUT, for a batch of 1000 writes
@@ -29,7 +29,9 @@ def routes(bus: Bus) -> tuple:  # type: ignore[type-arg]
 
     async def register(request: Request) -> Response:
         try:
-            items = parse_track_batch(await request.body())
+            items = with_trace(
+                parse_track_batch(await request.body()), request.headers.get("traceparent")
+            )
         except TrackErrors as exc:
             return JSONResponse({"errors": exc.errors}, status_code=400)
         if not bus.conn.is_connected:

@@ -15,7 +15,8 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import parse_qsl, unquote_to_bytes
+from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import structlog
 from starlette.requests import Request
@@ -84,6 +85,10 @@ def parse_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
     parts = [part for part in raw.split(b"&") if part]
     if len(parts) > MAX_FIELDS:
         raise PayloadError(f"{what} has more than {MAX_FIELDS} fields")
+    return _decode(parts)
+
+
+def _decode(parts: list[bytes]) -> list[tuple[str, str]]:
     pairs = []
     for part in parts:
         key, _, value = part.partition(b"=")
@@ -92,6 +97,49 @@ def parse_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
              _text(unquote_to_bytes(value.replace(b"+", b" "))))
         )  # fmt: skip
     return pairs
+
+
+def query_object(raw: bytes) -> dict[str, str | list[str]]:
+    """A query string as a dead letter keeps it (`raw.query`): decoded as parse_pairs decodes
+    it, so that a replay reads the same values, with no limit on the number of fields (a query
+    refused for having too many is kept whole too); a repeated key holds a list."""
+    query: dict[str, str | list[str]] = {}
+    for key, value in _decode([part for part in raw.split(b"&") if part]):
+        held = query.get(key)
+        if held is None:
+            query[key] = value
+        else:
+            query[key] = [*held, value] if isinstance(held, list) else [held, value]
+    return query
+
+
+def query_pairs(query: dict[str, Any]) -> list[tuple[str, str]]:
+    """The pairs of a dead letter's `raw.query` (query_object's inverse), in order."""
+    pairs = []
+    for key, value in query.items():
+        for one in value if isinstance(value, list) else [value]:
+            pairs.append((str(key), str(one)))
+    return pairs
+
+
+async def form_pairs(scope: Scope, content_type: str | None, body: bytes) -> list[tuple[str, str]]:
+    """The fields of a POST body: URL-encoded (the default) or multipart/form-data."""
+    kind = (content_type or _FORM).split(";")[0].strip().lower()
+    if kind == _FORM:
+        return parse_pairs(body, "form body")
+    if kind != _MULTIPART:
+        raise PayloadError(f"unsupported Content-Type {kind[:60]!r}")
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", (content_type or "").encode("latin-1", errors="replace"))]
+    try:
+        request = Request({**scope, "headers": headers}, replay)
+        form = await request.form(max_files=0, max_fields=MAX_FIELDS)
+    except Exception as exc:  # python-multipart's errors have no common base
+        raise PayloadError(f"multipart body rejected: {str(exc)[:120]}") from None
+    return [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
 
 
 def parse_callback(pairs: list[tuple[str, str]]) -> CallbackParams:
@@ -210,7 +258,7 @@ class SMSPilotCallbacks:
                 body = await read_body(scope, receive)
             pairs = parse_pairs(scope["query_string"], "query string")
             if body:
-                pairs += await self._form_pairs(scope, body)
+                pairs += await form_pairs(scope, header(scope, b"content-type"), body)
             params = parse_callback(pairs)
         except BodyTooLarge as exc:
             await self._dead_letter(scope, shown_path, exc.head, peer, str(exc), received_at)
@@ -234,6 +282,7 @@ class SMSPilotCallbacks:
             phone=tracked.phone if tracked else None,
             client_ref=tracked.client_ref if tracked else None,
             callback_params=params.extra,
+            traceparent=tracked.traceparent if tracked else None,
         )
         summary.update(server_id=params.server_id, status=event.status, raw=params.status)
         if tracked is not None and tracked.records(event.id):
@@ -245,22 +294,6 @@ class SMSPilotCallbacks:
             return 503, "event could not be stored; try again", "failed"
         self._state.last_success = rfc3339(received_at)
         return 200, "OK", outcome
-
-    async def _form_pairs(self, scope: Scope, body: bytes) -> list[tuple[str, str]]:
-        content_type = (header(scope, b"content-type") or _FORM).split(";")[0].strip().lower()
-        if content_type == _FORM:
-            return parse_pairs(body, "form body")
-        if content_type != _MULTIPART:
-            raise PayloadError(f"unsupported Content-Type {content_type[:60]!r}")
-
-        async def replay() -> Message:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(scope, replay).form(max_files=0, max_fields=MAX_FIELDS)
-        except Exception as exc:  # python-multipart's errors have no common base
-            raise PayloadError(f"multipart body rejected: {str(exc)[:120]}") from None
-        return [(key, value) for key, value in form.multi_items() if isinstance(value, str)]
 
     async def _dead_letter(
         self,
@@ -275,15 +308,7 @@ class SMSPilotCallbacks:
         if not self._deadletters.allow(peer):  # SMSBUS_DEADLETTER_RATE: still a 4xx, not kept
             self._metrics.deadletters_dropped.labels(PROVIDER).inc()
             return
-        query: dict[str, str | list[str]] = {}
-        for key, value in parse_qsl(
-            scope["query_string"].decode("utf-8", errors="replace"), keep_blank_values=True
-        ):
-            held = query.get(key)
-            if held is None:
-                query[key] = value
-            else:
-                query[key] = [*held, value] if isinstance(held, list) else [held, value]
+        query = query_object(scope["query_string"])
         event = deadletter_event(
             self._prefix,
             PROVIDER,
@@ -294,6 +319,7 @@ class SMSPilotCallbacks:
             query=query,
             body=body,
             peer=peer,
+            content_type=header(scope, b"content-type") if scope["method"] == "POST" else None,
         )
         try:
             await self._publisher.publish(event)

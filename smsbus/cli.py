@@ -61,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     status_cmd = commands.add_parser("status", help="print a message's current state as JSON")
     status_cmd.add_argument("provider", choices=PROVIDERS)
     status_cmd.add_argument("message_id")
+    for name, what in (
+        ("deadletters", "list dead letters, one JSON line each with its stream sequence"),
+        ("replay", "feed dead letters through today's parsers; exit 1 if any still fails"),
+    ):
+        cmd = commands.add_parser(name, help=what)
+        if name == "replay":
+            cmd.add_argument("seq", nargs="*", type=int, help="stream sequences (else: filters)")
+            cmd.add_argument("--keep", action="store_true", help="keep replayed dead letters")
+        cmd.add_argument("--provider", choices=PROVIDERS)
+        cmd.add_argument("--since", help="RFC 3339 time, or an age: 90s, 30m, 12h, 7d")
+        cmd.add_argument("--reason", help="only those whose reason contains this text")
     args = parser.parse_args(argv)
 
     try:
@@ -88,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(status(settings, args.provider, args.message_id))
         if args.command == "check":
             return _run(check(settings))
+        if args.command in ("deadletters", "replay"):
+            return _run(deadletters(settings, args))
         return _run(tail(settings, args.subject))
     except PayloadError as exc:
         print(f"smsbus: {exc}", file=sys.stderr)
@@ -215,6 +228,28 @@ async def status(settings: Settings, provider: str, message_id: str) -> int:
         raise StartupError(f"cannot read the message state: {answer.status_code} {answer.text}")
     print(json.dumps(answer.json(), ensure_ascii=False))
     return 0
+
+
+async def deadletters(settings: Settings, args: argparse.Namespace) -> int:
+    """`smsbus deadletters` and `smsbus replay` (smsbus.deadletters)."""
+    from smsbus.deadletters import Filters, list_letters, parse_since, replay
+
+    filters = Filters(
+        provider=args.provider,
+        since=parse_since(args.since) if args.since else None,
+        reason=args.reason,
+    )
+    nc = await _connect(settings)
+    try:
+        if args.command == "deadletters":
+            return await list_letters(nc, settings, filters)
+        if args.seq and (args.provider or args.since or args.reason):
+            raise PayloadError("give sequences or filters, not both")
+        return await replay(nc, settings, args.seq, filters, args.keep)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise StartupError(f"cannot read the dead letters: {exc!r}") from None
+    finally:
+        await nc.close()
 
 
 async def check(settings: Settings) -> int:

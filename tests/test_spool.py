@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bus.events import Event
+from bus.events import Event, status_event, utcnow
 from bus.spool import Spool
 
 
@@ -61,3 +61,22 @@ def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
         return commits
 
     assert asyncio.run(run()) < 200
+
+
+def test_a_spooled_status_event_keeps_its_trace_header(tmp_path: Path) -> None:
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    traced = status_event(
+        "sms", "smspilot", "42", "2", via="callback", received_at=utcnow(), traceparent=trace
+    )
+
+    async def round_trip() -> Event:
+        spool = Spool(tmp_path / "spool.sqlite3")
+        await spool.open()
+        await spool.append(traced)
+        [row] = await spool.head(1)
+        await spool.close()
+        return row.event
+
+    back = asyncio.run(round_trip())
+    assert (back.payload, back.headers) == (traced.payload, traced.headers)
+    assert back.headers["traceparent"] == trace

@@ -83,6 +83,7 @@ def test_register_one_and_read_it_back(client: Listeners) -> None:
         "phone": "79030001122",
         "client_ref": "order-1",
         "updated_at": shown["updated_at"],
+        "traceparent": None,
     } == shown
 
 
@@ -332,3 +333,47 @@ def test_cli_track_and_status(service: Smsbus) -> None:
         bad.returncode,
         bad.stderr.strip(),
     )
+
+
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+OWN = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_the_senders_trace_leads_to_the_delivery_report(
+    service: Smsbus, nats_server: NatsServer, client: Listeners
+) -> None:
+    """A `traceparent` on POST /v1/messages (or one of an item's own) is kept with the
+    registration and sent on the message's status events: NATS header and CloudEvents
+    attribute. One that is not W3C Trace Context is ignored, never a reason to refuse."""
+    header, own, bad = new_id(), new_id(), new_id()
+    accepted = client.post(
+        "/v1/messages",
+        json=[{"provider": "smspilot", "message_id": header},
+              {"provider": "smspilot", "message_id": own, "traceparent": OWN}],
+        headers={"traceparent": TRACE},
+    )  # fmt: skip
+    assert accepted.status_code == 202
+    ignored = client.post(
+        "/v1/messages",
+        json={"provider": "smspilot", "message_id": bad},
+        headers={"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"},
+    )
+    assert ignored.status_code == 202
+    refused = client.post(
+        "/v1/messages", json={"provider": "smspilot", "message_id": bad, "traceparent": "x"}
+    )
+    assert refused.status_code == 400 and "traceparent" in refused.json()["errors"][0]["error"]
+    assert (state(client, "smspilot", header) or {})["traceparent"] == TRACE
+    assert (state(client, "smspilot", bad) or {})["traceparent"] is None
+    for server_id in (header, own, bad):
+        client.get("/callbacks/smspilot", params={"server_id": server_id, "status": 2})
+
+    stored = {
+        s.event["subject"]: s
+        for s in read_stream(nats_server.url, service.stream, f"{service.prefix}.status.>")
+    }
+    for server_id, trace in ((header, TRACE), (own, OWN)):
+        assert stored[server_id].headers.get("traceparent") == trace
+        assert stored[server_id].event["traceparent"] == trace
+    assert "traceparent" not in stored[bad].headers
+    assert "traceparent" not in stored[bad].event

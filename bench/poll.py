@@ -8,9 +8,10 @@ loopback, answering every id as still on its way, so every message stays open), 
 request; cycle time, first to last request), status events per second into the stream, smsbus's
 RSS with every message registered and at its peak; then a restart onto the same bucket with every
 message open and due: time to /readyz, until every message is scheduled, until the first poll.
-Callbacks are measured on the same process twice (wrk, 10 s, unique server_ids, as in
-bench/callback.py): idle before any registration, and while it polls every open message at full
-pace after the restart; their ratio is printed.
+Callbacks are measured on the same process three times (wrk, 10 s, unique server_ids, as in
+bench/callback.py): idle before any registration, during the first cycle (from its first event),
+and while it polls every open message at full pace after the restart; the ratios to idle are
+printed.
 
     .venv/bin/python bench/poll.py [--messages 100000[,1000000]] [--interval 60]
 
@@ -48,6 +49,7 @@ from procfs import peak_rss_mb, rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bus.projector import DURABLE as PROJECTOR  # noqa: E402
 from tests.fakes.server import Served  # noqa: E402
 from tests.fakes.smsc import KYIV, FakeSmsc  # noqa: E402
 from tests.fakes.smstower import FakeSmstower, msk_now  # noqa: E402
@@ -132,7 +134,7 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
             }
             with Serve(env, workdir) as bus:
                 print(f"== {n} tracked messages")
-                idle = _callbacks(bus, "idle, nothing registered")
+                idle = _callbacks(bus, "idle, nothing registered", settle=nats_server.url)
                 figures += _first_cycle(bus, nats_server, tower, ids, interval)
             # The same bucket, every message open; due at once, to time the way to a poll.
             fast = env | {"SMSBUS_SMSTOWER_INTERVAL": "1", "SMSBUS_SMSTOWER_MAX_INTERVAL": "1"}
@@ -140,8 +142,13 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
             with Serve(fast, workdir) as bus:
                 figures += _restart(bus, tower, n, asked_before)
                 busy = _callbacks(bus, f"while polling {n} open messages at full pace")
+            cycle = dict(figures)
             figures += [
                 ("callbacks idle /s", f"{idle['rate']:.0f}"),
+                (
+                    "callbacks cycle/idle",
+                    f"{float(cycle['callbacks during cycle /s']) / idle['rate']:.2f}",
+                ),
                 ("callbacks while polling /s", f"{busy['rate']:.0f}"),
                 ("callbacks while polling p99 ms", f"{busy['p99_ms']:.1f}"),
                 ("callbacks polling/idle", f"{busy['rate'] / idle['rate']:.2f}"),
@@ -213,17 +220,21 @@ def _first_cycle(
     wait_until = time.monotonic() + interval + 600
     first_event = None
     samples: list[tuple[float, int]] = []
+    during: dict[str, float] = {}  # callbacks while the cycle runs, from its first event on
+    load = threading.Thread(target=lambda: during.update(wrk(bus.base, 10)), daemon=True)
     while time.monotonic() < wait_until:
         count = asyncio.run(stored(nats_server.url, subject))
         now = time.monotonic()
         samples.append((now, count))
         if count and first_event is None:
             first_event = now
+            load.start()
         if count >= n:
             break
         time.sleep(0.5)
     stop.set()
     sampler.join()
+    load.join()
 
     polls, covered = [], set()  # the first cycle: the requests until every id was asked once
     for request in tower.seen("/getstatus.v2.php"):
@@ -242,6 +253,9 @@ def _first_cycle(
     rate = done / max(span, 0.5)
     print(f"status events stored: {done} in {span:.1f} s after the first "
           f"({rate:.0f} events/s into the stream)")  # fmt: skip
+    print(f"callbacks during the cycle (10 s from its first event): {during['rate']:.0f}/s, "
+          f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, "
+          f"not OK {during['not_ok']:.0f}")  # fmt: skip
     high = peak_rss_mb(bus.proc.pid)
     peak_mb = max(peak[0], high)
     print(f"smsbus RSS: {settled_rss:.0f} MB with every message registered; peak {peak_mb:.0f} MB "
@@ -255,14 +269,34 @@ def _first_cycle(
         ("events/s", f"{rate:.0f}"),
         ("RSS registered MB", f"{settled_rss:.0f}"),
         ("RSS peak MB", f"{peak_mb:.0f}"),
+        ("callbacks during cycle /s", f"{during['rate']:.0f}"),
+        ("callbacks during cycle p99 ms", f"{during['p99_ms']:.1f}"),
     ]
 
 
-def _callbacks(bus: Serve, when: str) -> dict[str, float]:
+def _callbacks(bus: Serve, when: str, settle: str | None = None) -> dict[str, float]:
+    """wrk against the callback route for 10 s; with `settle` (a NATS URL), then wait until the
+    projector has applied those callbacks, so that no later figure pays for them."""
     result = wrk(bus.base, 10)
     print(f"callbacks {when}: {result['rate']:.0f}/s, p50 {result['p50_ms']:.1f} ms, "
           f"p99 {result['p99_ms']:.1f} ms, not OK {result['not_ok']:.0f}")  # fmt: skip
+    if settle is not None:
+        asyncio.run(_projected(settle))
     return result
+
+
+async def _projected(url: str) -> None:
+    """Wait until the projector has applied everything the stream holds."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        while True:
+            info = await js.consumer_info("SMS", PROJECTOR)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
 
 
 def _restart(bus: Serve, tower: FakeSmstower, n: int, asked_before: int) -> list[tuple[str, str]]:

@@ -29,6 +29,7 @@ from bus.cursors import Cursors
 from bus.errors import StartupError
 from bus.metrics import Metrics
 from bus.nats_server import EmbeddedNats
+from bus.pace import Pace
 from bus.projector import Projector
 from bus.publisher import Publisher
 from bus.spool import Spool
@@ -70,6 +71,7 @@ class Bus:
     leases: KeyValue
     projector: Projector
     supervisor: Supervisor
+    pace: Pace
     providers: dict[str, ProviderState]
     _readiness: Readiness = field(default_factory=lambda: Readiness(False, "starting", 0.0))
 
@@ -215,6 +217,8 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     log.warning("stream check after reconnect failed; retrying", error=str(exc))
 
         stack.push_async_callback(supervisor.spawn("schema", keep_schema))
+        pace = Pace()
+        stack.push_async_callback(supervisor.spawn("loop-pace", pace.measure))
 
         def sample() -> None:
             metrics.nats_connected.set(int(conn.is_connected))
@@ -239,5 +243,6 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             leases=buckets.leases,
             projector=projector,
             supervisor=supervisor,
+            pace=pace,
             providers=initial_providers(s),
         )

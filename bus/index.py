@@ -77,6 +77,17 @@ class MessageIndex:
         blob = self._by_provider.get(provider, {}).get(message_id)
         return None if blob is None else packed.unpack(blob, provider, message_id)[0]
 
+    def is_open(self, provider: str, message_id: str) -> bool:
+        """Held, tracked and not final."""
+        blob = self._by_provider.get(provider, {}).get(message_id)
+        return blob is not None and packed.is_open(blob)
+
+    def reported(self, provider: str, message_key: str) -> tuple[bool, str | None] | None:
+        """A held state's final flag and last provider status (bus.packed.reported); None when
+        not held."""
+        blob = self._by_provider.get(provider, {}).get(message_key)
+        return None if blob is None else packed.reported(blob)
+
     def open_ids(self, provider: str) -> list[str]:
         """The message keys of a provider's open tracked messages (a copy)."""
         return [

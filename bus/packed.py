@@ -94,6 +94,14 @@ def is_open(blob: bytes) -> bool:
     return blob[8] & (TRACKED | FINAL) == TRACKED
 
 
+def reported(blob: bytes) -> tuple[bool, str | None]:
+    """Final, and the provider's last status: what a poll compares a report with, read without
+    building the whole state (a poll of an open message mostly hears what it heard before)."""
+    end = HEAD.size + FACT_BYTES * blob[9]
+    status = orjson.loads(blob[end:]).get("ps") if len(blob) > end else None
+    return bool(blob[8] & FINAL), status
+
+
 def times(blob: bytes) -> tuple[int, int, int]:
     """Registered, sent and updated, in milliseconds since the epoch (NONE when absent)."""
     _, _, _, registered, sent, updated = HEAD.unpack_from(blob)

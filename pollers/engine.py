@@ -46,6 +46,7 @@ from bus.events import (
     utcnow,
 )
 from bus.messages import MessageState
+from bus.pace import Gate
 from bus.statuses import normalise, normalise_error_code
 from bus.supervisor import Beat, TaskStatus
 from pollers.schedule import Schedule
@@ -72,6 +73,7 @@ class ProviderPoller:
         self._loaded = bus.states.follower.loaded
         self._cursors = bus.cursors
         self._metrics = bus.metrics
+        self._pace = bus.pace
         self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
         first = (
             bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
@@ -196,17 +198,11 @@ class ProviderPoller:
             await asyncio.gather(
                 *(self._expire_or_retry(s, now) for s in expiring[i : i + EXPIRIES_AT_ONCE])
             )
-        polled = [
-            state
-            for message_id in due.poll
-            if (state := self._index.get(self.name, message_id)) is not None
-            and state.tracked
-            and not state.final
-        ]
-        for message_id in set(due.poll) - {state.message_id for state in polled}:
+        polled = [m for m in due.poll if self._index.is_open(self.name, m)]
+        for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
         if polled and per_id is not None:
-            gate = asyncio.Semaphore(CONCURRENCY)
+            gate = self._pace.gate(CONCURRENCY)
             await asyncio.gather(
                 *(
                     self._poll_batch(polled[i : i + size], now, gate)
@@ -223,32 +219,36 @@ class ProviderPoller:
             self.track(state, now)
             self.schedule.retry(state.message_id, now + self.settings.interval)
 
-    async def _poll_batch(
-        self, batch: list[MessageState], now: float, gate: asyncio.Semaphore
-    ) -> None:
+    async def _poll_batch(self, batch: list[str], now: float, gate: Gate) -> None:
         per_id = self.provider.statuses
         assert per_id is not None
         finished: set[str] = set()
 
         async def poll() -> None:
-            reports = await per_id.fetch([s.message_id for s in batch])
-            # Publish them together, so the acks are pipelined. A message is finished when all
-            # its reports are final (several for an SMS-Pager mailing: one per number).
-            finals = await asyncio.gather(*(self._report(r) for r in reports))
+            reports = await per_id.fetch(batch)
+            # What the mirror already says needs no task; the news is published together, so
+            # the acks are pipelined. A message is finished when all its reports are final
+            # (several for an SMS-Pager mailing: one per number).
+            finals = [self._known(report) for report in reports]
+            news = [i for i, final in enumerate(finals) if final is None]
+            for i, final in zip(
+                news, await asyncio.gather(*(self._report(reports[i]) for i in news)), strict=True
+            ):
+                finals[i] = final
             settled: dict[str, bool] = {}
-            for report, final in zip(reports, finals, strict=True):
-                settled[report.message_id] = settled.get(report.message_id, True) and final
+            for report, known in zip(reports, finals, strict=True):
+                settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
             finished.update(message_id for message_id, done in settled.items() if done)
 
         async with gate:
             ok = time.monotonic() >= self._resume_at and await self._guard(poll)
-        for state in batch:
-            if state.message_id in finished:
-                self.schedule.drop(state.message_id)
+        for message_id in batch:
+            if message_id in finished:
+                self.schedule.drop(message_id)
             elif ok:  # past the top-up horizon, so a slot served early is not served again
-                self.schedule.again(state.message_id, now + self.settings.interval / 2)
+                self.schedule.again(message_id, now + self.settings.interval / 2)
             else:  # due again as soon as the back-off allows
-                self.schedule.retry(state.message_id, now)
+                self.schedule.retry(message_id, now)
 
     async def _guard(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Run one provider call; on failure record it, back off, and keep going."""
@@ -314,9 +314,22 @@ class ProviderPoller:
         for report in await self.provider.history():
             await self._report(report)
 
+    def _known(self, report: StatusReport) -> bool | None:
+        """When the mirror's state already says this status: whether the message is final (or
+        the report is); None otherwise."""
+        held = self._index.reported(
+            self.name, message_key(self.name, report.message_id, report.phone)
+        )
+        if held is None or held[1] != report.raw_status:
+            return None
+        final = normalise(self.name, report.raw_status, normalise_error_code(report.error_code))
+        return held[0] or final.final
+
     async def _report(self, report: StatusReport) -> bool:
         """Publish a polled status unless the current state already says it; True when the
         message has reached a final status."""
+        if (known := self._known(report)) is not None:
+            return known
         key = message_key(self.name, report.message_id, report.phone)
         state = await self._states.lookup(self.name, key)
         tracked = await self._states.lookup(self.name, report.message_id) if report.phone else state

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from bus.errors import ProviderPayloadError
@@ -15,8 +16,13 @@ def local(value: str | None, fmt: str, tz: ZoneInfo) -> datetime | None:
     """A provider's local date as an aware UTC datetime; None when absent or all zeros."""
     if value is None or not value.strip() or value.strip().startswith("0000-00-00"):
         return None
+    return _parsed(value.strip(), fmt, tz)
+
+
+@lru_cache(maxsize=4096)  # an answer of 100 reports holds few distinct seconds; strptime is slow
+def _parsed(value: str, fmt: str, tz: ZoneInfo) -> datetime:
     try:
-        return datetime.strptime(value.strip(), fmt).replace(tzinfo=tz).astimezone(UTC)
+        return datetime.strptime(value, fmt).replace(tzinfo=tz).astimezone(UTC)
     except ValueError:
         raise ProviderPayloadError(f"date {value[:40]!r} is not in the documented form") from None
 

@@ -87,7 +87,10 @@ def _served(starlette: Starlette) -> list[tuple[str, str]]:
 def _guarded(handle: ASGIApp, is_callback: Callable[[str], bool], bus: Bus) -> ASGIApp:
     """Headers over the limits get a 431 on every route, before anything else reads them."""
 
+    pace = bus.pace
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        pace.foreground()  # polls give way while requests are served (bus.pace)
         if scope["type"] == "http" and headers_too_large(scope):
             callback = is_callback(scope["path"])
             if callback:

@@ -7,7 +7,8 @@ loopback, answering every id as still on its way, so every message stays open), 
 (with phone and client_ref), the first poll cycle (requests, target exactly N/100; ids per
 request; cycle time, first to last request), status events per second into the stream, smsbus's
 RSS with every message registered and at its peak; then a restart onto the same bucket with every
-message open and due: time to /readyz, until every message is scheduled, until the first poll.
+message open and due: time to /readyz, until every message is scheduled, until the first poll,
+and one pass over all of them at full pace, each now answered delivered (requests, duration).
 Callbacks are measured on the same process three times (wrk, 10 s, unique server_ids, as in
 bench/callback.py): idle before any registration, during the first cycle (from its first event),
 and while it polls every open message at full pace after the restart; the ratios to idle are
@@ -136,12 +137,17 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
                 print(f"== {n} tracked messages")
                 idle = _callbacks(bus, "idle, nothing registered", settle=nats_server.url)
                 figures += _first_cycle(bus, nats_server, tower, ids, interval)
-            # The same bucket, every message open; due at once, to time the way to a poll.
+            # The same bucket, every message open and due at once: the way to a first poll, then
+            # one pass over all of them at full pace, each answered delivered (one event each).
             fast = env | {"SMSBUS_SMSTOWER_INTERVAL": "1", "SMSBUS_SMSTOWER_MAX_INTERVAL": "1"}
             asked_before = len(tower.seen("/getstatus.v2.php"))
+            done = msk_now()
+            for message_id in ids:
+                tower.statuses[message_id] = ("delivered", done)
             with Serve(fast, workdir) as bus:
                 figures += _restart(bus, tower, n, asked_before)
                 busy = _callbacks(bus, f"while polling {n} open messages at full pace")
+                figures += _full_pace(bus, nats_server, tower, n, asked_before)
             cycle = dict(figures)
             figures += [
                 ("callbacks idle /s", f"{idle['rate']:.0f}"),
@@ -314,6 +320,26 @@ def _restart(bus: Serve, tower: FakeSmstower, n: int, asked_before: int) -> list
         ("restart: first poll s", f"{first_poll:.1f}"),
         ("restart: RSS MB", f"{loaded_rss:.0f}"),
     ]
+
+
+def _full_pace(
+    bus: Serve, nats_server: NatsServer, tower: FakeSmstower, n: int, asked_before: int
+) -> list[tuple[str, str]]:
+    """Wait for the pass that finds every message delivered; its requests and duration."""
+    while asyncio.run(stored(nats_server.url, "sms.status.smstower.>")) < 2 * n:
+        if bus.proc.poll() is not None:
+            raise SystemExit(f"smsbus exited with {bus.proc.returncode} during the pass")
+        time.sleep(0.5)
+    polls, covered = [], set()
+    for request in tower.seen("/getstatus.v2.php")[asked_before:]:
+        polls.append(request)
+        covered.update(request.form["messageid"].split(","))
+        if len(covered) >= n:
+            break
+    span = polls[-1].at - polls[0].at
+    print(f"full pace after the restart: {n} delivered in {len(polls)} requests over {span:.1f} s "
+          f"({n / span:.0f} messages/s, every one an event)")  # fmt: skip
+    return [("full pace: requests", str(len(polls))), ("full pace: pass s", f"{span:.1f}")]
 
 
 def smsc_main(args: argparse.Namespace) -> None:

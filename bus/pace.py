@@ -16,6 +16,7 @@ back while it is on time, down to one batch in flight and then to one batch ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from types import TracebackType
 
@@ -65,6 +66,8 @@ class Gate:
         self._most = concurrency
         self._busy = 0
         self._last = -float("inf")
+        self._queue = asyncio.Lock()  # waiters in order; only the first one watches the pace
+        self._freed = asyncio.Event()
 
     def _admits(self) -> bool:
         pace = self._pace
@@ -77,10 +80,13 @@ class Gate:
         return self._busy == 0 and time.monotonic() - self._last >= PERIOD / allowed
 
     async def __aenter__(self) -> None:
-        while not self._admits():
-            await asyncio.sleep(PERIOD / 2)
-        self._busy += 1
-        self._last = time.monotonic()
+        async with self._queue:
+            while not self._admits():
+                self._freed.clear()
+                with contextlib.suppress(TimeoutError):  # the pace changes without a release
+                    await asyncio.wait_for(self._freed.wait(), PERIOD / 2)
+            self._busy += 1
+            self._last = time.monotonic()
 
     async def __aexit__(
         self,
@@ -89,3 +95,4 @@ class Gate:
         tb: TracebackType | None,
     ) -> None:
         self._busy -= 1
+        self._freed.set()

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bus.projector import DURABLE as PROJECTOR  # noqa: E402
 from tests.fakes.server import Served  # noqa: E402
 from tests.fakes.smsc import KYIV, FakeSmsc  # noqa: E402
-from tests.fakes.smstower import FakeSmstower, msk_now  # noqa: E402
+from tests.fakes.smstower import FakeSmstower, Seen, msk_now  # noqa: E402
 from tests.support import NatsServer, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -242,12 +242,7 @@ def _first_cycle(
     sampler.join()
     load.join()
 
-    polls, covered = [], set()  # the first cycle: the requests until every id was asked once
-    for request in tower.seen("/getstatus.v2.php"):
-        polls.append(request)
-        covered.update(request.form["messageid"].split(","))
-        if len(covered) >= n:
-            break
+    polls = _one_pass(tower, n, after=0)  # the first cycle
     asked = [len(r.form["messageid"].split(",")) for r in polls]
     cycle = polls[-1].at - polls[0].at if polls else float("nan")
     print(f"first cycle: {len(polls)} requests (target exactly {n // 100}); "
@@ -322,6 +317,17 @@ def _restart(bus: Serve, tower: FakeSmstower, n: int, asked_before: int) -> list
     ]
 
 
+def _one_pass(tower: FakeSmstower, n: int, after: int) -> list[Seen]:
+    """The status requests from the `after`-th on, until every one of n ids was asked once."""
+    polls, covered = [], set()
+    for request in tower.seen("/getstatus.v2.php")[after:]:
+        polls.append(request)
+        covered.update(request.form["messageid"].split(","))
+        if len(covered) >= n:
+            break
+    return polls
+
+
 def _full_pace(
     bus: Serve, nats_server: NatsServer, tower: FakeSmstower, n: int, asked_before: int
 ) -> list[tuple[str, str]]:
@@ -330,12 +336,7 @@ def _full_pace(
         if bus.proc.poll() is not None:
             raise SystemExit(f"smsbus exited with {bus.proc.returncode} during the pass")
         time.sleep(0.5)
-    polls, covered = [], set()
-    for request in tower.seen("/getstatus.v2.php")[asked_before:]:
-        polls.append(request)
-        covered.update(request.form["messageid"].split(","))
-        if len(covered) >= n:
-            break
+    polls = _one_pass(tower, n, after=asked_before)
     span = polls[-1].at - polls[0].at
     print(f"full pace after the restart: {n} delivered in {len(polls)} requests over {span:.1f} s "
           f"({n / span:.0f} messages/s, every one an event)")  # fmt: skip

@@ -65,27 +65,30 @@ class MessageIndex:
         """How many states the mirror holds."""
         return sum(len(states) for states in self._by_provider.values())
 
+    def _blob(self, provider: str, message_key: str) -> bytes | None:
+        return self._by_provider.get(provider, {}).get(message_key)
+
     def entry(self, key: str) -> tuple[MessageState | None, int]:
         """A bucket key's state and revision as last seen (None, 0 when not held)."""
         provider, message_id = key_parts(key)
-        blob = self._by_provider.get(provider, {}).get(message_id)
+        blob = self._blob(provider, message_id)
         if blob is None:
             return None, 0
         return packed.unpack(blob, provider, message_id)
 
     def get(self, provider: str, message_id: str) -> MessageState | None:
-        blob = self._by_provider.get(provider, {}).get(message_id)
+        blob = self._blob(provider, message_id)
         return None if blob is None else packed.unpack(blob, provider, message_id)[0]
 
     def is_open(self, provider: str, message_id: str) -> bool:
         """Held, tracked and not final."""
-        blob = self._by_provider.get(provider, {}).get(message_id)
+        blob = self._blob(provider, message_id)
         return blob is not None and packed.is_open(blob)
 
     def reported(self, provider: str, message_key: str) -> tuple[bool, str | None] | None:
         """A held state's final flag and last provider status (bus.packed.reported); None when
         not held."""
-        blob = self._by_provider.get(provider, {}).get(message_key)
+        blob = self._blob(provider, message_key)
         return None if blob is None else packed.reported(blob)
 
     def open_ids(self, provider: str) -> list[str]:
@@ -97,7 +100,7 @@ class MessageIndex:
     def timing(self, provider: str, message_id: str) -> tuple[float | None, float | None] | None:
         """An open tracked message's registration and `sent_at`, in seconds since the epoch
         (None when unknown); None when the message is not open or not held."""
-        blob = self._by_provider.get(provider, {}).get(message_id)
+        blob = self._blob(provider, message_id)
         if blob is None or not packed.is_open(blob):
             return None
         registered, sent, _ = packed.times(blob)
@@ -144,7 +147,7 @@ class MessageIndex:
         self._own.clear()
 
     def _revision(self, state: MessageState) -> int:
-        blob = self._by_provider.get(state.provider, {}).get(state.message_id)
+        blob = self._blob(state.provider, state.message_id)
         return 0 if blob is None else packed.revision_of(blob)
 
     def _hold(self, state: MessageState, revision: int) -> None:

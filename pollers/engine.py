@@ -46,7 +46,6 @@ from bus.events import (
     utcnow,
 )
 from bus.messages import MessageState
-from bus.pace import Gate
 from bus.statuses import normalise, normalise_error_code
 from bus.supervisor import Beat, TaskStatus
 from pollers.schedule import Schedule
@@ -73,7 +72,7 @@ class ProviderPoller:
         self._loaded = bus.states.follower.loaded
         self._cursors = bus.cursors
         self._metrics = bus.metrics
-        self._pace = bus.pace
+        self._gate = bus.pace.gate(CONCURRENCY)  # one per poller: its spacing spans rounds
         self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
         first = (
             bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
@@ -202,12 +201,8 @@ class ProviderPoller:
         for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
         if polled and per_id is not None:
-            gate = self._pace.gate(CONCURRENCY)
             await asyncio.gather(
-                *(
-                    self._poll_batch(polled[i : i + size], now, gate)
-                    for i in range(0, len(polled), size)
-                )
+                *(self._poll_batch(polled[i : i + size], now) for i in range(0, len(polled), size))
             )
         return len(due.poll) + len(due.expired) >= limit
 
@@ -219,7 +214,7 @@ class ProviderPoller:
             self.track(state, now)
             self.schedule.retry(state.message_id, now + self.settings.interval)
 
-    async def _poll_batch(self, batch: list[str], now: float, gate: Gate) -> None:
+    async def _poll_batch(self, batch: list[str], now: float) -> None:
         per_id = self.provider.statuses
         assert per_id is not None
         finished: set[str] = set()
@@ -232,7 +227,7 @@ class ProviderPoller:
             finals = [self._known(report) for report in reports]
             news = [i for i, final in enumerate(finals) if final is None]
             for i, final in zip(
-                news, await asyncio.gather(*(self._report(reports[i]) for i in news)), strict=True
+                news, await asyncio.gather(*(self._publish(reports[i]) for i in news)), strict=True
             ):
                 finals[i] = final
             settled: dict[str, bool] = {}
@@ -240,7 +235,7 @@ class ProviderPoller:
                 settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
             finished.update(message_id for message_id, done in settled.items() if done)
 
-        async with gate:
+        async with self._gate:
             ok = time.monotonic() >= self._resume_at and await self._guard(poll)
         for message_id in batch:
             if message_id in finished:
@@ -330,6 +325,10 @@ class ProviderPoller:
         message has reached a final status."""
         if (known := self._known(report)) is not None:
             return known
+        return await self._publish(report)
+
+    async def _publish(self, report: StatusReport) -> bool:
+        """`_report` past the mirror's check: the bucket's state where the mirror holds none."""
         key = message_key(self.name, report.message_id, report.phone)
         state = await self._states.lookup(self.name, key)
         tracked = await self._states.lookup(self.name, report.message_id) if report.phone else state

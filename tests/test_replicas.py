@@ -41,7 +41,7 @@ def test_one_leader_per_provider_and_takeover_after_sigkill(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     tower, smsc = FakeSmstower(), FakeSmsc()
-    smsc.history = [{"id": 5000, "status": 1, "last_timestamp": 1795341605, "phone": "380501"}]
+    smsc.send(5000, ["380501"], status=1)  # a full history row, as the document gives it
     with Served(tower.app) as t, Served(smsc.app) as s:
         env = isolated_env(
             nats_server.url,

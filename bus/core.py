@@ -172,7 +172,9 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             bucket_names(s.stream)[0],
             on_open=lambda p, n: metrics.tracked.labels(p).set(n),
             direct=s.stream_replicas == 1,
+            on_batch=lambda outcome: metrics.state_batches.labels(outcome).inc(),
         )
+        states.atomic = buckets.atomic
         await states.start()
         stack.push_async_callback(states.stop)
         publisher = Publisher(

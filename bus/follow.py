@@ -37,6 +37,21 @@ INACTIVE_THRESHOLD = 30.0
 CALL_TIMEOUT = 1.0  # a call stuck in a leader election is tried again soon, not after 5 s
 
 
+def sequences(reply: str) -> tuple[int, int, int]:
+    """A JetStream delivery's stream sequence, consumer sequence and pending count, read off its
+    reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
+    <pending>`, or the longer form with domain and account first) without building nats-py's
+    metadata (a datetime and two objects) for every message. ValueError for anything else."""
+    tokens = reply.split(".")
+    if tokens[:2] != ["$JS", "ACK"]:
+        raise ValueError(f"not a JetStream delivery: {reply[:60]!r}")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[6]), int(tokens[8])
+    if len(tokens) >= 11:
+        return int(tokens[7]), int(tokens[8]), int(tokens[10])
+    raise ValueError(f"not a JetStream delivery: {reply[:60]!r}")
+
+
 class Follower:
     def __init__(
         self,
@@ -44,7 +59,7 @@ class Follower:
         name: str,
         stream: str,
         subject: str,
-        apply: Callable[[Msg], None],
+        apply: Callable[[Msg, int], None],
         on_reset: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
@@ -186,18 +201,23 @@ class Follower:
             await self._on_status(msg)
             return
         self._activity = time.monotonic()
-        meta = msg.metadata
-        if meta.sequence.consumer != self._cseq + 1:
+        try:
+            stream_seq, consumer_seq, pending = sequences(msg.reply)
+        except ValueError:
+            log.warning("unexpected message on the watch", watch=self.name)
+            self._broken.set()  # start again from the last one applied
+            return
+        if consumer_seq != self._cseq + 1:
             self._broken.set()  # a gap: start again from the last one applied
             return
-        self._cseq = meta.sequence.consumer
-        if meta.sequence.stream > self.last:
-            self._apply(msg)
-            self.last = meta.sequence.stream
-        self.pending = meta.num_pending
-        if meta.num_pending == 0 and not self.loaded.is_set():
+        self._cseq = consumer_seq
+        if stream_seq > self.last:
+            self._apply(msg, stream_seq)
+            self.last = stream_seq
+        self.pending = pending
+        if pending == 0 and not self.loaded.is_set():
             self._caught_up()
-        elif meta.num_pending == 0:
+        elif pending == 0:
             self.state = "following"
 
     async def _on_status(self, msg: Msg) -> None:

@@ -106,9 +106,9 @@ class MessageIndex:
         registered, sent, _ = packed.times(blob)
         return _seconds(registered), _seconds(sent)
 
-    def apply(self, msg: Msg) -> None:
-        """One message of the bucket's stream, as the follower delivers it (in order)."""
-        revision = msg.metadata.sequence.stream
+    def apply(self, msg: Msg, revision: int) -> None:
+        """One message of the bucket's stream at `revision`, as the follower delivers it (in
+        order)."""
         own = self._own
         while own and own[0] < revision:  # superseded before the watch got to them
             heapq.heappop(own)

@@ -77,6 +77,15 @@ class Metrics:
             "(10158, duplicate message id is in process); not failures",
             registry=r,
         )
+        self.state_batches = Counter(
+            "smsbus_state_batches",
+            "Atomic batches of message-state writes: stored, or refused as a whole and written "
+            "again key by key (another writer got to a key first)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("stored", "refused"):
+            self.state_batches.labels(outcome)
         self.task_restarts = Counter(
             "smsbus_task_restarts",
             "Supervised background tasks restarted after they failed or stalled",

@@ -9,18 +9,26 @@ bucket with one replica, that replica is the leader, so reads use direct gets, a
 one event-loop turn go out as one batched request (`multi_last`).
 Writes are compare-and-set on the key's revision, starting from the mirror's copy (no read when it
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
+Changes to many keys at once (a fetched batch of the projector, a registration request) go out
+as atomic batches (nats-server 2.12+, the bucket's `allow_atomic`): every write of a batch keeps
+its own expected revision, the server stores all of them or none, and one acknowledgement answers
+the batch. A batch refused as a whole (another writer got to one of its keys first, or a key the
+mirror does not hold exists) or unanswered is written again key by key, each with its own
+compare-and-set loop; applying a change to a state that already has it changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 import orjson
 from nats.js.kv import KeyValue
+from nats.nuid import NUID
 
 from bus.connection import Connection
 from bus.events import Event, message_key
@@ -35,6 +43,10 @@ READ_TIMEOUT = 2.0
 LOOKUP_TIMEOUT = 1.0  # a callback or poll waits this long at most for the bucket
 BATCH_READ = 200  # keys per batched direct get (the server answers at most 1024)
 BATCH_TIMEOUT = LOOKUP_TIMEOUT  # for each reply of a batched direct get
+ATOMIC_BATCH = 250  # writes per atomic batch (the server takes at most 1000)
+ATOMIC_IN_FLIGHT = 8  # atomic batches open at once (the server allows 50 per stream)
+
+Change = Callable[[MessageState | None], MessageState]
 
 
 async def read_state(kv: KeyValue, key: str) -> tuple[MessageState | None, int]:
@@ -54,7 +66,9 @@ class States:
         bucket: str,
         on_open: Callable[[str, int], None] = lambda p, n: None,
         direct: bool = False,
+        on_batch: Callable[[str], None] = lambda outcome: None,
     ) -> None:
+        self._on_batch = on_batch  # "stored" or "refused", per atomic batch
         self._conn = conn
         self.kv = kv
         self._replies = Replies(conn.nc)
@@ -65,6 +79,9 @@ class States:
         self._queued: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]] = {}
         self._flush_soon = False
         self._batches: set[asyncio.Task[None]] = set()
+        self._nuid = NUID()
+        self._atomic_gate = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
+        self.atomic = False  # set once the bucket is known to take atomic batches
         self.mirror = MessageIndex(bucket, on_open=on_open, floor=lambda: self.follower.last)
         self.follower = Follower(
             conn,
@@ -221,20 +238,121 @@ class States:
         finally:
             expiry.cancel()
 
-    async def register(self, items: list[TrackItem], at: str) -> None:
-        """Apply registrations (at most WRITES_AT_ONCE writes in flight); NATS errors pass
-        through once every write has finished or failed."""
-        gate = asyncio.Semaphore(WRITES_AT_ONCE)
+    async def apply(
+        self,
+        changes: Sequence[tuple[str, Change]],
+        at_once: int = WRITES_AT_ONCE,
+        atomic: bool = True,
+    ) -> dict[str, BaseException]:
+        """Apply changes to many keys, those to one key in the order given and written once: as
+        atomic batches where the bucket takes them (and `atomic`), else (and for a batch
+        refused) key by key with at most `at_once` writes in flight. Returns the keys that could
+        not be written, with why (NATS errors); every other key is written, or already was as
+        the changes would have it."""
+        by_key: dict[str, list[Change]] = {}
+        for key, change in changes:
+            by_key.setdefault(key, []).append(change)
+        if not (atomic and self.atomic) or len(by_key) == 1:
+            return await self._one_by_one(list(by_key.items()), at_once)
+        writes = []
+        for key, steps in by_key.items():
+            current, revision = self.mirror.entry(key)
+            new = _folded(steps)(current)
+            if new != current:
+                writes.append((key, steps, new, revision))
+        chunks = [writes[i : i + ATOMIC_BATCH] for i in range(0, len(writes), ATOMIC_BATCH)]
+        failed: dict[str, BaseException] = {}
+        for result in await asyncio.gather(*(self._write_chunk(c, at_once) for c in chunks)):
+            failed.update(result)
+        return failed
 
-        async def one(item: TrackItem) -> None:
+    async def _write_chunk(
+        self, writes: list[tuple[str, list[Change], MessageState, int]], at_once: int
+    ) -> dict[str, BaseException]:
+        try:
+            async with self._atomic_gate:
+                revisions = await self._write_atomic(
+                    [(key, new.to_json(), revision) for key, _, new, revision in writes]
+                )
+        except (TimeoutError, nats.errors.Error):
+            # Refused as a whole or unanswered: none, or all, of it is stored; key by key, each
+            # write learns which.
+            self._on_batch("refused")
+            return await self._one_by_one([(key, steps) for key, steps, _, _ in writes], at_once)
+        self._on_batch("stored")
+        for (key, _, new, _), revision in zip(writes, revisions, strict=True):
+            self.mirror.observe(key, new, revision)
+        return {}
+
+    async def _one_by_one(
+        self, keys: list[tuple[str, list[Change]]], at_once: int
+    ) -> dict[str, BaseException]:
+        gate = asyncio.Semaphore(at_once)
+        failed: dict[str, BaseException] = {}
+
+        async def one(key: str, steps: list[Change]) -> None:
             async with gate:
-                key = kv_key(item.provider, item.message_id)
-                await self.update(key, lambda s: register(s, item, at))
+                try:
+                    await self.update(key, _folded(steps))
+                except (TimeoutError, nats.errors.Error) as exc:
+                    failed[key] = exc
 
-        results = await asyncio.gather(*(one(i) for i in items), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        await asyncio.gather(*(one(key, steps) for key, steps in keys))
+        return failed
+
+    async def _write_atomic(self, writes: list[tuple[str, bytes, int]]) -> list[int]:
+        """Put each value if its key's last revision is still the one given, all or none: the
+        new revisions. ReplyError when the batch is refused (any one check failing refuses it),
+        TimeoutError when its commit is not answered in time."""
+        batch = self._nuid.next().decode()
+        last = len(writes)
+        future = None
+        for seq, (key, value, revision) in enumerate(writes, start=1):
+            headers = {
+                "Nats-Batch-Id": batch,
+                "Nats-Batch-Sequence": str(seq),
+                "Nats-Expected-Last-Subject-Sequence": str(revision),
+            }
+            if seq < last:
+                await self._conn.nc.publish(self._subject + key, value, headers=headers)
+            else:
+                headers["Nats-Batch-Commit"] = "1"
+                future = await self._replies.request(self._subject + key, value, headers)
+        assert future is not None
+        expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, _time_out, future)
+        try:
+            committed = await future
+        finally:
+            expiry.cancel()
+        top = ack(committed).seq
+        count = orjson.loads(committed.data).get("count")
+        if count != last:
+            raise ReplyError(0, 0, f"atomic batch of {last} acknowledged {count}")
+        return list(range(top - last + 1, top + 1))
+
+    async def register(self, items: list[TrackItem], at: str) -> None:
+        """Apply registrations; a NATS error passes through once every write has finished or
+        failed."""
+        failed = await self.apply(
+            [(kv_key(i.provider, i.message_id), functools.partial(register, item=i, at=at))
+             for i in items]
+        )  # fmt: skip
+        if failed:
+            raise next(iter(failed.values()))
+
+
+def _folded(steps: list[Change]) -> Change:
+    """The changes to one key, one after the other."""
+    if len(steps) == 1:
+        return steps[0]
+
+    def folded(state: MessageState | None) -> MessageState:
+        for step in steps:
+            state = step(state)
+        assert state is not None
+        return state
+
+    return folded
 
 
 def _state_of(data: bytes, headers: dict[str, str]) -> MessageState | None:

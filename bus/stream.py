@@ -133,9 +133,19 @@ async def ensure_bucket(
     return bucket
 
 
+async def allow_atomic(js: JetStreamContext, bucket: str) -> bool:
+    """Let a bucket's stream take atomic batches (bus.state writes many states as one); True
+    when it does (an older nats-server ignores the setting)."""
+    info = await js.stream_info(f"KV_{bucket}")
+    if not info.config.allow_atomic:
+        info = await js.update_stream(dataclasses.replace(info.config, allow_atomic=True))
+    return bool(info.config.allow_atomic)
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     batched: bool  # the stream takes fast batches
+    atomic: bool  # the message-state bucket takes atomic batches
     messages: KeyValue
     cursors: KeyValue
     leases: KeyValue
@@ -145,9 +155,11 @@ async def ensure_all(js: JetStreamContext, settings: Settings) -> Buckets:
     batched = await ensure_stream(js, settings)
     messages, cursors, leases = bucket_names(settings.stream)
     replicas = settings.stream_replicas
+    states = await ensure_bucket(js, messages, replicas, settings.state_max_age)
     return Buckets(
         batched=batched,
-        messages=await ensure_bucket(js, messages, replicas, settings.state_max_age),
+        atomic=await allow_atomic(js, messages),
+        messages=states,
         cursors=await ensure_bucket(js, cursors, replicas),
         leases=await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE),
     )

@@ -8,9 +8,12 @@ import random
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from bus.config import load_settings
 from bus.core import Bus, open_bus
 from bus.events import status_event, utcnow
+from bus.follow import sequences
 from bus.messages import MessageState, TrackItem, kv_key
 from bus.state import read_state
 from tests.support import NatsServer, await_for, isolated_env
@@ -107,3 +110,13 @@ def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_pat
             assert 1 == index.held
 
     asyncio.run(scenario())
+
+
+def test_a_deliverys_sequences_are_read_off_its_reply_subject() -> None:
+    # The short form, and the long one with a domain, an account hash and a random token.
+    assert (1042, 17, 5) == sequences("$JS.ACK.KV_x_messages.c1.1.1042.17.1795341600000000000.5")
+    long = "$JS.ACK.hub.ACCHASH.KV_x_messages.c1.2.1042.17.1795341600000000000.0.rnd"
+    assert (1042, 17, 0) == sequences(long)
+    for junk in ("_INBOX.abc.def", "$JS.ACK.short.1.2", "$JS.ACK.a.b.c.x.y.z.w"):
+        with pytest.raises(ValueError):
+            sequences(junk)

@@ -79,8 +79,8 @@ class Metrics:
         )
         self.state_batches = Counter(
             "smsbus_state_batches",
-            "Atomic batches of message-state writes: stored, or refused as a whole and written "
-            "again key by key (another writer got to a key first)",
+            "Atomic batches of message-state writes: stored, or refused as a whole (another "
+            "writer got to a key first) or unanswered, then written again key by key",
             ["outcome"],
             registry=r,
         )

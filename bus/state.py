@@ -9,12 +9,12 @@ bucket with one replica, that replica is the leader, so reads use direct gets, a
 one event-loop turn go out as one batched request (`multi_last`).
 Writes are compare-and-set on the key's revision, starting from the mirror's copy (no read when it
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
-Changes to many keys at once (a fetched batch of the projector, a registration request) go out
-as atomic batches (nats-server 2.12+, the bucket's `allow_atomic`): every write of a batch keeps
-its own expected revision, the server stores all of them or none, and one acknowledgement answers
-the batch. A batch refused as a whole (another writer got to one of its keys first, or a key the
-mirror does not hold exists) or unanswered is written again key by key, each with its own
-compare-and-set loop; applying a change to a state that already has it changes nothing.
+A registration request's writes go out as atomic batches (nats-server 2.12+, the bucket's
+`allow_atomic`): every write of a batch keeps its own expected revision, the server stores all of
+them or none, and one acknowledgement answers the batch. A batch refused as a whole (another
+writer got to one of its keys first, or a key the mirror does not hold exists) or unanswered is
+written again key by key, each with its own compare-and-set loop; applying a change to a state
+that already has it changes nothing. The projector writes key by key (bus.projector says why).
 """
 
 from __future__ import annotations

@@ -207,8 +207,18 @@ class MessageState:
 
 def register(state: MessageState | None, item: TrackItem, at: str) -> MessageState:
     """Apply a registration; the status already known is kept."""
-    if state is None:
-        state = MessageState(item.provider, item.message_id)
+    if state is None:  # the usual case, built at once (`replace` costs as much again)
+        return MessageState(
+            item.provider,
+            item.message_id,
+            tracked=True,
+            registered_at=at,
+            phone=item.phone or None,
+            client_ref=item.client_ref or None,
+            sent_at=item.sent_at or None,
+            traceparent=item.traceparent or None,
+            updated_at=at,
+        )
     return replace(
         state,
         tracked=True,

@@ -15,7 +15,7 @@ import nats
 import orjson
 import pytest
 
-from bus.messages import apply_status
+from bus.messages import MessageState, apply_status, parse_track_batch, register
 from tests.support import (
     SMSBUS,
     Listeners,
@@ -377,3 +377,15 @@ def test_the_senders_trace_leads_to_the_delivery_report(
         assert stored[server_id].event["traceparent"] == trace
     assert "traceparent" not in stored[bad].headers
     assert "traceparent" not in stored[bad].event
+
+
+def test_a_first_registration_is_the_state_a_registration_onto_nothing_makes() -> None:
+    item = parse_track_batch(
+        b'{"provider": "smsc", "message_id": "7", "phone": "380501234567", "client_ref": "r-1",'
+        b' "sent_at": "2026-12-01T10:00:00Z"}'
+    )[0]
+    fresh = register(None, item, "2026-12-01T10:00:01.000Z")
+    onto_empty = register(MessageState("smsc", "7"), item, "2026-12-01T10:00:01.000Z")
+    assert fresh == onto_empty
+    bare = parse_track_batch(b'{"provider": "smsc", "message_id": "8"}')[0]
+    assert register(None, bare, "t") == register(MessageState("smsc", "8"), bare, "t")

@@ -73,12 +73,19 @@ def _numeric_id(provider: str) -> Callable[[Any], str]:
     return check
 
 
+# Whitespace by both definitions that judge an id: Python's (which counts \x1c-\x1f and \x85)
+# and that of the description's JSON Schema pattern, ECMAScript's `\s` (which counts \ufeff).
+_SPACE = r"\s\x1c-\x1f\x85\ufeff"
+_ALL_SPACE = re.compile(rf"[{_SPACE}]*")
+_EDGE_SPACE = re.compile(rf"^[{_SPACE}]|[{_SPACE}]$")
+
+
 def _text_id(longest: int) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         value = _number_as_text(value)
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or _ALL_SPACE.fullmatch(value):
             raise Invalid("message_id is required (a string)")
-        if value != value.strip():
+        if _EDGE_SPACE.search(value):
             raise Invalid("message_id has leading or trailing whitespace")
         if len(value) > longest:
             raise Invalid(f"message_id is longer than {longest} characters")
@@ -154,7 +161,8 @@ def numeric_id(provider: str) -> tuple[Any, Any]:
 
 def text_id(longest: int) -> tuple[Any, Any]:
     """Any text without surrounding whitespace (a JSON number is taken as its digits)."""
-    text = {"type": "string", "pattern": r"^\S([\s\S]*\S)?$", "maxLength": longest}
+    edge = f"[^{_SPACE}]"
+    text = {"type": "string", "pattern": rf"^{edge}([\s\S]*{edge})?$", "maxLength": longest}
     return _checked(_text_id(longest), {"oneOf": [text, _INTEGER]})
 
 

@@ -94,6 +94,10 @@ class Connection:
                         ping_interval=5,
                         max_outstanding_pings=2,
                         error_cb=on_error,
+                        # Every subject is built here from validated parts (the prefix, provider
+                        # ids, statuses, bucket keys): checking each publish again costs a
+                        # regular expression per message on the callback's path.
+                        skip_subject_validation=True,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
                         **callbacks,

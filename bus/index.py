@@ -24,6 +24,7 @@ import heapq
 from collections.abc import Callable
 from datetime import timedelta
 
+import orjson
 import structlog
 from nats.aio.msg import Msg
 
@@ -41,6 +42,7 @@ _MARKER_DELETES = ("MaxAge", "Purge", "Remove")
 _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
 PRUNE_EVERY = 600.0
+_NO_BLOB = packed.HEAD.pack(0, 0, 0, 0, 0, 0)  # revision 0: older than anything held
 
 
 class MessageIndex:
@@ -125,8 +127,15 @@ class MessageIndex:
             self._forget(*key_parts(key))
             return
         try:
-            state = MessageState.from_json(msg.data)
-        except (ValueError, TypeError):
+            data = orjson.loads(msg.data)
+            provider = data["provider"]
+            if data.get("final") and provider in _NO_REPEATS:  # most of what a watch brings
+                message_id = data["message_id"]
+                if revision >= packed.revision_of(self._blob(provider, message_id) or _NO_BLOB):
+                    self._forget(provider, message_id)
+                return
+            state = MessageState.from_dict(data)
+        except (ValueError, TypeError, KeyError):
             log.warning("unreadable state in the bucket", key=key)
             return
         self._hold(state, revision)

@@ -82,6 +82,22 @@ class LineWriter:
                 pass
 
 
+_lines: LineWriter | None = None  # where JSON lines go, once configured for JSON
+
+
+def info_line(logger: Any, event: str, fields: dict[str, Any]) -> None:
+    """An info line on a hot path (the callback's summary): with JSON logs, the line structlog
+    would write (`event`, `level`, `timestamp` beside the fields), encoded and queued directly,
+    a fifth of the cost of the processor chain; otherwise `logger.info`."""
+    if _lines is None:
+        logger.info(event, **fields)
+        return
+    fields["event"] = event
+    fields["level"] = "info"
+    fields["timestamp"] = rfc3339(datetime.now(UTC))
+    _lines.info(orjson.dumps(fields))
+
+
 def _timestamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """RFC 3339 UTC with milliseconds; a third of structlog's ISO TimeStamper's cost."""
     event["timestamp"] = rfc3339(datetime.now(UTC))
@@ -89,6 +105,7 @@ def _timestamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any
 
 
 def configure_logging(log_format: str = "auto", stream: TextIO | None = None) -> None:
+    global _lines
     stream = stream or sys.stdout
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     shared: list[Any] = [
@@ -106,13 +123,14 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             )
         )
-        writer = LineWriter(stream.buffer)
+        writer = _lines = LineWriter(stream.buffer)
         factory = lambda *args: writer  # noqa: E731
     else:
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
         factory = structlog.WriteLoggerFactory(stream)
+        _lines = None
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

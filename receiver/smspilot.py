@@ -24,6 +24,7 @@ from starlette.requests import Request
 from bus.core import Bus
 from bus.errors import PayloadError, PublishError
 from bus.events import deadletter_event, rfc3339, status_event, utcnow
+from bus.logs import info_line
 from bus.statuses import SMSPILOT_ERRORS
 from receiver.http import (
     BodyTooLarge,
@@ -85,7 +86,14 @@ def parse_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
     parts = [part for part in raw.split(b"&") if part]
     if len(parts) > MAX_FIELDS:
         raise PayloadError(f"{what} has more than {MAX_FIELDS} fields")
+    if b"%" not in raw and b"+" not in raw and raw.isascii():  # SMSPilot's usual query
+        return [_split(part.decode("ascii")) for part in parts]
     return _decode(parts)
+
+
+def _split(pair: str) -> tuple[str, str]:
+    key, _, value = pair.partition("=")
+    return key, value
 
 
 def _decode(parts: list[bytes]) -> list[tuple[str, str]]:
@@ -188,6 +196,8 @@ class SMSPilotCallbacks:
         self._tokens = [t.reveal().encode() for t in settings.smspilot_callback_tokens]
         self._allowlist = settings.smspilot_allowed_ips
         self._trusted = settings.trusted_proxies
+        self._in_flight = 0  # read when /metrics is rendered, not counted under a lock
+        bus.metrics.callbacks_in_flight.set_function(lambda: self._in_flight)
 
     @staticmethod
     def matches(path: str) -> bool:
@@ -210,7 +220,7 @@ class SMSPilotCallbacks:
         path = scope["path"]
         shown_path = PATH if path == PATH else f"{PATH}/***"
         summary: dict[str, object] = {"provider": PROVIDER, "method": scope["method"]}
-        self._metrics.callbacks_in_flight.inc()
+        self._in_flight += 1
         try:
             status, text, outcome = await self._handle(scope, receive, shown_path, summary)
         except ClientGone:
@@ -219,7 +229,7 @@ class SMSPilotCallbacks:
             log.exception("callback failed", **summary)
             status, text, outcome = 500, "Internal Server Error", "failed"
         finally:
-            self._metrics.callbacks_in_flight.dec()
+            self._in_flight -= 1
         if status == 200:
             await send(_OK_START)
             await send(_OK_BODY)
@@ -227,13 +237,12 @@ class SMSPilotCallbacks:
             allow = ((b"allow", b"GET, POST"),) if status == 405 else ()
             await send_text(send, status, text, allow)
         self._metrics.callback_outcome[outcome].inc()
-        log.info(
-            "callback",
+        summary.update(
             outcome=outcome,
             http_status=status,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
-            **summary,
         )
+        info_line(log, "callback", summary)
 
     async def _handle(
         self, scope: Scope, receive: Receive, shown_path: str, summary: dict[str, object]

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import nats.errors
 import structlog
@@ -27,9 +27,11 @@ from bus.config import Settings, redact_url
 from bus.connection import Connection
 from bus.cursors import Cursors
 from bus.errors import StartupError
+from bus.messages import MessageState
 from bus.metrics import Metrics
 from bus.nats_server import EmbeddedNats
 from bus.pace import Pace
+from bus.projection import Projection, delivery_seconds
 from bus.projector import Projector
 from bus.publisher import Publisher
 from bus.spool import Spool
@@ -174,12 +176,18 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             direct=s.stream_replicas == 1,
             on_batch=lambda outcome: metrics.state_batches.labels(outcome).inc(),
         )
-        states.atomic = buckets.atomic
+        states.atomic, states.batched = buckets.atomic, buckets.states_batched
         await states.start()
         stack.push_async_callback(states.stop)
+
+        def delivered(registered: MessageState, data: Mapping[str, Any]) -> None:
+            seconds = delivery_seconds(registered, data)
+            if seconds is not None:
+                metrics.delivery.labels(registered.provider, str(data["status"])).observe(seconds)
+
         publisher = Publisher(
-            conn, spool, metrics, s.publish_timeout, s.duplicate_window, states.recorded,
-            commit_subject=commit_subject(s.stream),
+            conn, spool, metrics, s.publish_timeout, s.duplicate_window,
+            Projection(states, delivered), states.recorded, commit_subject=commit_subject(s.stream),
         )  # fmt: skip
         publisher.group_commit(buckets.batched)
         await publisher.start()
@@ -190,7 +198,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             supervisor.spawn("state-mirror", states.follower.run, stall_after=STALL_AFTER)
         )
         stack.push_async_callback(supervisor.spawn("mirror-prune", states.mirror.prune_every))
-        projector = Projector(conn, states, publisher, s.stream, s.subject_prefix, metrics)
+        projector = Projector(conn, states, publisher, s.stream, s.subject_prefix)
         await retrying(
             deadline,
             "SMSBUS_STREAM: cannot set up the projector consumer",
@@ -199,6 +207,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         stack.push_async_callback(
             supervisor.spawn("projector", projector.run, stall_after=STALL_AFTER)
         )
+        stack.push_async_callback(supervisor.spawn("legacy-projector", projector.retire_legacy))
 
         async def keep_schema(beat: Beat) -> None:
             """After a reconnect (a restarted or replaced server), make sure the stream and the

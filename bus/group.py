@@ -1,20 +1,17 @@
 """Group commit: events published in the same event-loop turn share one JetStream round trip.
 
 Under load many callbacks wait for their acks at once. Instead of one publish and one ack each,
-the events gathered in one loop turn go out as one *fast batch* (nats-server 2.14+, a stream
-with `allow_batched`): each message carries its batch id and sequence in its reply subject, an
-empty "commit, end of batch" message closes it, and the server answers that one message with a
-PubAck counting the whole batch once every message is stored. The commit goes to a subject of
-its own (bus.stream.commit_subject), so no subscriber of the event subjects sees it. A message
-whose `Nats-Msg-Id` the stream already holds is skipped and still counted, so a repeated fact
-costs nothing more.
+the events gathered in one loop turn go out as one *fast batch* (bus.fastbatch; nats-server
+2.14+, a stream with `allow_batched`), answered once when every message is stored. The batch is
+committed on a subject of its own (bus.stream.commit_subject), so no subscriber of the event
+subjects sees the commit. A message whose `Nats-Msg-Id` the stream already holds is skipped and
+still counted, so a repeated fact costs nothing more.
 
 While batches are in flight (at most MAX_IN_FLIGHT), new events gather for the next one, so
-batches grow with the load and a lone event goes out alone, as an ordinary publish. A batch that
-is refused, or acknowledged with a wrong count, is published again one event at a time (their
-ids make that safe); one that times out fails every event in it, which then goes to the spool.
-The flow-control replies the server sends while a batch is open go to a subject nobody listens
-on: only the commit's answer matters.
+batches grow with the load and a lone event goes out alone, as an ordinary publish. When the
+stream refuses a message of a batch, those before it are stored and the rest are published again
+one event at a time (their ids make that safe); a batch not answered in time fails every event in
+it, which then goes to the spool.
 """
 
 from __future__ import annotations
@@ -22,19 +19,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import orjson
 from nats.aio.client import Client as NATS
 from nats.nuid import NUID
 
+from bus import fastbatch
 from bus.events import Event
-from bus.replies import Replies, ReplyError
+from bus.replies import Replies
 
-MAX_BATCH = 256
+MAX_BATCH = fastbatch.MAX_BATCH
 MAX_IN_FLIGHT = 8
-FLOW = 500  # the acknowledgement interval we allow; our batches are shorter, so none is sent
-OP_START, OP_APPEND, OP_COMMIT_EOB = 0, 1, 3
 
 
 class BatchTimeout(Exception):
@@ -63,7 +57,6 @@ class GroupCommit:
         self._single = single  # one event's publish, awaiting its ack (raises on failure)
         self._acked = acked  # metrics for an event acknowledged in a batch
         self._timeout = timeout
-        self._void = f"_SMSBUS_VOID.{NUID().next().decode()}"
         self._nuid = NUID()
         self._queue: list[tuple[Event, asyncio.Future[None]]] = []
         self._scheduled = False
@@ -105,21 +98,23 @@ class GroupCommit:
             await self._settle(*items[0])
             return
         started = time.perf_counter()
+        messages = [(event.subject, event.payload, event.headers) for event, _ in items]
         try:
-            await self._batch([event for event, _ in items])
-        except ReplyError:
-            # Refused as a whole: each event on its own (a repeat is dropped by its id).
-            await asyncio.gather(*(self._settle(e, f) for e, f in items))
-            return
-        except Exception as exc:  # a timeout or a lost connection: these events spool
+            outcome = await fastbatch.send(
+                self._nc, self._replies, messages, self._commit, self._timeout, self._nuid
+            )
+        except Exception as exc:  # no answer in time, or a lost connection: these events spool
+            error = BatchTimeout() if isinstance(exc, TimeoutError) else exc
             for _, future in items:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
             return
-        for event, future in items:
+        for event, future in items[: outcome.stored]:
             self._acked(event, started)
             if not future.done():
                 future.set_result(None)
+        # Refused from one event on: each of those on its own (a repeat is dropped by its id).
+        await asyncio.gather(*(self._settle(e, f) for e, f in items[outcome.stored :]))
 
     async def _settle(self, event: Event, future: asyncio.Future[None]) -> None:
         try:
@@ -130,26 +125,3 @@ class GroupCommit:
         else:
             if not future.done():
                 future.set_result(None)
-
-    async def _batch(self, events: list[Event]) -> None:
-        batch = self._nuid.next().decode()
-        for seq, event in enumerate(events, start=1):
-            op = OP_START if seq == 1 else OP_APPEND
-            reply = f"{self._void}.{batch}.{FLOW}.fail.{seq}.{op}.$FI"
-            await self._nc.publish(event.subject, event.payload, reply=reply, headers=event.headers)
-        commit = f"{batch}.{FLOW}.fail.{len(events) + 1}.{OP_COMMIT_EOB}.$FI"
-        future = await self._replies.request(self._commit, b"", reply_tail=commit)
-        try:
-            committed = await asyncio.wait_for(future, self._timeout)
-        except TimeoutError:
-            raise BatchTimeout() from None
-        finally:
-            future.cancel()
-        answer: Any = orjson.loads(committed.data) if committed.data else {}
-        if not isinstance(answer, dict) or "error" in answer:
-            error = answer.get("error", {}) if isinstance(answer, dict) else {}
-            raise ReplyError(
-                int(error.get("code", 0)), int(error.get("err_code", 0)), str(error)[:200]
-            )
-        if answer.get("count") != len(events):
-            raise ReplyError(0, 0, f"batch of {len(events)} acknowledged {answer.get('count')}")

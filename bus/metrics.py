@@ -71,6 +71,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.states_owed = Counter(
+            "smsbus_state_writes_owed",
+            "Status events JetStream stored whose message state could not be written at once; "
+            "the spool keeps each until its state is written",
+            registry=r,
+        )
         self.publish_resends = Counter(
             "smsbus_publish_resends",
             "Publishes sent again because JetStream was still storing the same fact "

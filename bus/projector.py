@@ -1,10 +1,11 @@
-"""The projector: a durable JetStream consumer that turns the stream into current state.
+"""The projector: a durable JetStream consumer that applies registrations published on the stream.
 
-It reads `<prefix>.track.>` (registrations published by the sending app) and `<prefix>.status.>`
-(status events) in stream order and writes each message's state into the `<STREAM>_messages`
-bucket, acknowledging a stream message only after its state is stored. Writes are compare-and-set
-on the key's revision, so several replicas sharing the durable consumer never overwrite each other.
-Junk on `track` goes to the dead-letter subject and is acknowledged: it will never parse.
+It reads `<prefix>.track.>` (registrations the sending app publishes on NATS) in stream order and
+writes each message's registration into the `<STREAM>_messages` bucket, acknowledging a stream
+message only after its states are stored. Writes are compare-and-set on the key's revision, so
+several replicas sharing the durable consumer never overwrite each other. Junk on `track` goes to
+the dead-letter subject and is acknowledged: it will never parse. (Status events need no
+consumer: the replica that publishes one writes its state, bus.projection.)
 
 The consumer is durable, so it resumes where the group left off however the connection went; the
 loop re-binds (and re-creates the consumer, should a new server not have it) whenever a fetch
@@ -15,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from functools import partial
-from typing import Any
 
 import nats.errors
 import nats.js.errors
-import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -32,24 +29,19 @@ from nats.js.client import JetStreamContext
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.errors import PayloadError, PublishError
-from bus.events import PER_PHONE, deadletter_event, message_key, rfc3339, utcnow
-from bus.messages import (
-    MessageState,
-    apply_status,
-    apply_to_mailing,
-    kv_key,
-    parse_track_batch,
-    register,
-    with_trace,
-)
-from bus.metrics import Metrics
+from bus.events import Event, deadletter_event, rfc3339, utcnow
+from bus.messages import kv_key, parse_track_batch, register, with_trace
+from bus.projection import status_change, status_data
 from bus.publisher import Publisher
 from bus.state import Change, States
 from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.projector")
 
-DURABLE = "smsbus-projector"
+DURABLE = "smsbus-track"
+# The consumer of earlier releases, which projected status events too (filter track and status).
+LEGACY = "smsbus-projector"
+LEGACY_CHECK_EVERY = 30.0
 BATCH = 256
 FETCH_WAIT = 1.0
 RETRY_AFTER = 1.0  # seconds before a message whose write failed is delivered again
@@ -58,18 +50,26 @@ CALL_TIMEOUT = 2.0  # binding again after a reconnect: retried soon while a lead
 # Keys written at once. More makes bursts of ack handling that hold the event loop (and the
 # callbacks waiting on it) for tens of milliseconds; 16 keeps each burst near a millisecond.
 CONCURRENCY = 16
-_STATUS_FIELDS = ("provider", "message_id", "status", "final", "provider_status", "occurred_at")
 
 
 @dataclass(eq=False)
 class _Plan:
-    """What one stream message does: state changes, then `stored` once they are written; or, for
-    junk, a dead letter (provider, reason)."""
+    """What one stream message does: state changes, or, for junk, a dead letter (provider,
+    reason)."""
 
     msg: Msg
     changes: list[tuple[str, Change]]
-    stored: Callable[[], None] | None = None
     dead_letter: tuple[str, str] | None = None
+
+
+async def _legacy_floor(js: JetStreamContext, stream: str) -> int | None:
+    """The stream sequence after what the earlier release's consumer acknowledged; None when
+    there is no such consumer."""
+    try:
+        info = await js.consumer_info(stream, LEGACY)
+    except nats.js.errors.NotFoundError:
+        return None
+    return (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
 
 
 class Projector:
@@ -80,10 +80,8 @@ class Projector:
         publisher: Publisher,
         stream: str,
         prefix: str,
-        metrics: Metrics,
     ) -> None:
         self._conn = conn
-        self._metrics = metrics
         self._states = states
         self._publisher = publisher
         self._stream = stream
@@ -108,12 +106,87 @@ class Projector:
             # applied twice changes nothing.
             ack_wait=ACK_WAIT,
             max_ack_pending=4 * BATCH,
-            filter_subjects=[f"{self._prefix}.track.>", f"{self._prefix}.status.>"],
+            filter_subjects=[f"{self._prefix}.track.>"],
         )
 
     async def ensure(self, js: JetStreamContext) -> None:
-        """Create or update the durable consumer (the same call on every replica)."""
-        await js.add_consumer(self._stream, self.config())
+        """Create or update the durable consumer (the same call on every replica). Created
+        where an earlier release's consumer exists, it starts after what that one acknowledged,
+        so no registration published on NATS is skipped or replayed from the stream's start."""
+        config = self.config()
+        try:
+            held = (await js.consumer_info(self._stream, DURABLE)).config
+        except nats.js.errors.NotFoundError:
+            start = await _legacy_floor(js, self._stream)
+            if start is not None:
+                config.deliver_policy, config.opt_start_seq = DeliverPolicy.BY_START_SEQUENCE, start
+        else:  # where it starts cannot change
+            config.deliver_policy, config.opt_start_seq = held.deliver_policy, held.opt_start_seq
+        await js.add_consumer(self._stream, config)
+
+    async def retire_legacy(self, beat: Beat) -> None:
+        """Releases before status states were written through projected every status event
+        with a consumer of their own (LEGACY). While one of them still pulls from it, leave it;
+        once none has for two checks in a row, apply what it had not acknowledged (status
+        events and registrations, up to the stream's end: applying twice changes nothing) and
+        delete it. A one-shot job: it returns when there is no such consumer."""
+        idle = 0
+        while True:
+            beat()
+            js = self._conn.jetstream(timeout=CALL_TIMEOUT)
+            try:
+                info = await js.consumer_info(self._stream, LEGACY)
+            except nats.js.errors.NotFoundError:
+                return
+            idle = 0 if info.num_waiting else idle + 1
+            if idle >= 2:
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                applied = await self._catch_up(js, floor + 1, beat)
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_consumer(self._stream, LEGACY)
+                log.info("earlier release's consumer retired", consumer=LEGACY, applied=applied)
+                return
+            await asyncio.sleep(LEGACY_CHECK_EVERY)
+
+    async def _catch_up(self, js: JetStreamContext, start: int, beat: Beat) -> int:
+        """Apply the status events and registrations from `start` to the stream's last message
+        now; how many stream messages that was. NATS errors pass through (the job is retried)."""
+        last = (await js.stream_info(self._stream)).state.last_seq
+        applied = 0
+        for kind in ("status", "track"):
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+                ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
+            )  # fmt: skip
+            sub = await js.pull_subscribe(f"{self._prefix}.{kind}.>", stream=self._stream,
+                                          config=config)  # fmt: skip
+            try:
+                done = start > last
+                while not done:
+                    beat()
+                    try:
+                        msgs = await sub.fetch(BATCH, timeout=FETCH_WAIT)
+                    except TimeoutError:
+                        break
+                    msgs = [m for m in msgs if m.metadata.sequence.stream <= last]
+                    done = not msgs or msgs[-1].metadata.sequence.stream >= last
+                    changes = [change for msg in msgs for change in self._changes(kind, msg)]
+                    failed = await self._states.apply(changes, batches="fast")
+                    if failed:
+                        raise next(iter(failed.values()))
+                    applied += len(msgs)
+            finally:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        return applied
+
+    def _changes(self, kind: str, msg: Msg) -> list[tuple[str, Change]]:
+        if kind == "track":
+            return self._plan(msg).changes
+        event_id = (msg.headers or {}).get("Nats-Msg-Id")  # every event carries its id here
+        event = Event(event_id or "", msg.subject, "status", "", msg.data)
+        data = status_data(event)
+        return status_change(event_id, data).changes if event_id and data is not None else []
 
     async def run(self, beat: Beat) -> None:
         backoff = Backoff(0.05, 2.0)
@@ -186,7 +259,7 @@ class Projector:
         # while it does, the callbacks' events on the same connection wait (bench/callback.py
         # ran at half the rate, twice the p99, with batches of 8 to 1000).
         failed = await self._states.apply(
-            [change for plan in plans for change in plan.changes], CONCURRENCY, atomic=False
+            [change for plan in plans for change in plan.changes], CONCURRENCY, batches="none"
         )
         lost = await self._dead_letters([plan for plan in plans if plan.dead_letter])
         if failed or lost:
@@ -198,8 +271,6 @@ class Projector:
                 if plan in lost or any(key in failed for key, _ in plan.changes):
                     await plan.msg.nak(delay=RETRY_AFTER)
                     continue
-                if plan.stored is not None:
-                    plan.stored()
                 await plan.msg.ack()
 
     async def _dead_letters(self, plans: list[_Plan]) -> dict[_Plan, PublishError]:
@@ -219,72 +290,20 @@ class Projector:
         return lost
 
     def _plan(self, msg: Msg) -> _Plan:
-        """Decode a stream message once: the state changes it makes (in stream order per key),
-        what to do once they are stored, or the dead letter that junk becomes."""
-        kind, provider = msg.subject.split(".")[1:3]
-        if kind == "track":
-            try:
-                items = parse_track_batch(msg.data, provider_hint=provider)
-                items = with_trace(items, (msg.headers or {}).get("traceparent"))
-            except PayloadError as exc:
-                return _Plan(msg, [], dead_letter=(provider, str(exc)))
-            stamp = msg.metadata.timestamp
-            at = rfc3339(stamp) if stamp else rfc3339(utcnow())
-            changes: list[tuple[str, Change]] = [
-                (kv_key(i.provider, i.message_id), partial(register, item=i, at=at)) for i in items
-            ]
-            return _Plan(msg, changes)
+        """Decode a stream message once: the registrations it makes, or the dead letter that junk
+        becomes."""
+        provider = msg.subject.split(".")[2]
         try:
-            event = orjson.loads(msg.data)
-            data, event_id = event["data"], str(event["id"])
-            complete = isinstance(data, dict) and all(f in data for f in _STATUS_FIELDS)
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            complete = False
-        if not complete:
-            return _Plan(msg, [], dead_letter=(provider, "not a status event"))
-        return self._status(msg, data, event_id)
-
-    def _status(self, msg: Msg, data: dict[str, Any], event_id: str) -> _Plan:
-        provider, phone = data["provider"], data.get("phone")
-        key = kv_key(provider, message_key(provider, data["message_id"], phone))
-        seen: dict[str, MessageState | None] = {}
-
-        def change(state: MessageState | None) -> MessageState:
-            seen["before"] = state  # the state this write started from, on the attempt that wins
-            seen["after"] = after = apply_status(state, data, event_id)
-            return after
-
-        changes: list[tuple[str, Change]] = [(key, change)]
-        if provider in PER_PHONE and phone:  # the send as a whole, beside the number
-
-            def to_mailing(state: MessageState | None) -> MessageState:
-                seen["mailing"] = mailing = apply_to_mailing(state, data)
-                return mailing
-
-            changes.append((kv_key(provider, data["message_id"]), to_mailing))
-
-        def stored() -> None:
-            # Compare-and-set lets one write, on one replica, take a message to its first final.
-            before, after = seen.get("before"), seen.get("after")
-            if after is not None and after.final and not (before is not None and before.final):
-                self._delivered(seen.get("mailing") or after, data)
-
-        return _Plan(msg, changes, stored=stored)
-
-    def _delivered(self, registered: MessageState, data: dict[str, Any]) -> None:
-        """Observe smsbus_delivery_seconds: from `sent_at`, else the registration, to when the
-        provider says the final status happened. An untracked message has neither: not
-        counted."""
-        start = registered.sent_at or registered.registered_at
-        end = data.get("occurred_at") or data.get("received_at")
-        if not start or not end:
-            return
-        try:
-            seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-        except (TypeError, ValueError):
-            return
-        status = str(data["status"])
-        self._metrics.delivery.labels(registered.provider, status).observe(max(0.0, seconds))
+            items = parse_track_batch(msg.data, provider_hint=provider)
+            items = with_trace(items, (msg.headers or {}).get("traceparent"))
+        except PayloadError as exc:
+            return _Plan(msg, [], dead_letter=(provider, str(exc)))
+        stamp = msg.metadata.timestamp
+        at = rfc3339(stamp) if stamp else rfc3339(utcnow())
+        changes: list[tuple[str, Change]] = [
+            (kv_key(i.provider, i.message_id), partial(register, item=i, at=at)) for i in items
+        ]
+        return _Plan(msg, changes)
 
     async def _dead_letter(self, msg: Msg, provider: str, reason: str) -> None:
         """Junk on the stream, kept on the dead-letter subject (PublishError when not even the

@@ -13,6 +13,11 @@ The drainer re-publishes spooled rows oldest first with their original `Nats-Msg
 row only after JetStream acknowledged it. A publish that timed out may still have been stored;
 the repeated `Nats-Msg-Id` keeps one copy within the stream's duplicate window, and beyond it a
 status event whose fact the message's state already records is dropped instead of published.
+
+A status event is done once its state is written too (bus.projection): `publish` returns after
+both. When JetStream stored the event but its state could not be written, the event goes to the
+spool marked as stored, and the drainer writes only its state; a drained event is deleted from
+the spool once it is stored and its state written.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bus.connection import Connection
 from bus.events import Event
 from bus.group import BatchTimeout, GroupCommit
 from bus.metrics import Metrics
+from bus.projection import Projection, StateNotWritten
 from bus.replies import Replies, ReplyError, ack
 from bus.spool import Row, Spool
 from bus.supervisor import Beat
@@ -75,10 +81,12 @@ class Publisher:
         metrics: Metrics,
         timeout: float,
         duplicate_window: float,
+        projection: Projection,
         recorded: Recorded = _never,
         commit_subject: str = "",
     ) -> None:
         self._conn = conn
+        self._projection = projection
         self._replies = Replies(conn.nc)
         self._group = GroupCommit(
             conn.nc, self._replies, commit_subject, self._publish_acked, self._count_ack, timeout,
@@ -111,11 +119,17 @@ class Publisher:
         if event.type == "deadletter":
             self._metrics.deadletters.labels(event.provider).inc()
         if self._spool.depth == 0 and self._conn.is_connected:
+            # The event and its state share the publish timeout: past it, the spool.
+            deadline = asyncio.get_running_loop().time() + self._timeout
             try:
                 await self._group.publish(event)
             except (*_ATTEMPT_ERRORS, BatchTimeout) as exc:
                 self._enter_degraded(exc)
             else:
+                try:
+                    await self._projection.write(event, deadline)
+                except StateNotWritten as exc:
+                    await self._owe_state(event, exc)
                 return "published"
         else:
             self._enter_degraded(None)
@@ -123,6 +137,14 @@ class Publisher:
         await self._spool.append(event)
         self._wake.set()
         return "spooled"
+
+    async def _owe_state(self, event: Event, exc: StateNotWritten) -> None:
+        """The event is in the stream, its state is not: the spool keeps it until the drainer
+        has written the state (PublishError when not even the spool takes it)."""
+        log.warning("state write failed; owed by the spool", event_id=event.id, error=str(exc))
+        self._metrics.states_owed.inc()
+        await self._spool.append(event, stored=True)
+        self._wake.set()
 
     async def run(self, beat: Beat) -> None:
         """The drainer (supervised): publishes what the spool holds, also what an earlier run left
@@ -212,10 +234,15 @@ class Publisher:
             if dropped:
                 await self._spool.delete([row.seq for row in dropped])
                 rows = [row for row in rows if row not in dropped]
-            acked = await self._publish_batch(rows)
-            await self._spool.delete(acked)
+            acked = set(await self._publish_batch([row for row in rows if not row.stored]))
+            stored = [row for row in rows if row.stored or row.seq in acked]
+            owed = await self._projection.write_many([row.event for row in stored])
+            await self._spool.delete([row.seq for row in stored if row.event.id not in owed])
+            await self._spool.mark_stored(
+                [row.seq for row in stored if row.event.id in owed and not row.stored]
+            )
             published += len(acked)
-            if len(acked) < len(rows):
+            if len(stored) < len(rows) or owed:
                 await self._pause(backoff.failed())
             else:
                 backoff.succeeded()

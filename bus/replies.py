@@ -8,7 +8,8 @@ itself, and the two readers below decode it with orjson:
 - `ack`: a publish's acknowledgement (stream sequence, duplicate flag) or `ReplyError` with the
   JetStream `err_code` intact (and "no responders" when no stream takes the subject);
 - `stored`: a `STREAM.MSG.GET` answer (the stream leader's copy) as (data, sequence), or None.
-A request may also have many replies (`request_many`: a batched direct get).
+A request with many replies (a batched direct get, the answers to a fast batch's messages) has its
+token routed to a function of its own (`route`), which reads each reply as it arrives.
 Nothing here times out by itself: the caller bounds the wait.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -51,8 +53,13 @@ class Replies:
         self._prefix = f"{nc._inbox_prefix.decode()}.{NUID().next().decode()}."
         self._nuid = NUID()
         self._pending: dict[str, asyncio.Future[Msg]] = {}
-        self._streams: dict[str, asyncio.Queue[Msg]] = {}
+        self._routes: dict[str, Callable[[Msg], None]] = {}
         self._sub: Subscription | None = None
+
+    @property
+    def prefix(self) -> str:
+        """Reply subjects of ours start with this; the next token routes the reply."""
+        return self._prefix
 
     @property
     def pending(self) -> int:
@@ -71,33 +78,22 @@ class Replies:
         self._pending.clear()
 
     async def request(
-        self,
-        subject: str,
-        payload: bytes,
-        headers: dict[str, str] | None = None,
-        reply_tail: str | None = None,
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
     ) -> asyncio.Future[Msg]:
-        """Send one message with a reply subject of ours; the future resolves with the reply.
-        `reply_tail` (a unique first token, then more) replaces the generated token, for replies
-        whose subject must carry more (a fast batch's commit)."""
-        tail = reply_tail or self._nuid.next().decode()
-        token = tail.split(".", 1)[0]
+        """Send one message with a reply subject of ours; the future resolves with the reply."""
+        token = self._nuid.next().decode()
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._pending[token] = future
         future.add_done_callback(lambda _: self._pending.pop(token, None))
-        await self._nc.publish(subject, payload, reply=self._prefix + tail, headers=headers)
+        await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
         return future
 
-    async def request_many(self, subject: str, payload: bytes) -> tuple[str, asyncio.Queue[Msg]]:
-        """Send one request whose replies all go to the returned queue, until `done(token)`."""
-        token = self._nuid.next().decode()
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._streams[token] = queue
-        await self._nc.publish(subject, payload, reply=self._prefix + token)
-        return token, queue
+    def route(self, token: str, handle: Callable[[Msg], None]) -> None:
+        """Every reply whose subject has this token goes to `handle`, until `unroute`."""
+        self._routes[token] = handle
 
-    def done(self, token: str) -> None:
-        self._streams.pop(token, None)
+    def unroute(self, token: str) -> None:
+        self._routes.pop(token, None)
 
     async def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) :].split(".", 1)[0]
@@ -106,9 +102,9 @@ class Replies:
             if not future.done():
                 future.set_result(msg)
             return
-        queue = self._streams.get(token)
-        if queue is not None:
-            queue.put_nowait(msg)
+        handle = self._routes.get(token)
+        if handle is not None:
+            handle(msg)
 
 
 def _no_responders(msg: Msg) -> bool:

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS spool (
     type     TEXT NOT NULL,
     provider TEXT NOT NULL,
     payload  BLOB NOT NULL,
-    spooled_at REAL NOT NULL DEFAULT 0
+    spooled_at REAL NOT NULL DEFAULT 0,
+    stored   INTEGER NOT NULL DEFAULT 0
 )
 """
 
@@ -40,6 +41,7 @@ class Row:
     seq: int
     event: Event
     spooled_at: float  # unix time; 0 for rows spooled by a release that did not record it
+    stored: bool = False  # JetStream holds the event; only its state is still to be written
 
 
 class Spool:
@@ -50,7 +52,7 @@ class Spool:
         self._db: sqlite3.Connection | None = None
         self._rows = 0  # the row count, owned by the spool thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsbus-spool")
-        self._pending: list[tuple[Event, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Event, bool, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -70,10 +72,11 @@ class Spool:
             self._db = None
         self._thread.shutdown(wait=True)
 
-    async def append(self, event: Event) -> None:
-        """Store the event durably; raise PublishError if the disk refuses it."""
+    async def append(self, event: Event, stored: bool = False) -> None:
+        """Store the event durably; raise PublishError if the disk refuses it. `stored`: JetStream
+        holds it already, only its state is owed (bus.projection)."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((event, future))
+        self._pending.append((event, stored, future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_pending())
         await future
@@ -87,19 +90,24 @@ class Spool:
             self.depth = await self._run(self._delete, seqs)
             self._on_depth(self.depth)
 
+    async def mark_stored(self, seqs: list[int]) -> None:
+        """JetStream acknowledged these rows' events; their states are still owed."""
+        if seqs:
+            await self._run(self._mark_stored, seqs)
+
     async def _commit_pending(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                self.depth = await self._run(self._insert, [event for event, _ in batch])
+                self.depth = await self._run(self._insert, [(e, s) for e, s, _ in batch])
             except (sqlite3.Error, OSError) as exc:
                 error = PublishError(f"spool write failed: {exc}")
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
             self._on_depth(self.depth)
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_result(None)
 
@@ -117,19 +125,21 @@ class Spool:
         columns = {row[1] for row in db.execute("PRAGMA table_info(spool)")}
         if "spooled_at" not in columns:  # a spool from an earlier release
             db.execute("ALTER TABLE spool ADD COLUMN spooled_at REAL NOT NULL DEFAULT 0")
+        if "stored" not in columns:  # ... or from one that left states to a consumer
+            db.execute("ALTER TABLE spool ADD COLUMN stored INTEGER NOT NULL DEFAULT 0")
         self._db = db
         (self._rows,) = db.execute("SELECT count(*) FROM spool").fetchone()
         return self._rows
 
-    def _insert(self, events: list[Event]) -> int:
+    def _insert(self, events: list[tuple[Event, bool]]) -> int:
         assert self._db is not None
         with self._db:  # one transaction, one fsync
             self._db.execute("BEGIN IMMEDIATE")
             now = time.time()
             self._db.executemany(
-                "INSERT INTO spool (id, subject, type, provider, payload, spooled_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(e.id, e.subject, e.type, e.provider, e.payload, now) for e in events],
+                "INSERT INTO spool (id, subject, type, provider, payload, spooled_at, stored)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(e.id, e.subject, e.type, e.provider, e.payload, now, int(s)) for e, s in events],
             )
         self._rows += len(events)
         return self._rows
@@ -137,14 +147,20 @@ class Spool:
     def _head(self, limit: int) -> list[Row]:
         assert self._db is not None
         cursor = self._db.execute(
-            "SELECT seq, id, subject, type, provider, payload, spooled_at FROM spool"
+            "SELECT seq, id, subject, type, provider, payload, spooled_at, stored FROM spool"
             " ORDER BY seq LIMIT ?",
             (limit,),
         )
         return [
-            Row(seq, _event(id_, subj, kind, prov, bytes(data)), at)
-            for seq, id_, subj, kind, prov, data, at in cursor
+            Row(seq, _event(id_, subj, kind, prov, bytes(data)), at, bool(stored))
+            for seq, id_, subj, kind, prov, data, at, stored in cursor
         ]
+
+    def _mark_stored(self, seqs: list[int]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("UPDATE spool SET stored = 1 WHERE seq = ?", [(s,) for s in seqs])
 
     def _delete(self, seqs: list[int]) -> int:
         assert self._db is not None

@@ -22,20 +22,23 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import nats.errors
 import nats.js.errors
 import orjson
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
+from bus import fastbatch
 from bus.connection import Connection
 from bus.events import Event, message_key
 from bus.follow import Follower
 from bus.index import MessageIndex
 from bus.messages import MessageState, TrackItem, kv_key, register
 from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored
+from bus.stream import state_commit_subject
 
 CAS_ATTEMPTS = 50
 WRITES_AT_ONCE = 64  # concurrent writes of one batch of registrations
@@ -47,6 +50,8 @@ ATOMIC_BATCH = 250  # writes per atomic batch (the server takes at most 1000)
 ATOMIC_IN_FLIGHT = 8  # atomic batches open at once (the server allows 50 per stream)
 
 Change = Callable[[MessageState | None], MessageState]
+Batches = Literal["atomic", "fast", "none"]
+EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 
 async def read_state(kv: KeyValue, key: str) -> tuple[MessageState | None, int]:
@@ -81,7 +86,10 @@ class States:
         self._batches: set[asyncio.Task[None]] = set()
         self._nuid = NUID()
         self._atomic_gate = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
+        self._batch_gate = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
+        self._commit = state_commit_subject(bucket)
         self.atomic = False  # set once the bucket is known to take atomic batches
+        self.batched = False  # ... and fast batches
         self.mirror = MessageIndex(bucket, on_open=on_open, floor=lambda: self.follower.last)
         self.follower = Follower(
             conn,
@@ -91,6 +99,10 @@ class States:
             self.mirror.apply,
             on_reset=self.mirror.clear,
         )
+
+    @property
+    def connected(self) -> bool:
+        return self._conn.is_connected
 
     async def start(self) -> None:
         await self._replies.start()
@@ -137,47 +149,34 @@ class States:
         self, batch: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]]
     ) -> None:
         """One direct get for many keys: a reply per key found, then a status (204 end of
-        batch, or 404 when none was found); for one key, its value or a 404."""
-        found: dict[str, tuple[MessageState | None, int]] = {}
-        error: BaseException | None = None
+        batch, or 404 when none was found); for one key, its value or a 404. The replies are
+        read as they arrive (bus.replies routes them here), the wait bounded by BATCH_TIMEOUT."""
         subjects = [self._subject + key for key in batch]
-        token = None
+        reading = _Reading(self._subject, single=len(subjects) == 1)
+        token = self._nuid.next().decode()
+        self._replies.route(token, reading.on_reply)
+        expiry = asyncio.get_running_loop().call_later(BATCH_TIMEOUT, reading.expire)
         try:
             if len(subjects) == 1:  # the server's cheapest read: the key in the subject
                 subject, request = f"{self._direct_get}.{subjects[0]}", b""
             else:
                 subject = self._direct_get
                 request = orjson.dumps({"multi_last": subjects, "batch": len(subjects)})
-            token, replies = await self._replies.request_many(subject, request)
-            while True:
-                msg = await asyncio.wait_for(replies.get(), BATCH_TIMEOUT)
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status is not None:
-                    if status not in ("204", "404"):
-                        error = ReplyError(int(status), 0, headers.get("Description", ""))
-                    break
-                key = headers["Nats-Subject"][len(self._subject) :]
-                found[key] = (_state_of(msg.data, headers), int(headers["Nats-Sequence"]))
-                if len(subjects) == 1:
-                    break  # a single get has no end-of-batch status
-        except (TimeoutError, nats.errors.Error, KeyError, ValueError) as exc:
-            error = (
-                exc
-                if isinstance(exc, TimeoutError | nats.errors.Error)
-                else ReplyError(0, 0, f"unreadable batch reply: {type(exc).__name__}")
-            )
+            await self._conn.nc.publish(subject, request, reply=self._replies.prefix + token)
+            await reading.done
+        except (TimeoutError, nats.errors.Error) as exc:
+            reading.error = reading.error or exc
         finally:
-            if token is not None:
-                self._replies.done(token)
+            expiry.cancel()
+            self._replies.unroute(token)
         for key, futures in batch.items():
             for future in futures:
                 if future.done():
                     continue
-                if error is not None:
-                    future.set_exception(error)
+                if reading.error is not None:
+                    future.set_exception(reading.error)
                 else:
-                    future.set_result(found.get(key, (None, 0)))
+                    future.set_result(reading.found.get(key, (None, 0)))
 
     async def lookup(self, provider: str, message_key: str) -> MessageState | None:
         """The state of a message: the mirror's, else the bucket's. When the bucket cannot be
@@ -230,7 +229,7 @@ class States:
     async def _write(self, key: str, value: bytes, last: int) -> int:
         """Put `value` under `key` if the key's last revision is still `last` (0: no value yet);
         the new revision. ReplyError on a conflict (WRONG_LAST) or a refusal."""
-        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        headers = {EXPECTED_LAST: str(last)}
         future = await self._replies.request(self._subject + key, value, headers)
         expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, _time_out, future)
         try:
@@ -242,17 +241,20 @@ class States:
         self,
         changes: Sequence[tuple[str, Change]],
         at_once: int = WRITES_AT_ONCE,
-        atomic: bool = True,
+        batches: Batches = "atomic",
     ) -> dict[str, BaseException]:
-        """Apply changes to many keys, those to one key in the order given and written once: as
-        atomic batches where the bucket takes them (and `atomic`), else (and for a batch
-        refused) key by key with at most `at_once` writes in flight. Returns the keys that could
-        not be written, with why (NATS errors); every other key is written, or already was as
-        the changes would have it."""
+        """Apply changes to many keys, those to one key in the order given and written once:
+        as atomic batches (`batches="atomic"`: each write's revision is known at once, so the
+        mirror holds it before this returns) or fast batches ("fast": cheaper, the mirror learns
+        of them from its watch) where the bucket takes them, else key by key with at most
+        `at_once` writes in flight; what a batch did not store is written key by key. Returns
+        the keys that could not be written, with why (NATS errors); every other key is
+        written, or already was as the changes would have it."""
         by_key: dict[str, list[Change]] = {}
         for key, change in changes:
             by_key.setdefault(key, []).append(change)
-        if not (atomic and self.atomic) or len(by_key) == 1:
+        takes = {"atomic": self.atomic, "fast": self.batched, "none": False}[batches]
+        if not takes or len(by_key) == 1:
             return await self._one_by_one(list(by_key.items()), at_once)
         writes = []
         for key, steps in by_key.items():
@@ -260,11 +262,36 @@ class States:
             new = _folded(steps)(current)
             if new != current:
                 writes.append((key, steps, new, revision))
-        chunks = [writes[i : i + ATOMIC_BATCH] for i in range(0, len(writes), ATOMIC_BATCH)]
+        size = ATOMIC_BATCH if batches == "atomic" else fastbatch.MAX_BATCH
+        chunks = [writes[i : i + size] for i in range(0, len(writes), size)]
+        write_chunk = self._write_chunk if batches == "atomic" else self._write_fast
         failed: dict[str, BaseException] = {}
-        for result in await asyncio.gather(*(self._write_chunk(c, at_once) for c in chunks)):
+        for result in await asyncio.gather(*(write_chunk(c, at_once) for c in chunks)):
             failed.update(result)
         return failed
+
+    async def _write_fast(
+        self, writes: list[tuple[str, list[Change], MessageState, int]], at_once: int
+    ) -> dict[str, BaseException]:
+        messages = [
+            (self._subject + key, new.to_json(), {EXPECTED_LAST: str(revision)})
+            for key, _, new, revision in writes
+        ]
+        try:
+            async with self._batch_gate:
+                outcome = await fastbatch.send(
+                    self._conn.nc, self._replies, messages, self._commit, READ_TIMEOUT, self._nuid
+                )
+        except (TimeoutError, nats.errors.Error):
+            outcome = fastbatch.Outcome(0)  # any of them may be stored: each write finds out
+        if outcome.stored == len(writes):
+            self._on_batch("stored")
+            return {}
+        # The one refused (another writer got to its key first, or the mirror is behind) and
+        # those after it: key by key, each from the bucket's copy when the mirror's is stale.
+        self._on_batch("refused")
+        rest = writes[outcome.stored :]
+        return await self._one_by_one([(key, steps) for key, steps, _, _ in rest], at_once)
 
     async def _write_chunk(
         self, writes: list[tuple[str, list[Change], MessageState, int]], at_once: int
@@ -311,7 +338,7 @@ class States:
             headers = {
                 "Nats-Batch-Id": batch,
                 "Nats-Batch-Sequence": str(seq),
-                "Nats-Expected-Last-Subject-Sequence": str(revision),
+                EXPECTED_LAST: str(revision),
             }
             if seq < last:
                 await self._conn.nc.publish(self._subject + key, value, headers=headers)
@@ -353,6 +380,42 @@ def _folded(steps: list[Change]) -> Change:
         return state
 
     return folded
+
+
+class _Reading:
+    """The replies to one batched direct get, as they arrive."""
+
+    def __init__(self, subject_prefix: str, single: bool) -> None:
+        self._prefix = subject_prefix
+        self._single = single  # a get of one key has no end-of-batch status
+        self.found: dict[str, tuple[MessageState | None, int]] = {}
+        self.error: BaseException | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_reply(self, msg: Msg) -> None:
+        if self.done.done():
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is not None:
+            if status not in ("204", "404"):
+                self.error = ReplyError(int(status), 0, headers.get("Description", ""))
+            self.done.set_result(None)
+            return
+        try:
+            key = headers["Nats-Subject"][len(self._prefix) :]
+            self.found[key] = (_state_of(msg.data, headers), int(headers["Nats-Sequence"]))
+        except (KeyError, ValueError) as exc:
+            self.error = ReplyError(0, 0, f"unreadable batch reply: {type(exc).__name__}")
+            self.done.set_result(None)
+            return
+        if self._single:
+            self.done.set_result(None)
+
+    def expire(self) -> None:
+        if not self.done.done():
+            self.error = TimeoutError("no answer to the read in time")
+            self.done.set_result(None)
 
 
 def _state_of(data: bytes, headers: dict[str, str]) -> MessageState | None:

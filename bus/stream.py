@@ -133,19 +133,28 @@ async def ensure_bucket(
     return bucket
 
 
-async def allow_atomic(js: JetStreamContext, bucket: str) -> bool:
-    """Let a bucket's stream take atomic batches (bus.state writes many states as one); True
-    when it does (an older nats-server ignores the setting)."""
+async def allow_batches(js: JetStreamContext, bucket: str) -> tuple[bool, bool]:
+    """Let a bucket's stream take atomic batches (registrations, bus.state) and fast batches
+    (status states written through, bus.projection); whether it takes each (an older
+    nats-server ignores a setting it does not know)."""
     info = await js.stream_info(f"KV_{bucket}")
-    if not info.config.allow_atomic:
-        info = await js.update_stream(dataclasses.replace(info.config, allow_atomic=True))
-    return bool(info.config.allow_atomic)
+    if not (info.config.allow_atomic and info.config.allow_batched):
+        wanted = dataclasses.replace(info.config, allow_atomic=True, allow_batched=True)
+        info = await js.update_stream(wanted)
+    return bool(info.config.allow_atomic), bool(info.config.allow_batched)
+
+
+def state_commit_subject(bucket: str) -> str:
+    """Where a fast batch of state writes is committed: a key of the bucket no message has
+    (every message key starts with its provider), never stored."""
+    return f"$KV.{bucket}._smsbus_commit"
 
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     batched: bool  # the stream takes fast batches
     atomic: bool  # the message-state bucket takes atomic batches
+    states_batched: bool  # ... and fast batches
     messages: KeyValue
     cursors: KeyValue
     leases: KeyValue
@@ -156,9 +165,11 @@ async def ensure_all(js: JetStreamContext, settings: Settings) -> Buckets:
     messages, cursors, leases = bucket_names(settings.stream)
     replicas = settings.stream_replicas
     states = await ensure_bucket(js, messages, replicas, settings.state_max_age)
+    atomic, states_batched = await allow_batches(js, messages)
     return Buckets(
         batched=batched,
-        atomic=await allow_atomic(js, messages),
+        atomic=atomic,
+        states_batched=states_batched,
         messages=states,
         cursors=await ensure_bucket(js, cursors, replicas),
         leases=await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE),

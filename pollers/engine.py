@@ -55,7 +55,7 @@ log = structlog.get_logger("smsbus.poller")
 
 CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
-EXPIRIES_AT_ONCE = 100
+PUBLISHED_AT_ONCE = 100  # events published together (expiries, a history's news)
 LOAD_SLICE = 20_000  # messages put on the schedule between two turns of the event loop
 
 
@@ -193,9 +193,9 @@ class ProviderPoller:
             and state.tracked
             and not state.final
         ]
-        for i in range(0, len(expiring), EXPIRIES_AT_ONCE):  # published together: acks pipelined
+        for i in range(0, len(expiring), PUBLISHED_AT_ONCE):  # published together: acks pipelined
             await asyncio.gather(
-                *(self._expire_or_retry(s, now) for s in expiring[i : i + EXPIRIES_AT_ONCE])
+                *(self._expire_or_retry(s, now) for s in expiring[i : i + PUBLISHED_AT_ONCE])
             )
         polled = [m for m in due.poll if self._index.is_open(self.name, m)]
         for message_id in set(due.poll).difference(polled):
@@ -305,9 +305,21 @@ class ProviderPoller:
     # The work
 
     async def _history(self) -> None:
+        """Publish what the account's history says is new, many reports at once (their acks and
+        state writes pipelined), the reports of one message one after the other, in order."""
         assert self.provider.history is not None
+        by_message: dict[str, list[StatusReport]] = {}
         for report in await self.provider.history():
-            await self._report(report)
+            key = message_key(self.name, report.message_id, report.phone)
+            by_message.setdefault(key, []).append(report)
+
+        async def in_order(reports: list[StatusReport]) -> None:
+            for report in reports:
+                await self._report(report)
+
+        queued = list(by_message.values())
+        for i in range(0, len(queued), PUBLISHED_AT_ONCE):
+            await asyncio.gather(*(in_order(r) for r in queued[i : i + PUBLISHED_AT_ONCE]))
 
     def _known(self, report: StatusReport) -> bool | None:
         """When the mirror's state already says this status: whether the message is final (or

@@ -30,6 +30,7 @@ from bus.config import Settings
 from bus.errors import PayloadError, StartupError
 from bus.events import Event, status_event
 from bus.messages import kv_key, parse_track_batch
+from bus.projection import write_with
 from bus.state import read_state
 from bus.statuses import PROVIDERS, SMSPILOT_ERRORS
 from bus.stream import bucket_names
@@ -226,9 +227,11 @@ def _sniff(body: bytes) -> str | None:
     return None
 
 
-async def publish(js: Any, event: Event) -> bool:
-    """Publish and wait for the ack; False when JetStream already held this id."""
+async def publish(js: Any, kv: Any, event: Event) -> bool:
+    """Publish and wait for the ack, then write the state of a status event (as `smsbus serve`
+    does for what it publishes); False when JetStream already held this id."""
     ack = await js.publish(event.subject, event.payload, headers=event.headers, timeout=ACK_TIMEOUT)
+    await write_with(kv, event)
     return not ack.duplicate
 
 
@@ -258,7 +261,7 @@ async def replay(nc: Any, settings: Settings, seqs: list[int], filters: Filters,
             _print({**outcome, "outcome": "failed", "reason": str(exc), "was": letter.reason})
             continue
         try:
-            stored = [await publish(js, event) for event in events]
+            stored = [await publish(js, kv, event) for event in events]
         except (TimeoutError, nats.errors.Error) as exc:
             tally.failed += 1
             _print({**outcome, "outcome": "failed", "reason": f"not stored: {exc!r}"})

@@ -79,7 +79,7 @@ def test_a_fact_repeated_after_the_duplicate_window_is_not_stored_again(
             answer = client.get(f"{pair[0].api}/v1/messages/smspilot/{server_id}")
             return answer.status_code == 200 and answer.json()["status"] == "delivered"
 
-        wait_for(recorded, what="the projector to record the fact")
+        wait_for(recorded, what="the state to record the fact")
         time.sleep(WINDOW + 0.5)  # the scenario itself: JetStream has forgotten the id
         for bus in pair:  # SMSPilot retrying late, at either replica
             callback(client, bus, server_id, 2)

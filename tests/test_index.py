@@ -22,7 +22,7 @@ _ids = itertools.count(random.randrange(10**9, 10**10))
 
 
 async def stored(runtime: Bus, key: str, check: object = None) -> MessageState:
-    """Wait (on the bucket, not a clock) until the projector has written `key`."""
+    """Wait (on the bucket, not a clock) until `key` is written."""
     kv = runtime.states.kv
 
     async def written() -> MessageState | None:

@@ -1,0 +1,210 @@
+"""What a status event changes in its message's state, and writing those changes through.
+
+The replica that publishes a status event writes its state as well, once JetStream has stored the
+event and before the event counts as done (a callback's `OK`, a poll's next step): the stream
+holds every fact a state records, and a state records every fact a replica has called done. The
+writes of events that are done together (a group commit's batch, a drained stretch of the spool)
+go out together, as atomic batches of compare-and-set writes (bus.state). A write that fails
+leaves the event's state owed; the publisher keeps it in the spool, whose drainer writes it.
+
+Changes to one key apply in the order given; applying a fact the state records changes nothing,
+so writing an event's state twice (a drained row, a replay) is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.js.kv import KeyValue
+
+from bus.events import PER_PHONE, Event, message_key
+from bus.messages import MessageState, apply_status, apply_to_mailing, kv_key
+from bus.state import CAS_ATTEMPTS, Change, States, read_state
+
+Delivered = Callable[[MessageState, Mapping[str, Any]], None]
+_STATUS_FIELDS = ("provider", "message_id", "status", "final", "provider_status", "occurred_at")
+
+
+class StateNotWritten(Exception):
+    """The event is stored, its state is not (yet): a NATS error or timeout."""
+
+
+@dataclass(eq=False)
+class StatusChange:
+    """The state changes one status event makes: its message's key, and for a send to several
+    numbers (SMS-Pager, SMSC) also the send as a whole. `first_final` tells, once written,
+    whether this write took the message to its first final status (compare-and-set lets exactly
+    one writer, on one replica, do that)."""
+
+    event_id: str
+    data: Mapping[str, Any]
+    changes: list[tuple[str, Change]] = field(default_factory=list)
+    _seen: dict[str, MessageState | None] = field(default_factory=dict)
+
+    def first_final(self) -> MessageState | None:
+        """The state the delivery time counts from (the mailing's, for a number of one), when
+        the winning write made the message final for the first time."""
+        before, after = self._seen.get("before"), self._seen.get("after")
+        if after is not None and after.final and not (before is not None and before.final):
+            return self._seen.get("mailing") or after
+        return None
+
+
+def status_data(event: Event) -> Mapping[str, Any] | None:
+    """A status event's data: carried by an event built here, read from the payload of one that
+    came back from the spool; None when it is not a complete status event."""
+    if event.data is not None:
+        return event.data
+    try:
+        data = orjson.loads(event.payload)["data"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(data, dict) or not all(f in data for f in _STATUS_FIELDS):
+        return None
+    return data
+
+
+def status_change(event_id: str, data: Mapping[str, Any]) -> StatusChange:
+    provider, phone = data["provider"], data.get("phone")
+    plan = StatusChange(event_id, data)
+    seen = plan._seen
+
+    def change(state: MessageState | None) -> MessageState:
+        seen["before"] = state  # the state this write started from, on the attempt that wins
+        seen["after"] = after = apply_status(state, data, event_id)
+        return after
+
+    plan.changes.append(
+        (kv_key(provider, message_key(provider, data["message_id"], phone)), change)
+    )
+    if provider in PER_PHONE and phone:  # the send as a whole, beside the number
+
+        def to_mailing(state: MessageState | None) -> MessageState:
+            seen["mailing"] = mailing = apply_to_mailing(state, data)
+            return mailing
+
+        plan.changes.append((kv_key(provider, data["message_id"]), to_mailing))
+    return plan
+
+
+def delivery_seconds(registered: MessageState, data: Mapping[str, Any]) -> float | None:
+    """From `sent_at`, else the registration, to when the provider says the final status
+    happened; None for a message with neither (never registered)."""
+    start = registered.sent_at or registered.registered_at
+    end = data.get("occurred_at") or data.get("received_at")
+    if not start or not end:
+        return None
+    try:
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, seconds)
+
+
+async def write_with(kv: KeyValue, event: Event) -> None:
+    """Write a status event's state through a nats-py bucket handle, for a command that does not
+    open the bus (`smsbus replay`): read, apply, compare-and-set, read again on a conflict.
+    NATS errors pass through."""
+    data = status_data(event) if event.type == "status" else None
+    if data is None:
+        return
+    for key, change in status_change(event.id, data).changes:
+        for _ in range(CAS_ATTEMPTS):
+            state, revision = await read_state(kv, key)
+            new = change(state)
+            if new == state:
+                break
+            try:
+                if revision:
+                    await kv.update(key, new.to_json(), last=revision)
+                else:
+                    await kv.create(key, new.to_json())
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another writer was first: read again
+            break
+        else:
+            raise nats.errors.Error(f"{key}: still contended after {CAS_ATTEMPTS} attempts")
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the write goes on; the drainer writes the state again, harmlessly
+        future.set_exception(StateNotWritten("no answer in time"))
+
+
+class Projection:
+    """Writes the states of status events through, those of one event-loop turn together."""
+
+    def __init__(self, states: States, delivered: Delivered = lambda state, data: None) -> None:
+        self._states = states
+        self._delivered = delivered
+        self._queue: list[tuple[StatusChange, asyncio.Future[None]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def write(self, event: Event, deadline: float | None = None) -> None:
+        """Return once the event's state records it; StateNotWritten when it could not be
+        written, NATS being away, or by `deadline` (event-loop time). An event that is not a
+        status event, or not a readable one, changes no state."""
+        data = status_data(event) if event.type == "status" else None
+        if data is None:
+            return
+        if not self._states.connected:
+            raise StateNotWritten("NATS is not connected")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.append((status_change(event.id, data), future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        if deadline is None:
+            await future
+            return
+        expiry = loop.call_at(deadline, _expire, future)
+        try:
+            await future
+        finally:
+            expiry.cancel()
+
+    async def write_many(self, events: Sequence[Event]) -> dict[str, StateNotWritten]:
+        """Write the states of many events; those that could not be written, by event id."""
+        results = await asyncio.gather(*(self.write(e) for e in events), return_exceptions=True)
+        failed: dict[str, StateNotWritten] = {}
+        for event, result in zip(events, results, strict=True):
+            if isinstance(result, StateNotWritten):
+                failed[event.id] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return failed
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        queued, self._queue = self._queue, []
+        task = asyncio.create_task(self._apply(queued))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, queued: list[tuple[StatusChange, asyncio.Future[None]]]) -> None:
+        try:
+            failed = await self._states.apply(
+                [change for plan, _ in queued for change in plan.changes], batches="fast"
+            )
+        except Exception as exc:  # not one write could be tried: every state is owed
+            failed = {key: exc for plan, _ in queued for key, _ in plan.changes}
+        for plan, future in queued:
+            error = next((failed[key] for key, _ in plan.changes if key in failed), None)
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(StateNotWritten(str(error) or type(error).__name__))
+                continue
+            registered = plan.first_final()
+            if registered is not None:
+                self._delivered(registered, plan.data)
+            future.set_result(None)

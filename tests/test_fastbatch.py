@@ -1,0 +1,201 @@
+"""Fast batches as a single nats-server and a 3-node cluster answer them (bus.fastbatch): a batch
+stored whole is answered with its count, a message refused ends the batch with those before it
+stored and says so, and a clustered stream, which answers on other subjects than a single server,
+is read as well. Also the batch's wire form (bus.wire): what nats-server receives is what nats-py's
+`publish` would have sent."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.nuid import NUID
+
+from bus import fastbatch, wire
+from bus.replies import WRONG_LAST, Replies
+from tests.support import NatsCluster, NatsServer
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    nodes = NatsCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def urls(request: pytest.FixtureRequest, nats_server: NatsServer) -> list[str]:
+    if request.param == "single":
+        return [nats_server.url]
+    return list(request.getfixturevalue("cluster").urls)
+
+
+def run(urls: list[str], check: Callable[..., Awaitable[None]]) -> None:
+    """`check(nc, kv, replies, bucket)` on a fresh bucket that takes fast batches (R3 on the
+    cluster)."""
+
+    async def main() -> None:
+        replicas = 3 if len(urls) > 1 else 1
+        nc = await nats.connect(urls)
+        js = nc.jetstream()
+        name = f"B{uuid.uuid4().hex[:8]}"
+        kv = await js.create_key_value(
+            KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE, replicas=replicas)
+        )
+        info = await js.stream_info(f"KV_{name}")
+        await js.update_stream(dataclasses.replace(info.config, allow_batched=True))
+        replies = Replies(nc)
+        await replies.start()
+        try:
+            await check(nc, kv, replies, name)
+        finally:
+            await replies.stop()
+            await js.delete_key_value(name)
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def writes(name: str, keys: list[str], expected: list[int]) -> list[fastbatch.Message]:
+    header = "Nats-Expected-Last-Subject-Sequence"
+    return [
+        (f"$KV.{name}.{key}", key.encode(), {header: str(revision)})
+        for key, revision in zip(keys, expected, strict=True)
+    ]
+
+
+async def send(nc: Any, replies: Replies, name: str, messages: list[fastbatch.Message]) -> Any:
+    commit = f"$KV.{name}._commit"
+    return await fastbatch.send(nc, replies, messages, commit, 5.0, NUID())
+
+
+async def values(kv: Any, keys: list[str]) -> dict[str, bytes]:
+    found = {}
+    for key in keys:
+        try:
+            found[key] = (await kv.get(key)).value
+        except nats.js.errors.KeyNotFoundError:
+            pass
+    return found
+
+
+def test_a_batch_stored_whole_is_answered_with_its_count(urls: list[str]) -> None:
+    keys = [f"k{i}" for i in range(40)]
+
+    async def check(nc: Any, kv: Any, replies: Replies, name: str) -> None:
+        outcome = await send(nc, replies, name, writes(name, keys, [0] * len(keys)))
+        assert fastbatch.Outcome(len(keys)) == outcome
+        assert {key: key.encode() for key in keys} == await values(kv, keys)
+
+    run(urls, check)
+
+
+def test_a_refused_write_ends_the_batch_and_those_before_it_are_stored(urls: list[str]) -> None:
+    keys = ["a", "b", "c", "d"]
+
+    async def check(nc: Any, kv: Any, replies: Replies, name: str) -> None:
+        taken = await kv.put("c", b"someone else's")
+        outcome = await send(nc, replies, name, writes(name, keys, [0, 0, 0, 0]))
+        assert 2 == outcome.stored
+        assert outcome.error is not None and outcome.error.err_code in WRONG_LAST
+        found = await values(kv, keys)
+        assert {"a": b"a", "b": b"b", "c": b"someone else's"} == found  # "d" never tried
+        # The refused write, at the right revision, and the rest: a batch of their own.
+        outcome = await send(nc, replies, name, writes(name, ["c", "d"], [taken, 0]))
+        assert fastbatch.Outcome(2) == outcome
+        assert {"c": b"c", "d": b"d"} == await values(kv, ["c", "d"])
+
+    run(urls, check)
+
+
+def test_a_first_write_refused_stores_nothing(urls: list[str]) -> None:
+    keys = ["a", "b"]
+
+    async def check(nc: Any, kv: Any, replies: Replies, name: str) -> None:
+        await kv.put("a", b"old")
+        outcome = await send(nc, replies, name, writes(name, keys, [0, 0]))
+        assert 0 == outcome.stored
+        assert outcome.error is not None and outcome.error.err_code in WRONG_LAST
+        assert {"a": b"old"} == await values(kv, keys)
+
+    run(urls, check)
+
+
+def test_batches_written_on_the_wire_are_what_publish_sends(nats_server: NatsServer) -> None:
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            subject = f"wire.{uuid.uuid4().hex}"
+            got: list[tuple[str, str, dict[str, str] | None, bytes]] = []
+            done = asyncio.Event()
+
+            async def seen(msg: Any) -> None:
+                got.append((msg.subject, msg.reply, msg.headers, msg.data))
+                if len(got) == 6:
+                    done.set()
+
+            await nc.subscribe(f"{subject}.>", cb=seen)
+            messages: list[wire.Message] = [
+                (f"{subject}.a", b"with headers", "reply.1", {"Nats-Msg-Id": "x1", "A": "b c"}),
+                (f"{subject}.b", b"", "", None),
+                (f"{subject}.c", "текст".encode(), "reply.3", None),
+            ]
+            await wire.publish_many(nc, messages)
+            for subj, payload, reply, headers in messages:
+                await nc.publish(subj, payload, reply=reply, headers=headers)
+            await asyncio.wait_for(done.wait(), 5)
+            assert got[:3] == got[3:]
+            assert (f"{subject}.a", "reply.1", {"Nats-Msg-Id": "x1", "A": "b c"}) == got[0][:3]
+            with pytest.raises(nats.errors.Error):
+                await wire.publish_many(nc, [(f"{subject}.d", b"", "", {"A": "line\r\nbreak"})])
+            too_big = b"x" * (nc.max_payload + 1)
+            with pytest.raises(nats.errors.MaxPayloadError):
+                await wire.publish_many(nc, [(f"{subject}.e", b"ok", "", None),
+                                             (f"{subject}.f", too_big, "", None)])  # fmt: skip
+            await nc.flush()
+            assert 6 == len(got)  # neither refused batch sent anything
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_a_group_commit_on_a_clustered_stream_is_answered(cluster: NatsCluster) -> None:
+    """Events batched on an R3 stream are acknowledged (a cluster answers on the last message's
+    subject, not the commit's) rather than timing out into the spool."""
+
+    async def main() -> None:
+        nc = await nats.connect(cluster.urls)
+        js = nc.jetstream()
+        name = f"S{uuid.uuid4().hex[:8]}"
+        await js.add_stream(
+            StreamConfig(name=name, subjects=[f"{name}.>"], num_replicas=3, allow_batched=True,
+                         storage=StorageType.FILE)
+        )  # fmt: skip
+        replies = Replies(nc)
+        await replies.start()
+        try:
+            nuid = NUID()
+            events = [
+                (f"{name}.e", f"event {i}".encode(), {"Nats-Msg-Id": f"{name}-{i}"})
+                for i in range(30)
+            ]
+            outcome = await fastbatch.send(nc, replies, events, f"{name}.commit", 5.0, nuid)
+            assert fastbatch.Outcome(30) == outcome
+            again = await fastbatch.send(nc, replies, events, f"{name}.commit", 5.0, nuid)
+            assert fastbatch.Outcome(30) == again  # repeats are skipped and still counted
+            assert 30 == (await js.stream_info(name)).state.messages
+        finally:
+            await replies.stop()
+            await js.delete_stream(name)
+            await nc.close()
+
+    asyncio.run(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -36,24 +35,37 @@ class StateNotWritten(Exception):
     """The event is stored, its state is not (yet): a NATS error or timeout."""
 
 
-@dataclass(eq=False)
 class StatusChange:
     """The state changes one status event makes: its message's key, and for a send to several
     numbers (SMS-Pager, SMSC) also the send as a whole. `first_final` tells, once written,
     whether this write took the message to its first final status (compare-and-set lets exactly
-    one writer, on one replica, do that)."""
+    one writer, on one replica, do that). Built for every status event, so plainly."""
 
-    event_id: str
-    data: Mapping[str, Any]
-    changes: list[tuple[str, Change]] = field(default_factory=list)
-    _seen: dict[str, MessageState | None] = field(default_factory=dict)
+    __slots__ = ("event_id", "data", "changes", "_before", "_after", "_mailing")
+
+    def __init__(self, event_id: str, data: Mapping[str, Any], key: str) -> None:
+        self.event_id = event_id
+        self.data = data
+        self.changes: list[tuple[str, Change]] = [(key, self.apply)]
+        self._before: MessageState | None = None
+        self._after: MessageState | None = None
+        self._mailing: MessageState | None = None
+
+    def apply(self, state: MessageState | None) -> MessageState:
+        self._before = state  # the state this write started from, on the attempt that wins
+        self._after = after = apply_status(state, self.data, self.event_id)
+        return after
+
+    def to_mailing(self, state: MessageState | None) -> MessageState:
+        self._mailing = mailing = apply_to_mailing(state, self.data)
+        return mailing
 
     def first_final(self) -> MessageState | None:
         """The state the delivery time counts from (the mailing's, for a number of one), when
         the winning write made the message final for the first time."""
-        before, after = self._seen.get("before"), self._seen.get("after")
+        before, after = self._before, self._after
         if after is not None and after.final and not (before is not None and before.final):
-            return self._seen.get("mailing") or after
+            return self._mailing or after
         return None
 
 
@@ -73,24 +85,11 @@ def status_data(event: Event) -> Mapping[str, Any] | None:
 
 def status_change(event_id: str, data: Mapping[str, Any]) -> StatusChange:
     provider, phone = data["provider"], data.get("phone")
-    plan = StatusChange(event_id, data)
-    seen = plan._seen
-
-    def change(state: MessageState | None) -> MessageState:
-        seen["before"] = state  # the state this write started from, on the attempt that wins
-        seen["after"] = after = apply_status(state, data, event_id)
-        return after
-
-    plan.changes.append(
-        (kv_key(provider, message_key(provider, data["message_id"], phone)), change)
+    plan = StatusChange(
+        event_id, data, kv_key(provider, message_key(provider, data["message_id"], phone))
     )
     if provider in PER_PHONE and phone:  # the send as a whole, beside the number
-
-        def to_mailing(state: MessageState | None) -> MessageState:
-            seen["mailing"] = mailing = apply_to_mailing(state, data)
-            return mailing
-
-        plan.changes.append((kv_key(provider, data["message_id"]), to_mailing))
+        plan.changes.append((kv_key(provider, data["message_id"]), plan.to_mailing))
     return plan
 
 

@@ -183,7 +183,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         def delivered(registered: MessageState, data: Mapping[str, Any]) -> None:
             seconds = delivery_seconds(registered, data)
             if seconds is not None:
-                metrics.delivery.labels(registered.provider, str(data["status"])).observe(seconds)
+                metrics.delivered(registered.provider, str(data["status"]), seconds)
 
         publisher = Publisher(
             conn, spool, metrics, s.publish_timeout, s.duplicate_window,

@@ -42,6 +42,7 @@ _MARKER_DELETES = ("MaxAge", "Purge", "Remove")
 _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
 PRUNE_EVERY = 600.0
+RECENT = 4096  # states kept unpacked
 _NO_BLOB = packed.HEAD.pack(0, 0, 0, 0, 0, 0)  # revision 0: older than anything held
 
 
@@ -61,6 +62,7 @@ class MessageIndex:
         self.listeners: list[Callable[[MessageState], None]] = []  # told of every new state
         self._by_provider: dict[str, dict[str, bytes]] = {}
         self._own: list[int] = []  # a heap: revisions this process wrote and `observe`d
+        self._recent: dict[tuple[str, str], tuple[bytes, tuple[MessageState, int]]] = {}
 
     @property
     def held(self) -> int:
@@ -76,11 +78,23 @@ class MessageIndex:
         blob = self._blob(provider, message_id)
         if blob is None:
             return None, 0
-        return packed.unpack(blob, provider, message_id)
+        return self._unpack(provider, message_id, blob)
 
     def get(self, provider: str, message_id: str) -> MessageState | None:
         blob = self._blob(provider, message_id)
-        return None if blob is None else packed.unpack(blob, provider, message_id)[0]
+        return None if blob is None else self._unpack(provider, message_id, blob)[0]
+
+    def _unpack(self, provider: str, message_id: str, blob: bytes) -> tuple[MessageState, int]:
+        """A held state, unpacked; the last few are kept, since a poll or a callback reads a
+        state and then writes it (states are values, never modified, so sharing one is safe)."""
+        recent = self._recent.get((provider, message_id))
+        if recent is not None and recent[0] is blob:
+            return recent[1]
+        unpacked = packed.unpack(blob, provider, message_id)
+        if len(self._recent) >= RECENT:
+            self._recent.clear()
+        self._recent[(provider, message_id)] = (blob, unpacked)
+        return unpacked
 
     def is_open(self, provider: str, message_id: str) -> bool:
         """Held, tracked and not final."""

@@ -167,6 +167,7 @@ class Metrics:
             registry=r,
         )
         self.before_render: Callable[[], None] = lambda: None  # refreshes the sampled gauges
+        self._delivery: dict[tuple[str, str], Histogram] = {}
         # Labelled children resolved once: .labels() per call is measurable on the hot path.
         self.callback_outcome = {o: self.callbacks.labels(o) for o in CALLBACK_OUTCOMES}
         self.published = {
@@ -183,6 +184,14 @@ class Metrics:
             self.expired.labels(provider)
             for outcome in POLL_OUTCOMES:
                 self.poll_requests.labels(provider, outcome)
+
+    def delivered(self, provider: str, status: str, seconds: float) -> None:
+        """Observe smsbus_delivery_seconds (its children resolved once each: a poll answer can
+        finish thousands of messages)."""
+        child = self._delivery.get((provider, status))
+        if child is None:
+            child = self._delivery[(provider, status)] = self.delivery.labels(provider, status)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         self.before_render()

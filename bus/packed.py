@@ -136,5 +136,17 @@ def _millis(value: str | None, name: str, rest: dict[str, Any]) -> int:
     return ms
 
 
+_SECONDS: dict[int, str] = {}  # a second's text: the states of a busy mirror share few seconds
+_SECOND = timedelta(seconds=1)
+
+
 def _text(ms: int) -> str | None:
-    return None if ms == NONE else rfc3339(_EPOCH + ms * _MS)
+    if ms == NONE:
+        return None
+    second, millis = divmod(ms, 1000)
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        prefix = _SECONDS[second] = rfc3339(_EPOCH + second * _SECOND)[:-4]  # "...:SS."
+    return f"{prefix}{millis:03d}Z"

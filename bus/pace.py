@@ -23,7 +23,7 @@ from types import TracebackType
 from bus.supervisor import Beat
 
 PERIOD = 0.01  # how often the loop's lateness is measured
-LATE = 0.004  # later than this, background work gives way
+LATE = 0.001  # later than this, background work gives way
 QUIET = 0.25  # seconds after the last request that polls go back to full pace
 LEAST = 1 / 32  # the smallest share of its concurrency a poller keeps
 

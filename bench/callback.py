@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import nats
-from procfs import children, rss_mb
+from procfs import children, cpu_seconds, rss_mb
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -138,21 +138,25 @@ def throughput(duration: int, rounds: int, workdir: Path) -> None:
     print(f"== throughput: wrk -t2 -c32 -d{duration}s, unique server_ids, one worker each; "
           "naive and smsbus share smsbus's embedded nats-server")  # fmt: skip
     print(f"{'run':<12}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-          f"{'not OK':>8}{'sock err':>9}")  # fmt: skip
-    to_bare, to_naive = [], []
+          f"{'not OK':>8}{'sock err':>9}{'app µs/req':>12}{'busy':>6}"
+          f"{'nats µs/req':>13}")  # fmt: skip
+    to_bare, to_naive, cpu_to_naive = [], [], []
     for n in range(1, rounds + 1):
         bus = Smsbus(workdir)
         bus.start()
         try:
             results = {}
+            assert bus.proc is not None
+            nats_pid = children(bus.proc.pid)[0]
             for name, module in (("bare", "bare_app"), ("naive", "naive_app")):
                 app = Bare(module, NAIVE_NATS_URL=f"nats://127.0.0.1:{bus.nats_port}")
                 app.start()
                 try:
-                    results[name] = wrk(app.base, duration)
+                    assert app.proc is not None
+                    results[name] = _measured(app.base, duration, app.proc.pid, nats_pid)
                 finally:
                     app.stop()
-            results["smsbus"] = wrk(bus.base, duration)
+            results["smsbus"] = _measured(bus.base, duration, bus.proc.pid, nats_pid)
             published = _metric(bus.base, 'smsbus_callbacks_total{outcome="published"}')
             spooled = _metric(bus.base, 'smsbus_callbacks_total{outcome="spooled"}')
         finally:
@@ -160,14 +164,31 @@ def throughput(duration: int, rounds: int, workdir: Path) -> None:
         for name, r in results.items():
             print(f"{name + f' #{n}':<12}{r['rate']:>10.0f}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
                   f"{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}{r['not_ok']:>8}"
-                  f"{r['socket_errors']:>9}")  # fmt: skip
+                  f"{r['socket_errors']:>9}{r['app_us']:>12.1f}{r['busy']:>6.2f}"
+                  f"{r['nats_us']:>13.1f}")  # fmt: skip
         to_bare.append(results["smsbus"]["rate"] / results["bare"]["rate"])
         to_naive.append(results["smsbus"]["rate"] / results["naive"]["rate"])
+        cpu_to_naive.append(results["naive"]["app_us"] / results["smsbus"]["app_us"])
         print(f"  round {n}: smsbus/bare = {to_bare[-1]:.2f}, smsbus/naive = {to_naive[-1]:.2f}; "
+              f"CPU per callback naive/smsbus = {cpu_to_naive[-1]:.2f}; "
               f"smsbus acked by JetStream {published:.0f}, spooled {spooled:.0f}")  # fmt: skip
     bare, naive = statistics.median(to_bare), statistics.median(to_naive)
     print(f"median of {rounds}: smsbus/bare {bare:.2f}, smsbus/naive {naive:.2f}"
+          f" (CPU per callback naive/smsbus {statistics.median(cpu_to_naive):.2f})"
           "   target smsbus/naive >= 1.0")  # fmt: skip
+
+
+def _measured(base: str, duration: int, app_pid: int, nats_pid: int) -> dict[str, float]:
+    """wrk against `base`, with the CPU the app's process and nats-server used per request, and
+    the share of a core the app kept busy (1.0: it had work all the time)."""
+    app, nats_server = cpu_seconds(app_pid), cpu_seconds(nats_pid)
+    result = wrk(base, duration)
+    app, nats_server = cpu_seconds(app_pid) - app, cpu_seconds(nats_pid) - nats_server
+    done = max(result["requests"], 1)
+    result["app_us"] = app / done * 1e6
+    result["nats_us"] = nats_server / done * 1e6
+    result["busy"] = app / (result["duration_us"] / 1e6)
+    return result
 
 
 def _metric(base: str, name: str) -> float:

@@ -56,22 +56,25 @@ class Event:
 
 
 _MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
-_second: tuple[tuple[int, ...], str] = ((), "")  # the last second formatted, and its text
+_SECONDS: dict[tuple[int, ...], str] = {}  # recent seconds formatted
+_KEEP = 64
 
 
 def rfc3339(moment: datetime) -> str:
-    """UTC, millisecond precision, with a Z. On the hot path a callback formats a few of these
-    within the same second, so that second's text is kept (a fifth of formatting it)."""
-    global _second
+    """UTC, millisecond precision, with a Z. On the hot paths the same few seconds are formatted
+    again and again (a callback's arrival, a poll answer's report times beside its arrival), so
+    their text is kept (a fifth of formatting it)."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
     m = moment
     key = (m.second, m.minute, m.hour, m.day, m.month, m.year)
-    cached = _second  # one read and one write of the pair: safe from any thread
-    if cached[0] != key:
+    text = _SECONDS.get(key)
+    if text is None:  # each step is one dict operation: safe from any thread
+        if len(_SECONDS) >= _KEEP:
+            _SECONDS.clear()
         text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}."
-        cached = _second = (key, text)
-    return cached[1] + _MILLIS[m.microsecond // 1000]
+        _SECONDS[key] = text
+    return text + _MILLIS[m.microsecond // 1000]
 
 
 def utcnow() -> datetime:

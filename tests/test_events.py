@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bus.events import deadletter_event, rfc3339, status_event
 
@@ -72,6 +76,29 @@ def test_time_is_when_it_happened_in_utc_with_z() -> None:
     envelope = json.loads(event.payload)
     assert "2011-08-11T11:35:00.000Z" == envelope["time"] == envelope["data"]["occurred_at"]
     assert rfc3339(NOW) == envelope["data"]["received_at"] == "2026-11-22T10:00:00.123Z"
+
+
+_ZONES = st.sampled_from(
+    [
+        UTC,
+        ZoneInfo("Europe/Moscow"),
+        ZoneInfo("Europe/Kyiv"),
+        timezone(timedelta(hours=-9, minutes=-30)),
+    ]
+)
+
+
+_DATETIMES = st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2200, 1, 1))
+
+
+@given(st.lists(st.tuples(_DATETIMES, _ZONES), min_size=1, max_size=200))
+def test_rfc3339_is_the_utc_instant_to_the_millisecond_whatever_was_formatted_before(
+    moments: list[tuple[datetime, timezone]],
+) -> None:
+    for naive, zone in moments:  # seconds formatted before are kept; none may leak into another
+        moment = naive.replace(tzinfo=zone)
+        utc = moment.astimezone(UTC)
+        assert rfc3339(moment) == utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def test_headers_carry_the_id_and_the_cloudevents_content_type() -> None:

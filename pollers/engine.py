@@ -103,11 +103,14 @@ class ProviderPoller:
 
     async def _schedule_all(self) -> None:
         """Put every open tracked message of the mirror on the schedule, a slice at a time so
-        that a million of them do not hold up the event loop."""
+        that a million of them do not hold up the event loop; one the last term took and did
+        not finish polling is due now."""
         now = time.time()
         for n, message_id in enumerate(self._index.open_ids(self.name), 1):
             if message_id not in self.schedule:
                 self.schedule.push(message_id, after=now)
+            else:
+                self.schedule.untake(message_id, now)
             if n % LOAD_SLICE == 0:
                 self._beat()
                 await asyncio.sleep(0)
@@ -235,15 +238,20 @@ class ProviderPoller:
                 settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
             finished.update(message_id for message_id, done in settled.items() if done)
 
-        async with self._gate:
-            ok = time.monotonic() >= self._resume_at and await self._guard(poll)
-        for message_id in batch:
-            if message_id in finished:
-                self.schedule.drop(message_id)
-            elif ok:  # past the top-up horizon, so a slot served early is not served again
-                self.schedule.again(message_id, now + self.settings.interval / 2)
-            else:  # due again as soon as the back-off allows
-                self.schedule.retry(message_id, now)
+        ok = False
+        try:
+            async with self._gate:
+                ok = time.monotonic() >= self._resume_at and await self._guard(poll)
+        finally:
+            # Also when the term ends mid-batch (the lease lost, the task cancelled): a taken id
+            # is off the schedule until put back, and the next term must find it there.
+            for message_id in batch:
+                if message_id in finished:
+                    self.schedule.drop(message_id)
+                elif ok:  # past the top-up horizon, so a slot served early is not served again
+                    self.schedule.again(message_id, now + self.settings.interval / 2)
+                else:  # due again as soon as the back-off allows
+                    self.schedule.retry(message_id, now)
 
     async def _guard(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Run one provider call; on failure record it, back off, and keep going."""

@@ -95,6 +95,12 @@ class Schedule:
     def drop(self, message_id: str) -> None:
         self._due.pop(message_id, None)
 
+    def untake(self, message_id: str, at: float) -> None:
+        """An id still taken is due again at `at`: its poll was never finished (a new term of
+        the poller starts while a batch of the last one was cancelled before it began)."""
+        if self._due.get(message_id) is _TAKEN:
+            self.retry(message_id, at)
+
     def _schedule(self, message_id: str, after: float) -> bool:
         times = self._expiry(message_id)
         if times is None:

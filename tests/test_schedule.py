@@ -45,6 +45,18 @@ def test_a_message_is_due_one_interval_after_registration_then_at_doubling_gaps(
     assert (["1"], []) == _take(s, T0 + 60)
 
 
+def test_an_id_left_taken_is_due_again_once_untaken_and_a_scheduled_one_stays_put() -> None:
+    s = schedule()
+    s.register("1", registered=T0, sent=None, after=T0)
+    s.register("2", registered=T0 + 10, sent=None, after=T0)
+    assert ["1"] == s.take(T0 + 30, batch=100, horizon=T0 + 30).poll
+    for message_id in ("1", "2"):  # a new term: "1" was never put back, "2" was never taken
+        s.untake(message_id, T0 + 35)
+    assert (["1"], []) == _take(s, T0 + 35)
+    assert ([], []) == _take(s, T0 + 39)
+    assert (["2"], []) == _take(s, T0 + 40)
+
+
 def test_a_partial_batch_is_topped_up_with_what_is_due_soon() -> None:
     s = schedule()
     for n in range(3):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 
 from tests.fakes.server import Served
@@ -331,6 +333,45 @@ def test_tracking_and_cursors_survive_a_restart(nats_server: NatsServer, tmp_pat
             )
         finally:
             assert 0 == bus.stop()
+
+
+def test_messages_in_flight_when_the_lease_is_lost_are_polled_by_the_next_term(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The lease goes (taken by another holder, as after a NATS pause) while a batch waits for
+    the provider: the batch is cancelled, and its messages must be polled again once this
+    replica leads again, not left out of the schedule for good."""
+    tower = FakeSmstower(stall_s=30)
+    message_id = new_id()
+    tower.statuses[message_id] = ("delivered", msk_now(-1))
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_LEASE_TTL="2")
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            tower.mode = "stall"
+            register(bus, {"provider": "smstower", "message_id": message_id})
+            wait_for(lambda: asked_for(tower, message_id) == 1, what="the poll that hangs")
+            tower.mode = None  # only the request already made hangs
+            asyncio.run(_take_lease(nats_server.url, f"{bus.stream}_leases", "smstower"))
+            wait_for(lambda: "lease lost; polling stops here" in bus.logs(), what="the lease lost")
+            wait_for(
+                lambda: "delivered" in statuses_of(nats_server, bus, message_id),
+                timeout=15,
+                what="the message polled by the next term",
+            )
+            assert asked_for(tower, message_id) >= 2
+        finally:
+            assert 0 == bus.stop()
+
+
+async def _take_lease(url: str, bucket: str, key: str) -> None:
+    """Write the lease as another holder would; the bucket's max age then lets it go."""
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value(bucket)
+        await kv.put(key, b"another-replica")
+    finally:
+        await nc.close()
 
 
 @pytest.mark.parametrize("mode", ["http500", "code10", "stall", "down"])

@@ -38,6 +38,7 @@ class FakeSmstower:
     inbound: list[dict[str, str]] = field(default_factory=list)
     balance: str = "10654"
     mode: str | None = None  # garbage, truncated, xxe, billion, http500, stall, code10
+    stall_s: float = 12.0  # how long a request hangs in the "stall" mode
     requests: list[Seen] = field(default_factory=list)
 
     def seen(self, path: str) -> list[Seen]:
@@ -58,7 +59,7 @@ class FakeSmstower:
         loop = asyncio.get_running_loop()
         self.requests.append(Seen(request.url.path, request.url.query, form, loop.time()))
         if self.mode == "stall":
-            await asyncio.sleep(12)
+            await asyncio.sleep(self.stall_s)
         if self.mode == "http500":
             return form, Response("oops", status_code=500)
         hostile_body = {

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from bus import wire
-from bus.replies import Replies, ReplyError
+from bus.replies import Replies, ReplyError, time_out
 
 FLOW = 500  # the ack interval we allow; a batch is at most MAX_BATCH
 MAX_BATCH = 256
@@ -106,11 +106,6 @@ class _Answers:
         return Outcome(0, error)
 
 
-def _expire(done: asyncio.Future[None]) -> None:
-    if not done.done():
-        done.set_exception(TimeoutError("no answer to the batch in time"))
-
-
 async def send(
     nc: NATS,
     replies: Replies,
@@ -124,7 +119,9 @@ async def send(
     batch = nuid.next().decode()
     answers = _Answers(len(messages))
     replies.route(batch, answers.on_reply)
-    expiry = asyncio.get_running_loop().call_later(timeout, _expire, answers.done)
+    expiry = asyncio.get_running_loop().call_later(
+        timeout, time_out, answers.done, "no answer to the batch in time"
+    )
     try:
         prefix = f"{replies.prefix}{batch}.{FLOW}.fail."
         commit = f"{prefix}{len(messages) + 1}.{OP_COMMIT_EOB}.$FI"

@@ -72,10 +72,13 @@ class StatusChange:
 def status_data(event: Event) -> Mapping[str, Any] | None:
     """A status event's data: carried by an event built here, read from the payload of one that
     came back from the spool; None when it is not a complete status event."""
-    if event.data is not None:
-        return event.data
+    return event.data if event.data is not None else payload_status_data(event.payload)
+
+
+def payload_status_data(payload: bytes) -> Mapping[str, Any] | None:
+    """The data of an encoded status event; None when it is not a complete one."""
     try:
-        data = orjson.loads(event.payload)["data"]
+        data = orjson.loads(payload)["data"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None
     if not isinstance(data, dict) or not all(f in data for f in _STATUS_FIELDS):

@@ -23,15 +23,15 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.errors import PayloadError, PublishError
-from bus.events import Event, deadletter_event, rfc3339, utcnow
+from bus.events import deadletter_event, rfc3339, utcnow
 from bus.messages import kv_key, parse_track_batch, register, with_trace
-from bus.projection import status_change, status_data
+from bus.projection import payload_status_data, status_change
 from bus.publisher import Publisher
 from bus.state import Change, States
 from bus.supervisor import Beat
@@ -62,6 +62,11 @@ class _Plan:
     dead_letter: tuple[str, str] | None = None
 
 
+def _after_acked(info: ConsumerInfo) -> int:
+    """The stream sequence after everything the consumer has acknowledged."""
+    return (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+
+
 async def _legacy_floor(js: JetStreamContext, stream: str) -> int | None:
     """The stream sequence after what the earlier release's consumer acknowledged; None when
     there is no such consumer."""
@@ -69,7 +74,7 @@ async def _legacy_floor(js: JetStreamContext, stream: str) -> int | None:
         info = await js.consumer_info(stream, LEGACY)
     except nats.js.errors.NotFoundError:
         return None
-    return (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+    return _after_acked(info)
 
 
 class Projector:
@@ -140,8 +145,7 @@ class Projector:
                 return
             idle = 0 if info.num_waiting else idle + 1
             if idle >= 2:
-                floor = info.ack_floor.stream_seq if info.ack_floor else 0
-                applied = await self._catch_up(js, floor + 1, beat)
+                applied = await self._catch_up(js, _after_acked(info), beat)
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await js.delete_consumer(self._stream, LEGACY)
                 log.info("earlier release's consumer retired", consumer=LEGACY, applied=applied)
@@ -184,8 +188,7 @@ class Projector:
         if kind == "track":
             return self._plan(msg).changes
         event_id = (msg.headers or {}).get("Nats-Msg-Id")  # every event carries its id here
-        event = Event(event_id or "", msg.subject, "status", "", msg.data)
-        data = status_data(event)
+        data = payload_status_data(msg.data)
         return status_change(event_id, data).changes if event_id and data is not None else []
 
     async def run(self, beat: Beat) -> None:

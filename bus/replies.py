@@ -19,6 +19,7 @@ import asyncio
 import base64
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import orjson
@@ -105,6 +106,12 @@ class Replies:
         handle = self._routes.get(token)
         if handle is not None:
             handle(msg)
+
+
+def time_out(future: asyncio.Future[Any], what: str = "no answer in time") -> None:
+    """For `call_later`: fail a wait for a reply that has not come (TimeoutError)."""
+    if not future.done():  # a reply's future leaves the pending replies as it completes
+        future.set_exception(TimeoutError(what))
 
 
 def _no_responders(msg: Msg) -> bool:

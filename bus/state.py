@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import nats.errors
 import nats.js.errors
@@ -37,7 +37,7 @@ from bus.events import Event, message_key
 from bus.follow import Follower
 from bus.index import MessageIndex
 from bus.messages import MessageState, TrackItem, kv_key, register
-from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored
+from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored, time_out
 from bus.stream import state_commit_subject
 
 CAS_ATTEMPTS = 50
@@ -231,7 +231,7 @@ class States:
         the new revision. ReplyError on a conflict (WRONG_LAST) or a refusal."""
         headers = {EXPECTED_LAST: str(last)}
         future = await self._replies.request(self._subject + key, value, headers)
-        expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, _time_out, future)
+        expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, time_out, future)
         try:
             return ack(await future).seq
         finally:
@@ -346,7 +346,7 @@ class States:
                 headers["Nats-Batch-Commit"] = "1"
                 future = await self._replies.request(self._subject + key, value, headers)
         assert future is not None
-        expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, _time_out, future)
+        expiry = asyncio.get_running_loop().call_later(READ_TIMEOUT, time_out, future)
         try:
             committed = await future
         finally:
@@ -426,8 +426,3 @@ def _state_of(data: bytes, headers: dict[str, str]) -> MessageState | None:
         return MessageState.from_json(data)
     except (ValueError, TypeError):
         return None
-
-
-def _time_out(future: asyncio.Future[Any]) -> None:
-    if not future.done():  # completing it also takes it off the pending replies
-        future.set_exception(TimeoutError("no answer in time"))

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from typing import TypeVar
 
 import structlog
 
@@ -57,6 +58,15 @@ CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
 PUBLISHED_AT_ONCE = 100  # events published together (expiries, a history's news)
 LOAD_SLICE = 20_000  # messages put on the schedule between two turns of the event loop
+
+T = TypeVar("T")
+
+
+async def _together(items: Sequence[T], publish: Callable[[T], Awaitable[None]]) -> None:
+    """`publish` for each item, PUBLISHED_AT_ONCE at a time: their acks and state writes
+    pipelined."""
+    for i in range(0, len(items), PUBLISHED_AT_ONCE):
+        await asyncio.gather(*(publish(item) for item in items[i : i + PUBLISHED_AT_ONCE]))
 
 
 class ProviderPoller:
@@ -196,10 +206,7 @@ class ProviderPoller:
             and state.tracked
             and not state.final
         ]
-        for i in range(0, len(expiring), PUBLISHED_AT_ONCE):  # published together: acks pipelined
-            await asyncio.gather(
-                *(self._expire_or_retry(s, now) for s in expiring[i : i + PUBLISHED_AT_ONCE])
-            )
+        await _together(expiring, partial(self._expire_or_retry, now=now))
         polled = [m for m in due.poll if self._index.is_open(self.name, m)]
         for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
@@ -325,9 +332,7 @@ class ProviderPoller:
             for report in reports:
                 await self._report(report)
 
-        queued = list(by_message.values())
-        for i in range(0, len(queued), PUBLISHED_AT_ONCE):
-            await asyncio.gather(*(in_order(r) for r in queued[i : i + PUBLISHED_AT_ONCE]))
+        await _together(list(by_message.values()), in_order)
 
     def _known(self, report: StatusReport) -> bool | None:
         """When the mirror's state already says this status: whether the message is final (or

@@ -191,6 +191,13 @@ class Smsbus:
 
         return wait_for(accepted, timeout=timeout, what="the registration to be accepted")
 
+    def callback(self, client: httpx.Client, server_id: str, status: int = 2) -> None:
+        """An SMSPilot delivery report for `server_id`, answered `OK`."""
+        answer = client.get(
+            f"{self.base}/callbacks/smspilot", params={"server_id": server_id, "status": status}
+        )
+        assert (200, "OK") == (answer.status_code, answer.text)
+
     def children(self) -> list[int]:
         """Process ids of this process's children (the embedded nats-server)."""
         assert self.proc is not None

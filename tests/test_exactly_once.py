@@ -41,13 +41,6 @@ def stored(nats: NatsServer, bus: Smsbus, message_id: str) -> list[Stored]:
     return [s for s in found if s.event["subject"] == message_id]
 
 
-def callback(client: httpx.Client, bus: Smsbus, server_id: str, status: int) -> None:
-    answer = client.get(
-        f"{bus.base}/callbacks/smspilot", params={"server_id": server_id, "status": status}
-    )
-    assert (200, "OK") == (answer.status_code, answer.text)
-
-
 @pytest.mark.parametrize("where", ["same", "other"])
 def test_a_callback_right_after_the_202_carries_the_tracking_data(
     where: str, nats_server: NatsServer, pair: list[Smsbus]
@@ -60,7 +53,7 @@ def test_a_callback_right_after_the_202_carries_the_tracking_data(
                     "phone": f"7903{n:07d}", "client_ref": f"order-{server_id}"}  # fmt: skip
             answer = client.post(f"{registrar.api}/v1/messages", json=item)
             assert 202 == answer.status_code, answer.text
-            callback(client, receiver, server_id, 1)
+            receiver.callback(client, server_id, 1)
     for n, server_id in enumerate(ids):
         [event] = wait_for(lambda i=server_id: stored(nats_server, receiver, i), what="the event")
         data = event.event["data"]
@@ -72,7 +65,7 @@ def test_a_fact_repeated_after_the_duplicate_window_is_not_stored_again(
 ) -> None:
     server_id = str(next(_ids))
     with httpx.Client(timeout=10) as client:
-        callback(client, pair[0], server_id, 2)
+        pair[0].callback(client, server_id, 2)
         wait_for(lambda: stored(nats_server, pair[0], server_id), what="the event")
 
         def recorded() -> bool:
@@ -82,8 +75,8 @@ def test_a_fact_repeated_after_the_duplicate_window_is_not_stored_again(
         wait_for(recorded, what="the state to record the fact")
         time.sleep(WINDOW + 0.5)  # the scenario itself: JetStream has forgotten the id
         for bus in pair:  # SMSPilot retrying late, at either replica
-            callback(client, bus, server_id, 2)
-        callback(client, pair[1], server_id, 1)  # a new fact is still stored
+            bus.callback(client, server_id, 2)
+        pair[1].callback(client, server_id, 1)  # a new fact is still stored
         wait_for(lambda: len(stored(nats_server, pair[0], server_id)) == 2, what="the new fact")
     facts = [s.event["data"]["provider_status"] for s in stored(nats_server, pair[0], server_id)]
     assert ["2", "1"] == facts
@@ -106,7 +99,7 @@ def test_a_spooled_fact_already_recorded_is_dropped_after_the_window(
     bus = Smsbus(env, tmp_path / "bus").start()
     server_id = str(next(_ids))
     with httpx.Client(timeout=10) as client:
-        callback(client, bus, server_id, 2)
+        bus.callback(client, server_id, 2)
         wait_for(lambda: stored(nats_server, bus, server_id), what="the event")
         wait_for(
             lambda: client.get(f"{bus.api}/v1/messages/smspilot/{server_id}").status_code == 200,

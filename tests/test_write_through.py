@@ -45,13 +45,6 @@ def service(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -
     assert 0 == bus.stop()
 
 
-def callback(client: httpx.Client, bus: Smsbus, server_id: str, status: int = 2) -> None:
-    answer = client.get(
-        f"{bus.base}/callbacks/smspilot", params={"server_id": server_id, "status": status}
-    )
-    assert (200, "OK") == (answer.status_code, answer.text)
-
-
 def shown(client: httpx.Client, bus: Smsbus, server_id: str) -> dict[str, object] | None:
     answer = client.get(f"{bus.api}/v1/messages/smspilot/{server_id}")
     return dict(answer.json()) if answer.status_code == 200 else None
@@ -97,7 +90,7 @@ def test_ok_means_the_state_records_the_fact(service: Smsbus) -> None:
     duplicates = service.metric("smsbus_callbacks_total", outcome="duplicate")
     with httpx.Client(timeout=10) as client:
         for server_id in ids[:20]:
-            callback(client, service, server_id)  # SMSPilot again: the state knows the fact
+            service.callback(client, server_id)  # SMSPilot again: the state knows the fact
     assert duplicates + 20 == service.metric("smsbus_callbacks_total", outcome="duplicate")
 
 
@@ -122,7 +115,7 @@ def test_a_state_the_bucket_refuses_is_owed_by_the_spool_and_written_later(
     try:
         with httpx.Client(timeout=10) as client:
             for server_id in ids:
-                callback(client, service, server_id)
+                service.callback(client, server_id)
             assert service.metric("smsbus_state_writes_owed_total") > owed
             assert (service.spool_depth() or 0) > 0
             wait_for(lambda: stored_once(nats_server, service, ids), what="each event, once")

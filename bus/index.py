@@ -43,6 +43,7 @@ _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
 PRUNE_EVERY = 600.0
 RECENT = 4096  # states kept unpacked
+WRITTEN = 65536  # own writes whose revision is not known yet, at most (bytes, state) each
 _NO_BLOB = packed.HEAD.pack(0, 0, 0, 0, 0, 0)  # revision 0: older than anything held
 
 
@@ -63,6 +64,7 @@ class MessageIndex:
         self._by_provider: dict[str, dict[str, bytes]] = {}
         self._own: list[int] = []  # a heap: revisions this process wrote and `observe`d
         self._recent: dict[tuple[str, str], tuple[bytes, tuple[MessageState, int]]] = {}
+        self._written: dict[str, tuple[bytes, MessageState]] = {}
 
     @property
     def held(self) -> int:
@@ -70,7 +72,8 @@ class MessageIndex:
         return sum(len(states) for states in self._by_provider.values())
 
     def _blob(self, provider: str, message_key: str) -> bytes | None:
-        return self._by_provider.get(provider, {}).get(message_key)
+        states = self._by_provider.get(provider)
+        return None if states is None else states.get(message_key)
 
     def entry(self, key: str) -> tuple[MessageState | None, int]:
         """A bucket key's state and revision as last seen (None, 0 when not held)."""
@@ -132,6 +135,10 @@ class MessageIndex:
             heapq.heappop(own)
             return  # our own write: applied when it was acknowledged
         key = msg.subject[len(self._prefix) :]
+        written = self._written.pop(key, None)
+        if written is not None and written[0] == msg.data:
+            self._hold(written[1], revision)  # the bytes this process wrote: nothing to decode
+            return
         headers = msg.headers or {}
         if (
             headers.get("KV-Operation") in _DELETES
@@ -154,6 +161,15 @@ class MessageIndex:
             return
         self._hold(state, revision)
 
+    def expect(self, key: str, value: bytes, state: MessageState) -> None:
+        """This process is writing `value`, the JSON of `state`, under `key`, at a revision it
+        will not learn (a fast batch): when the watch brings exactly these bytes, `state` is
+        held without decoding them. A write that is not stored leaves its entry until the key's
+        next write or delivery replaces it; their number is bounded."""
+        if len(self._written) >= WRITTEN:
+            self._written.clear()
+        self._written[key] = (value, state)
+
     def observe(self, key: str, state: MessageState, revision: int) -> None:
         """This process wrote `state` at `revision`: hold it now rather than when the watch
         delivers it. A revision the follower has already passed is old news."""
@@ -168,6 +184,7 @@ class MessageIndex:
             for message_id in list(states):
                 self._forget(provider, message_id)
         self._own.clear()
+        self._written.clear()
 
     def _revision(self, state: MessageState) -> int:
         blob = self._blob(state.provider, state.message_id)

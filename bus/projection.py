@@ -135,9 +135,35 @@ async def write_with(kv: KeyValue, event: Event) -> None:
             raise nats.errors.Error(f"{key}: still contended after {CAS_ATTEMPTS} attempts")
 
 
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():  # the write goes on; the drainer writes the state again, harmlessly
-        future.set_exception(StateNotWritten("no answer in time"))
+Queued = tuple[StatusChange, asyncio.Future[None], float | None]  # change, its waiter, deadline
+
+
+class _Deadlines:
+    """One timer for the writes of one flush, not one per write: at the earliest deadline, the
+    writes past theirs fail (the write goes on; the drainer writes the state again, harmlessly),
+    and the timer is set again for the next."""
+
+    def __init__(self, queued: list[Queued]) -> None:
+        self._queued = queued
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        deadlines = [d for _, f, d in self._queued if d is not None and not f.done()]
+        if deadlines:
+            self._handle = self._loop.call_at(min(deadlines), self._expire)
+
+    def _expire(self) -> None:
+        now = self._loop.time()
+        for _, future, deadline in self._queued:
+            if deadline is not None and deadline <= now and not future.done():
+                future.set_exception(StateNotWritten("no answer in time"))
+        self._arm()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
 
 
 class Projection:
@@ -146,7 +172,7 @@ class Projection:
     def __init__(self, states: States, delivered: Delivered = lambda state, data: None) -> None:
         self._states = states
         self._delivered = delivered
-        self._queue: list[tuple[StatusChange, asyncio.Future[None]]] = []
+        self._queue: list[Queued] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -161,18 +187,11 @@ class Projection:
             raise StateNotWritten("NATS is not connected")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.append((status_change(event.id, data), future))
+        self._queue.append((status_change(event.id, data), future, deadline))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        if deadline is None:
-            await future
-            return
-        expiry = loop.call_at(deadline, _expire, future)
-        try:
-            await future
-        finally:
-            expiry.cancel()
+        await future
 
     async def write_many(self, events: Sequence[Event]) -> dict[str, StateNotWritten]:
         """Write the states of many events; those that could not be written, by event id."""
@@ -192,14 +211,17 @@ class Projection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _apply(self, queued: list[tuple[StatusChange, asyncio.Future[None]]]) -> None:
+    async def _apply(self, queued: list[Queued]) -> None:
+        deadlines = _Deadlines(queued)
         try:
             failed = await self._states.apply(
-                [change for plan, _ in queued for change in plan.changes], batches="fast"
+                [change for plan, _, _ in queued for change in plan.changes], batches="fast"
             )
         except Exception as exc:  # not one write could be tried: every state is owed
-            failed = {key: exc for plan, _ in queued for key, _ in plan.changes}
-        for plan, future in queued:
+            failed = {key: exc for plan, _, _ in queued for key, _ in plan.changes}
+        finally:
+            deadlines.cancel()
+        for plan, future, _ in queued:
             error = next((failed[key] for key, _ in plan.changes if key in failed), None)
             if future.done():
                 continue

@@ -273,10 +273,11 @@ class States:
     async def _write_fast(
         self, writes: list[tuple[str, list[Change], MessageState, int]], at_once: int
     ) -> dict[str, BaseException]:
-        messages = [
-            (self._subject + key, new.to_json(), {EXPECTED_LAST: str(revision)})
-            for key, _, new, revision in writes
-        ]
+        messages = []
+        for key, _, new, revision in writes:
+            value = new.to_json()
+            self.mirror.expect(key, value, new)
+            messages.append((self._subject + key, value, {EXPECTED_LAST: str(revision)}))
         try:
             async with self._batch_gate:
                 outcome = await fastbatch.send(

@@ -6,6 +6,7 @@ always travels beside the normalised one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 NOT_FINAL = frozenset({"queued", "scheduled", "sent"})
@@ -112,6 +113,7 @@ class Normalised:
     final: bool
 
 
+@functools.lru_cache(maxsize=4096)  # a value (frozen), asked for again and again on every path
 def normalise(provider: str, raw_status: str, error_code: str | None = None) -> Normalised:
     """The normalised status of a provider's raw status (and, for SMSPilot, error code)."""
     status = TABLES[provider].get(raw_status, UNKNOWN)

@@ -231,13 +231,16 @@ class ProviderPoller:
 
         async def poll() -> None:
             reports = await per_id.fetch(batch)
+            received_at = utcnow()  # of the answer, for each report it carries
             # What the mirror already says needs no task; the news is published together, so
             # the acks are pipelined. A message is finished when all its reports are final
             # (several for an SMS-Pager mailing: one per number).
             finals = [self._known(report) for report in reports]
             news = [i for i, final in enumerate(finals) if final is None]
             for i, final in zip(
-                news, await asyncio.gather(*(self._publish(reports[i]) for i in news)), strict=True
+                news,
+                await asyncio.gather(*(self._publish(reports[i], received_at) for i in news)),
+                strict=True,
             ):
                 finals[i] = final
             settled: dict[str, bool] = {}
@@ -324,13 +327,15 @@ class ProviderPoller:
         state writes pipelined), the reports of one message one after the other, in order."""
         assert self.provider.history is not None
         by_message: dict[str, list[StatusReport]] = {}
-        for report in await self.provider.history():
+        reports = await self.provider.history()
+        received_at = utcnow()
+        for report in reports:
             key = message_key(self.name, report.message_id, report.phone)
             by_message.setdefault(key, []).append(report)
 
         async def in_order(reports: list[StatusReport]) -> None:
             for report in reports:
-                await self._report(report)
+                await self._report(report, received_at)
 
         await _together(list(by_message.values()), in_order)
 
@@ -345,14 +350,14 @@ class ProviderPoller:
         final = normalise(self.name, report.raw_status, normalise_error_code(report.error_code))
         return held[0] or final.final
 
-    async def _report(self, report: StatusReport) -> bool:
+    async def _report(self, report: StatusReport, received_at: datetime) -> bool:
         """Publish a polled status unless the current state already says it; True when the
         message has reached a final status."""
         if (known := self._known(report)) is not None:
             return known
-        return await self._publish(report)
+        return await self._publish(report, received_at)
 
-    async def _publish(self, report: StatusReport) -> bool:
+    async def _publish(self, report: StatusReport, received_at: datetime) -> bool:
         """`_report` past the mirror's check: the bucket's state where the mirror holds none."""
         key = message_key(self.name, report.message_id, report.phone)
         state = await self._states.lookup(self.name, key)
@@ -363,7 +368,7 @@ class ProviderPoller:
             return final or state.final
         event = status_event(
             self._prefix, self.name, report.message_id, report.raw_status, via="poll",
-            received_at=utcnow(), occurred_at=report.occurred_at, error_code=error_code,
+            received_at=received_at, occurred_at=report.occurred_at, error_code=error_code,
             error=report.error, phone=report.phone or (state.phone if state else None),
             client_ref=tracked.client_ref if tracked else None,
             traceparent=tracked.traceparent if tracked else None,

@@ -20,7 +20,7 @@ from pollers import http
 from pollers.types import Balance, InboundSms, PerId, Provider, StatusReport
 from pollers.values import balance_text, decimal, format_local, local
 from pollers.window import Window
-from pollers.xml import parse_xml, text
+from pollers.xml import fields, parse_xml, text
 
 STATUS = "/getstatus.v2.php"
 INBOUND = "/incomingsms.php"
@@ -46,7 +46,10 @@ NONE_FOUND = "9"  # getstatus: "Ни один идентификатор не н
 
 
 def _checked(body: bytes, errors: dict[str, str], *, ok: str = "1") -> etree._Element:
-    root = parse_xml(body)
+    return _answered(parse_xml(body), errors, ok=ok)
+
+
+def _answered(root: etree._Element, errors: dict[str, str], *, ok: str = "1") -> etree._Element:
     code = text(root, "code")
     if code == ok:
         return root
@@ -63,13 +66,14 @@ def parse_status(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
     root = parse_xml(body)
     if text(root, "code") == NONE_FOUND:
         return []
-    root = _checked(body, STATUS_ERRORS)
+    _answered(root, STATUS_ERRORS)
     reports = []
     for message in root.iterfind("messageList/message"):
-        message_id, status = text(message, "idMessage"), text(message, "deliveryStatus")
+        found = fields(message)
+        message_id, status = found.get("idMessage"), found.get("deliveryStatus")
         if not message_id or not status:
             raise ProviderPayloadError("a message lacks idMessage or deliveryStatus")
-        occurred = local(text(message, "dateFinalStatus"), DATE, tz)
+        occurred = local(found.get("dateFinalStatus"), DATE, tz)
         reports.append(StatusReport(message_id, status, occurred))
     return reports
 

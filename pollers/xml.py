@@ -44,3 +44,16 @@ def text(element: etree._Element | None, path: str) -> str | None:
         return None
     value = str(found.text).strip()
     return value or None
+
+
+def fields(element: etree._Element) -> dict[str, str | None]:
+    """The stripped text of each child of `element` by tag, as `text` reads one of them (the
+    first child of a tag; None when empty), in one pass: a report of a hundred in an answer is
+    read field by field."""
+    found: dict[str, str | None] = {}
+    for child in element:
+        tag = child.tag
+        if isinstance(tag, str) and tag not in found:
+            value = child.text
+            found[tag] = (str(value).strip() or None) if value is not None else None
+    return found

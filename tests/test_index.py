@@ -9,11 +9,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
 
 from bus.config import load_settings
 from bus.core import Bus, open_bus
 from bus.events import status_event, utcnow
 from bus.follow import sequences
+from bus.index import MessageIndex
 from bus.messages import MessageState, TrackItem, kv_key
 from bus.state import read_state
 from tests.support import NatsServer, await_for, isolated_env
@@ -120,3 +122,31 @@ def test_a_deliverys_sequences_are_read_off_its_reply_subject() -> None:
     for junk in ("_INBOX.abc.def", "$JS.ACK.short.1.2", "$JS.ACK.a.b.c.x.y.z.w"):
         with pytest.raises(ValueError):
             sequences(junk)
+
+
+def test_own_writes_of_unknown_revision_are_held_from_their_bytes_and_others_decoded() -> None:
+    """A fast batch's writes (bus.state) are expected by their bytes: the watch delivering those
+    bytes holds the written state; any other bytes under the key are decoded, as always."""
+    index = MessageIndex("b")
+    told: list[MessageState] = []
+    index.listeners.append(told.append)
+    message_id = str(next(_ids))
+    key = kv_key("smstower", message_id)
+    ours = MessageState("smstower", message_id, tracked=True, status="sent", phone="79030001122")
+    theirs = MessageState("smstower", message_id, tracked=True, status="sent", phone="79035556677")
+
+    def delivered(state: MessageState) -> Msg:
+        return Msg(_client=None, subject=f"$KV.b.{key}", data=state.to_json())  # type: ignore[arg-type]
+
+    index.expect(key, ours.to_json(), ours)
+    index.apply(delivered(theirs), 5)  # another writer's, at the revision ours expected
+    assert theirs == index.get("smstower", message_id)
+    index.apply(delivered(ours), 6)  # ours, once the other's is decoded: still held
+    assert ours == index.get("smstower", message_id)
+    assert (ours, 6) == index.entry(key)
+    assert [theirs, ours] == told
+
+    index.expect(key, ours.to_json(), ours)
+    index.clear()  # the stream recreated: what was expected is forgotten with the rest
+    index.apply(delivered(theirs), 1)
+    assert theirs == index.get("smstower", message_id)

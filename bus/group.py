@@ -69,12 +69,17 @@ class GroupCommit:
         if not self.enabled:
             await self._single(event)
             return
+        await self.submit(event)
+
+    def submit(self, event: Event) -> asyncio.Future[None]:
+        """Queue the event for the next batch (only once `enabled`): a future that settles when
+        JetStream acknowledged it, or with what the attempt raised."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((event, future))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        await future
+        return future
 
     def _flush(self) -> None:
         self._scheduled = False

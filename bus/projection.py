@@ -180,9 +180,16 @@ class Projection:
         """Return once the event's state records it; StateNotWritten when it could not be
         written, NATS being away, or by `deadline` (event-loop time). An event that is not a
         status event, or not a readable one, changes no state."""
+        future = self.submit(event, deadline)
+        if future is not None:
+            await future
+
+    def submit(self, event: Event, deadline: float | None = None) -> asyncio.Future[None] | None:
+        """Queue the event's state write: a future that settles as `write` returns or raises;
+        None for an event that changes no state. StateNotWritten at once when NATS is away."""
         data = status_data(event) if event.type == "status" else None
         if data is None:
-            return
+            return None
         if not self._states.connected:
             raise StateNotWritten("NATS is not connected")
         loop = asyncio.get_running_loop()
@@ -191,7 +198,7 @@ class Projection:
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        await future
+        return future
 
     async def write_many(self, events: Sequence[Event]) -> dict[str, StateNotWritten]:
         """Write the states of many events; those that could not be written, by event id."""

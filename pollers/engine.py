@@ -38,6 +38,7 @@ from bus.errors import (
     StoreError,
 )
 from bus.events import (
+    Event,
     balance_event,
     deadletter_event,
     inbound_event,
@@ -237,11 +238,8 @@ class ProviderPoller:
             # (several for an SMS-Pager mailing: one per number).
             finals = [self._known(report) for report in reports]
             news = [i for i, final in enumerate(finals) if final is None]
-            for i, final in zip(
-                news,
-                await asyncio.gather(*(self._publish(reports[i], received_at) for i in news)),
-                strict=True,
-            ):
+            published = await self._publish_all([reports[i] for i in news], received_at)
+            for i, final in zip(news, published, strict=True):
                 finals[i] = final
             settled: dict[str, bool] = {}
             for report, known in zip(reports, finals, strict=True):
@@ -359,26 +357,52 @@ class ProviderPoller:
 
     async def _publish(self, report: StatusReport, received_at: datetime) -> bool:
         """`_report` past the mirror's check: the bucket's state where the mirror holds none."""
-        key = message_key(self.name, report.message_id, report.phone)
-        state = await self._states.lookup(self.name, key)
-        tracked = await self._states.lookup(self.name, report.message_id) if report.phone else state
-        error_code = normalise_error_code(report.error_code)
-        final = normalise(self.name, report.raw_status, error_code).final
-        if state is not None and state.provider_status == report.raw_status:
-            return final or state.final
-        event = status_event(
-            self._prefix, self.name, report.message_id, report.raw_status, via="poll",
-            received_at=received_at, occurred_at=report.occurred_at, error_code=error_code,
-            error=report.error, phone=report.phone or (state.phone if state else None),
-            client_ref=tracked.client_ref if tracked else None,
-            traceparent=tracked.traceparent if tracked else None,
-        )  # fmt: skip
-        if state is not None and state.records(event.id):
-            return final or state.final  # reported before, however long ago
-        await self._publisher.publish(event)
-        if final and not report.phone:
-            self.schedule.drop(report.message_id)
-        return final
+        return (await self._publish_all([report], received_at))[0]
+
+    async def _publish_all(self, reports: list[StatusReport], received_at: datetime) -> list[bool]:
+        """`_publish` for the reports of one answer, together (one publish_many): for each,
+        whether its message has reached a final status."""
+        keys = [message_key(self.name, r.message_id, r.phone) for r in reports]
+        states = await self._states_of(keys)
+        mailings = iter(await self._states_of([r.message_id for r in reports if r.phone]))
+        events: list[Event] = []
+        finals: list[bool] = []
+        ended: list[str] = []  # final, and no other number's report can follow
+        for report, state in zip(reports, states, strict=True):
+            registered = next(mailings) if report.phone else state
+            error_code = normalise_error_code(report.error_code)
+            final = normalise(self.name, report.raw_status, error_code).final
+            finals.append(final or bool(state and state.final))
+            if state is not None and state.provider_status == report.raw_status:
+                continue
+            event = status_event(
+                self._prefix, self.name, report.message_id, report.raw_status, via="poll",
+                received_at=received_at, occurred_at=report.occurred_at, error_code=error_code,
+                error=report.error, phone=report.phone or (state.phone if state else None),
+                client_ref=registered.client_ref if registered else None,
+                traceparent=registered.traceparent if registered else None,
+            )  # fmt: skip
+            if state is not None and state.records(event.id):
+                continue  # reported before, however long ago
+            finals[-1] = final
+            events.append(event)
+            if final and not report.phone:
+                ended.append(report.message_id)
+        if events:
+            await self._publisher.publish_many(events)
+        for message_id in ended:
+            self.schedule.drop(message_id)
+        return finals
+
+    async def _states_of(self, keys: list[str]) -> list[MessageState | None]:
+        """The states of message keys: the mirror's, else (read together) the bucket's."""
+        found = [self._index.get(self.name, key) for key in keys]
+        missing = [i for i, state in enumerate(found) if state is None]
+        if missing:
+            read = await asyncio.gather(*(self._states.lookup(self.name, keys[i]) for i in missing))
+            for i, state in zip(missing, read, strict=True):
+                found[i] = state
+        return found
 
     async def _expire(self, state: MessageState) -> None:
         """A final `unknown` for the message, or for each number of a mailing still open."""

@@ -283,3 +283,65 @@ def test_an_earlier_releases_consumer_is_retired_once_nothing_pulls_from_it(
             await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_events_published_together_are_stored_once_and_refused_states_owed(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`publish_many` (a poll answer's news, queued in one loop turn): the states the bucket
+    refuses are owed by the spool, each event is stored once, and the drainer writes the states
+    once the bucket takes them again."""
+    settings = load_settings(isolated_env(nats_server.url, SMSBUS_DATA_DIR=str(tmp_path)))
+    bucket = f"KV_{bucket_names(settings.stream)[0]}"
+    ids = [str(next(_ids)) for _ in range(20)]
+
+    async def limit(full: bool) -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(bucket)
+            cap = info.state.messages if full else -1
+            await js.update_stream(dataclasses.replace(info.config, max_msgs=cap))
+        finally:
+            await nc.close()
+
+    async def scenario() -> None:
+        async with open_bus(settings) as runtime:
+            prefix, kv = settings.subject_prefix, runtime.states.kv
+            events = [status_event(prefix, "smstower", i, "delivered", via="poll",
+                                   received_at=utcnow()) for i in ids]  # fmt: skip
+            await runtime.publisher.publish_many(events[:1])  # a bucket that holds something
+            assert (await read_state(kv, kv_key("smstower", ids[0])))[0] is not None
+            events, ids[:] = events[1:], ids[1:]
+            await limit(full=True)  # (a cap of 0 would be no cap)
+            try:
+                await runtime.publisher.publish_many(events)
+                owed = runtime.metrics.registry.get_sample_value("smsbus_state_writes_owed_total")
+                assert len(ids) == owed
+                assert len(ids) == runtime.publisher.spool_depth
+                assert [(None, 0)] * len(ids) == [
+                    await read_state(kv, kv_key("smstower", i)) for i in ids
+                ]
+            finally:
+                await limit(full=False)
+
+            async def written() -> bool:
+                states = [(await read_state(kv, kv_key("smstower", i)))[0] for i in ids]
+                return all(s is not None and s.status == "delivered" for s in states)
+
+            await await_for(written, timeout=20, what="the owed states")
+            await await_for(
+                lambda: _true(runtime.publisher.spool_depth == 0), what="the spool drained"
+            )
+
+    asyncio.run(scenario())
+    found = read_stream(nats_server.url, settings.stream, f"{settings.subject_prefix}.status.>")
+    counts = {i: 0 for i in ids}
+    for item in found:
+        if item.event["subject"] in counts:
+            counts[item.event["subject"]] += 1
+    assert {i: 1 for i in ids} == counts  # stored once each, never published again
+
+
+async def _true(value: bool) -> bool:
+    return value

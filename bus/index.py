@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from bus import packed
 from bus.events import utcnow
 from bus.messages import MessageState, key_parts
+from bus.statuses import PROVIDERS
 from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.index")
@@ -61,7 +62,9 @@ class MessageIndex:
         self._floor = floor  # the last bucket revision the follower has applied
         self._open: collections.Counter[str] = collections.Counter()
         self.listeners: list[Callable[[MessageState], None]] = []  # told of every new state
-        self._by_provider: dict[str, dict[str, bytes]] = {}
+        # Made here, before start-up's heap is frozen (smsbus.serve.settle_heap): a garbage
+        # collection then never walks these, however many states they come to hold.
+        self._by_provider: dict[str, dict[str, bytes]] = {p: {} for p in PROVIDERS}
         self._own: list[int] = []  # a heap: revisions this process wrote and `observe`d
         self._recent: dict[tuple[str, str], tuple[bytes, tuple[MessageState, int]]] = {}
         self._written: dict[str, tuple[bytes, MessageState]] = {}

@@ -233,9 +233,10 @@ class ProviderPoller:
         async def poll() -> None:
             reports = await per_id.fetch(batch)
             received_at = utcnow()  # of the answer, for each report it carries
-            # What the mirror already says needs no task; the news is published together, so
-            # the acks are pipelined. A message is finished when all its reports are final
-            # (several for an SMS-Pager mailing: one per number).
+            # What the mirror already says is not published again; the news is published
+            # together (one publish_many), its acks and state writes sharing batches. A message
+            # is finished when all its reports are final (several for an SMS-Pager mailing: one
+            # per number).
             finals = [self._known(report) for report in reports]
             news = [i for i, final in enumerate(finals) if final is None]
             published = await self._publish_all([reports[i] for i in news], received_at)

@@ -48,8 +48,8 @@ def text(element: etree._Element | None, path: str) -> str | None:
 
 def fields(element: etree._Element) -> dict[str, str | None]:
     """The stripped text of each child of `element` by tag, as `text` reads one of them (the
-    first child of a tag; None when empty), in one pass: a report of a hundred in an answer is
-    read field by field."""
+    first child of a tag; None when empty), in one pass over the children: an answer carries up
+    to a hundred reports, each read for several fields."""
     found: dict[str, str | None] = {}
     for child in element:
         tag = child.tag

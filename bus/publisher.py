@@ -133,10 +133,14 @@ class Publisher:
                 return "published"
         else:
             self._enter_degraded(None)
+        await self._to_spool(event)
+        return "spooled"
+
+    async def _to_spool(self, event: Event) -> None:
+        """The event could not be stored now: the spool keeps it, the drainer publishes it."""
         self._metrics.publish_failures.inc()
         await self._spool.append(event)
         self._wake.set()
-        return "spooled"
 
     async def publish_many(self, events: Sequence[Event]) -> None:
         """`publish` for many events at once, without a task for each: queued in one loop turn,
@@ -186,10 +190,7 @@ class Publisher:
         for event, why in owed:
             await self._owe_state(event, why)
         for event in spooled:
-            self._metrics.publish_failures.inc()
-            await self._spool.append(event)
-        if spooled:
-            self._wake.set()
+            await self._to_spool(event)
         if raised is not None:
             raise raised
 

@@ -190,6 +190,19 @@ class States:
             return None
         return state
 
+    async def lookup_many(
+        self, provider: str, message_keys: list[str]
+    ) -> list[MessageState | None]:
+        """`lookup` for many messages: the mirror's states, and the bucket's, read together (one
+        batched read where the bucket takes them), for those it does not hold."""
+        found = [self.mirror.get(provider, key) for key in message_keys]
+        missing = [i for i, state in enumerate(found) if state is None]
+        if missing:
+            read = await asyncio.gather(*(self.lookup(provider, message_keys[i]) for i in missing))
+            for i, state in zip(missing, read, strict=True):
+                found[i] = state
+        return found
+
     async def recorded(self, event: Event) -> bool:
         """Does the bucket's state of this status event's message record its fact already?
         False when it cannot be read."""

@@ -354,18 +354,17 @@ class ProviderPoller:
         message has reached a final status."""
         if (known := self._known(report)) is not None:
             return known
-        return await self._publish(report, received_at)
-
-    async def _publish(self, report: StatusReport, received_at: datetime) -> bool:
-        """`_report` past the mirror's check: the bucket's state where the mirror holds none."""
         return (await self._publish_all([report], received_at))[0]
 
     async def _publish_all(self, reports: list[StatusReport], received_at: datetime) -> list[bool]:
-        """`_publish` for the reports of one answer, together (one publish_many): for each,
-        whether its message has reached a final status."""
+        """Publish reports past the mirror's check (`_known`), together (one publish_many),
+        each compared with the bucket's state where the mirror holds none: for each, whether
+        its message has reached a final status."""
         keys = [message_key(self.name, r.message_id, r.phone) for r in reports]
-        states = await self._states_of(keys)
-        mailings = iter(await self._states_of([r.message_id for r in reports if r.phone]))
+        states = await self._states.lookup_many(self.name, keys)
+        mailings = iter(
+            await self._states.lookup_many(self.name, [r.message_id for r in reports if r.phone])
+        )
         events: list[Event] = []
         finals: list[bool] = []
         ended: list[str] = []  # final, and no other number's report can follow
@@ -394,16 +393,6 @@ class ProviderPoller:
         for message_id in ended:
             self.schedule.drop(message_id)
         return finals
-
-    async def _states_of(self, keys: list[str]) -> list[MessageState | None]:
-        """The states of message keys: the mirror's, else (read together) the bucket's."""
-        found = [self._index.get(self.name, key) for key in keys]
-        missing = [i for i, state in enumerate(found) if state is None]
-        if missing:
-            read = await asyncio.gather(*(self._states.lookup(self.name, keys[i]) for i in missing))
-            for i, state in zip(missing, read, strict=True):
-                found[i] = state
-        return found
 
     async def _expire(self, state: MessageState) -> None:
         """A final `unknown` for the message, or for each number of a mailing still open."""

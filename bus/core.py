@@ -233,6 +233,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
 
         def sample() -> None:
             metrics.nats_connected.set(int(conn.is_connected))
+            metrics.poll_pace.set(pace.share if pace.contended else 1.0)
             for name, task in supervisor.statuses().items():
                 metrics.task_up.labels(name).set(int(not task.down))
                 metrics.task_restarts.labels(name)  # shown at 0 before a first restart

@@ -166,6 +166,11 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.poll_pace = Gauge(
+            "smsbus_poll_pace",
+            "Share of its concurrency a poller keeps: 1 at full pace, less while requests crowd in",
+            registry=r,
+        )
         self.before_render: Callable[[], None] = lambda: None  # refreshes the sampled gauges
         self._delivery: dict[tuple[str, str], Histogram] = {}
         # Labelled children resolved once: .labels() per call is measurable on the hot path.

@@ -6,11 +6,18 @@ messages) keeps eight provider requests in flight, each answer a hundred reports
 every turn of the loop then waits behind them: measured before this, callbacks fell from 4,600/s
 to 300/s while 100,000 open messages were polled at full pace.
 
-So the receiver marks each request (`foreground`), a supervised task measures how late the loop
-wakes (`measure`), and while requests are being served and the loop runs late, a poller keeps
-fewer requests in flight (`Gate`): the allowance halves each time the loop is late and grows
-back while it is on time, down to one batch in flight and then to one batch every
-`PERIOD / share`. With no request in the last QUIET seconds polls run at full pace.
+So the receiver counts the requests it is serving (`started`, `finished`), a supervised task
+measures how late the loop wakes (`measure`), and while requests crowd in (CROWD or more at once
+within one measurement) and the loop runs late, a poller keeps fewer requests in flight (`Gate`):
+the allowance halves each time, and grows back slowly (GROW a measurement, about a second from
+the least to all) while the loop is on time or requests come one by one. A request now and then
+does not slow polls down: a poll answer may keep it waiting a few milliseconds, where halving the
+polls for it would slow a million-message cycle several times over. The least is one batch in
+flight and then one batch every `PERIOD / share`, but never fewer batches a second than the
+poller's `floor` (enough to poll every open message once an interval), so a long flood of
+callbacks delays no poll by more than its interval; a floor over FLOOR a second (a million open
+messages polled every 300 s need 33) is held at FLOOR, so callbacks keep most of the loop even
+then. With no request in the last QUIET seconds polls run at full pace.
 """
 
 from __future__ import annotations
@@ -18,29 +25,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from bus.supervisor import Beat
 
 PERIOD = 0.01  # how often the loop's lateness is measured
 LATE = 0.001  # later than this, background work gives way
+CROWD = 4  # requests served at once within a measurement that make it give way
+GROW = 1.05  # the share's growth a measurement while requests do not crowd in
 QUIET = 0.25  # seconds after the last request that polls go back to full pace
-LEAST = 1 / 32  # the smallest share of its concurrency a poller keeps
+LEAST = 1 / 128  # the smallest share of its concurrency a poller keeps
+FLOOR = 1 / (4 * PERIOD)  # a poller's floor is kept up to this many pieces a second
 
 
 class Pace:
     def __init__(self) -> None:
         self.lag = 0.0  # how late the loop woke last time, in seconds
         self.share = 1.0  # of each poller's concurrency, while requests are served
+        self.serving = 0  # requests being served now
+        self._crowd = 0  # the most served at once since the last measurement
         self._request = -float("inf")
 
-    def foreground(self) -> None:
-        """A request is being served (the receiver calls this for each)."""
+    def started(self) -> None:
+        """A request is being served (the receiver calls this for each, then `finished`)."""
         self._request = time.monotonic()
+        self.serving += 1
+        if self.serving > self._crowd:
+            self._crowd = self.serving
+
+    def finished(self) -> None:
+        self.serving -= 1
 
     @property
     def contended(self) -> bool:
-        return time.monotonic() - self._request < QUIET
+        return self.serving > 0 or time.monotonic() - self._request < QUIET
 
     async def measure(self, beat: Beat) -> None:
         loop = asyncio.get_running_loop()
@@ -49,21 +68,24 @@ class Pace:
             start = loop.time()
             await asyncio.sleep(PERIOD)
             self.lag = max(0.0, loop.time() - start - PERIOD)
-            if self.lag > LATE and self.contended:
+            crowd, self._crowd = self._crowd, self.serving
+            if self.lag > LATE and crowd >= CROWD:
                 self.share = max(LEAST, self.share / 2)
             else:
-                self.share = min(1.0, self.share * 1.25)
+                self.share = min(1.0, self.share * GROW)
 
-    def gate(self, concurrency: int) -> Gate:
-        return Gate(self, concurrency)
+    def gate(self, concurrency: int, floor: Callable[[], float] = lambda: 0.0) -> Gate:
+        return Gate(self, concurrency, floor)
 
 
 class Gate:
-    """Up to `concurrency` pieces of background work at once, fewer while requests wait."""
+    """Up to `concurrency` pieces of background work at once, fewer while requests wait, but no
+    fewer than `floor()` pieces a second."""
 
-    def __init__(self, pace: Pace, concurrency: int) -> None:
+    def __init__(self, pace: Pace, concurrency: int, floor: Callable[[], float]) -> None:
         self._pace = pace
         self._most = concurrency
+        self._floor = floor
         self._busy = 0
         self._last = -float("inf")
         self._queue = asyncio.Lock()  # waiters in order; only the first one watches the pace
@@ -71,13 +93,20 @@ class Gate:
 
     def _admits(self) -> bool:
         pace = self._pace
+        if self._busy >= self._most:
+            return False
         if not pace.contended:
-            return self._busy < self._most
+            return True
         allowed = self._most * pace.share
-        if allowed >= 1:
-            return self._busy < int(allowed)
+        if allowed >= 1 and self._busy < int(allowed):
+            return True
+        waited = time.monotonic() - self._last
         # Less than one in flight: one at a time, spaced out.
-        return self._busy == 0 and time.monotonic() - self._last >= PERIOD / allowed
+        if allowed < 1 and self._busy == 0 and waited >= PERIOD / allowed:
+            return True
+        # Whatever the share, a start as often as the floor needs (up to FLOOR a second).
+        least = min(self._floor(), FLOOR)
+        return least > 0 and waited >= 1 / least
 
     async def __aenter__(self) -> None:
         async with self._queue:

@@ -83,7 +83,8 @@ class ProviderPoller:
         self._loaded = bus.states.follower.loaded
         self._cursors = bus.cursors
         self._metrics = bus.metrics
-        self._gate = bus.pace.gate(CONCURRENCY)  # one per poller: its spacing spans rounds
+        # One per poller (its spacing spans rounds), never slower than one pass an interval.
+        self._gate = bus.pace.gate(CONCURRENCY, floor=self._batches_needed)
         self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
         first = (
             bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
@@ -125,6 +126,12 @@ class ProviderPoller:
             if n % LOAD_SLICE == 0:
                 self._beat()
                 await asyncio.sleep(0)
+
+    def _batches_needed(self) -> float:
+        """Status requests a second that poll every open message once an interval."""
+        per_id = self.provider.statuses
+        batch = per_id.batch if per_id is not None else 1
+        return len(self.schedule) / (batch * self.settings.interval)
 
     # The loops
 

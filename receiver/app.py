@@ -90,17 +90,20 @@ def _guarded(handle: ASGIApp, is_callback: Callable[[str], bool], bus: Bus) -> A
     pace = bus.pace
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        pace.foreground()  # polls give way while requests are served (bus.pace)
-        if scope["type"] == "http" and headers_too_large(scope):
-            callback = is_callback(scope["path"])
-            if callback:
-                bus.metrics.callback_outcome["too_large"].inc()
-            log.warning("request headers too large", callback=callback,
-                        headers=len(scope["headers"]))  # fmt: skip
-            reason = f"request headers exceed {HEADER_LIMIT} bytes or {MAX_HEADERS} fields"
-            await send_text(send, 431, reason)
-            return
-        await handle(scope, receive, send)
+        pace.started()  # polls give way while requests crowd in (bus.pace)
+        try:
+            if scope["type"] == "http" and headers_too_large(scope):
+                callback = is_callback(scope["path"])
+                if callback:
+                    bus.metrics.callback_outcome["too_large"].inc()
+                log.warning("request headers too large", callback=callback,
+                            headers=len(scope["headers"]))  # fmt: skip
+                reason = f"request headers exceed {HEADER_LIMIT} bytes or {MAX_HEADERS} fields"
+                await send_text(send, 431, reason)
+                return
+            await handle(scope, receive, send)
+        finally:
+            pace.finished()
 
     return app
 

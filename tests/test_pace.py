@@ -1,17 +1,22 @@
 """Polls give way to requests (bus.pace): the gate's allowance follows the loop's lateness while
-requests are served, and is the full concurrency when none are."""
+requests crowd in, is the full concurrency when none are served, and never falls below the
+poller's floor."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
-from bus.pace import LEAST, PERIOD, Pace
+from bus.pace import CROWD, FLOOR, LEAST, PERIOD, QUIET, Pace
 from bus.supervisor import Beat, TaskStatus
 
 
-async def _most_at_once(pace: Pace, concurrency: int, jobs: int) -> tuple[int, list[float]]:
-    gate = pace.gate(concurrency)
+async def _most_at_once(
+    pace: Pace, concurrency: int, jobs: int, *, hold: float = 0.005,
+    floor: Callable[[], float] = lambda: 0.0,
+) -> tuple[int, list[float]]:  # fmt: skip
+    gate = pace.gate(concurrency, floor)
     busy = most = 0
     starts: list[float] = []
 
@@ -21,11 +26,15 @@ async def _most_at_once(pace: Pace, concurrency: int, jobs: int) -> tuple[int, l
             starts.append(time.monotonic())
             busy += 1
             most = max(most, busy)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(hold)
             busy -= 1
 
     await asyncio.gather(*(job() for _ in range(jobs)))
     return most, starts
+
+
+def _gaps(starts: list[float]) -> list[float]:
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)]
 
 
 async def _full_concurrency_when_no_request_is_served() -> None:
@@ -37,7 +46,7 @@ async def _full_concurrency_when_no_request_is_served() -> None:
 
 async def _allowance_follows_the_share_while_requests_are_served() -> None:
     pace = Pace()
-    pace.foreground()
+    pace.started()
     pace.share = 0.25
     most, _ = await _most_at_once(pace, 8, 12)
     assert most == 2
@@ -45,34 +54,64 @@ async def _allowance_follows_the_share_while_requests_are_served() -> None:
 
 async def _below_one_in_flight_batches_are_spaced_out() -> None:
     pace = Pace()
-    pace.share = LEAST  # 8 * 1/32: one batch every PERIOD / 0.25
-    pace.foreground()
+    pace.share = LEAST  # 8 * 1/128: one batch every PERIOD * 16
+    pace.started()  # served all along: the spacing holds past QUIET
     most, starts = await _most_at_once(pace, 8, 4)
     assert most == 1
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    assert min(gaps) >= PERIOD / (8 * LEAST) * 0.95, gaps
+    assert starts[-1] - starts[0] > QUIET
+    assert min(_gaps(starts)) >= PERIOD / (8 * LEAST) * 0.95, _gaps(starts)
+    pace.finished()
+    deadline = time.monotonic() + QUIET + 0.1  # the last request long gone: full pace
+    while pace.contended:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(PERIOD)
+    most, _ = await _most_at_once(pace, 8, 16)
+    assert most == 8
 
 
-async def _hold_up(pace: Pace, turns: int, *, serving: bool) -> None:
+async def _the_floor_holds_whatever_the_share() -> None:
+    pace = Pace()
+    pace.share = LEAST  # alone, one batch every 320 ms (4 * LEAST in flight)
+    pace.started()
+    # 10 a second needed: every 100 ms, not 320.
+    _, starts = await _most_at_once(pace, 4, 4, floor=lambda: 10.0)
+    gaps = _gaps(starts)
+    assert 0.1 * 0.95 <= min(gaps) and max(gaps) < 0.2, gaps
+    # More than FLOOR a second needed: FLOOR, the next one started while the last is still in
+    # flight (each held 60 ms).
+    most, starts = await _most_at_once(pace, 8, 6, hold=0.06, floor=lambda: 1000.0)
+    gaps = _gaps(starts)
+    assert 0.95 / FLOOR <= min(gaps) and max(gaps) < 1.5 / FLOOR, gaps
+    assert most == 2
+
+
+async def _hold_up(pace: Pace, turns: int, *, at_once: int) -> None:
     for _ in range(turns):
-        if serving:
-            pace.foreground()
+        for _ in range(at_once):
+            pace.started()
         time.sleep(0.02)  # a turn of the loop that holds it up, as a poll answer can
+        for _ in range(at_once):
+            pace.finished()
         await asyncio.sleep(PERIOD)
 
 
-async def _a_late_loop_halves_the_share_only_while_requests_are_served() -> None:
+async def _a_late_loop_halves_the_share_only_while_requests_crowd_in() -> None:
     pace = Pace()
     task = asyncio.create_task(pace.measure(Beat(TaskStatus("loop-pace"))))
     try:
-        await _hold_up(pace, 10, serving=False)
+        await _hold_up(pace, 10, at_once=0)
         assert pace.lag > 0.004 and pace.share == 1.0  # late, but nobody waits for it
-        await _hold_up(pace, 10, serving=True)
+        await _hold_up(pace, 10, at_once=CROWD - 1)
+        assert pace.share == 1.0  # a request now and then is kept waiting a little
+        await _hold_up(pace, 10, at_once=CROWD)
         assert pace.share <= 0.25
         deadline = time.monotonic() + 5  # on time again: the share grows back
         while pace.share < 1.0 and time.monotonic() < deadline:
-            pace.foreground()
+            for _ in range(CROWD):
+                pace.started()
             await asyncio.sleep(PERIOD)
+            for _ in range(CROWD):
+                pace.finished()
         assert pace.share == 1.0
     finally:
         task.cancel()
@@ -90,5 +129,9 @@ def test_below_one_in_flight_batches_are_spaced_out() -> None:
     asyncio.run(_below_one_in_flight_batches_are_spaced_out())
 
 
-def test_a_late_loop_halves_the_share_only_while_requests_are_served() -> None:
-    asyncio.run(_a_late_loop_halves_the_share_only_while_requests_are_served())
+def test_the_floor_holds_whatever_the_share() -> None:
+    asyncio.run(_the_floor_holds_whatever_the_share())
+
+
+def test_a_late_loop_halves_the_share_only_while_requests_crowd_in() -> None:
+    asyncio.run(_a_late_loop_halves_the_share_only_while_requests_crowd_in())

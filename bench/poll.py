@@ -10,9 +10,10 @@ RSS with every message registered and at its peak; then a restart onto the same 
 message open and due: time to /readyz, until every message is scheduled, until the first poll,
 and one pass over all of them at full pace, each now answered delivered (requests, duration).
 Callbacks are measured on the same process three times (wrk, 10 s, unique server_ids, as in
-bench/callback.py): idle before any registration, during the first cycle (from its first event),
-and while it polls every open message at full pace after the restart; the ratios to idle are
-printed.
+bench/callback.py): idle before any registration, idle again with every message registered
+(before the first poll, which comes an interval after registration), during the first cycle
+(from its first event), and while it polls every open message at full pace after the restart;
+the ratios to the idle rate with every message registered are printed.
 
     .venv/bin/python bench/poll.py [--messages 100000[,1000000]] [--interval 60]
 
@@ -134,8 +135,9 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
             }
             with Serve(env, workdir) as bus:
                 print(f"== {n} tracked messages")
-                idle = _callbacks(bus, "idle, nothing registered")
-                figures += _first_cycle(bus, nats_server, tower, ids, interval)
+                _callbacks(bus, "idle, nothing registered")
+                cycle_figures, idle = _first_cycle(bus, nats_server, tower, ids, interval)
+                figures += cycle_figures
             # The same bucket, every message open and due at once: the way to a first poll, then
             # one pass over all of them at full pace, each answered delivered (one event each).
             fast = env | {"SMSBUS_SMSTOWER_INTERVAL": "1", "SMSBUS_SMSTOWER_MAX_INTERVAL": "1"}
@@ -149,7 +151,7 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
                 figures += _full_pace(bus, nats_server, tower, n, asked_before)
             cycle = dict(figures)
             figures += [
-                ("callbacks idle /s", f"{idle['rate']:.0f}"),
+                ("callbacks idle, registered /s", f"{idle['rate']:.0f}"),
                 (
                     "callbacks cycle/idle",
                     f"{float(cycle['callbacks during cycle /s']) / idle['rate']:.2f}",
@@ -194,7 +196,7 @@ class Serve:
 
 def _first_cycle(
     bus: Serve, nats_server: NatsServer, tower: FakeSmstower, ids: list[str], interval: float
-) -> list[tuple[str, str]]:
+) -> tuple[list[tuple[str, str]], dict[str, float]]:
     n = len(ids)
     started = time.monotonic()
     with httpx.Client(base_url=bus.api, timeout=60) as client:
@@ -210,6 +212,10 @@ def _first_cycle(
     print(f"registered {n} in {registered:.1f} s ({n / registered:.0f}/s through POST "
           f"/v1/messages, with phone and client_ref)")  # fmt: skip
     settled_rss = rss_mb(bus.proc.pid)
+    # The reference for the ratios: the same process, every message held, nothing polled yet.
+    idle = _callbacks(bus, "idle, every message registered, before the first poll")
+    if tower.seen("/getstatus.v2.php"):
+        print("  (the first poll came before that ended: a longer --interval keeps it idle)")
 
     peak = [0.0]
     stop = threading.Event()
@@ -271,7 +277,7 @@ def _first_cycle(
         ("RSS peak MB", f"{peak_mb:.0f}"),
         ("callbacks during cycle /s", f"{during['rate']:.0f}"),
         ("callbacks during cycle p99 ms", f"{during['p99_ms']:.1f}"),
-    ]
+    ], idle
 
 
 def _callbacks(bus: Serve, when: str) -> dict[str, float]:

@@ -116,8 +116,7 @@ class Publisher:
 
     async def publish(self, event: Event) -> str:
         """Make the event durable; return "published" or "spooled", or raise PublishError."""
-        if event.type == "deadletter":
-            self._metrics.deadletters.labels(event.provider).inc()
+        self._count(event)
         if self._spool.depth == 0 and self._conn.is_connected:
             # The event and its state share the publish timeout: past it, the spool.
             deadline = asyncio.get_running_loop().time() + self._timeout
@@ -135,6 +134,10 @@ class Publisher:
             self._enter_degraded(None)
         await self._to_spool(event)
         return "spooled"
+
+    def _count(self, event: Event) -> None:
+        if event.type == "deadletter":
+            self._metrics.deadletters.labels(event.provider).inc()
 
     async def _to_spool(self, event: Event) -> None:
         """The event could not be stored now: the spool keeps it, the drainer publishes it."""
@@ -156,8 +159,7 @@ class Publisher:
             return
         deadline = asyncio.get_running_loop().time() + self._timeout
         for event in events:
-            if event.type == "deadletter":
-                self._metrics.deadletters.labels(event.provider).inc()
+            self._count(event)
         acks = [self._group.submit(event) for event in events]
         await asyncio.wait(acks)
         writes: list[tuple[Event, asyncio.Future[None]]] = []

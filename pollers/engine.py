@@ -86,6 +86,8 @@ class ProviderPoller:
         # One per poller (its spacing spans rounds), never slower than one pass an interval.
         self._gate = bus.pace.gate(CONCURRENCY, floor=self._batches_needed)
         self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
+        per_id = provider.statuses
+        self._batch = per_id.batch if per_id is not None else 1  # ids in one status request
         first = (
             bus.settings.smspilot_reconcile_after if self.name == "smspilot" else settings.interval
         )
@@ -129,9 +131,7 @@ class ProviderPoller:
 
     def _batches_needed(self) -> float:
         """Status requests a second that poll every open message once an interval."""
-        per_id = self.provider.statuses
-        batch = per_id.batch if per_id is not None else 1
-        return len(self.schedule) / (batch * self.settings.interval)
+        return len(self.schedule) / (self._batch * self.settings.interval)
 
     # The loops
 
@@ -204,7 +204,7 @@ class ProviderPoller:
         """Poll (or expire) what is due, up to ROUND_BATCHES batches; True when that was not
         all."""
         per_id = self.provider.statuses
-        size = per_id.batch if per_id is not None else 1
+        size = self._batch
         limit = size * ROUND_BATCHES
         due = self.schedule.take(now, size, horizon=now + self.settings.interval / 2, limit=limit)
         expiring = [

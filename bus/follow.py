@@ -7,6 +7,9 @@ server, a gap in the deliveries and a silent consumer: drop the consumer and cre
 delivers from that sequence + 1. A disconnect or reconnect of the process's connection triggers it
 at once, and so does a new leader for the stream (a JetStream advisory); a consumer that sends
 neither messages nor heartbeats for three heartbeat periods triggers it too.
+
+Its deliveries are read raw (bus.wire.subscribe_raw): one comes for every write to the bucket,
+and most of a callback's cost in this process went to nats-py's handling of them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
+from bus import wire
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.supervisor import Beat
@@ -37,13 +41,13 @@ INACTIVE_THRESHOLD = 30.0
 CALL_TIMEOUT = 1.0  # a call stuck in a leader election is tried again soon, not after 5 s
 
 
-def sequences(reply: str) -> tuple[int, int, int]:
+def sequences(reply: bytes) -> tuple[int, int, int]:
     """A JetStream delivery's stream sequence, consumer sequence and pending count, read off its
     reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
     <pending>`, or the longer form with domain and account first) without building nats-py's
     metadata (a datetime and two objects) for every message. ValueError for anything else."""
-    tokens = reply.split(".")
-    if tokens[:2] != ["$JS", "ACK"]:
+    tokens = reply.split(b".")
+    if tokens[:2] != [b"$JS", b"ACK"]:
         raise ValueError(f"not a JetStream delivery: {reply[:60]!r}")
     if len(tokens) == 9:
         return int(tokens[5]), int(tokens[6]), int(tokens[8])
@@ -59,14 +63,14 @@ class Follower:
         name: str,
         stream: str,
         subject: str,
-        apply: Callable[[Msg, int], None],
+        apply: Callable[[bytes, bytes, bytes, int], None],
         on_reset: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self._conn = conn
         self._stream = stream
         self._subject = subject
-        self._apply = apply
+        self._apply = apply  # subject, payload, raw headers, stream sequence
         self._on_reset = on_reset
         self.last = 0  # stream sequence of the last message applied
         self.pending = 0  # messages the server still had for us at the last delivery
@@ -79,6 +83,7 @@ class Follower:
         self._cseq = 0
         self._activity = time.monotonic()
         self._broken = asyncio.Event()
+        self._replying: set[asyncio.Task[None]] = set()
 
     @property
     def behind(self) -> bool:
@@ -146,7 +151,7 @@ class Follower:
         self._cseq = 0
         self._activity = time.monotonic()
         inbox = self._conn.nc.new_inbox()
-        self._sub = await self._conn.nc.subscribe(inbox, cb=self._on_msg)
+        self._sub = await wire.subscribe_raw(self._conn.nc, inbox, self._on_msg)
         self._advisories = await self._conn.nc.subscribe(
             LEADER_ELECTED.format(stream=self._stream), cb=self._on_leader
         )
@@ -190,19 +195,20 @@ class Follower:
         consumer, self._consumer = self._consumer, None
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+                await wire.unsubscribe_raw(self._conn.nc, sub)
         if consumer is not None and self._conn.is_connected:
             # Best effort: the server drops it after INACTIVE_THRESHOLD anyway.
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await asyncio.wait_for(self._conn.js.delete_consumer(self._stream, consumer), 1.0)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get(Header.STATUS):
-            await self._on_status(msg)
+    def _on_msg(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        """One delivery, read raw inside the connection's read loop (bus.wire)."""
+        if headers and wire.status_of(headers) is not None:
+            self._on_status(reply, wire.header_fields(headers))
             return
         self._activity = time.monotonic()
         try:
-            stream_seq, consumer_seq, pending = sequences(msg.reply)
+            stream_seq, consumer_seq, pending = sequences(reply)
         except ValueError:
             log.warning("unexpected message on the watch", watch=self.name)
             self._broken.set()  # start again from the last one applied
@@ -212,7 +218,10 @@ class Follower:
             return
         self._cseq = consumer_seq
         if stream_seq > self.last:
-            self._apply(msg, stream_seq)
+            try:
+                self._apply(subject, data, headers, stream_seq)
+            except Exception:  # a fault of ours; the next message is applied all the same
+                log.exception("watched message not applied", watch=self.name, seq=stream_seq)
             self.last = stream_seq
         self.pending = pending
         if pending == 0 and not self.loaded.is_set():
@@ -220,17 +229,25 @@ class Follower:
         elif pending == 0:
             self.state = "following"
 
-    async def _on_status(self, msg: Msg) -> None:
+    def _on_status(self, reply: bytes, headers: dict[str, str]) -> None:
         """Idle heartbeats and flow-control requests from the server."""
         self._activity = time.monotonic()
-        headers = msg.headers or {}
-        if msg.reply:  # a flow-control request: everything before it has been applied
-            with contextlib.suppress(nats.errors.Error):
-                await self._conn.nc.publish(msg.reply)
+        if reply:  # a flow-control request: everything before it has been applied
+            self._answer(reply.decode())
         stalled = headers.get(Header.CONSUMER_STALLED)
         if stalled:
-            with contextlib.suppress(nats.errors.Error):
-                await self._conn.nc.publish(stalled)
+            self._answer(stalled)
         last = headers.get(Header.LAST_CONSUMER)
-        if last is not None and int(last) != self._cseq:
+        if last is not None and last.isdigit() and int(last) != self._cseq:
             self._broken.set()
+
+    def _answer(self, subject: str) -> None:
+        """An empty message to `subject`, sent from the read loop's side without waiting."""
+
+        async def send() -> None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._conn.nc.publish(subject)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._replying.add(task)
+        task.add_done_callback(self._replying.discard)

@@ -26,9 +26,8 @@ from datetime import timedelta
 
 import orjson
 import structlog
-from nats.aio.msg import Msg
 
-from bus import packed
+from bus import packed, wire
 from bus.events import utcnow
 from bus.messages import MessageState, key_parts
 from bus.statuses import PROVIDERS
@@ -39,6 +38,7 @@ log = structlog.get_logger("smsbus.index")
 _DELETES = ("DEL", "PURGE")
 # nats-server 2.11+ marks keys removed by the server itself (max age, purge) with this header.
 _MARKER_DELETES = ("MaxAge", "Purge", "Remove")
+_REMOVAL_FIELDS = (b"KV-Operation", b"Nats-Marker-Reason")
 # Providers whose polls never repeat a report about a message that is final.
 _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
@@ -128,41 +128,36 @@ class MessageIndex:
         registered, sent, _ = packed.times(blob)
         return _seconds(registered), _seconds(sent)
 
-    def apply(self, msg: Msg, revision: int) -> None:
+    def apply(self, subject: bytes, data: bytes, headers: bytes, revision: int) -> None:
         """One message of the bucket's stream at `revision`, as the follower delivers it (in
-        order)."""
+        order), read raw (bus.wire): its subject, payload and headers."""
         own = self._own
         while own and own[0] < revision:  # superseded before the watch got to them
             heapq.heappop(own)
         if own and own[0] == revision:
             heapq.heappop(own)
             return  # our own write: applied when it was acknowledged
-        key = msg.subject[len(self._prefix) :]
+        key = subject[len(self._prefix) :].decode(errors="replace")
         written = self._written.pop(key, None)
-        if written is not None and written[0] == msg.data:
+        if written is not None and written[0] == data:
             self._hold(written[1], revision)  # the bytes this process wrote: nothing to decode
             return
-        headers = msg.headers or {}
-        if (
-            headers.get("KV-Operation") in _DELETES
-            or headers.get("Nats-Marker-Reason") in _MARKER_DELETES
-            or not msg.data
-        ):
+        if not data or _removes(headers):
             self._forget(*key_parts(key))
             return
         try:
-            data = orjson.loads(msg.data)
-            provider = data["provider"]
-            if data.get("final") and provider in _NO_REPEATS:  # most of what a watch brings
-                message_id = data["message_id"]
+            state = orjson.loads(data)
+            provider = state["provider"]
+            if state.get("final") and provider in _NO_REPEATS:  # most of what a watch brings
+                message_id = state["message_id"]
                 if revision >= packed.revision_of(self._blob(provider, message_id) or _NO_BLOB):
                     self._forget(provider, message_id)
                 return
-            state = MessageState.from_dict(data)
+            held = MessageState.from_dict(state)
         except (ValueError, TypeError, KeyError):
             log.warning("unreadable state in the bucket", key=key)
             return
-        self._hold(state, revision)
+        self._hold(held, revision)
 
     def expect(self, key: str, value: bytes, state: MessageState) -> None:
         """This process is writing `value`, the JSON of `state`, under `key`, at a revision it
@@ -237,6 +232,18 @@ class MessageIndex:
         if change:
             self._open[provider] += change
             self._on_open(provider, self._open[provider])
+
+
+def _removes(headers: bytes) -> bool:
+    """Whether a bucket message's raw headers mark its key deleted or purged (a put carries only
+    the revision it expected, read no further)."""
+    if not any(name in headers for name in _REMOVAL_FIELDS):
+        return False
+    fields = wire.header_fields(headers)
+    return (
+        fields.get("KV-Operation") in _DELETES
+        or fields.get("Nats-Marker-Reason") in _MARKER_DELETES
+    )
 
 
 def _older(blob: bytes, cutoff: float) -> bool:

@@ -2,7 +2,7 @@
 stored whole is answered with its count, a message refused ends the batch with those before it
 stored and says so, and a clustered stream, which answers on other subjects than a single server,
 is read as well. Also the batch's wire form (bus.wire): what nats-server receives is what nats-py's
-`publish` would have sent."""
+`publish` would have sent; and subscriptions read raw."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from nats.nuid import NUID
 
 from bus import fastbatch, wire
 from bus.replies import WRONG_LAST, Replies
-from tests.support import NatsCluster, NatsServer
+from tests.support import NatsCluster, NatsServer, await_for
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +199,73 @@ def test_a_group_commit_on_a_clustered_stream_is_answered(cluster: NatsCluster) 
             await nc.close()
 
     asyncio.run(main())
+
+
+def test_a_raw_subscription_reads_messages_as_sent_and_survives_its_own_faults(
+    nats_server: NatsServer,
+) -> None:
+    """bus.wire.subscribe_raw: subject, reply, payload and raw headers as sent, in order; a
+    handler that raises loses that one message, not the connection nor the messages after it nor
+    other subscriptions; after unsubscribe_raw nothing more comes."""
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            subject = f"raw.{uuid.uuid4().hex}"
+            got: list[tuple[bytes, bytes, bytes, bytes]] = []
+            plain: list[bytes] = []
+
+            def seen(subj: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+                if data == b"boom":
+                    raise RuntimeError("a fault of the handler")
+                got.append((subj, reply, data, headers))
+
+            async def other(msg: Any) -> None:
+                plain.append(msg.data)
+
+            sub = await wire.subscribe_raw(nc, f"{subject}.>", seen)
+            await nc.subscribe(f"{subject}-plain", cb=other)
+            await nc.publish(f"{subject}.a", b"one", reply="r.1", headers={"K": "v", "N": "2"})
+            await nc.publish(f"{subject}.b", b"boom")
+            await nc.publish(f"{subject}-plain", b"still read")
+            await nc.publish(f"{subject}.c", "два".encode())
+            await nc.publish(f"{subject}-plain", b"after them")
+
+            async def arrived() -> bool:
+                return len(plain) == 2  # sent after the others, to the same connection
+
+            await await_for(arrived, what="the messages")
+            assert [
+                (f"{subject}.a".encode(), b"r.1", b"one", b"NATS/1.0\r\nK: v\r\nN: 2\r\n\r\n"),
+                (f"{subject}.c".encode(), b"", "два".encode(), b""),
+            ] == got
+            assert {"K": "v", "N": "2"} == wire.header_fields(got[0][3])
+            assert wire.status_of(got[0][3]) is None
+            assert nc.is_connected
+
+            await wire.unsubscribe_raw(nc, sub)
+            await nc.publish(f"{subject}.d", b"after")
+            await nc.publish(f"{subject}-plain", b"marker")
+
+            async def marked() -> bool:
+                return len(plain) == 3
+
+            await await_for(marked, what="the marker")
+            assert 2 == len(got) and [b"still read", b"after them", b"marker"] == plain
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+def test_status_lines_and_fields_of_raw_headers() -> None:
+    beat = (
+        b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 1016\r\nNats-Last-Stream: 1024\r\n\r\n"
+    )
+    assert "100" == wire.status_of(beat)
+    assert {"Nats-Last-Consumer": "1016", "Nats-Last-Stream": "1024"} == wire.header_fields(beat)
+    assert "100" == wire.status_of(b"NATS/1.0 100 FlowControl Request\r\n\r\n")
+    assert "404" == wire.status_of(b"NATS/1.0 404\r\n\r\n")
+    assert wire.status_of(b"NATS/1.0\r\nA: b\r\n\r\n") is None
+    assert wire.status_of(b"") is None
+    assert {"A": "b: c", "D": ""} == wire.header_fields(b"NATS/1.0\r\nA: b: c\r\nD:\r\nE\r\n\r\n")

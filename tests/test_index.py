@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from nats.aio.msg import Msg
 
 from bus.config import load_settings
 from bus.core import Bus, open_bus
@@ -21,6 +20,8 @@ from bus.state import read_state
 from tests.support import NatsServer, await_for, isolated_env
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
+# A put's headers as nats-server stores them with a compare-and-set write.
+PUT_HEADERS = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 4\r\n\r\n"
 
 
 async def stored(runtime: Bus, key: str, check: object = None) -> MessageState:
@@ -116,10 +117,10 @@ def test_mirror_lets_go_of_what_no_reader_needs(nats_server: NatsServer, tmp_pat
 
 def test_a_deliverys_sequences_are_read_off_its_reply_subject() -> None:
     # The short form, and the long one with a domain, an account hash and a random token.
-    assert (1042, 17, 5) == sequences("$JS.ACK.KV_x_messages.c1.1.1042.17.1795341600000000000.5")
-    long = "$JS.ACK.hub.ACCHASH.KV_x_messages.c1.2.1042.17.1795341600000000000.0.rnd"
+    assert (1042, 17, 5) == sequences(b"$JS.ACK.KV_x_messages.c1.1.1042.17.1795341600000000000.5")
+    long = b"$JS.ACK.hub.ACCHASH.KV_x_messages.c1.2.1042.17.1795341600000000000.0.rnd"
     assert (1042, 17, 0) == sequences(long)
-    for junk in ("_INBOX.abc.def", "$JS.ACK.short.1.2", "$JS.ACK.a.b.c.x.y.z.w"):
+    for junk in (b"_INBOX.abc.def", b"$JS.ACK.short.1.2", b"$JS.ACK.a.b.c.x.y.z.w"):
         with pytest.raises(ValueError):
             sequences(junk)
 
@@ -135,18 +136,42 @@ def test_own_writes_of_unknown_revision_are_held_from_their_bytes_and_others_dec
     ours = MessageState("smstower", message_id, tracked=True, status="sent", phone="79030001122")
     theirs = MessageState("smstower", message_id, tracked=True, status="sent", phone="79035556677")
 
-    def delivered(state: MessageState) -> Msg:
-        return Msg(_client=None, subject=f"$KV.b.{key}", data=state.to_json())  # type: ignore[arg-type]
+    def delivered(state: MessageState) -> tuple[bytes, bytes, bytes]:
+        return f"$KV.b.{key}".encode(), state.to_json(), PUT_HEADERS
 
     index.expect(key, ours.to_json(), ours)
-    index.apply(delivered(theirs), 5)  # another writer's, at the revision ours expected
+    index.apply(*delivered(theirs), 5)  # another writer's, at the revision ours expected
     assert theirs == index.get("smstower", message_id)
-    index.apply(delivered(ours), 6)  # ours, once the other's is decoded: still held
+    index.apply(*delivered(ours), 6)  # ours, once the other's is decoded: still held
     assert ours == index.get("smstower", message_id)
     assert (ours, 6) == index.entry(key)
     assert [theirs, ours] == told
 
     index.expect(key, ours.to_json(), ours)
     index.clear()  # the stream recreated: what was expected is forgotten with the rest
-    index.apply(delivered(theirs), 1)
+    index.apply(*delivered(theirs), 1)
     assert theirs == index.get("smstower", message_id)
+
+
+def test_a_key_deleted_purged_or_removed_by_the_server_is_let_go() -> None:
+    """The watch's deliveries are read raw (bus.wire): a delete or purge marker, or a marker the
+    server leaves when it removes a key itself (max age), lets the state go; a put's header (the
+    revision it expected) does not, nor does a header that only looks like a marker."""
+    index = MessageIndex("b")
+    message_id = str(next(_ids))
+    subject = f"$KV.b.{kv_key('smstower', message_id)}".encode()
+    state = MessageState("smstower", message_id, tracked=True, status="sent").to_json()
+    markers = [
+        b"NATS/1.0\r\nKV-Operation: DEL\r\n\r\n",
+        b"NATS/1.0\r\nKV-Operation: PURGE\r\nNats-Rollup: sub\r\n\r\n",
+        b"NATS/1.0\r\nNats-Marker-Reason: MaxAge\r\nNats-TTL: 1s\r\n\r\n",
+    ]
+    revision = 0
+    for marker in markers:
+        for headers in (PUT_HEADERS, b"NATS/1.0\r\nX-Note: KV-Operation: DEL\r\n\r\n", b""):
+            revision += 1
+            index.apply(subject, state, headers, revision)
+            assert index.is_open("smstower", message_id), headers
+        revision += 1
+        index.apply(subject, state, marker, revision)  # read off the headers, payload or not
+        assert index.get("smstower", message_id) is None, marker

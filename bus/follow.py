@@ -8,8 +8,9 @@ delivers from that sequence + 1. A disconnect or reconnect of the process's conn
 at once, and so does a new leader for the stream (a JetStream advisory); a consumer that sends
 neither messages nor heartbeats for three heartbeat periods triggers it too.
 
-Its deliveries are read raw (bus.wire.subscribe_raw): one comes for every write to the bucket,
-and most of a callback's cost in this process went to nats-py's handling of them.
+Its deliveries are read raw (bus.wire.subscribe_raw): one comes for every write to the bucket, so
+one for every callback, and nats-py's handling of each (headers parsed into a dict, a `Msg`, a
+turn through the subscription's queue) cost about 7 µs of the callback's 100.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ from tests.support import NatsServer, await_for, isolated_env
 MESSAGES = 150_000  # enough for nats-server to ask for flow control several times
 
 
-async def _filled(conn: Connection, count: int, start: int = 0) -> str:
+async def _filled(conn: Connection, count: int) -> str:
     stream = f"F{uuid.uuid4().hex[:10]}"
     await conn.js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"]))
-    messages = [(f"{stream}.{i}", b"%d" % i + b"." * 200, "", None) for i in range(start, count)]
+    messages = [(f"{stream}.{i}", b"%d" % i + b"." * 200, "", None) for i in range(count)]
     for at in range(0, len(messages), 2000):
         await wire.publish_many(conn.nc, messages[at : at + 2000])
     await conn.nc.flush()

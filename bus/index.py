@@ -35,10 +35,6 @@ from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.index")
 
-_DELETES = ("DEL", "PURGE")
-# nats-server 2.11+ marks keys removed by the server itself (max age, purge) with this header.
-_MARKER_DELETES = ("MaxAge", "Purge", "Remove")
-_REMOVAL_FIELDS = (b"KV-Operation", b"Nats-Marker-Reason")
 # Providers whose polls never repeat a report about a message that is final.
 _NO_REPEATS = frozenset({"smspilot", "smstower", "epochta"})
 RETAIN = timedelta(days=3)  # longer than SMSC's 2-day history look-back
@@ -142,7 +138,7 @@ class MessageIndex:
         if written is not None and written[0] == data:
             self._hold(written[1], revision)  # the bytes this process wrote: nothing to decode
             return
-        if not data or _removes(headers):
+        if not data or wire.raw_removes_key(headers):
             self._forget(*key_parts(key))
             return
         try:
@@ -232,18 +228,6 @@ class MessageIndex:
         if change:
             self._open[provider] += change
             self._on_open(provider, self._open[provider])
-
-
-def _removes(headers: bytes) -> bool:
-    """Whether a bucket message's raw headers mark its key deleted or purged (a put carries only
-    the revision it expected, read no further)."""
-    if not any(name in headers for name in _REMOVAL_FIELDS):
-        return False
-    fields = wire.header_fields(headers)
-    return (
-        fields.get("KV-Operation") in _DELETES
-        or fields.get("Nats-Marker-Reason") in _MARKER_DELETES
-    )
 
 
 def _older(blob: bytes, cutoff: float) -> bool:

@@ -28,6 +28,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
+from bus import wire
+
 NOT_FOUND = 10037  # JSNoMessageFoundErr
 WRONG_LAST = (10071, 10164)  # JSStreamWrongLastSequenceErrF, ...ConstantErr
 
@@ -156,7 +158,7 @@ def stored(msg: Msg) -> tuple[bytes, int] | None:
             raise error
         message = reply["message"]
         headers = base64.b64decode(message.get("hdrs") or "")
-        if b"KV-Operation: DEL" in headers or b"KV-Operation: PURGE" in headers:
+        if wire.raw_removes_key(headers):
             return b"", int(message["seq"])
         return base64.b64decode(message.get("data") or ""), int(message["seq"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

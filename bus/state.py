@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
-from bus import fastbatch
+from bus import fastbatch, wire
 from bus.connection import Connection
 from bus.events import Event, message_key
 from bus.follow import Follower
@@ -434,7 +434,7 @@ class _Reading:
 
 def _state_of(data: bytes, headers: dict[str, str]) -> MessageState | None:
     """A bucket value as a state: None for a delete marker or a value that does not read."""
-    if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
+    if wire.removes_key(headers) or not data:
         return None
     try:
         return MessageState.from_json(data)

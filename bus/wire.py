@@ -15,12 +15,13 @@ dict, builds a `Msg`, queues it and switches to the subscription's task, about 7
 mirror's watch brings one message for every state written, most with a single header nobody
 reads. A raw subscription's function gets the subject, reply, payload and headers as the parser
 read them, at once, inside the connection's read loop: it must be quick and must not block, and
-an exception it raises is logged, never let into the read loop.
+an exception it raises is logged, never let into the read loop. `removes_key` and
+`raw_removes_key` tell a bucket message that removes its key, for every reader of the bucket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import nats.errors
 import structlog
@@ -147,3 +148,20 @@ def header_fields(headers: bytes) -> dict[str, str]:
             key = name.decode(errors="replace").strip()
             fields.setdefault(key, value.decode(errors="replace").strip())
     return fields
+
+
+# Fields marking a key-value bucket's message as removing its key: a delete or purge, or
+# (nats-server 2.11+) the marker the server leaves when it removes a key itself (max age, purge).
+_REMOVALS = {"KV-Operation": ("DEL", "PURGE"), "Nats-Marker-Reason": ("MaxAge", "Purge", "Remove")}
+_REMOVAL_NAMES = tuple(name.encode() for name in _REMOVALS)
+
+
+def removes_key(fields: Mapping[str, str]) -> bool:
+    """Whether a bucket message with these header fields removes its key."""
+    return any(fields.get(name) in values for name, values in _REMOVALS.items())
+
+
+def raw_removes_key(headers: bytes) -> bool:
+    """`removes_key` for raw headers (a put carries only the revision it expected: read no
+    further)."""
+    return any(name in headers for name in _REMOVAL_NAMES) and removes_key(header_fields(headers))

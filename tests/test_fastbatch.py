@@ -15,12 +15,13 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+import orjson
 import pytest
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.nuid import NUID
 
 from bus import fastbatch, wire
-from bus.replies import WRONG_LAST, Replies
+from bus.replies import WRONG_LAST, Replies, stored
 from tests.support import NatsCluster, NatsServer, await_for
 
 
@@ -269,3 +270,44 @@ def test_status_lines_and_fields_of_raw_headers() -> None:
     assert wire.status_of(b"NATS/1.0\r\nA: b\r\n\r\n") is None
     assert wire.status_of(b"") is None
     assert {"A": "b: c", "D": ""} == wire.header_fields(b"NATS/1.0\r\nA: b: c\r\nD:\r\nE\r\n\r\n")
+    removals = [{"KV-Operation": "DEL"}, {"KV-Operation": "PURGE"}]
+    removals += [{"Nats-Marker-Reason": "MaxAge"}, {"Nats-Marker-Reason": "Remove"}]
+    for removal in removals:
+        assert wire.removes_key(removal), removal
+    for kept in ({}, {"KV-Operation": "PUT"}, {"Nats-Expected-Last-Subject-Sequence": "4"}):
+        assert not wire.removes_key(kept), kept
+
+
+def test_a_deleted_or_purged_key_reads_as_no_value_at_its_markers_sequence(
+    nats_server: NatsServer,
+) -> None:
+    """bus.replies.stored on the stream leader's copy of a key (`STREAM.MSG.GET`): a value as it
+    is, a delete or purge marker as no value at the marker's sequence (a write after it names
+    that sequence), a key never written as None."""
+
+    async def main() -> None:
+        nc = await nats.connect(nats_server.url)
+        replies = Replies(nc)
+        await replies.start()
+        try:
+            name = f"B{uuid.uuid4().hex[:8]}"
+            kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=name, history=5))
+
+            async def read(key: str) -> tuple[bytes, int] | None:
+                request = orjson.dumps({"last_by_subj": f"$KV.{name}.{key}"})
+                future = await replies.request(f"$JS.API.STREAM.MSG.GET.KV_{name}", request)
+                return stored(await asyncio.wait_for(future, 5))
+
+            put = await kv.put("a", b"value")
+            assert (b"value", put) == await read("a")
+            await kv.delete("a")
+            assert (b"", put + 1) == await read("a")
+            await kv.put("b", b"value")
+            await kv.purge("b")
+            assert (b"", put + 3) == await read("b")
+            assert await read("never") is None
+        finally:
+            await replies.stop()
+            await nc.close()
+
+    asyncio.run(main())

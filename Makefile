@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/callback.py
 	$(BIN)/python bench/sync_interval.py
 	$(BIN)/python bench/poll.py
+	$(BIN)/python bench/pass_latency.py
 
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py

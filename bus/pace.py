@@ -10,9 +10,14 @@ So the receiver counts the requests it is serving (`started`, `finished`), a sup
 measures how late the loop wakes (`measure`), and while requests crowd in (CROWD or more at once
 within one measurement) and the loop runs late, a poller keeps fewer requests in flight (`Gate`):
 the allowance halves each time, and grows back slowly (GROW a measurement, about a second from
-the least to all) while the loop is on time or requests come one by one. A request now and then
-does not slow polls down: a poll answer may keep it waiting a few milliseconds, where halving the
-polls for it would slow a million-message cycle several times over. The least is one batch in
+the least to all) while the loop is on time. Requests that come one by one while the loop runs
+late (a callback now and then during a pass at full pace) halve it down to FEW, two of a poller's
+eight requests, no further: a request waits for a dozen turns of the loop (its bucket read, its
+event and its state, each a round trip through tasks), and with eight answers to read each turn
+one callback took 50 to 65 ms where it takes 3 when nothing is polled; with two, 17 ms, the pass
+longer by a tenth at most (`bench/pass_latency.py`). Halving further for them would slow a
+million-message cycle several times over, and a loop on time (a provider slow to answer, not
+our CPU, holding the pace) keeps the full allowance. The least is one batch in
 flight and then one batch every `PERIOD / share`, but never fewer batches a second than the
 poller's `floor` (enough to poll every open message once an interval), so a long flood of
 callbacks delays no poll by more than its interval; a floor over FLOOR a second (a million open
@@ -36,6 +41,7 @@ CROWD = 4  # requests served at once within a measurement that make it give way
 GROW = 1.05  # the share's growth a measurement while requests do not crowd in
 QUIET = 0.25  # seconds after the last request that polls go back to full pace
 LEAST = 1 / 128  # the smallest share of its concurrency a poller keeps
+FEW = 1 / 4  # ... while requests come one by one (two of a poller's eight requests)
 FLOOR = 1 / (4 * PERIOD)  # a poller's floor is kept up to this many pieces a second
 
 
@@ -69,8 +75,13 @@ class Pace:
             await asyncio.sleep(PERIOD)
             self.lag = max(0.0, loop.time() - start - PERIOD)
             crowd, self._crowd = self._crowd, self.serving
-            if self.lag > LATE and crowd >= CROWD:
+            late = self.lag > LATE
+            if late and crowd >= CROWD:
                 self.share = max(LEAST, self.share / 2)
+            elif late and crowd:  # requests one by one: down to FEW, or back up to it
+                self.share = (
+                    max(FEW, self.share / 2) if self.share > FEW else min(FEW, self.share * GROW)
+                )
             else:
                 self.share = min(1.0, self.share * GROW)
 

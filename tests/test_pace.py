@@ -1,6 +1,6 @@
 """Polls give way to requests (bus.pace): the gate's allowance follows the loop's lateness while
-requests crowd in, is the full concurrency when none are served, and never falls below the
-poller's floor."""
+requests are served (down to FEW of it for requests one by one, further while they crowd in), is
+the full concurrency when none are served, and never falls below the poller's floor."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from bus.pace import CROWD, FLOOR, LEAST, PERIOD, QUIET, Pace
+from bus.pace import CROWD, FEW, FLOOR, GROW, LEAST, PERIOD, QUIET, Pace
 from bus.supervisor import Beat, TaskStatus
 
 
@@ -95,16 +95,20 @@ async def _hold_up(pace: Pace, turns: int, *, at_once: int) -> None:
         await asyncio.sleep(PERIOD)
 
 
-async def _a_late_loop_halves_the_share_only_while_requests_crowd_in() -> None:
+async def _a_late_loop_halves_the_share_while_requests_are_served() -> None:
     pace = Pace()
     task = asyncio.create_task(pace.measure(Beat(TaskStatus("loop-pace"))))
     try:
         await _hold_up(pace, 10, at_once=0)
         assert pace.lag > 0.004 and pace.share == 1.0  # late, but nobody waits for it
+        await _hold_up(pace, 10, at_once=1)
+        # Requests one by one: halved down to FEW (grown back by a measurement on time between
+        # them), no further.
+        assert FEW <= pace.share <= FEW * GROW, pace.share
         await _hold_up(pace, 10, at_once=CROWD - 1)
-        assert pace.share == 1.0  # a request now and then is kept waiting a little
+        assert FEW <= pace.share <= FEW * GROW, pace.share
         await _hold_up(pace, 10, at_once=CROWD)
-        assert pace.share <= 0.25
+        assert pace.share < FEW / 4  # a crowd: on towards LEAST
         deadline = time.monotonic() + 5  # on time again: the share grows back
         while pace.share < 1.0 and time.monotonic() < deadline:
             for _ in range(CROWD):
@@ -133,5 +137,5 @@ def test_the_floor_holds_whatever_the_share() -> None:
     asyncio.run(_the_floor_holds_whatever_the_share())
 
 
-def test_a_late_loop_halves_the_share_only_while_requests_crowd_in() -> None:
-    asyncio.run(_a_late_loop_halves_the_share_only_while_requests_crowd_in())
+def test_a_late_loop_halves_the_share_while_requests_are_served() -> None:
+    asyncio.run(_a_late_loop_halves_the_share_while_requests_are_served())

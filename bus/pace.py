@@ -9,20 +9,20 @@ to 300/s while 100,000 open messages were polled at full pace.
 So the receiver counts the requests it is serving (`started`, `finished`), a supervised task
 measures how late the loop wakes (`measure`), and while requests crowd in (CROWD or more at once
 within one measurement) and the loop runs late, a poller keeps fewer requests in flight (`Gate`):
-the allowance halves each time, and grows back slowly (GROW a measurement, about a second from
-the least to all) while the loop is on time. Requests that come one by one while the loop runs
-late (a callback now and then during a pass at full pace) halve it down to FEW, two of a poller's
-eight requests, no further: a request waits for a dozen turns of the loop (its bucket read, its
-event and its state, each a round trip through tasks), and with eight answers to read each turn
-one callback took 50 to 65 ms where it takes 3 when nothing is polled; with two, 17 ms, the pass
-longer by a tenth at most (`bench/pass_latency.py`). Halving further for them would slow a
-million-message cycle several times over, and a loop on time (a provider slow to answer, not
-our CPU, holding the pace) keeps the full allowance. The least is one batch in
-flight and then one batch every `PERIOD / share`, but never fewer batches a second than the
-poller's `floor` (enough to poll every open message once an interval), so a long flood of
-callbacks delays no poll by more than its interval; a floor over FLOOR a second (a million open
-messages polled every 300 s need 33) is held at FLOOR, so callbacks keep most of the loop even
-then. With no request in the last QUIET seconds polls run at full pace.
+the allowance halves each time, and grows back slowly (GROW a measurement, about a second from the
+least to all) while the loop is on time. Requests that come one by one while the loop runs late (a
+callback now and then during a pass at full pace) halve it down to FEW, two of a poller's eight
+requests, no further: a request waits for a dozen turns of the loop (its bucket read, its event and
+its state, each a round trip through tasks), and with eight answers to read each turn one callback
+took 42 to 65 ms where it takes 3 when nothing is polled; with two, 17 to 21 ms, the pass longer by
+a tenth at most (`bench/pass_latency.py`). Halving further for them would slow a million-message
+cycle several times over, and a loop on time (a provider slow to answer, not our CPU, holding the
+pace) keeps the full allowance. The least is one batch in flight and then one batch every `PERIOD /
+share`, but never fewer batches a second than the poller's `floor` (enough to poll every open
+message once an interval), so a long flood of callbacks delays no poll by more than its interval; a
+floor over FLOOR a second (a million open messages polled every 300 s need 33) is held at FLOOR, so
+callbacks keep most of the loop even then. With no request in the last QUIET seconds polls run at
+full pace.
 """
 
 from __future__ import annotations

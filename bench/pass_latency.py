@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from poll import Serve, stored
+from poll import Serve, register, smstower_env, stored
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -93,27 +93,10 @@ def one_round(n: int, rate: float) -> None:
         for message_id in ids:
             tower.statuses[message_id] = ("delivered", done)
         with Served(tower.app) as served:
-            env = {
-                **os.environ,
-                "SMSBUS_NATS_URL": nats_server.url,
-                "SMSBUS_DATA_DIR": str(workdir / "bus"),
-                "SMSBUS_LOG_FORMAT": "json",
-                "SMSBUS_SMSTOWER_URL": served.url,
-                "SMSBUS_SMSTOWER_LOGIN": tower.login,
-                "SMSBUS_SMSTOWER_PASSWORD": tower.password,
-                "SMSBUS_BALANCE_INTERVAL": "86400",
-            }
+            env = smstower_env(workdir, nats_server, served.url, tower)
             slow = {"SMSBUS_SMSTOWER_INTERVAL": "3600", "SMSBUS_SMSTOWER_MAX_INTERVAL": "3600"}
             with Serve(env | slow, workdir) as bus:
-                with httpx.Client(base_url=bus.api, timeout=60) as client:
-                    for i in range(0, n, 1000):
-                        chunk = [
-                            {"provider": "smstower", "message_id": m, "phone": f"7903{m[-7:]}",
-                             "client_ref": f"order-{m}"}
-                            for m in ids[i : i + 1000]
-                        ]  # fmt: skip
-                        response = client.post("/v1/messages", json=chunk)
-                        assert response.status_code == 202, response.text
+                register(bus, ids)
                 with OneAtATime(bus.base, rate) as idle:
                     time.sleep(5)
                 print(f"  idle, {n} registered, nothing due:  {idle.summary(5)}")

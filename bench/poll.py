@@ -122,17 +122,8 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
         for message_id in ids:  # still on its way: every message stays open
             tower.statuses[message_id] = ("processing", date)
         with Served(tower.app) as served:
-            env = {
-                **os.environ,
-                "SMSBUS_NATS_URL": nats_server.url,
-                "SMSBUS_DATA_DIR": str(workdir / "bus"),
-                "SMSBUS_LOG_FORMAT": "json",
-                "SMSBUS_SMSTOWER_URL": served.url,
-                "SMSBUS_SMSTOWER_LOGIN": tower.login,
-                "SMSBUS_SMSTOWER_PASSWORD": tower.password,
-                "SMSBUS_SMSTOWER_INTERVAL": str(interval),
-                "SMSBUS_BALANCE_INTERVAL": "86400",
-            }
+            env = smstower_env(workdir, nats_server, served.url, tower)
+            env["SMSBUS_SMSTOWER_INTERVAL"] = str(interval)
             with Serve(env, workdir) as bus:
                 print(f"== {n} tracked messages")
                 _callbacks(bus, "idle, nothing registered")
@@ -162,6 +153,37 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
             ]
         nats_server.stop()
     return figures
+
+
+def smstower_env(
+    workdir: Path, nats_server: NatsServer, url: str, tower: FakeSmstower
+) -> dict[str, str]:
+    """The environment of `smsbus serve` polling the fake SMSTOWER at `url` (its interval is the
+    caller's), with its data directory in `workdir`."""
+    return {
+        **os.environ,
+        "SMSBUS_NATS_URL": nats_server.url,
+        "SMSBUS_DATA_DIR": str(workdir / "bus"),
+        "SMSBUS_LOG_FORMAT": "json",
+        "SMSBUS_SMSTOWER_URL": url,
+        "SMSBUS_SMSTOWER_LOGIN": tower.login,
+        "SMSBUS_SMSTOWER_PASSWORD": tower.password,
+        "SMSBUS_BALANCE_INTERVAL": "86400",
+    }
+
+
+def register(bus: Serve, ids: list[str]) -> None:
+    """Track every id as an SMSTOWER message through `POST /v1/messages`, 1,000 a request, each
+    with a phone and a client_ref."""
+    with httpx.Client(base_url=bus.api, timeout=60) as client:
+        for i in range(0, len(ids), 1000):
+            chunk = [
+                {"provider": "smstower", "message_id": m, "phone": f"7903{m[-7:]}",
+                 "client_ref": f"order-{m}"}
+                for m in ids[i : i + 1000]
+            ]  # fmt: skip
+            response = client.post("/v1/messages", json=chunk)
+            assert response.status_code == 202, response.text
 
 
 class Serve:
@@ -199,15 +221,7 @@ def _first_cycle(
 ) -> tuple[list[tuple[str, str]], dict[str, float]]:
     n = len(ids)
     started = time.monotonic()
-    with httpx.Client(base_url=bus.api, timeout=60) as client:
-        for i in range(0, n, 1000):
-            chunk = [
-                {"provider": "smstower", "message_id": m, "phone": f"7903{m[-7:]}",
-                 "client_ref": f"order-{m}"}
-                for m in ids[i : i + 1000]
-            ]  # fmt: skip
-            response = client.post("/v1/messages", json=chunk)
-            assert response.status_code == 202, response.text
+    register(bus, ids)
     registered = time.monotonic() - started
     print(f"registered {n} in {registered:.1f} s ({n / registered:.0f}/s through POST "
           f"/v1/messages, with phone and client_ref)")  # fmt: skip

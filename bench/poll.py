@@ -115,12 +115,7 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="smsbus-poll-") as work:
         workdir = Path(work)
         nats_server = NatsServer(workdir / "nats").start()
-        tower = FakeSmstower()
-        base_id = random.randrange(10**9, 10**10)
-        ids = [str(base_id + i) for i in range(n)]
-        date = msk_now()
-        for message_id in ids:  # still on its way: every message stays open
-            tower.statuses[message_id] = ("processing", date)
+        tower, ids = smstower_with(n, "processing")  # still on its way: every message stays open
         with Served(tower.app) as served:
             env = smstower_env(workdir, nats_server, served.url, tower)
             env["SMSBUS_SMSTOWER_INTERVAL"] = str(interval)
@@ -153,6 +148,17 @@ def smstower_run(n: int, interval: float) -> list[tuple[str, str]]:
             ]
         nats_server.stop()
     return figures
+
+
+def smstower_with(n: int, status: str) -> tuple[FakeSmstower, list[str]]:
+    """A fake SMSTOWER answering `status`, dated now, for each of n new message ids; and the ids."""
+    tower = FakeSmstower()
+    base_id = random.randrange(10**9, 10**10)
+    ids = [str(base_id + i) for i in range(n)]
+    date = msk_now()
+    for message_id in ids:
+        tower.statuses[message_id] = (status, date)
+    return tower, ids
 
 
 def smstower_env(

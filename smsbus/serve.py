@@ -27,8 +27,9 @@ log = structlog.get_logger("smsbus")
 
 
 class _Stop:
-    """What SIGTERM and SIGINT do: while serving, ask uvicorn to stop; once the bus is closing
-    (draining the spool), cancel the main task, which gives up the drain."""
+    """What SIGTERM and SIGINT do: while serving, ask uvicorn to stop; while starting (start-up
+    waits up to SMSBUS_STARTUP_TIMEOUT for NATS) or once the bus is closing (draining the
+    spool), cancel the main task, which stops the start or gives up the drain."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -40,14 +41,20 @@ class _Stop:
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         # uvicorn installs its own handlers while serving and re-raises what it caught into
         # these before `serve` returns, so those arrive here while `draining` is still False.
-        if self.draining:
+        if self.draining or (self.requested and not self.servers):
             log.warning("second stop signal: leaving without draining the spool")
-            if self._main is not None:
-                self._loop.call_soon_threadsafe(self._main.cancel)
+            self._cancel()
             return
         self.requested = True
+        if not self.servers:
+            log.info("stop signal while starting: stopping")
+            self._cancel()
         for server in self.servers:
             server.should_exit = True
+
+    def _cancel(self) -> None:
+        if self._main is not None:
+            self._loop.call_soon_threadsafe(self._main.cancel)
 
 
 def settle_heap() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,10 +29,33 @@ T = TypeVar("T")
 SMSBUS = str(Path(sys.executable).with_name("smsbus"))
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL = _ephemeral_floor()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1, below the kernel's ephemeral range: a port from that range
+    can be taken, between this call and the bind of the process it is for, by the local end
+    of any outgoing connection (a replica retrying NATS, a client), and that process then
+    fails to start. Never the same port twice in one test run."""
+    while True:
+        port = random.randrange(10_000, _EPHEMERAL)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:

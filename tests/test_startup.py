@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import SMSBUS, free_port
+from tests.support import SMSBUS, Smsbus, free_port, wait_for
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -98,3 +99,26 @@ def test_unwritable_data_dir_is_one_line(tmp_path: Path) -> None:
     assert 1 == result.returncode
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"smsbus: SMSBUS_DATA_DIR: {not_a_dir / 'data'} is not writable")
+
+
+def test_a_stop_signal_while_waiting_for_nats_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C or a pod's SIGTERM during start-up, which waits up to SMSBUS_STARTUP_TIMEOUT for
+    NATS, ends the process then, not a minute later."""
+    bus = Smsbus(
+        {"SMSBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}", "SMSBUS_STARTUP_TIMEOUT": "60"},
+        tmp_path / "data",
+    )
+    bus.start(wait_ready=False)
+    try:
+        wait_for(
+            lambda: any(line.get("event") == "NATS not reachable yet; retrying"
+                        for line in bus.log_lines()),
+            what="start-up to wait for NATS",
+        )  # fmt: skip
+        asked = time.monotonic()
+        assert 0 == bus.stop(timeout=10)
+        assert time.monotonic() - asked < 5
+    finally:
+        if bus.proc is not None and bus.proc.poll() is None:
+            bus.kill()
+    assert "Traceback" not in bus.logs()

@@ -1,4 +1,11 @@
-"""The process's one NATS connection, and what follows it.
+"""The process's NATS connections, and what follows them.
+
+The process has two: the main one (publishing, bucket reads and writes, the projector, the
+leases) and one for the state mirror's watch. Every write to the state bucket comes back on the
+watch, and at a start or a restart the watch loads every open message (a million, hundreds of
+megabytes): on the main connection, a callback's bucket read or publish answer waited behind that
+load in the server's outbound buffer, seconds at a restart with 100,000 open messages, long
+enough for a read to time out and a callback's event to go out without its tracking data.
 
 `Connection` knows whether NATS is connected and counts changes (a disconnect, a reconnect), so
 that every watch and consumer can re-establish itself the moment NATS is back instead of waiting
@@ -34,8 +41,9 @@ def variable_for(settings: Settings) -> str:
 
 
 class Connection:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, name: str = "smsbus") -> None:
         self._settings = settings
+        self.name = name  # the client name the server shows, and the logs' `connection`
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self.generation = 0  # changes at every disconnect and reconnect
@@ -78,7 +86,9 @@ class Connection:
         async def on_error(exc: Exception) -> None:
             errors.append(exc)
             if not self._closing and self._nc is not None and self._nc.is_connected:
-                log.warning("nats error", error=str(exc) or type(exc).__name__)
+                log.warning(
+                    "nats error", connection=self.name, error=str(exc) or type(exc).__name__
+                )
 
         while True:
             attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
@@ -86,7 +96,7 @@ class Connection:
                 self._nc = await asyncio.wait_for(
                     nats.connect(
                         servers=urls,
-                        name="smsbus",
+                        name=self.name,
                         connect_timeout=min(2.0, attempt),
                         allow_reconnect=True,
                         max_reconnect_attempts=-1,
@@ -128,11 +138,12 @@ class Connection:
         self._up.clear()
         self._bump()
         if not self._closing:
-            log.warning("nats disconnected")
+            log.warning("nats disconnected", connection=self.name)
 
     async def _on_reconnected(self) -> None:
         url = self.nc.connected_url
-        log.info("nats reconnected", url=redact_url(url.geturl()) if url else None)
+        log.info("nats reconnected", connection=self.name,
+                 url=redact_url(url.geturl()) if url else None)  # fmt: skip
         self._up.set()
         self._bump()
 

@@ -77,6 +77,12 @@ class Metrics:
             "the spool keeps each until its state is written",
             registry=r,
         )
+        self.state_reads_failed = Counter(
+            "smsbus_state_reads_failed",
+            "Callbacks and polls that went on without a message's state because the bucket "
+            "could not be read in time while NATS was connected (their events lack tracking data)",
+            registry=r,
+        )
         self.publish_resends = Counter(
             "smsbus_publish_resends",
             "Publishes sent again because JetStream was still storing the same fact "

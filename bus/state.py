@@ -27,6 +27,7 @@ from typing import Literal
 import nats.errors
 import nats.js.errors
 import orjson
+import structlog
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
@@ -39,6 +40,8 @@ from bus.index import MessageIndex
 from bus.messages import MessageState, TrackItem, kv_key, register
 from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored, time_out
 from bus.stream import state_commit_subject
+
+log = structlog.get_logger("smsbus.state")
 
 CAS_ATTEMPTS = 50
 WRITES_AT_ONCE = 64  # concurrent writes of one batch of registrations
@@ -72,8 +75,12 @@ class States:
         on_open: Callable[[str, int], None] = lambda p, n: None,
         direct: bool = False,
         on_batch: Callable[[str], None] = lambda outcome: None,
+        watch: Connection | None = None,
+        on_read_failed: Callable[[], None] = lambda: None,
     ) -> None:
-        self._on_batch = on_batch  # "stored" or "refused", per atomic batch
+        self._on_batch = on_batch
+        self._on_read_failed = on_read_failed
+        self._reads_failing = False  # "stored" or "refused", per atomic batch
         self._conn = conn
         self.kv = kv
         self._replies = Replies(conn.nc)
@@ -92,7 +99,7 @@ class States:
         self.batched = False  # ... and fast batches
         self.mirror = MessageIndex(bucket, on_open=on_open, floor=lambda: self.follower.last)
         self.follower = Follower(
-            conn,
+            watch or conn,  # a connection of its own in the service (bus.connection says why)
             "state-mirror",
             f"KV_{bucket}",
             f"$KV.{bucket}.>",
@@ -180,14 +187,23 @@ class States:
 
     async def lookup(self, provider: str, message_key: str) -> MessageState | None:
         """The state of a message: the mirror's, else the bucket's. When the bucket cannot be
-        read in time (NATS is away) the answer is None: the caller goes on without it."""
+        read in time (NATS is away, or stalled) the answer is None: the caller goes on without
+        it (a callback is still accepted, its event without tracking data), and a read that
+        failed while NATS was connected is counted and logged (once until a read succeeds)."""
         held = self.mirror.get(provider, message_key)
         if held is not None or not self._conn.is_connected:
             return held
         try:
             state, _ = await self.read(kv_key(provider, message_key), LOOKUP_TIMEOUT)
-        except (TimeoutError, nats.errors.Error):
+        except (TimeoutError, nats.errors.Error) as exc:
+            self._on_read_failed()
+            if not self._reads_failing:
+                self._reads_failing = True
+                reason = str(exc) or type(exc).__name__
+                log.warning("state bucket not read in time; going on without the state",
+                            error=reason, timeout_s=LOOKUP_TIMEOUT)  # fmt: skip
             return None
+        self._reads_failing = False
         return state
 
     async def lookup_many(

@@ -271,3 +271,33 @@ def test_embedded_nats_gets_the_configured_sync_interval(tmp_path: Path) -> None
         )
     finally:
         assert 0 == bus.stop()
+
+
+def test_a_stalled_bucket_read_is_counted_and_logged_and_the_callback_still_accepted(
+    tmp_path: Path,
+) -> None:
+    """NATS connected but not answering (paused): a callback for a message the mirror does not
+    hold cannot read the bucket within a second; it is still answered OK (its event spooled),
+    and the failed read is counted and logged once, not passed over in silence."""
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(
+        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
+    ).start()
+    try:
+        nats.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        with httpx.Client(base_url=bus.base, timeout=30) as client:
+            answers = [call(client, str(next(_ids))) for _ in range(2)]
+        assert [(200, "OK")] * 2 == [(a.status, a.text) for a in answers]
+        assert 2 == bus.metric("smsbus_state_reads_failed_total")
+        warnings = [
+            line for line in bus.log_lines()
+            if line.get("event") == "state bucket not read in time; going on without the state"
+        ]  # fmt: skip
+        assert 1 == len(warnings)
+        nats.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+    finally:
+        if nats.proc is not None:
+            nats.proc.send_signal(signal.SIGCONT)
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()

@@ -163,9 +163,9 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         conn = Connection(s)
         await conn.open(deadline)
         stack.push_async_callback(conn.close)
-        watch = Connection(s, name="smsbus-watch")
-        await watch.open(deadline)
-        stack.push_async_callback(watch.close)
+        reads = Connection(s, name="smsbus-reads")
+        await reads.open(deadline)
+        stack.push_async_callback(reads.close)
         buckets = await retrying(
             deadline,
             f"SMSBUS_STREAM: cannot create or update {s.stream} and its buckets",
@@ -178,7 +178,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             on_open=lambda p, n: metrics.tracked.labels(p).set(n),
             direct=s.stream_replicas == 1,
             on_batch=lambda outcome: metrics.state_batches.labels(outcome).inc(),
-            watch=watch,
+            reads=reads,
             on_read_failed=metrics.state_reads_failed.inc,
         )
         states.atomic, states.batched = buckets.atomic, buckets.states_batched

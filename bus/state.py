@@ -2,7 +2,8 @@
 writing it.
 
 Reads go to the mirror first and to the bucket when the mirror does not hold the key, so a state
-written a moment ago by another replica is never missed (CONTRACT.md section 3, read your writes).
+written a moment ago by another replica is never missed (CONTRACT.md section 3, read your writes);
+bucket reads have a connection of their own (bus.connection says why).
 A bucket read must see every write acknowledged before it: on a replicated bucket it asks the
 stream leader (`STREAM.MSG.GET`; a direct get may be answered by a replica that is behind); on a
 bucket with one replica, that replica is the leader, so reads use direct gets, and the reads of
@@ -75,7 +76,7 @@ class States:
         on_open: Callable[[str, int], None] = lambda p, n: None,
         direct: bool = False,
         on_batch: Callable[[str], None] = lambda outcome: None,
-        watch: Connection | None = None,
+        reads: Connection | None = None,
         on_read_failed: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_batch = on_batch
@@ -84,6 +85,9 @@ class States:
         self._conn = conn
         self.kv = kv
         self._replies = Replies(conn.nc)
+        # Bucket reads on a connection of their own in the service (bus.connection says why).
+        self._reads = reads or conn
+        self._read_replies = Replies(self._reads.nc) if reads is not None else self._replies
         self._direct = direct
         self._get = f"$JS.API.STREAM.MSG.GET.KV_{bucket}"
         self._direct_get = f"$JS.API.DIRECT.GET.KV_{bucket}"
@@ -99,7 +103,7 @@ class States:
         self.batched = False  # ... and fast batches
         self.mirror = MessageIndex(bucket, on_open=on_open, floor=lambda: self.follower.last)
         self.follower = Follower(
-            watch or conn,  # a connection of its own in the service (bus.connection says why)
+            conn,
             "state-mirror",
             f"KV_{bucket}",
             f"$KV.{bucket}.>",
@@ -113,9 +117,13 @@ class States:
 
     async def start(self) -> None:
         await self._replies.start()
+        if self._read_replies is not self._replies:
+            await self._read_replies.start()
 
     async def stop(self) -> None:
         await self._replies.stop()
+        if self._read_replies is not self._replies:
+            await self._read_replies.stop()
 
     async def read(
         self, key: str, timeout: float = READ_TIMEOUT
@@ -132,7 +140,7 @@ class States:
                 asyncio.get_running_loop().call_soon(self._flush)
             return await queued  # the batch bounds the wait (BATCH_TIMEOUT)
         request = orjson.dumps({"last_by_subj": self._subject + key})
-        future = await self._replies.request(self._get, request)
+        future = await self._read_replies.request(self._get, request)
         try:
             found = stored(await asyncio.wait_for(future, timeout))
         finally:
@@ -161,7 +169,7 @@ class States:
         subjects = [self._subject + key for key in batch]
         reading = _Reading(self._subject, single=len(subjects) == 1)
         token = self._nuid.next().decode()
-        self._replies.route(token, reading.on_reply)
+        self._read_replies.route(token, reading.on_reply)
         expiry = asyncio.get_running_loop().call_later(BATCH_TIMEOUT, reading.expire)
         try:
             if len(subjects) == 1:  # the server's cheapest read: the key in the subject
@@ -169,13 +177,13 @@ class States:
             else:
                 subject = self._direct_get
                 request = orjson.dumps({"multi_last": subjects, "batch": len(subjects)})
-            await self._conn.nc.publish(subject, request, reply=self._replies.prefix + token)
+            await self._reads.nc.publish(subject, request, reply=self._read_replies.prefix + token)
             await reading.done
         except (TimeoutError, nats.errors.Error) as exc:
             reading.error = reading.error or exc
         finally:
             expiry.cancel()
-            self._replies.unroute(token)
+            self._read_replies.unroute(token)
         for key, futures in batch.items():
             for future in futures:
                 if future.done():
@@ -191,7 +199,7 @@ class States:
         it (a callback is still accepted, its event without tracking data), and a read that
         failed while NATS was connected is counted and logged (once until a read succeeds)."""
         held = self.mirror.get(provider, message_key)
-        if held is not None or not self._conn.is_connected:
+        if held is not None or not self._reads.is_connected:
             return held
         try:
             state, _ = await self.read(kv_key(provider, message_key), LOOKUP_TIMEOUT)

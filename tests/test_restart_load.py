@@ -1,8 +1,8 @@
 """Read your writes across a restart: while a restarted replica loads its state mirror (every open
 message, read through the bucket's watch), callbacks for registered messages still carry their
-tracking data. Their bucket reads go on the main NATS connection, not behind the load's
-deliveries on the watch's: behind them, at 100,000 open messages, reads waited seconds, timed
-out, and events went out without `phone` and `client_ref`."""
+tracking data. Their bucket reads go on a NATS connection of their own, not behind the load's
+deliveries: behind them, at 100,000 open messages, reads waited seconds, timed out, and events
+went out without `phone` and `client_ref`."""
 
 from __future__ import annotations
 

@@ -79,9 +79,9 @@ class States:
         reads: Connection | None = None,
         on_read_failed: Callable[[], None] = lambda: None,
     ) -> None:
-        self._on_batch = on_batch
+        self._on_batch = on_batch  # "stored" or "refused", per atomic batch
         self._on_read_failed = on_read_failed
-        self._reads_failing = False  # "stored" or "refused", per atomic batch
+        self._reads_failing = False  # since the last read that succeeded
         self._conn = conn
         self.kv = kv
         self._replies = Replies(conn.nc)

@@ -140,7 +140,9 @@ async def _a_late_loop_halves_the_share_while_requests_are_served() -> None:
         assert FEW <= pace.share < 2 * FEW, pace.share
         await _hold_up(pace, 10, at_once=CROWD)
         assert pace.share < FEW / 4  # a crowd: on towards LEAST
-        deadline = time.monotonic() + 5  # on time again: the share grows back
+        # On time again: the share grows back, about 95 measurements on time (a second), and
+        # only on time: on a loaded machine many come late, hence the long bound.
+        deadline = time.monotonic() + 30
         while pace.share < 1.0 and time.monotonic() < deadline:
             for _ in range(CROWD):
                 pace.started()

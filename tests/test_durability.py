@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import random
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +145,7 @@ def test_events_spooled_before_a_crash_are_published_on_the_next_start(tmp_path:
 def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Path) -> None:
     """NATS is paused, so callbacks are mid-publish when SIGTERM arrives: they still get OK (from
     the spool), and the shutdown flush publishes them once NATS answers again."""
-    nats = NatsServer(tmp_path / "nats").start()
-    bus = Smsbus(
-        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
-    ).start()
-    try:
-        nats.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    with _bus_on_paused_nats(tmp_path) as (nats, bus):
         ids = [str(next(_ids)) for _ in range(10)]
         with ThreadPoolExecutor(10) as pool, httpx.Client(base_url=bus.base, timeout=30) as client:
             futures = [pool.submit(call, client, server_id) for server_id in ids]
@@ -160,6 +157,20 @@ def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Pa
         assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
         assert dict.fromkeys(ids, 1) == dict(stored_ids(nats, bus))
         assert "spool kept for the next start" not in bus.logs()
+
+
+@contextlib.contextmanager
+def _bus_on_paused_nats(tmp_path: Path) -> Iterator[tuple[NatsServer, Smsbus]]:
+    """smsbus (SMSBUS_PUBLISH_TIMEOUT=PUBLISH_TIMEOUT) on a nats-server of its own, then that
+    server paused: connected, not answering. On the way out the server is resumed, smsbus
+    killed if it still runs, and the server stopped."""
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(
+        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
+    ).start()
+    try:
+        nats.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        yield nats, bus
     finally:
         if nats.proc is not None:
             nats.proc.send_signal(signal.SIGCONT)
@@ -279,12 +290,7 @@ def test_a_stalled_bucket_read_is_counted_and_logged_and_the_callback_still_acce
     """NATS connected but not answering (paused): a callback for a message the mirror does not
     hold cannot read the bucket within a second; it is still answered OK (its event spooled),
     and the failed read is counted and logged once, not passed over in silence."""
-    nats = NatsServer(tmp_path / "nats").start()
-    bus = Smsbus(
-        isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT)), tmp_path / "bus"
-    ).start()
-    try:
-        nats.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    with _bus_on_paused_nats(tmp_path) as (nats, bus):
         with httpx.Client(base_url=bus.base, timeout=30) as client:
             answers = [call(client, str(next(_ids))) for _ in range(2)]
         assert [(200, "OK")] * 2 == [(a.status, a.text) for a in answers]
@@ -296,8 +302,3 @@ def test_a_stalled_bucket_read_is_counted_and_logged_and_the_callback_still_acce
         assert 1 == len(warnings)
         nats.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
         wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
-    finally:
-        if nats.proc is not None:
-            nats.proc.send_signal(signal.SIGCONT)
-        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
-        nats.stop()

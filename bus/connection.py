@@ -1,14 +1,15 @@
 """The process's NATS connections, and what follows them.
 
 The process has two: the main one (publishing, bucket writes, the state mirror's watch, the
-projector, the leases) and one for reading the state bucket. Every write to the bucket comes back
-on the watch, and at a start or a restart the watch loads every open message (a million, hundreds
-of megabytes) onto the main connection: a callback's bucket read there waited behind that load in
-the server's outbound buffer, seconds at a restart with 100,000 open messages, long enough to time
-out, and the callback's event went out without its tracking data. The reads' connection carries
-only their requests and answers. The watch stays beside the writes: its echoes of them are read in
-the same pieces as their answers, the cheapest way (on a connection of its own, callbacks were 6
-to 10% slower, their p99 2 to 10 ms longer).
+projector) and one for the requests that must not wait: reads of the state bucket and the
+pollers' leases. Every write to the bucket comes back on the watch, and at a start or a restart
+the watch loads every open message (a million, hundreds of megabytes) onto the main connection:
+a callback's bucket read there waited behind that load in the server's outbound buffer, seconds
+at a restart with 100,000 open messages, long enough to time out, and the callback's event went
+out without its tracking data; a leader's lease renewals timed out the same way, and it gave its
+lease up. The second connection carries only those requests and their answers. The watch stays
+beside the writes: its echoes of them are read in the same pieces as their answers, the cheapest
+way (on a connection of its own, callbacks were 6 to 10% slower, their p99 2 to 10 ms longer).
 
 `Connection` knows whether NATS is connected and counts changes (a disconnect, a reconnect), so
 that every watch and consumer can re-establish itself the moment NATS is back instead of waiting

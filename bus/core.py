@@ -171,6 +171,13 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             f"SMSBUS_STREAM: cannot create or update {s.stream} and its buckets",
             lambda: ensure_all(conn.js, s),
         )
+        # The pollers' leases on the reads' connection too: behind a restart's load, renewals
+        # timed out and the leader gave its lease up (bus.connection).
+        leases = await retrying(
+            deadline,
+            f"SMSBUS_STREAM: cannot bind the lease bucket of {s.stream}",
+            lambda: reads.js.key_value(bucket_names(s.stream)[2]),
+        )
         states = States(
             conn,
             buckets.messages,
@@ -257,7 +264,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             publisher=publisher,
             states=states,
             cursors=Cursors(buckets.cursors),
-            leases=buckets.leases,
+            leases=leases,
             projector=projector,
             supervisor=supervisor,
             pace=pace,

@@ -2,7 +2,8 @@
 message, read through the bucket's watch), callbacks for registered messages still carry their
 tracking data. Their bucket reads go on a NATS connection of their own, not behind the load's
 deliveries: behind them, at 100,000 open messages, reads waited seconds, timed out, and events
-went out without `phone` and `client_ref`."""
+went out without `phone` and `client_ref`. The poller's lease goes there too: behind the load, its
+renewals timed out and the leader gave its lease up."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fakes.epochta import FakeEpochta
+from tests.fakes.server import Served
 from tests.support import Smsbus, free_port, read_stream, wait_for
 
 pytestmark = pytest.mark.slow
 OPEN = 200_000
 CALLBACKS, AT_ONCE = 640, 64
+# A short lease: renewed every 0.8 s, each call given 0.5 s (bus.lease), so that many renewals
+# fall within the load.
+LEASE_TTL = "4"
+LEASE_TROUBLE = ("lease not acquired", "lease not renewed", "lease lost; polling stops here")
 
 
 def test_callbacks_during_a_restarts_mirror_load_carry_their_tracking_data(
@@ -27,7 +34,19 @@ def test_callbacks_during_a_restarts_mirror_load_carry_their_tracking_data(
     # The embedded nats-server, restarted with smsbus: the laptop's case, and the harder one
     # (the server reads its store back while the mirror loads).
     nats_port = free_port()
-    bus = Smsbus({"SMSBUS_EMBEDDED_NATS_PORT": str(nats_port)}, tmp_path / "bus")
+    pochta = FakeEpochta()  # a provider polled by this replica, its leader
+    with Served(pochta.app) as served:
+        env = {
+            "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
+            "SMSBUS_EPOCHTA_URL": served.url,
+            "SMSBUS_EPOCHTA_USERNAME": pochta.username,
+            "SMSBUS_EPOCHTA_PASSWORD": pochta.password,
+            "SMSBUS_LEASE_TTL": LEASE_TTL,
+        }
+        _restart_under_load(Smsbus(env, tmp_path / "bus"), nats_port)
+
+
+def _restart_under_load(bus: Smsbus, nats_port: int) -> None:
     try:
         bus.start()
         first = random.randrange(10**9, 10**10)
@@ -54,6 +73,16 @@ def test_callbacks_during_a_restarts_mirror_load_carry_their_tracking_data(
         assert [(200, "OK")] * CALLBACKS == [(a[0], a[1]) for a in answers]
         print(f"slowest callback during the load: {max(a[2] for a in answers):.3f} s")
         assert 0 == bus.metric("smsbus_state_reads_failed_total")
+        wait_for(
+            lambda: (
+                bus.readyz().get("watches", {}).get("state-mirror", {}).get("state") == "following"
+            ),
+            timeout=60,
+            what="the mirror to finish loading",
+        )
+        lines = bus.log_lines()
+        assert [] == [line for line in lines if line.get("event") in LEASE_TROUBLE]
+        assert 1 == sum(1 for line in lines if line.get("event") == "leading"), "leads throughout"
 
         stored = {}
         url = f"nats://127.0.0.1:{nats_port}"

@@ -347,9 +347,22 @@ def _full_pace(
         time.sleep(0.5)
     polls = _one_pass(tower, n, after=asked_before)
     span = polls[-1].at - polls[0].at
+    failed, lost = _lease_trouble(bus.log)
     print(f"full pace after the restart: {n} delivered in {len(polls)} requests over {span:.1f} s "
-          f"({n / span:.0f} messages/s, every one an event)")  # fmt: skip
+          f"({n / span:.0f} messages/s, every one an event); lease requests failed in the run: "
+          f"{failed}, leases lost: {lost}")  # fmt: skip
     return [("full pace: requests", str(len(polls))), ("full pace: pass s", f"{span:.1f}")]
+
+
+def _lease_trouble(log: Path) -> tuple[int, int]:
+    """Lease requests that failed (not acquired, not renewed) and leases lost, in smsbus's log."""
+    failed = lost = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if '"lease not acquired"' in line or '"lease not renewed"' in line:
+            failed += 1
+        elif '"lease lost; polling stops here"' in line:
+            lost += 1
+    return failed, lost
 
 
 def smsc_main(args: argparse.Namespace) -> None:

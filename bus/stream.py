@@ -157,22 +157,23 @@ class Buckets:
     states_batched: bool  # ... and fast batches
     messages: KeyValue
     cursors: KeyValue
-    leases: KeyValue
 
 
 async def ensure_all(js: JetStreamContext, settings: Settings) -> Buckets:
+    """The stream and the three buckets, made or brought to the settings; the handles of the
+    state and cursor buckets (the lease bucket's is bound on another connection, bus.core)."""
     batched = await ensure_stream(js, settings)
     messages, cursors, leases = bucket_names(settings.stream)
     replicas = settings.stream_replicas
     states = await ensure_bucket(js, messages, replicas, settings.state_max_age)
     atomic, states_batched = await allow_batches(js, messages)
+    await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE)
     return Buckets(
         batched=batched,
         atomic=atomic,
         states_batched=states_batched,
         messages=states,
         cursors=await ensure_bucket(js, cursors, replicas),
-        leases=await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE),
     )
 
 

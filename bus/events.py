@@ -190,6 +190,48 @@ def status_event(
     )
 
 
+def untracked_message(event: Event) -> str | None:
+    """The message id of a status event that has none of its message's tracking data (`phone`,
+    `client_ref`, `traceparent`): built while the state could not be read, or for a message
+    never registered; else None. Only for providers whose message key is the id alone (for the
+    others the phone is part of the fact, and a poll always knows it)."""
+    if event.type != "status" or event.provider in PER_PHONE:
+        return None
+    try:
+        envelope = orjson.loads(event.payload)
+        data = envelope["data"]
+        message_id = data["message_id"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    if data.get("phone") is None and data.get("client_ref") is None:
+        if envelope.get("traceparent") is None and isinstance(message_id, str):
+            return message_id
+    return None
+
+
+def with_tracking(
+    event: Event, phone: str | None, client_ref: str | None, traceparent: str | None
+) -> Event:
+    """The same status event (same id, same fact) carrying its message's tracking data."""
+    envelope = orjson.loads(event.payload)
+    data = envelope["data"]
+    data["phone"], data["client_ref"] = phone, client_ref
+    payload = _encode(
+        event.id, event.provider, "status", envelope.get("subject"), envelope["time"], data,
+        traceparent,
+    )  # fmt: skip
+    return Event(
+        id=event.id,
+        subject=event.subject,
+        type=event.type,
+        provider=event.provider,
+        payload=payload,
+        status=event.status,
+        traceparent=traceparent,
+        data=data,
+    )
+
+
 def inbound_event(
     prefix: str,
     provider: str,

@@ -14,6 +14,10 @@ row only after JetStream acknowledged it. A publish that timed out may still hav
 the repeated `Nats-Msg-Id` keeps one copy within the stream's duplicate window, and beyond it a
 status event whose fact the message's state already records is dropped instead of published.
 
+A status event that went to the spool without its message's tracking data (its state could not be
+read when the event was built: NATS away or stalled, the mirror without the message) is given it
+by the drainer, from the state as it is then, before it is published (bus.state says how).
+
 A status event is done once its state is written too (bus.projection): `publish` returns after
 both. When JetStream stored the event but its state could not be written, the event goes to the
 spool marked as stored, and the drainer writes only its state; a drained event is deleted from
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -47,6 +52,7 @@ DRAIN_BATCH = 256
 MAX_PENDING = 4000
 IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict
 RESEND_FIRST, RESEND_CAP = 0.002, 0.05
+TRACKING_WAIT = 30.0  # seconds a spooled event waits for its state to be readable
 
 
 class _AckTimeout(Exception):
@@ -67,10 +73,15 @@ def _in_process(exc: BaseException | None) -> bool:
 _ATTEMPT_ERRORS = (nats.errors.Error, _AckTimeout, asyncio.TimeoutError)
 
 Recorded = Callable[[Event], Awaitable[bool]]
+Tracked = Callable[[Sequence[Event]], Awaitable[list[Event | None]]]
 
 
 async def _never(event: Event) -> bool:
     return False
+
+
+async def _as_they_are(events: Sequence[Event]) -> list[Event | None]:
+    return list(events)
 
 
 class Publisher:
@@ -84,6 +95,7 @@ class Publisher:
         projection: Projection,
         recorded: Recorded = _never,
         commit_subject: str = "",
+        tracked: Tracked = _as_they_are,
     ) -> None:
         self._conn = conn
         self._projection = projection
@@ -97,6 +109,7 @@ class Publisher:
         self._timeout = timeout
         self._window = duplicate_window
         self._recorded = recorded  # is this status fact already in the message's state?
+        self._tracked = tracked  # spooled events given their message's tracking data
         self._wake = asyncio.Event()
         self._degraded = False
 
@@ -292,6 +305,7 @@ class Publisher:
             if dropped:
                 await self._spool.delete([row.seq for row in dropped])
                 rows = [row for row in rows if row not in dropped]
+            rows, waiting = await self._with_tracking(rows)
             acked = set(await self._publish_batch([row for row in rows if not row.stored]))
             stored = [row for row in rows if row.stored or row.seq in acked]
             owed = await self._projection.write_many([row.event for row in stored])
@@ -300,13 +314,39 @@ class Publisher:
                 [row.seq for row in stored if row.event.id in owed and not row.stored]
             )
             published += len(acked)
-            if len(stored) < len(rows) or owed:
+            if len(stored) < len(rows) or owed or waiting:
                 await self._pause(backoff.failed())
             else:
                 backoff.succeeded()
         if published or self._degraded:
             self._degraded = False
             log.info("spool drained", published=published)
+
+    async def _with_tracking(self, rows: list[Row]) -> tuple[list[Row], bool]:
+        """Rows whose events are not stored yet, given their message's tracking data where they
+        went to the spool without it (`States.with_tracking`), and whether the rest waits: an
+        event whose state cannot be read yet is held (with every row after it, so the spool's
+        order stays) until it can, or until it has been in the spool for TRACKING_WAIT; then it
+        goes as it is."""
+        fresh = [i for i, row in enumerate(rows) if not row.stored]
+        if not fresh:
+            return rows, False
+        events = await self._tracked([rows[i].event for i in fresh])
+        given, waiting = 0, False
+        rows = list(rows)
+        cutoff = time.time() - TRACKING_WAIT
+        for i, event in zip(fresh, events, strict=True):
+            if event is None:
+                if rows[i].spooled_at > cutoff:
+                    del rows[i:]
+                    waiting = True
+                    break
+            elif event is not rows[i].event:
+                rows[i] = dataclasses.replace(rows[i], event=event)
+                given += 1
+        if given:
+            log.info("spooled events given their tracking data", count=given)
+        return rows, waiting
 
     async def _already_recorded(self, rows: list[Row]) -> list[Row]:
         """Spooled status events older than the duplicate window whose fact the state records:

@@ -21,6 +21,7 @@ that already has it changes nothing. The projector writes key by key (bus.projec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -35,7 +36,7 @@ from nats.nuid import NUID
 
 from bus import fastbatch, wire
 from bus.connection import Connection
-from bus.events import Event, message_key
+from bus.events import Event, message_key, untracked_message, with_tracking
 from bus.follow import Follower
 from bus.index import MessageIndex
 from bus.messages import MessageState, TrackItem, kv_key, register
@@ -226,6 +227,44 @@ class States:
             for i, state in zip(missing, read, strict=True):
                 found[i] = state
         return found
+
+    async def with_tracking(self, events: Sequence[Event]) -> list[Event | None]:
+        """The events, those spooled without their message's tracking data (its state could not
+        be read when they were built: NATS away or stalled, the mirror without the message)
+        given it from the state as it is now, so that an event published from the spool carries
+        the `phone` and `client_ref` of a registration answered before its callback; the id and
+        the fact stay the same. None for an event whose state cannot be read now either (the
+        publisher waits a while for it, bus.publisher)."""
+        untracked = {i: m for i, e in enumerate(events) if (m := untracked_message(e)) is not None}
+        filled: list[Event | None] = list(events)
+        if not untracked:
+            return filled
+        if not self._reads.is_connected:  # just reconnected: the reads' connection follows
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reads.connected(), READ_TIMEOUT)
+        found = await asyncio.gather(
+            *(self._state_now(events[i].provider, message) for i, message in untracked.items())
+        )
+        for i, (readable, state) in zip(untracked, found, strict=True):
+            if not readable:
+                filled[i] = None
+            elif state is not None and (state.phone or state.client_ref or state.traceparent):
+                filled[i] = with_tracking(
+                    events[i], state.phone, state.client_ref, state.traceparent
+                )
+        return filled
+
+    async def _state_now(self, provider: str, message: str) -> tuple[bool, MessageState | None]:
+        """(True, the state) from the mirror, else the bucket; (False, None) when the bucket
+        cannot be read."""
+        held = self.mirror.get(provider, message)
+        if held is not None:
+            return True, held
+        try:
+            state, _ = await self.read(kv_key(provider, message), LOOKUP_TIMEOUT)
+        except (TimeoutError, nats.errors.Error):
+            return False, None
+        return True, state
 
     async def recorded(self, event: Event) -> bool:
         """Does the bucket's state of this status event's message record its fact already?

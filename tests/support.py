@@ -4,6 +4,7 @@ ports, and a reader of what the stream holds. Waits are on conditions, never fix
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -291,6 +293,63 @@ class Listeners:
     def close(self) -> None:
         self.public.close()
         self.private.close()
+
+
+class HangingLink:
+    """A TCP proxy on a free loopback port in front of `port`: a network path that can hang.
+    `hang()` swallows every byte both ways on the connections it carries (they stay open, and
+    nothing arrives), `cut()` then closes them and lets new connections through."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = free_port()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._lock = threading.Lock()
+        self._flowing = True
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def hang(self) -> None:
+        with self._lock:  # once this returns no byte passes
+            self._flowing = False
+
+    def cut(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            self._sockets = []
+            self._flowing = True
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._sockets += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                with self._lock:
+                    if self._flowing:
+                        dst.sendall(data)
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def isolated_env(nats_url: str, **extra: str) -> dict[str, str]:

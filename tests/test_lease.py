@@ -1,15 +1,21 @@
-"""Leases against a real nats-server: one holder at a time, and a holder whose write timed out
-but was applied after all (nats-py sends its buffer on reconnect) keeps its lease."""
+"""Leases against a real nats-server: one holder at a time, a holder whose write timed out but
+was applied after all (nats-py sends its buffer on reconnect) keeps its lease, and after a NATS
+stall the lease is taken again within a retry period."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 import uuid
+from pathlib import Path
 
 import nats
 
-from bus.lease import Lease
+from bus.lease import MAX_AGE, Lease
 from bus.stream import ensure_bucket
+from bus.supervisor import Beat
+from pollers.runner import lead
 from tests.support import NatsServer
 
 
@@ -37,3 +43,78 @@ def test_a_lease_is_held_by_one_and_reclaimed_by_its_holder(nats_server: NatsSer
             await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_a_holder_stalled_with_nats_leads_again_within_a_retry_period(tmp_path: Path) -> None:
+    """NATS stalls (SIGSTOP) longer than the lease's max age: the holder cannot renew, gives the
+    lease up before its key could expire (polling stops), and tries to take it again a retry
+    period after each try began, so tries that hang on the stalled server (each for its call
+    timeout) do not stretch the period. A nats-server expires an overdue key only seconds after
+    it runs again, so the holder's key is still there: the first try after NATS answers takes
+    it back (it names this holder), and polling resumes within a period."""
+    server = NatsServer(tmp_path / "nats").start()
+    ttl = 6.0  # renewed every 1.2 s, tried every 0.75 s; a call with no answer ends after 0.75 s
+    paused_for = 8.5
+
+    class Counted(Lease):
+        tries = 0
+
+        async def acquire(self) -> bool:
+            self.tries += 1
+            return await super().acquire()
+
+    class Poller:
+        name = "smstower"
+        stopping = False
+
+        def __init__(self) -> None:
+            self.terms = 0
+            self.leading = asyncio.Event()
+
+        async def run(self, beat: Beat) -> None:
+            self.terms += 1
+            self.leading.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.leading.clear()
+
+    async def scenario() -> None:
+        nc = await nats.connect(server.url)
+        leading: asyncio.Task[None] | None = None
+        try:
+            js = nc.jetstream()
+            bucket = await ensure_bucket(js, f"T{uuid.uuid4().hex[:8]}_leases", 1,
+                                         max_age=ttl * MAX_AGE)  # fmt: skip
+            lease, poller = Counted(bucket, "smstower", "a", ttl), Poller()
+            leading = asyncio.create_task(lead(poller, lease, lambda: None))  # type: ignore[arg-type]
+            await asyncio.wait_for(poller.leading.wait(), 5)
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
+            stalled = time.monotonic()
+            while poller.leading.is_set():  # the holder gives up while NATS is stalled
+                assert time.monotonic() - stalled < paused_for, "still polling without a lease"
+                await asyncio.sleep(0.02)
+            given_up, before = time.monotonic(), lease.tries
+            await asyncio.sleep(stalled + paused_for - given_up)
+            tries, period = lease.tries - before, time.monotonic() - given_up
+            server.proc.send_signal(signal.SIGCONT)
+            back = time.monotonic()
+            await asyncio.wait_for(poller.leading.wait(), 10)
+            taken_after = time.monotonic() - back
+            # A try every 0.75 s while stalled, not every 0.75 s plus 0.75 s of waiting.
+            assert tries >= int(period / lease.retry_every) - 1, f"{tries} tries in {period:.2f} s"
+            assert taken_after <= lease.retry_every + 0.5, f"led again {taken_after:.2f} s after"
+            assert 2 == poller.terms
+        finally:
+            if leading is not None:
+                leading.cancel()
+                await asyncio.gather(leading, return_exceptions=True)
+            await nc.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGCONT)
+        server.stop()

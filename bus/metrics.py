@@ -80,7 +80,8 @@ class Metrics:
         self.state_reads_failed = Counter(
             "smsbus_state_reads_failed",
             "Callbacks and polls that went on without a message's state because the bucket "
-            "could not be read in time while NATS was connected (their events lack tracking data)",
+            "could not be read in time while NATS was connected (a callback's event waits in the "
+            "spool for it; a poll's event lacks tracking data)",
             registry=r,
         )
         self.publish_resends = Counter(

@@ -148,6 +148,14 @@ class Publisher:
         await self._to_spool(event)
         return "spooled"
 
+    async def spool(self, event: Event) -> str:
+        """Make the event durable in the spool, whatever NATS's state: for an event the drainer
+        is to give its message's tracking data (its state could not be read when it was built);
+        "spooled", or PublishError when not even the spool takes it."""
+        self._count(event)
+        await self._to_spool(event)
+        return "spooled"
+
     def _count(self, event: Event) -> None:
         if event.type == "deadletter":
             self._metrics.deadletters.labels(event.provider).inc()

@@ -195,13 +195,22 @@ class States:
                     future.set_result(reading.found.get(key, (None, 0)))
 
     async def lookup(self, provider: str, message_key: str) -> MessageState | None:
-        """The state of a message: the mirror's, else the bucket's. When the bucket cannot be
-        read in time (NATS is away, or stalled) the answer is None: the caller goes on without
-        it (a callback is still accepted, its event without tracking data), and a read that
-        failed while NATS was connected is counted and logged (once until a read succeeds)."""
+        """The state of a message: the mirror's, else the bucket's; None when there is none, or
+        when the bucket cannot be read in time (`find` tells the two apart)."""
+        return (await self.find(provider, message_key))[1]
+
+    async def find(self, provider: str, message_key: str) -> tuple[bool, MessageState | None]:
+        """(True, the state of a message, or None when it has none): the mirror's, else the
+        bucket's. (False, None) when the mirror does not hold it and the bucket cannot be read
+        in time (NATS away or stalled, the reads' connection down): the caller goes on without
+        it (a callback's event goes to the spool, whose drainer gives it the state's tracking
+        data once it can be read). A read that failed while NATS was connected is counted and
+        logged (once until a read succeeds)."""
         held = self.mirror.get(provider, message_key)
-        if held is not None or not self._reads.is_connected:
-            return held
+        if held is not None:
+            return True, held
+        if not self._reads.is_connected:
+            return False, None
         try:
             state, _ = await self.read(kv_key(provider, message_key), LOOKUP_TIMEOUT)
         except (TimeoutError, nats.errors.Error) as exc:
@@ -211,9 +220,9 @@ class States:
                 reason = str(exc) or type(exc).__name__
                 log.warning("state bucket not read in time; going on without the state",
                             error=reason, timeout_s=LOOKUP_TIMEOUT)  # fmt: skip
-            return None
+            return False, None
         self._reads_failing = False
-        return state
+        return True, state
 
     async def lookup_many(
         self, provider: str, message_keys: list[str]

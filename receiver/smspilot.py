@@ -278,7 +278,7 @@ class SMSPilotCallbacks:
             return 400, str(exc), "malformed"
 
         # The mirror, else the bucket: a registration a moment ago on any replica is seen.
-        tracked = await self._states.lookup(PROVIDER, params.server_id)
+        readable, tracked = await self._states.find(PROVIDER, params.server_id)
         event = status_event(
             self._prefix,
             PROVIDER,
@@ -297,7 +297,10 @@ class SMSPilotCallbacks:
         if tracked is not None and tracked.records(event.id):
             return 200, "OK", "duplicate"  # stored before, however long ago
         try:
-            outcome = await self._publisher.publish(event)
+            if readable:
+                outcome = await self._publisher.publish(event)
+            else:  # published by the spool's drainer once the state can be read (or in 30 s)
+                outcome = await self._publisher.spool(event)
         except PublishError as exc:
             self._state.last_error = str(exc)
             return 503, "event could not be stored; try again", "failed"

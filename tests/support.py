@@ -298,36 +298,45 @@ class Listeners:
 class HangingLink:
     """A TCP proxy on a free loopback port in front of `port`: a network path that can hang.
     `hang()` swallows every byte both ways on the connections it carries (they stay open, and
-    nothing arrives), `cut()` then closes them and lets new connections through."""
+    nothing arrives), `cut()` then closes them (each side sees the close at once) and lets new
+    connections through. Given a NATS client name (the `name` of the client's CONNECT), either
+    applies only to that client's connections."""
 
     def __init__(self, port: int) -> None:
         self.target = port
         self.port = free_port()
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
-        self._flowing = True
-        self._sockets: list[socket.socket] = []
+        self._links: list[_Carried] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def hang(self) -> None:
+    def hang(self, client: str | None = None) -> None:
         with self._lock:  # once this returns no byte passes
-            self._flowing = False
+            for link in self._chosen(client):
+                link.flowing = False
 
-    def cut(self) -> None:
+    def cut(self, client: str | None = None) -> None:
         with self._lock:
-            for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
-            self._sockets = []
-            self._flowing = True
+            for link in self._chosen(client):
+                for sock in link.sockets:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked on it
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                self._links.remove(link)
 
     def close(self) -> None:
         self.cut()
         self._listener.close()
+
+    def _chosen(self, client: str | None) -> list[_Carried]:
+        chosen = [link for link in self._links if client is None or link.client == client]
+        assert client is None or chosen, f"no connection of a client named {client!r}"
+        return chosen
 
     def _accept(self) -> None:
         while True:
@@ -336,20 +345,38 @@ class HangingLink:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
+            link = _Carried((client, server))
             with self._lock:
-                self._sockets += [client, server]
+                self._links.append(link)
             for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+                threading.Thread(target=self._pump, args=(link, src, dst), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, link: _Carried, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                if link.client is None and src is link.sockets[0]:
+                    link.named(data)
                 with self._lock:
-                    if self._flowing:
+                    if link.flowing:
                         dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+class _Carried:
+    """One connection through a HangingLink: its two sockets, and the NATS client's name."""
+
+    def __init__(self, sockets: tuple[socket.socket, socket.socket]) -> None:
+        self.sockets = sockets
+        self.flowing = True
+        self.client: str | None = None
+
+    def named(self, data: bytes) -> None:
+        line = data.partition(b"CONNECT ")[2].partition(b"\r\n")[0]
+        if line:
+            with contextlib.suppress(ValueError, AttributeError):
+                self.client = json.loads(line).get("name")
 
 
 def isolated_env(nats_url: str, **extra: str) -> dict[str, str]:

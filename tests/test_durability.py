@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import itertools
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import nats as nats_client
 import pytest
 
 from bus import nats_server
@@ -380,6 +382,67 @@ def test_a_callback_spooled_while_its_link_hung_carries_the_registration_once_pu
             bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
         link.close()
         nats.stop()
+
+
+def test_a_late_callback_read_while_its_replicas_reads_hung_carries_the_registration(
+    tmp_path: Path,
+) -> None:
+    """Read your writes when only the bucket read fails: a registered message is final, so no
+    mirror holds it any more; a later report of it reaches replica B, whose connection for bucket
+    reads hangs while its main connection works. The callback is answered OK, and its event,
+    held in the spool rather than published without the registration's data, is published with
+    the phone and client_ref once B can read the bucket again."""
+    nats = NatsServer(tmp_path / "nats").start()
+    link = HangingLink(nats.port)
+    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
+    a = Smsbus(env, tmp_path / "a").start()
+    b = Smsbus({**env, "SMSBUS_NATS_URL": link.url}, tmp_path / "b").start()
+    try:
+        server_id = str(next(_ids))
+        a.register(
+            {"provider": "smspilot", "message_id": server_id, "phone": "+7 903 555-12-34",
+             "client_ref": "order-77"}
+        )  # fmt: skip
+        with httpx.Client(base_url=a.base, timeout=15) as client:
+            assert "OK" == call(client, server_id).text  # delivered: final, let go by mirrors
+        written = _bucket_last(nats.url, f"{env['SMSBUS_STREAM']}_messages")
+        wait_for(
+            lambda: b.readyz()["watches"]["state-mirror"]["last_sequence"] >= written,
+            timeout=10, what="B's mirror to apply the final state",
+        )  # fmt: skip
+        link.hang("smsbus-reads")
+        with httpx.Client(base_url=b.base, timeout=15) as client:
+            late = client.get(
+                "/callbacks/smspilot", params={"server_id": server_id, "status": -1, "error": 600}
+            )
+        assert (200, "OK") == (late.status_code, late.text)
+        assert 1 == b.metric("smsbus_state_reads_failed_total")
+        link.cut("smsbus-reads")
+        subject = f"{b.prefix}.status.>"
+        wait_for(lambda: len(read_stream(nats.url, env["SMSBUS_STREAM"], subject)) == 2,
+                 timeout=30, what="both events in the stream")  # fmt: skip
+        wait_for(lambda: b.spool_depth() == 0, timeout=30, what="B's spool to drain")
+        stored = read_stream(nats.url, env["SMSBUS_STREAM"], subject)
+        assert [("delivered", "79035551234", "order-77"), ("expired", "79035551234", "order-77")] \
+            == [(s.event["data"]["status"], s.event["data"]["phone"],
+                 s.event["data"]["client_ref"]) for s in stored]  # fmt: skip
+    finally:
+        for bus in (a, b):
+            bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        link.close()
+        nats.stop()
+
+
+def _bucket_last(url: str, bucket: str) -> int:
+    async def last() -> int:
+        nc = await nats_client.connect(url)
+        try:
+            info = await nc.jetstream().stream_info(f"KV_{bucket}")
+            return int(info.state.last_seq)
+        finally:
+            await nc.close()
+
+    return asyncio.run(last())
 
 
 def test_a_stalled_bucket_read_is_counted_and_logged_and_the_callback_still_accepted(

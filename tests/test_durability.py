@@ -342,6 +342,27 @@ def test_a_containers_cpu_limit_bounds_the_embedded_servers_processors(
     assert limit == nats_server._cgroup_cpu_limit(tmp_path)
 
 
+@contextlib.contextmanager
+def _replica_b_behind_a_link(
+    tmp_path: Path,
+) -> Iterator[tuple[NatsServer, HangingLink, dict[str, str], Smsbus, Smsbus]]:
+    """Two replicas on one nats-server (SMSBUS_PUBLISH_TIMEOUT=PUBLISH_TIMEOUT): A straight to
+    it, B through a HangingLink. On the way out both are killed if they still run, the link
+    closed and the server stopped."""
+    nats = NatsServer(tmp_path / "nats").start()
+    link = HangingLink(nats.port)
+    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
+    a = Smsbus(env, tmp_path / "a")
+    b = Smsbus({**env, "SMSBUS_NATS_URL": link.url}, tmp_path / "b")
+    try:
+        yield nats, link, env, a.start(), b.start()
+    finally:
+        for bus in (a, b):
+            bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        link.close()
+        nats.stop()
+
+
 def test_a_callback_spooled_while_its_link_hung_carries_the_registration_once_published(
     tmp_path: Path,
 ) -> None:
@@ -350,12 +371,7 @@ def test_a_callback_spooled_while_its_link_hung_carries_the_registration_once_pu
     its bucket read gets no answer), takes the message's callback: answered OK, its event
     spooled without the tracking data. Once B's path is back, the event it publishes from the
     spool carries the registration's phone and client_ref, stored once."""
-    nats = NatsServer(tmp_path / "nats").start()
-    link = HangingLink(nats.port)
-    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
-    a = Smsbus(env, tmp_path / "a").start()
-    b = Smsbus({**env, "SMSBUS_NATS_URL": link.url}, tmp_path / "b").start()
-    try:
+    with _replica_b_behind_a_link(tmp_path) as (nats, link, env, a, b):
         server_id = str(next(_ids))
         link.hang()
         a.register(
@@ -377,11 +393,6 @@ def test_a_callback_spooled_while_its_link_hung_carries_the_registration_once_pu
             line.get("event") == "spooled events given their tracking data"
             for line in b.log_lines()
         )
-    finally:
-        for bus in (a, b):
-            bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
-        link.close()
-        nats.stop()
 
 
 def test_a_late_callback_read_while_its_replicas_reads_hung_carries_the_registration(
@@ -392,12 +403,7 @@ def test_a_late_callback_read_while_its_replicas_reads_hung_carries_the_registra
     reads hangs while its main connection works. The callback is answered OK, and its event,
     held in the spool rather than published without the registration's data, is published with
     the phone and client_ref once B can read the bucket again."""
-    nats = NatsServer(tmp_path / "nats").start()
-    link = HangingLink(nats.port)
-    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
-    a = Smsbus(env, tmp_path / "a").start()
-    b = Smsbus({**env, "SMSBUS_NATS_URL": link.url}, tmp_path / "b").start()
-    try:
+    with _replica_b_behind_a_link(tmp_path) as (nats, link, env, a, b):
         server_id = str(next(_ids))
         a.register(
             {"provider": "smspilot", "message_id": server_id, "phone": "+7 903 555-12-34",
@@ -426,11 +432,6 @@ def test_a_late_callback_read_while_its_replicas_reads_hung_carries_the_registra
         assert [("delivered", "79035551234", "order-77"), ("expired", "79035551234", "order-77")] \
             == [(s.event["data"]["status"], s.event["data"]["phone"],
                  s.event["data"]["client_ref"]) for s in stored]  # fmt: skip
-    finally:
-        for bus in (a, b):
-            bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
-        link.close()
-        nats.stop()
 
 
 def _bucket_last(url: str, bucket: str) -> int:

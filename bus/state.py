@@ -199,13 +199,15 @@ class States:
         when the bucket cannot be read in time (`find` tells the two apart)."""
         return (await self.find(provider, message_key))[1]
 
-    async def find(self, provider: str, message_key: str) -> tuple[bool, MessageState | None]:
+    async def find(
+        self, provider: str, message_key: str, counted: bool = True
+    ) -> tuple[bool, MessageState | None]:
         """(True, the state of a message, or None when it has none): the mirror's, else the
         bucket's. (False, None) when the mirror does not hold it and the bucket cannot be read
         in time (NATS away or stalled, the reads' connection down): the caller goes on without
         it (a callback's event goes to the spool, whose drainer gives it the state's tracking
         data once it can be read). A read that failed while NATS was connected is counted and
-        logged (once until a read succeeds)."""
+        logged (once until a read succeeds), unless not `counted` (the drainer's tries)."""
         held = self.mirror.get(provider, message_key)
         if held is not None:
             return True, held
@@ -214,6 +216,8 @@ class States:
         try:
             state, _ = await self.read(kv_key(provider, message_key), LOOKUP_TIMEOUT)
         except (TimeoutError, nats.errors.Error) as exc:
+            if not counted:
+                return False, None
             self._on_read_failed()
             if not self._reads_failing:
                 self._reads_failing = True
@@ -221,7 +225,8 @@ class States:
                 log.warning("state bucket not read in time; going on without the state",
                             error=reason, timeout_s=LOOKUP_TIMEOUT)  # fmt: skip
             return False, None
-        self._reads_failing = False
+        if counted:
+            self._reads_failing = False
         return True, state
 
     async def lookup_many(
@@ -252,8 +257,9 @@ class States:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reads.connected(), READ_TIMEOUT)
         found = await asyncio.gather(
-            *(self._state_now(events[i].provider, message) for i, message in untracked.items())
-        )
+            *(self.find(events[i].provider, message, counted=False)
+              for i, message in untracked.items())
+        )  # fmt: skip
         for i, (readable, state) in zip(untracked, found, strict=True):
             if not readable:
                 filled[i] = None
@@ -262,18 +268,6 @@ class States:
                     events[i], state.phone, state.client_ref, state.traceparent
                 )
         return filled
-
-    async def _state_now(self, provider: str, message: str) -> tuple[bool, MessageState | None]:
-        """(True, the state) from the mirror, else the bucket; (False, None) when the bucket
-        cannot be read."""
-        held = self.mirror.get(provider, message)
-        if held is not None:
-            return True, held
-        try:
-            state, _ = await self.read(kv_key(provider, message), LOOKUP_TIMEOUT)
-        except (TimeoutError, nats.errors.Error):
-            return False, None
-        return True, state
 
     async def recorded(self, event: Event) -> bool:
         """Does the bucket's state of this status event's message record its fact already?

@@ -27,6 +27,7 @@ from bus.config import Settings, redact_url
 from bus.connection import Connection
 from bus.cursors import Cursors
 from bus.errors import StartupError
+from bus.landed import stored_ids
 from bus.messages import MessageState
 from bus.metrics import Metrics
 from bus.nats_server import EmbeddedNats
@@ -42,6 +43,7 @@ from bus.supervisor import Beat, Supervisor
 log = structlog.get_logger("smsbus.bus")
 
 READINESS_CACHE = 1.0
+LANDED_CALL_TIMEOUT = 2.0  # each call of a search of the stream for spooled events
 STALL_AFTER = 30.0  # a watch or consumer loop that has not beaten for this long is restarted
 
 
@@ -201,6 +203,9 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             conn, spool, metrics, s.publish_timeout, s.duplicate_window,
             Projection(states, delivered), states.recorded, commit_subject=commit_subject(s.stream),
             tracked=states.with_tracking,
+            stored_ids=lambda subject, start, end: stored_ids(
+                conn.jetstream(timeout=LANDED_CALL_TIMEOUT), s.stream, subject, start, end
+            ),
         )  # fmt: skip
         publisher.group_commit(buckets.batched)
         await publisher.start()

@@ -11,8 +11,10 @@ not a failure; the identical message is sent again shortly and gets its (duplica
 
 The drainer re-publishes spooled rows oldest first with their original `Nats-Msg-Id` and deletes a
 row only after JetStream acknowledged it. A publish that timed out may still have been stored;
-the repeated `Nats-Msg-Id` keeps one copy within the stream's duplicate window, and beyond it a
-status event whose fact the message's state already records is dropped instead of published.
+the repeated `Nats-Msg-Id` keeps one copy within the stream's duplicate window. Beyond it, a
+status event whose fact the message's state already records is dropped instead of published, and
+an event that was sent without an answer longer ago than the window is looked for in the stream
+around the times it was sent (bus.landed) and, when found there, counts as acknowledged.
 
 A status event that went to the spool without its message's tracking data (its state could not be
 read when the event was built: NATS away or stalled, the mirror without the message) is given it
@@ -53,6 +55,9 @@ MAX_PENDING = 4000
 IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict
 RESEND_FIRST, RESEND_CAP = 0.002, 0.05
 TRACKING_WAIT = 30.0  # seconds a spooled event waits for its state to be readable
+# How long before the duplicate window has passed since a send that the stream is searched for
+# the event instead of trusting JetStream to drop a repeat (the server's clock against ours).
+FORGOTTEN_MARGIN = 30.0
 
 
 class _AckTimeout(Exception):
@@ -74,6 +79,8 @@ _ATTEMPT_ERRORS = (nats.errors.Error, _AckTimeout, asyncio.TimeoutError)
 
 Recorded = Callable[[Event], Awaitable[bool]]
 Tracked = Callable[[Sequence[Event]], Awaitable[list[Event | None]]]
+# The ids of the messages stored on a subject between two unix times; None when too many to read.
+StoredIds = Callable[[str, float, float], Awaitable[set[str] | None]]
 
 
 async def _never(event: Event) -> bool:
@@ -82,6 +89,10 @@ async def _never(event: Event) -> bool:
 
 async def _as_they_are(events: Sequence[Event]) -> list[Event | None]:
     return list(events)
+
+
+async def _none_stored(subject: str, start: float, end: float) -> set[str] | None:
+    return set()
 
 
 class Publisher:
@@ -96,6 +107,7 @@ class Publisher:
         recorded: Recorded = _never,
         commit_subject: str = "",
         tracked: Tracked = _as_they_are,
+        stored_ids: StoredIds = _none_stored,
     ) -> None:
         self._conn = conn
         self._projection = projection
@@ -110,6 +122,7 @@ class Publisher:
         self._window = duplicate_window
         self._recorded = recorded  # is this status fact already in the message's state?
         self._tracked = tracked  # spooled events given their message's tracking data
+        self._stored_ids = stored_ids  # what the stream holds (bus.landed)
         self._wake = asyncio.Event()
         self._degraded = False
 
@@ -130,9 +143,11 @@ class Publisher:
     async def publish(self, event: Event) -> str:
         """Make the event durable; return "published" or "spooled", or raise PublishError."""
         self._count(event)
+        sent_at = None
         if self._spool.depth == 0 and self._conn.is_connected:
             # The event and its state share the publish timeout: past it, the spool.
             deadline = asyncio.get_running_loop().time() + self._timeout
+            sent_at = time.time()
             try:
                 await self._group.publish(event)
             except (*_ATTEMPT_ERRORS, BatchTimeout) as exc:
@@ -145,7 +160,7 @@ class Publisher:
                 return "published"
         else:
             self._enter_degraded(None)
-        await self._to_spool(event)
+        await self._to_spool(event, sent_at)
         return "spooled"
 
     async def spool(self, event: Event) -> str:
@@ -160,10 +175,11 @@ class Publisher:
         if event.type == "deadletter":
             self._metrics.deadletters.labels(event.provider).inc()
 
-    async def _to_spool(self, event: Event) -> None:
-        """The event could not be stored now: the spool keeps it, the drainer publishes it."""
+    async def _to_spool(self, event: Event, sent_at: float | None = None) -> None:
+        """The event could not be stored now: the spool keeps it, the drainer publishes it.
+        `sent_at`: when it was sent without an answer (it may be stored)."""
         self._metrics.publish_failures.inc()
-        await self._spool.append(event)
+        await self._spool.append(event, sent_at=sent_at)
         self._wake.set()
 
     async def publish_many(self, events: Sequence[Event]) -> None:
@@ -181,6 +197,7 @@ class Publisher:
         deadline = asyncio.get_running_loop().time() + self._timeout
         for event in events:
             self._count(event)
+        sent_at = time.time()
         acks = [self._group.submit(event) for event in events]
         await asyncio.wait(acks)
         writes: list[tuple[Event, asyncio.Future[None]]] = []
@@ -213,7 +230,7 @@ class Publisher:
         for event, why in owed:
             await self._owe_state(event, why)
         for event in spooled:
-            await self._to_spool(event)
+            await self._to_spool(event, sent_at)
         if raised is not None:
             raise raised
 
@@ -314,8 +331,15 @@ class Publisher:
                 await self._spool.delete([row.seq for row in dropped])
                 rows = [row for row in rows if row not in dropped]
             rows, waiting = await self._with_tracking(rows)
-            acked = set(await self._publish_batch([row for row in rows if not row.stored]))
-            stored = [row for row in rows if row.stored or row.seq in acked]
+            landed, unchecked = await self._landed(rows)
+            if unchecked is not None:  # the stream could not be searched: those wait
+                rows, waiting = rows[:unchecked], True
+            acked = set(
+                await self._publish_batch(
+                    [row for row in rows if not row.stored and row.seq not in landed]
+                )
+            )
+            stored = [row for row in rows if row.stored or row.seq in acked or row.seq in landed]
             owed = await self._projection.write_many([row.event for row in stored])
             await self._spool.delete([row.seq for row in stored if row.event.id not in owed])
             await self._spool.mark_stored(
@@ -356,6 +380,41 @@ class Publisher:
             log.info("spooled events given their tracking data", count=given)
         return rows, waiting
 
+    async def _landed(self, rows: list[Row]) -> tuple[set[int], int | None]:
+        """The seqs of rows whose events the stream holds although no ack came for them, among
+        those sent longer ago than JetStream remembers ids (bus.landed); and, when the stream
+        could not be searched, the index of the first row that waits for it."""
+        window = self._window
+        forgotten = time.time() - (window - min(window / 2, FORGOTTEN_MARGIN))
+        suspects = [
+            i for i, row in enumerate(rows)
+            if not row.stored and row.sent is not None and row.sent[0] <= forgotten
+        ]  # fmt: skip
+        spans: dict[str, tuple[float, float]] = {}
+        for i in suspects:
+            subject, (first, last) = rows[i].event.subject, rows[i].sent or (0.0, 0.0)
+            start, end = spans.get(subject, (first, last))
+            spans[subject] = (min(start, first), max(end, last))
+        held: dict[str, set[str]] = {}
+        for subject, (start, end) in spans.items():
+            try:
+                ids = await self._stored_ids(subject, start, end + self._timeout)
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("stream not searched for spooled events; they wait",
+                            error=str(exc) or type(exc).__name__)  # fmt: skip
+                return set(), suspects[0]
+            if ids is None:
+                log.warning("too many messages to search for spooled events; publishing them",
+                            subject=subject)  # fmt: skip
+                continue
+            held[subject] = ids
+        found = {
+            rows[i].seq for i in suspects if rows[i].event.id in held.get(rows[i].event.subject, ())
+        }
+        if found:
+            log.info("spooled events found in the stream; not published again", count=len(found))
+        return found, None
+
     async def _already_recorded(self, rows: list[Row]) -> list[Row]:
         """Spooled status events older than the duplicate window whose fact the state records:
         a first publish that timed out but landed, and was applied. JetStream would not drop the
@@ -371,8 +430,10 @@ class Publisher:
         return dropped
 
     async def _publish_batch(self, rows: list[Row]) -> list[int]:
-        """Publish rows pipelined, sent in spool order; return the seqs JetStream acknowledged."""
+        """Publish rows pipelined, sent in spool order; return the seqs JetStream acknowledged.
+        Rows sent without an answer are marked so in the spool (the stream may hold them)."""
         sent: list[tuple[Row, asyncio.Future[Any], float]] = []
+        sent_at = time.time()
         with contextlib.suppress(*_ATTEMPT_ERRORS):  # the rest waits for the next try
             for row in rows:
                 future, started = await self._send(row.event)
@@ -384,7 +445,7 @@ class Publisher:
         await asyncio.wait([future for _, future, _ in sent])
         for handle in handles:
             handle.cancel()
-        acked = []
+        acked, unanswered = [], []
         for row, future, started in sent:
             exc = _AckTimeout() if future.cancelled() else future.exception()
             if exc is None:
@@ -393,14 +454,20 @@ class Publisher:
                 except ReplyError as refused:
                     exc = refused
             if _in_process(exc):
-                with contextlib.suppress(*_ATTEMPT_ERRORS):
+                try:
                     await self._publish_acked(row.event)
+                except _ATTEMPT_ERRORS:
+                    unanswered.append(row.seq)
+                else:
                     acked.append(row.seq)
             elif exc is None:
                 self._count_ack(row.event, started)
                 acked.append(row.seq)
-            elif not isinstance(exc, _ATTEMPT_ERRORS):
+            elif isinstance(exc, _ATTEMPT_ERRORS):
+                unanswered.append(row.seq)
+            else:
                 log.error("spooled event refused", error=str(exc), event_id=row.event.id)
+        await self._spool.mark_sent(unanswered, sent_at)
         return acked
 
     async def _pause(self, seconds: float) -> None:

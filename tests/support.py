@@ -298,9 +298,10 @@ class Listeners:
 class HangingLink:
     """A TCP proxy on a free loopback port in front of `port`: a network path that can hang.
     `hang()` swallows every byte both ways on the connections it carries (they stay open, and
-    nothing arrives), `cut()` then closes them (each side sees the close at once) and lets new
-    connections through. Given a NATS client name (the `name` of the client's CONNECT), either
-    applies only to that client's connections."""
+    nothing arrives), or with `answers_only` only what the server sends (what the client sends
+    still arrives: a publish is stored, its ack never comes back); `cut()` then closes them (each
+    side sees the close at once) and lets new connections through. Given a NATS client name (the
+    `name` of the client's CONNECT), either applies only to that client's connections."""
 
     def __init__(self, port: int) -> None:
         self.target = port
@@ -314,10 +315,11 @@ class HangingLink:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def hang(self, client: str | None = None) -> None:
+    def hang(self, client: str | None = None, answers_only: bool = False) -> None:
         with self._lock:  # once this returns no byte passes
             for link in self._chosen(client):
-                link.flowing = False
+                link.down = False
+                link.up = link.up and answers_only
 
     def cut(self, client: str | None = None) -> None:
         with self._lock:
@@ -344,7 +346,11 @@ class HangingLink:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is down: so is this connection
+                client.close()
+                continue
             link = _Carried((client, server))
             with self._lock:
                 self._links.append(link)
@@ -357,7 +363,7 @@ class HangingLink:
                 if link.client is None and src is link.sockets[0]:
                     link.named(data)
                 with self._lock:
-                    if link.flowing:
+                    if link.up if src is link.sockets[0] else link.down:
                         dst.sendall(data)
         for sock in (src, dst):
             with contextlib.suppress(OSError):
@@ -369,7 +375,7 @@ class _Carried:
 
     def __init__(self, sockets: tuple[socket.socket, socket.socket]) -> None:
         self.sockets = sockets
-        self.flowing = True
+        self.up = self.down = True  # client to server, server to client
         self.client: str | None = None
 
     def named(self, data: bytes) -> None:

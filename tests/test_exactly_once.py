@@ -5,6 +5,7 @@ again."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import sqlite3
@@ -13,11 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
 import orjson
 import pytest
 
+from bus import landed
 from bus.events import status_event, utcnow
-from tests.support import NatsServer, Smsbus, Stored, isolated_env, read_stream, wait_for
+from tests.support import (
+    HangingLink,
+    NatsServer,
+    Smsbus,
+    Stored,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 WINDOW = 2.0
@@ -125,3 +136,76 @@ def test_a_spooled_fact_already_recorded_is_dropped_after_the_window(
     fresh_id = orjson.loads(fresh.payload)["subject"]
     assert 1 == len(stored(nats_server, bus, fresh_id))  # an unrecorded fact is published
     assert 0 == bus.stop()
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+def test_a_spooled_event_sent_without_an_answer_is_stored_once_after_an_outage_past_the_window(
+    landed: bool, tmp_path: Path
+) -> None:
+    """A publish whose ack never came: the path back from nats-server hangs (the event landed)
+    or both ways do (it did not). The callback is answered from the spool, and nats-server then
+    goes down for longer than the duplicate window, so it would no longer drop a repeat of the
+    id. The drainer looks for the event in the stream: found, it is not published again and its
+    state is written; not found, it is published. Either way the stream holds it once."""
+    nats = NatsServer(tmp_path / "nats").start()
+    link = HangingLink(nats.port)
+    env = isolated_env(link.url, SMSBUS_DUPLICATE_WINDOW=str(WINDOW), SMSBUS_PUBLISH_TIMEOUT="0.5")
+    bus = Smsbus(env, tmp_path / "bus")
+    try:
+        bus.start()
+        server_id = str(next(_ids))
+        with httpx.Client(timeout=10) as client:
+            link.hang("smsbus", answers_only=landed)  # the bucket reads still answered
+            bus.callback(client, server_id, 2)
+            assert 1 == bus.spool_depth()
+            assert int(landed) == len(stored(nats, bus, server_id))
+            nats.kill()
+            time.sleep(WINDOW + 0.5)  # the scenario itself: the outage outlasts the window
+            nats.start()
+            link.cut()
+            wait_for(lambda: bus.spool_depth() == 0, timeout=30, what="the spool to drain")
+            state = client.get(f"{bus.api}/v1/messages/smspilot/{server_id}")
+        assert 1 == len(stored(nats, bus, server_id))
+        assert (200, "delivered") == (state.status_code, state.json()["status"])
+        found = [
+            line["count"] for line in bus.log_lines()
+            if line.get("event") == "spooled events found in the stream; not published again"
+        ]  # fmt: skip
+        assert ([1] if landed else []) == found
+    finally:
+        if bus.proc is not None and bus.proc.poll() is None:
+            bus.kill()
+        link.close()
+        nats.stop()
+
+
+def test_the_search_for_landed_events_reads_ids_between_two_times(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stored_ids` (the clocks' slack left out) gives the ids stored on one subject between two
+    times, and None rather than an answer once it would read more than MAX_SCANNED."""
+    monkeypatch.setattr(landed, "SLACK", 0.0)
+    stream, subject = f"L{next(_ids)}", f"l{next(_ids)}.status.smspilot.delivered"
+
+    async def scenario() -> tuple[set[str] | None, set[str] | None, set[str] | None]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name=stream, subjects=[subject, subject + "x"])
+            times = []
+            for name in ("a", "b", "c"):
+                times.append(time.time())
+                await js.publish(subject, b"{}", headers={"Nats-Msg-Id": name})
+                await js.publish(subject + "x", b"{}", headers={"Nats-Msg-Id": name + "x"})
+                await asyncio.sleep(0.05)
+            middle = await landed.stored_ids(js, stream, subject, times[1], times[2] - 0.01)
+            everything = await landed.stored_ids(js, stream, subject, times[0] - 1, time.time())
+            monkeypatch.setattr(landed, "MAX_SCANNED", 1)
+            monkeypatch.setattr(landed, "FETCH", 1)
+            too_many = await landed.stored_ids(js, stream, subject, times[0] - 1, time.time())
+            await js.delete_stream(stream)
+            return middle, everything, too_many
+        finally:
+            await nc.close()
+
+    assert ({"b"}, {"a", "b", "c"}, None) == asyncio.run(scenario())

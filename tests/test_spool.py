@@ -80,3 +80,22 @@ def test_a_spooled_status_event_keeps_its_trace_header(tmp_path: Path) -> None:
     back = asyncio.run(round_trip())
     assert (back.payload, back.headers) == (traced.payload, traced.headers)
     assert back.headers["traceparent"] == trace
+
+
+def test_sends_without_an_answer_are_kept_first_and_last(tmp_path: Path) -> None:
+    """A row knows when its event was first and last sent without an answer: the drainer
+    searches the stream around those times before it publishes the event again."""
+
+    async def scenario() -> list[tuple[float, float] | None]:
+        spool = Spool(tmp_path / "spool.sqlite3")
+        await spool.open()
+        await spool.append(event(1))  # never sent (NATS away)
+        await spool.append(event(2), sent_at=100.0)  # sent, no ack
+        rows = await spool.head(10)
+        await spool.mark_sent([row.seq for row in rows], 160.0)  # the drainer's try
+        await spool.mark_sent([rows[1].seq], 220.0)
+        sent = [row.sent for row in await spool.head(10)]
+        await spool.close()
+        return sent
+
+    assert [(160.0, 160.0), (100.0, 220.0)] == asyncio.run(scenario())

@@ -110,6 +110,8 @@ def test_a_state_the_bucket_refuses_is_owed_by_the_spool_and_written_later(
             await nc.close()
 
     ids = [str(next(_ids)) for _ in range(5)]
+    with httpx.Client(timeout=10) as client:  # a bucket that holds something can be full
+        service.callback(client, str(next(_ids)))
     owed = service.metric("smsbus_state_writes_owed_total")
     asyncio.run(limit(full=True))
     try:
@@ -198,7 +200,10 @@ def test_a_spool_from_an_earlier_release_opens_and_drains(tmp_path: Path) -> Non
         await spool.open()
         try:
             [row] = await spool.head(10)
-            assert ("e1", False) == (row.event.id, row.stored)
+            assert ("e1", False, None) == (row.event.id, row.stored, row.sent)
+            await spool.mark_sent([row.seq], 5.0)
+            [row] = await spool.head(10)
+            assert (5.0, 5.0) == row.sent
             await spool.mark_stored([row.seq])
             [row] = await spool.head(10)
             assert row.stored

@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> int:
     while not stop.is_set():
         try:
             batch = await sub.fetch(100, timeout=1)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nothing new (nats-py raises its own or asyncio's; both are these)
             continue
         except nats.errors.Error as exc:  # NATS away: nats-py reconnects, fetch again
             print(f"subscriber: {exc!r}", file=sys.stderr)

@@ -125,7 +125,7 @@ async def scan(js: Any, settings: Settings, filters: Filters) -> AsyncIterator[D
         while left > 0:
             try:
                 batch = await sub.fetch(min(FETCH, left), timeout=FETCH_TIMEOUT)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own and asyncio's; both are TimeoutErrors
                 return  # purged or removed meanwhile: what is there has been read
             for msg in batch:
                 left = msg.metadata.num_pending

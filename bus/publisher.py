@@ -58,6 +58,7 @@ TRACKING_WAIT = 30.0  # seconds a spooled event waits for its state to be readab
 # How long before the duplicate window has passed since a send that the stream is searched for
 # the event instead of trusting JetStream to drop a repeat (the server's clock against ours).
 FORGOTTEN_MARGIN = 30.0
+FOUND_KEPT = 100_000  # ids of events found in the stream that way, remembered (the newest)
 
 
 class _AckTimeout(Exception):
@@ -123,6 +124,9 @@ class Publisher:
         self._recorded = recorded  # is this status fact already in the message's state?
         self._tracked = tracked  # spooled events given their message's tracking data
         self._stored_ids = stored_ids  # what the stream holds (bus.landed)
+        # Ids found in the stream by a search: a later spooled copy of the same fact (spooled
+        # before the first one's search, a repeated callback) is not published either.
+        self._found: dict[str, None] = {}
         self._wake = asyncio.Event()
         self._degraded = False
 
@@ -381,9 +385,10 @@ class Publisher:
         return rows, waiting
 
     async def _landed(self, rows: list[Row]) -> tuple[set[int], int | None]:
-        """The seqs of rows whose events the stream holds although no ack came for them, among
-        those sent longer ago than JetStream remembers ids (bus.landed); and, when the stream
-        could not be searched, the index of the first row that waits for it."""
+        """The seqs of rows whose events the stream holds although no ack came for them: among
+        those sent longer ago than JetStream remembers ids, found by searching the stream
+        (bus.landed), and any other copy of an event found so; and, when the stream could not
+        be searched, the index of the first row that waits for it."""
         window = self._window
         forgotten = time.time() - (window - min(window / 2, FORGOTTEN_MARGIN))
         suspects = [
@@ -408,9 +413,12 @@ class Publisher:
                             subject=subject)  # fmt: skip
                 continue
             held[subject] = ids
-        found = {
-            rows[i].seq for i in suspects if rows[i].event.id in held.get(rows[i].event.subject, ())
-        }
+        for i in suspects:
+            if rows[i].event.id in held.get(rows[i].event.subject, ()):
+                self._found[rows[i].event.id] = None
+        while len(self._found) > FOUND_KEPT:
+            del self._found[next(iter(self._found))]
+        found = {row.seq for row in rows if not row.stored and row.event.id in self._found}
         if found:
             log.info("spooled events found in the stream; not published again", count=len(found))
         return found, None

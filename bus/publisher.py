@@ -392,12 +392,11 @@ class Publisher:
         window = self._window
         forgotten = time.time() - (window - min(window / 2, FORGOTTEN_MARGIN))
         suspects = [
-            i for i, row in enumerate(rows)
+            (i, row.event.subject, row.sent) for i, row in enumerate(rows)
             if not row.stored and row.sent is not None and row.sent[0] <= forgotten
         ]  # fmt: skip
         spans: dict[str, tuple[float, float]] = {}
-        for i in suspects:
-            subject, (first, last) = rows[i].event.subject, rows[i].sent or (0.0, 0.0)
+        for _, subject, (first, last) in suspects:
             start, end = spans.get(subject, (first, last))
             spans[subject] = (min(start, first), max(end, last))
         held: dict[str, set[str]] = {}
@@ -407,14 +406,14 @@ class Publisher:
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("stream not searched for spooled events; they wait",
                             error=str(exc) or type(exc).__name__)  # fmt: skip
-                return set(), suspects[0]
+                return set(), suspects[0][0]
             if ids is None:
                 log.warning("too many messages to search for spooled events; publishing them",
                             subject=subject)  # fmt: skip
                 continue
             held[subject] = ids
-        for i in suspects:
-            if rows[i].event.id in held.get(rows[i].event.subject, ()):
+        for i, subject, _ in suspects:
+            if rows[i].event.id in held.get(subject, ()):
                 self._found[rows[i].event.id] = None
         while len(self._found) > FOUND_KEPT:
             del self._found[next(iter(self._found))]

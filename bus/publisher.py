@@ -55,6 +55,7 @@ MAX_PENDING = 4000
 IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict
 RESEND_FIRST, RESEND_CAP = 0.002, 0.05
 TRACKING_WAIT = 30.0  # seconds a spooled event waits for its state to be readable
+UNREADABLE_KEPT = 10_000  # rows whose state could not be read, remembered with since when
 # How long before the duplicate window has passed since a send that the stream is searched for
 # the event instead of trusting JetStream to drop a repeat (the server's clock against ours).
 FORGOTTEN_MARGIN = 30.0
@@ -78,7 +79,7 @@ def _in_process(exc: BaseException | None) -> bool:
 # What a failed publish attempt can raise: nats-py's client and JetStream errors, and our timeout.
 _ATTEMPT_ERRORS = (nats.errors.Error, _AckTimeout, asyncio.TimeoutError)
 
-Recorded = Callable[[Event], Awaitable[bool]]
+Recorded = Callable[[Event], Awaitable[bool | None]]  # None: the state cannot be read
 Tracked = Callable[[Sequence[Event]], Awaitable[list[Event | None]]]
 # The ids of the messages stored on a subject between two unix times; None when too many to read.
 StoredIds = Callable[[str, float, float], Awaitable[set[str] | None]]
@@ -127,6 +128,7 @@ class Publisher:
         # Ids found in the stream by a search: a later spooled copy of the same fact (spooled
         # before the first one's search, a repeated callback) is not published either.
         self._found: dict[str, None] = {}
+        self._unreadable: dict[int, float] = {}  # spool seq: when its state was first unreadable
         self._wake = asyncio.Event()
         self._degraded = False
 
@@ -330,11 +332,14 @@ class Publisher:
                 await self._pause(backoff.failed())
                 continue
             rows = await self._spool.head(DRAIN_BATCH)
-            dropped = await self._already_recorded(rows)
+            dropped, held = await self._already_recorded(rows)
             if dropped:
                 await self._spool.delete([row.seq for row in dropped])
                 rows = [row for row in rows if row not in dropped]
+            if held is not None:  # its state cannot be read yet: it and those after it wait
+                rows = rows[: [row.seq for row in rows].index(held)]
             rows, waiting = await self._with_tracking(rows)
+            waiting = waiting or held is not None
             landed, unchecked = await self._landed(rows)
             if unchecked is not None:  # the stream could not be searched: those wait
                 rows, waiting = rows[:unchecked], True
@@ -422,19 +427,37 @@ class Publisher:
             log.info("spooled events found in the stream; not published again", count=len(found))
         return found, None
 
-    async def _already_recorded(self, rows: list[Row]) -> list[Row]:
-        """Spooled status events older than the duplicate window whose fact the state records:
-        a first publish that timed out but landed, and was applied. JetStream would not drop the
-        repeat any more, so we do."""
+    async def _already_recorded(self, rows: list[Row]) -> tuple[list[Row], int | None]:
+        """Spooled status events older than the duplicate window whose fact the state records
+        (the same fact stored from elsewhere, or a publish that timed out but landed, and was
+        applied): JetStream would not drop the repeat any more, so we do. And the seq of the
+        first such event whose state cannot be read: it waits, with the rows after it, for up to
+        TRACKING_WAIT from its first failed read, then goes as it is."""
         cutoff = time.time() - self._window
         old = [r for r in rows if r.event.type == "status" and r.spooled_at < cutoff]
         if not old:
-            return []
+            return [], None
         found = await asyncio.gather(*(self._recorded(r.event) for r in old))
-        dropped = [row for row, recorded in zip(old, found, strict=True) if recorded]
+        dropped, held, now = [], None, time.monotonic()
+        for row, recorded in zip(old, found, strict=True):
+            if recorded is None:
+                if len(self._unreadable) >= UNREADABLE_KEPT:
+                    self._unreadable.clear()
+                since = self._unreadable.setdefault(row.seq, now)
+                if now - since < TRACKING_WAIT:
+                    if since == now:
+                        log.warning("spooled facts wait for their state to be readable",
+                                    event_id=row.event.id, wait_s=TRACKING_WAIT)  # fmt: skip
+                    held = row.seq
+                    break
+                log.warning("state still unreadable; spooled fact published as it is",
+                            event_id=row.event.id)  # fmt: skip
+            self._unreadable.pop(row.seq, None)
+            if recorded:
+                dropped.append(row)
         if dropped:
             log.info("spooled facts already recorded; dropped", count=len(dropped))
-        return dropped
+        return dropped, held
 
     async def _publish_batch(self, rows: list[Row]) -> list[int]:
         """Publish rows pipelined, sent in spool order; return the seqs JetStream acknowledged.

@@ -269,16 +269,16 @@ class States:
                 )
         return filled
 
-    async def recorded(self, event: Event) -> bool:
+    async def recorded(self, event: Event) -> bool | None:
         """Does the bucket's state of this status event's message record its fact already?
-        False when it cannot be read."""
+        None when it cannot be read."""
         data = orjson.loads(event.payload)["data"]
         provider = data["provider"]
         key = kv_key(provider, message_key(provider, data["message_id"], data.get("phone")))
         try:
             state, _ = await self.read(key)
         except (TimeoutError, nats.errors.Error):
-            return False
+            return None
         return state is not None and state.records(event.id)
 
     async def update(

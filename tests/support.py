@@ -299,9 +299,12 @@ class HangingLink:
     """A TCP proxy on a free loopback port in front of `port`: a network path that can hang.
     `hang()` swallows every byte both ways on the connections it carries (they stay open, and
     nothing arrives), or with `answers_only` only what the server sends (what the client sends
-    still arrives: a publish is stored, its ack never comes back); `cut()` then closes them (each
+    still arrives: a publish is stored, its ack never comes back), and with `new_ones_too` also
+    the client's connections made later, from their CONNECT on; `cut()` then closes them (each
     side sees the close at once) and lets new connections through. Given a NATS client name (the
-    `name` of the client's CONNECT), either applies only to that client's connections."""
+    `name` of the client's CONNECT), either applies only to that client's connections.
+    `refuse()` closes every connection at once, and any new one as soon as it comes, until
+    `admit()`: a server that is down for the clients behind the link only."""
 
     def __init__(self, port: int) -> None:
         self.target = port
@@ -309,21 +312,41 @@ class HangingLink:
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
         self._links: list[_Carried] = []
+        self._hung_clients: set[str] = set()  # whose new connections hang once named
+        self._refusing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def hang(self, client: str | None = None, answers_only: bool = False) -> None:
+    def hang(
+        self, client: str | None = None, answers_only: bool = False, new_ones_too: bool = False
+    ) -> None:
         with self._lock:  # once this returns no byte passes
-            for link in self._chosen(client):
+            if new_ones_too:
+                assert client is not None and not answers_only
+                self._hung_clients.add(client)
+            for link in self._chosen(client, new_ones_too):
                 link.down = False
                 link.up = link.up and answers_only
 
+    def refuse(self) -> None:
+        with self._lock:
+            self._refusing = True
+        self.cut()
+
+    def admit(self) -> None:
+        with self._lock:
+            self._refusing = False
+
     def cut(self, client: str | None = None) -> None:
         with self._lock:
-            for link in self._chosen(client):
+            if client is None:
+                self._hung_clients.clear()
+            else:
+                self._hung_clients.discard(client)
+            for link in self._chosen(client, may_be_none=True):
                 for sock in link.sockets:
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked on it
@@ -335,9 +358,11 @@ class HangingLink:
         self.cut()
         self._listener.close()
 
-    def _chosen(self, client: str | None) -> list[_Carried]:
+    def _chosen(self, client: str | None, may_be_none: bool = False) -> list[_Carried]:
         chosen = [link for link in self._links if client is None or link.client == client]
-        assert client is None or chosen, f"no connection of a client named {client!r}"
+        assert client is None or chosen or may_be_none, (
+            f"no connection of a client named {client!r}"
+        )
         return chosen
 
     def _accept(self) -> None:
@@ -346,6 +371,11 @@ class HangingLink:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                refusing = self._refusing
+            if refusing:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target))
             except OSError:  # the server is down: so is this connection
@@ -360,9 +390,11 @@ class HangingLink:
     def _pump(self, link: _Carried, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
-                if link.client is None and src is link.sockets[0]:
-                    link.named(data)
                 with self._lock:
+                    if link.client is None and src is link.sockets[0]:
+                        link.named(data)
+                        if link.client in self._hung_clients:
+                            link.up = link.down = False
                     if link.up if src is link.sockets[0] else link.down:
                         dst.sendall(data)
         for sock in (src, dst):

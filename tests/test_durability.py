@@ -344,14 +344,14 @@ def test_a_containers_cpu_limit_bounds_the_embedded_servers_processors(
 
 @contextlib.contextmanager
 def _replica_b_behind_a_link(
-    tmp_path: Path,
+    tmp_path: Path, **settings: str
 ) -> Iterator[tuple[NatsServer, HangingLink, dict[str, str], Smsbus, Smsbus]]:
-    """Two replicas on one nats-server (SMSBUS_PUBLISH_TIMEOUT=PUBLISH_TIMEOUT): A straight to
-    it, B through a HangingLink. On the way out both are killed if they still run, the link
-    closed and the server stopped."""
+    """Two replicas on one nats-server (SMSBUS_PUBLISH_TIMEOUT=PUBLISH_TIMEOUT, and `settings`):
+    A straight to it, B through a HangingLink. On the way out both are killed if they still run,
+    the link closed and the server stopped."""
     nats = NatsServer(tmp_path / "nats").start()
     link = HangingLink(nats.port)
-    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
+    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT), **settings)
     a = Smsbus(env, tmp_path / "a")
     b = Smsbus({**env, "SMSBUS_NATS_URL": link.url}, tmp_path / "b")
     try:
@@ -432,6 +432,52 @@ def test_a_late_callback_read_while_its_replicas_reads_hung_carries_the_registra
         assert [("delivered", "79035551234", "order-77"), ("expired", "79035551234", "order-77")] \
             == [(s.event["data"]["status"], s.event["data"]["phone"],
                  s.event["data"]["client_ref"]) for s in stored]  # fmt: skip
+
+
+def test_a_spooled_fact_recorded_elsewhere_waits_past_the_window_for_a_readable_state(
+    tmp_path: Path,
+) -> None:
+    """Exactly once past the window when only bucket reads fail: replica B, cut off from NATS,
+    spools a report of a registered message; the same report reaches replica A, which stores it
+    and records it in the state. Longer than the duplicate window later B's path comes back,
+    except for its bucket reads. B's drainer cannot tell whether the state records the fact, so
+    the event waits in the spool (JetStream would store it again now) until the state can be read,
+    and is then dropped: the stream holds the fact once."""
+    window = 2.0
+    with _replica_b_behind_a_link(tmp_path, SMSBUS_DUPLICATE_WINDOW=str(window)) as (
+        nats, link, env, a, b,
+    ):  # fmt: skip
+        server_id = str(next(_ids))
+        a.register({"provider": "smspilot", "message_id": server_id, "phone": "79035551234"})
+        written = _bucket_last(nats.url, f"{env['SMSBUS_STREAM']}_messages")
+        wait_for(
+            lambda: b.readyz()["watches"]["state-mirror"]["last_sequence"] >= written,
+            timeout=10, what="B's mirror to hold the registration",
+        )  # fmt: skip
+        link.refuse()
+        for bus in (b, a):
+            with httpx.Client(base_url=bus.base, timeout=15) as client:
+                assert (200, "OK") == (lambda r: (r.status, r.text))(call(client, server_id))
+        assert 1 == b.spool_depth()
+        time.sleep(window + 0.5)  # the scenario itself: JetStream has forgotten the id
+        link.hang("smsbus-reads", new_ones_too=True)
+        link.admit()
+
+        def waiting() -> bool:
+            return any(
+                line.get("event") == "spooled facts wait for their state to be readable"
+                for line in b.log_lines()
+            )
+
+        def copies() -> int:
+            stored = read_stream(nats.url, env["SMSBUS_STREAM"], f"{b.prefix}.status.>")
+            return sum(1 for s in stored if s.event["subject"] == server_id)
+
+        wait_for(lambda: waiting() or copies() > 1, timeout=30, what="B's drainer")
+        assert (1, 1) == (copies(), b.spool_depth())
+        link.cut("smsbus-reads")
+        wait_for(lambda: b.spool_depth() == 0, timeout=30, what="B's spool to drain")
+        assert 1 == copies()
 
 
 def _bucket_last(url: str, bucket: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -24,20 +25,18 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import orjson
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bus.config import Settings
 from bus.errors import PayloadError, StartupError
 from bus.events import Event, status_event
 from bus.messages import kv_key, parse_track_batch
 from bus.projection import write_with
+from bus.scan import held
 from bus.state import read_state
 from bus.statuses import PROVIDERS, SMSPILOT_ERRORS
 from bus.stream import bucket_names
 from receiver.smspilot import PATH, PROVIDER, form_pairs, parse_callback, query_pairs
 
-FETCH = 256
-FETCH_TIMEOUT = 2.0
 ACK_TIMEOUT = 5.0
 
 
@@ -110,33 +109,15 @@ class Filters:
 
 async def scan(js: Any, settings: Settings, filters: Filters) -> AsyncIterator[DeadLetter]:
     """Every dead letter the stream holds now that the filters select, oldest first."""
-    config = ConsumerConfig(
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_TIME if filters.since else DeliverPolicy.ALL,
-        opt_start_time=filters.since,
-        inactive_threshold=30.0,
-        mem_storage=True,
-    )
-    sub = await js.pull_subscribe(
-        filters.subject(settings.subject_prefix), stream=settings.stream, config=config
-    )
-    try:
-        left = (await sub.consumer_info()).num_pending
-        while left > 0:
-            try:
-                batch = await sub.fetch(min(FETCH, left), timeout=FETCH_TIMEOUT)
-            except TimeoutError:  # nats-py raises its own and asyncio's; both are TimeoutErrors
-                return  # purged or removed meanwhile: what is there has been read
-            for msg in batch:
-                left = msg.metadata.num_pending
+    messages = held(js, settings.stream, filters.subject(settings.subject_prefix), filters.since)
+    async with contextlib.aclosing(messages):
+        try:
+            async for msg in messages:
                 letter = dead_letter(msg.metadata.sequence.stream, msg.subject, msg.data)
                 if filters.match(letter):
                     yield letter
-    finally:
-        try:
-            await sub.unsubscribe()
-        except nats.errors.Error:
-            pass
+        except TimeoutError:  # nats-py raises its own and asyncio's; both are TimeoutErrors
+            return  # purged or removed meanwhile: what is there has been read
 
 
 async def by_sequence(js: Any, settings: Settings, seqs: list[int]) -> AsyncIterator[DeadLetter]:

@@ -333,11 +333,11 @@ class Publisher:
                 continue
             rows = await self._spool.head(DRAIN_BATCH)
             dropped, held = await self._already_recorded(rows)
+            if held is not None:  # its state cannot be read yet: it and those after it wait
+                rows = rows[:held]
             if dropped:
                 await self._spool.delete([row.seq for row in dropped])
                 rows = [row for row in rows if row not in dropped]
-            if held is not None:  # its state cannot be read yet: it and those after it wait
-                rows = rows[: [row.seq for row in rows].index(held)]
             rows, waiting = await self._with_tracking(rows)
             waiting = waiting or held is not None
             landed, unchecked = await self._landed(rows)
@@ -430,16 +430,18 @@ class Publisher:
     async def _already_recorded(self, rows: list[Row]) -> tuple[list[Row], int | None]:
         """Spooled status events older than the duplicate window whose fact the state records
         (the same fact stored from elsewhere, or a publish that timed out but landed, and was
-        applied): JetStream would not drop the repeat any more, so we do. And the seq of the
+        applied): JetStream would not drop the repeat any more, so we do. And the index of the
         first such event whose state cannot be read: it waits, with the rows after it, for up to
         TRACKING_WAIT from its first failed read, then goes as it is."""
         cutoff = time.time() - self._window
-        old = [r for r in rows if r.event.type == "status" and r.spooled_at < cutoff]
+        old = [
+            (i, r) for i, r in enumerate(rows) if r.event.type == "status" and r.spooled_at < cutoff
+        ]
         if not old:
             return [], None
-        found = await asyncio.gather(*(self._recorded(r.event) for r in old))
+        found = await asyncio.gather(*(self._recorded(r.event) for _, r in old))
         dropped, held, now = [], None, time.monotonic()
-        for row, recorded in zip(old, found, strict=True):
+        for (i, row), recorded in zip(old, found, strict=True):
             if recorded is None:
                 if len(self._unreadable) >= UNREADABLE_KEPT:
                     self._unreadable.clear()
@@ -448,7 +450,7 @@ class Publisher:
                     if since == now:
                         log.warning("spooled facts wait for their state to be readable",
                                     event_id=row.event.id, wait_s=TRACKING_WAIT)  # fmt: skip
-                    held = row.seq
+                    held = i
                     break
                 log.warning("state still unreadable; spooled fact published as it is",
                             event_id=row.event.id)  # fmt: skip

@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench chaos soak fuzz rules dashboard clean
+.PHONY: run test lint bench profile chaos soak fuzz rules dashboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync_interval.py
 	$(BIN)/python bench/poll.py
 	$(BIN)/python bench/pass_latency.py
+
+# Where a callback's CPU goes, smsbus beside the hand-written route (py-spy for the Python,
+# perf from Debian's linux-perf for nats-server).
+profile: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[profile]'
+	$(BIN)/python bench/profile.py
 
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py

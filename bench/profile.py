@@ -229,10 +229,12 @@ def report(ours: Sampled, theirs: Sampled, duration: int) -> None:
             continue
         # py-spy counts a thread that is runnable but waiting for a core as busy: its samples
         # are scaled to the CPU time the kernel counted. perf counts CPU time itself.
-        scales = [r.cpu[side] / r.parts[side]["sampled"] if side == "app" else 1.0
+        scales = [r.cpu[side] / r.parts[side]["sampled"]
+                  if side == "app" and r.parts[side]["sampled"] > 0 else 1.0
                   for r in (ours, theirs)]  # fmt: skip
         print(f"-- {title}")
-        print(f"  {'sampled':<60}{ours.parts[side]['sampled']:>9.1f}"
+        sampled = "sampled, before scaling" if side == "app" else "sampled"
+        print(f"  {sampled:<60}{ours.parts[side]['sampled']:>9.1f}"
               f"{theirs.parts[side]['sampled']:>9.1f}")  # fmt: skip
         for label in labels:
             print(f"  {label:<60}{ours.parts[side][label] * scales[0]:>9.1f}"

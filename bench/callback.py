@@ -156,13 +156,13 @@ def throughput(duration: int, rounds: int, workdir: Path) -> None:
             nats_pid = children(bus.proc.pid)[0]
             for name in order:
                 if name == "smsbus":
-                    results[name] = _measured(bus.base, duration, bus.proc.pid, nats_pid)
+                    results[name] = measured(bus.base, duration, bus.proc.pid, nats_pid)
                     continue
                 app = Bare(f"{name}_app", NAIVE_NATS_URL=f"nats://127.0.0.1:{bus.nats_port}")
                 app.start()
                 try:
                     assert app.proc is not None
-                    results[name] = _measured(app.base, duration, app.proc.pid, nats_pid)
+                    results[name] = measured(app.base, duration, app.proc.pid, nats_pid)
                 finally:
                     app.stop()
             published = _metric(bus.base, 'smsbus_callbacks_total{outcome="published"}')
@@ -190,7 +190,7 @@ def throughput(duration: int, rounds: int, workdir: Path) -> None:
           f" {statistics.median(all_to_naive):.2f})   target smsbus/naive >= 1.0")  # fmt: skip
 
 
-def _measured(base: str, duration: int, app_pid: int, nats_pid: int) -> dict[str, float]:
+def measured(base: str, duration: int, app_pid: int, nats_pid: int) -> dict[str, float]:
     """wrk against `base`, with the CPU the app's process and nats-server used per request, and
     the share of a core the app kept busy (1.0: it had work all the time)."""
     app, nats_server = cpu_seconds(app_pid), cpu_seconds(nats_pid)

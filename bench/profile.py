@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from callback import BIN, Bare, Smsbus, wrk
-from procfs import children, cpu_seconds
+from callback import BIN, Bare, Smsbus, measured, wrk
+from procfs import children
 
 PY_SPY_HZ = 250
 PERF_HZ = 999
@@ -103,10 +103,10 @@ def app_parts(raw: Path, requests: int) -> dict[str, float]:
     return parts
 
 
-def nats_parts(data: Path, requests: int) -> dict[str, float]:
+def nats_parts(perf: str, data: Path, requests: int) -> dict[str, float]:
     """µs per request by part from a perf recording of nats-server (cpu-clock, in ns)."""
     report = subprocess.run(
-        ["perf", "report", "-i", str(data), "--children", "--sort", "symbol", "--stdio",
+        [perf, "report", "-i", str(data), "--children", "--sort", "symbol", "--stdio",
          "-g", "none"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
@@ -155,14 +155,9 @@ def sample(base: str, app_pid: int, nats_pid: int, duration: int, out: Path) -> 
         if tools[side] is not None
     }
     time.sleep(0.5)  # both attached before the load starts
-    before = {"app": cpu_seconds(app_pid), "nats": cpu_seconds(nats_pid)}
-    result = wrk(base, duration)
+    result = measured(base, duration, app_pid, nats_pid)
     requests = max(int(result["requests"]), 1)
-    cpu = {
-        "app": (cpu_seconds(app_pid) - before["app"]) / requests * 1e6,
-        "nats": (cpu_seconds(nats_pid) - before["nats"]) / requests * 1e6,
-    }
-    found = Sampled(result["rate"], cpu)
+    found = Sampled(result["rate"], {"app": result["app_us"], "nats": result["nats_us"]})
     if tools["app"] is None:
         found.errors["app"] = "py-spy is not installed (make profile installs it)"
     if tools["nats"] is None:
@@ -176,7 +171,7 @@ def sample(base: str, app_pid: int, nats_pid: int, duration: int, out: Path) -> 
             if side == "app":
                 found.parts[side] = app_parts(out / "app.txt", requests)
             else:
-                found.parts[side] = nats_parts(out / "nats.data", requests)
+                found.parts[side] = nats_parts(str(tools["nats"]), out / "nats.data", requests)
         except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as exc:
             found.errors[side] = str(exc)[:200]
     return found

@@ -65,9 +65,7 @@ class Lease:
         """Take the lease if nobody holds it (or if the key is ours already: see `_reclaim`)."""
         started = time.monotonic()
         try:
-            self._revision = await asyncio.wait_for(
-                self._bucket.create(self.key, self._holder), self._call_timeout
-            )
+            self._revision = await asyncio.wait_for(self._create(), self._call_timeout)
         except nats.js.errors.KeyWrongLastSequenceError:
             return await self._reclaim(started)
         except (TimeoutError, nats.errors.Error) as exc:
@@ -75,6 +73,15 @@ class Lease:
             return False
         self._valid_until = started + self._ttl * MAX_AGE
         return True
+
+    async def _create(self) -> int:
+        try:
+            return await self._bucket.create(self.key, self._holder)
+        except nats.js.errors.KeyNotFoundError:
+            # nats-py's create met a delete marker (a lease given up, see `release`) and looked
+            # at it again to write over it, by which time the bucket's max age had removed it:
+            # the key is free, so create it.
+            return await self._bucket.create(self.key, self._holder)
 
     async def renew(self) -> bool:
         """Keep the lease; False once it is lost (taken, expired, or unreachable too long)."""

@@ -11,12 +11,13 @@ import uuid
 from pathlib import Path
 
 import nats
+from nats.js.kv import KeyValue
 
 from bus.lease import MAX_AGE, Lease
 from bus.stream import ensure_bucket
 from bus.supervisor import Beat
 from pollers.runner import lead
-from tests.support import NatsServer
+from tests.support import NatsServer, await_for
 
 
 def test_a_lease_is_held_by_one_and_reclaimed_by_its_holder(nats_server: NatsServer) -> None:
@@ -39,6 +40,48 @@ def test_a_lease_is_held_by_one_and_reclaimed_by_its_holder(nats_server: NatsSer
             await bucket.put("smstower", b"b")
             assert not await again.renew()
             assert not again.held()
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_given_up_is_taken_when_its_delete_marker_expires_mid_create(
+    nats_server: NatsServer,
+) -> None:
+    """A holder stopped gives its lease up, leaving a delete marker that the bucket's max age
+    removes. nats-py's create meets the marker, then looks at the key again to write over it:
+    when the marker is removed between the two, that look-up finds nothing. The key is free
+    then, and the lease is taken at once (a restarted replica used to log "lease not acquired"
+    and wait a retry period)."""
+
+    class MarkerGoneFirst(KeyValue):
+        """The bucket's own nats-py handle, whose look-up waits until the server has removed
+        the marker: the moment of the race, made certain."""
+
+        async def _get(self, key: str, revision: int | None = None) -> KeyValue.Entry:
+            async def gone() -> bool:
+                info = await self._js.stream_info(self._stream)
+                return info.state.messages == 0
+
+            await await_for(gone, what="the delete marker to expire")
+            return await super()._get(key, revision)
+
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            name = f"T{uuid.uuid4().hex[:8]}_leases"
+            bucket = await ensure_bucket(js, name, 1, max_age=1)
+            before = Lease(bucket, "smsc", "before-the-restart", 2)
+            assert await before.acquire()
+            await before.release()  # the delete marker
+            racing = MarkerGoneFirst(name, bucket._stream, bucket._pre, js, bucket._direct)
+            # A TTL whose call timeout (an eighth of it) outlasts the marker's expiry.
+            after = Lease(racing, "smsc", "after-the-restart", 120)
+            assert await after.acquire()
+            assert after.held()
+            assert b"after-the-restart" == (await bucket.get("smsc")).value
         finally:
             await nc.close()
 

@@ -3,13 +3,20 @@
 Binding first turns "port in use" into one clear line. `X-Forwarded-For` handling is ours
 (receiver.peers), so uvicorn's proxy-header rewriting is off: by default it would believe the
 header from 127.0.0.1 and let a local client pick its own address.
+
+uvicorn writes a response's head and its body with a system call each, so a callback's `OK` went
+out as two TCP segments, each a write for us and a read for the caller. `Protocol` sends them with
+one: the head waits in the connection's transport for the body written right after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bus.config import Settings
 from bus.errors import StartupError
@@ -31,10 +38,59 @@ def bind(host: str, port: int, prefix: str = "SMSBUS_HTTP") -> socket.socket:
         ) from None
 
 
+class _HeadWithBody:
+    """A connection's transport that holds a final response's head until the next write (its
+    body) or the end of the response (a HEAD request's answer has no body), and writes the two
+    together; everything else passes straight through. An interim `100 Continue` is never held:
+    the client waits for it before it sends the body."""
+
+    __slots__ = ("_transport", "_head")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
+            self._head = data
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            data, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()  # a response written whole (uvicorn's own 400) before the close
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class Protocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, writing each response's head and body with one write."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = _HeadWithBody(transport)  # type: ignore[assignment]
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # type: ignore[attr-defined]
+        super().on_response_complete()
+
+
 def make_server(app: ASGIApp, settings: Settings) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
-        http="httptools",
+        http=Protocol,
         loop="none",  # the caller runs uvloop
         lifespan="off",  # resources live in bus.core.open_bus, opened before serving
         proxy_headers=False,

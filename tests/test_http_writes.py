@@ -1,0 +1,165 @@
+"""Each answer in one write (receiver.server.Protocol): a response's head waits for its body, so
+a callback's `OK` is one TCP segment, never two; an interim `100 Continue`, a HEAD answer (no
+body), uvicorn's own 400 and pipelined requests still go out whole and in order. Against uvicorn
+serving on a real socket, and against `smsbus serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from receiver.server import Protocol, bind
+from tests.support import NatsServer, Smsbus, free_port, isolated_env
+
+
+class _Recorded:
+    """The real transport, its writes also kept (the test's window on what went out)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["method"] == "POST":
+        while (await receive()).get("more_body"):
+            pass
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"OK"})
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+    return head + body
+
+
+def test_a_response_goes_out_in_one_write() -> None:
+    async def scenario() -> None:
+        config = uvicorn.Config(_ok, http=Protocol, loop="none", lifespan="off", log_config=None)
+        server = uvicorn.Server(config)
+        sock = bind("127.0.0.1", free_port())
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            while not server.started:
+                await asyncio.sleep(0.01)
+            host, port = sock.getsockname()[:2]
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+            first = await _answer(reader)
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nOK")
+            (protocol,) = server.server_state.connections
+            recorded = _Recorded(protocol.transport._transport)  # type: ignore[attr-defined]
+            protocol.transport._transport = recorded  # type: ignore[attr-defined]
+
+            writer.write(b"GET /again HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert first[-30:] == (await _answer(reader))[-30:]
+            assert 1 == len(recorded.writes), recorded.writes
+            assert recorded.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+            assert recorded.writes[0].endswith(b"\r\n\r\nOK")
+
+            writer.write(b"HEAD /head HTTP/1.1\r\nhost: x\r\n\r\n")  # no body is ever written
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 2" in head
+            assert [head] == recorded.writes[1:]
+
+            # The client waits for the interim answer before it sends the body.
+            writer.write(b"POST /form HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
+                         b"expect: 100-continue\r\n\r\n")  # fmt: skip
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert b"HTTP/1.1 100 Continue\r\n\r\n" == interim
+            writer.write(b"a=1")
+            assert (await _answer(reader)).endswith(b"\r\n\r\nOK")
+            assert 4 == len(recorded.writes)
+            assert interim == recorded.writes[2]
+            assert recorded.writes[3].startswith(b"HTTP/1.1 200 OK\r\n")
+            assert recorded.writes[3].endswith(b"\r\n\r\nOK")
+
+            # Two requests in one segment: two whole answers, in order.
+            writer.write(b"GET /1 HTTP/1.1\r\nhost: x\r\n\r\nGET /2 HTTP/1.1\r\nhost: x\r\n\r\n")
+            for _ in range(2):
+                assert (await _answer(reader)).endswith(b"\r\n\r\nOK")
+            assert 6 == len(recorded.writes)
+            writer.close()
+
+            # Not HTTP: uvicorn's own 400, written whole before the connection closes.
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"NOT HTTP\r\n\r\n")
+            refused = await asyncio.wait_for(reader.read(), 5)
+            assert refused.startswith(b"HTTP/1.1 400 Bad Request\r\n"), refused
+            writer.close()
+        finally:
+            server.should_exit = True
+            await serving
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def service(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Smsbus]:
+    bus = Smsbus(isolated_env(nats_server.url), tmp_path_factory.mktemp("svc")).start()
+    yield bus
+    assert bus.stop() == 0
+
+
+def _exchange(service: Smsbus, request: bytes, answers: int = 1) -> list[bytes]:
+    host, port = service.base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(request)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < answers or not received.endswith(b"OK"):
+            chunk = conn.recv(65536)
+            assert chunk, f"connection closed after {received!r}"
+            received += chunk
+    return [b"HTTP/1.1 " + part for part in received.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_the_service_answers_pipelined_callbacks_and_an_expected_continue_whole(
+    service: Smsbus,
+) -> None:
+    one = b"GET /callbacks/smspilot?server_id=%d&status=2 HTTP/1.1\r\nhost: x\r\n\r\n"
+    answers = _exchange(service, one % 7100001 + one % 7100002 + one % 7100003, answers=3)
+    assert 3 == len(answers)
+    assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") and a.endswith(b"\r\n\r\nOK") for a in answers)
+
+    host, port = service.base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        body = b"server_id=7100004&status=1"
+        conn.sendall(b"POST /callbacks/smspilot HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/x-www-form-urlencoded\r\n"
+                     b"content-length: %d\r\nexpect: 100-continue\r\n\r\n" % len(body))  # fmt: skip
+        assert b"HTTP/1.1 100 Continue\r\n\r\n" == conn.recv(65536)
+        conn.sendall(body)
+        received = b""
+        while not received.endswith(b"OK"):
+            chunk = conn.recv(65536)
+            assert chunk, received
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+
+        conn.sendall(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            chunk = conn.recv(65536)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 ")

@@ -47,7 +47,7 @@ APP_PARTS: list[tuple[str, Frame]] = [
         "the app, its answer included (naive: Starlette, the route)",
         lambda f: any(p in f for p in ("(receiver/", "(starlette/", "(naive_app.py")),
     ),
-    ("  the answer written (uvicorn: two socket writes)", _in("RequestResponseCycle.send")),
+    ("  the answer written (one write; naive: two)", _in("RequestResponseCycle.send")),
     ("  parsing the callback", lambda f: f.startswith(("parse_pairs (", "parse_callback ("))),
     ("  the state's look-up (mirror, bucket)", _in("States.find")),
     ("  building the CloudEvent", _in("status_event")),

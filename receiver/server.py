@@ -39,26 +39,34 @@ def bind(host: str, port: int, prefix: str = "SMSBUS_HTTP") -> socket.socket:
 
 
 class _HeadWithBody:
-    """A connection's transport that holds a final response's head until the next write (its
-    body) or the end of the response (a HEAD request's answer has no body), and writes the two
-    together; everything else passes straight through. An interim `100 Continue` is never held:
-    the client waits for it before it sends the body."""
+    """A connection's transport that holds a response's head until the next write (its body)
+    or the end of the response (a HEAD request's answer has no body), and writes the two
+    together; everything else passes straight through. Only the first write of a response can
+    be its head, so a later part of a body is never held; nor is an interim `100 Continue`,
+    which the client waits for before it sends the body."""
 
-    __slots__ = ("_transport", "_head")
+    __slots__ = ("_transport", "_head", "_next_is_head")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._head: bytes | None = None
+        self._next_is_head = True
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
             data, self._head = self._head + data, None
-        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 1"):
-            self._head = data
-            return
+        elif self._next_is_head and data.startswith(b"HTTP/1.1 "):
+            if not data.startswith(b"HTTP/1.1 1"):  # a final status: the body comes next
+                self._next_is_head = False
+                self._head = data
+                return
         self._transport.write(data)
 
-    def flush(self) -> None:
+    def end_of_response(self) -> None:
+        self._flush()
+        self._next_is_head = True
+
+    def _flush(self) -> None:
         if self._head is not None:
             data, self._head = self._head, None
             if not self._transport.is_closing():
@@ -68,7 +76,7 @@ class _HeadWithBody:
         return self._transport.is_closing()
 
     def close(self) -> None:
-        self.flush()  # a response written whole (uvicorn's own 400) before the close
+        self._flush()  # a response written whole (uvicorn's own 400) before the close
         self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
@@ -83,7 +91,7 @@ class Protocol(HttpToolsProtocol):
         self.transport = _HeadWithBody(transport)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
-        self.transport.flush()  # type: ignore[attr-defined]
+        self.transport.end_of_response()  # type: ignore[attr-defined]
         super().on_response_complete()
 
 

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 
 from receiver.server import Protocol, bind
-from tests.support import NatsServer, Smsbus, free_port, isolated_env
+from tests.support import NatsServer, Smsbus, await_for, free_port, isolated_env
 
 
 class _Recorded:
@@ -38,9 +38,22 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
     if scope["method"] == "POST":
         while (await receive()).get("more_body"):
             pass
+    if scope["path"] == "/stream":  # a body in parts, one of them looking like a head
+        parts = [b"x", b"HTTP/1.1 200 OK", b"!"]
+        length = str(sum(map(len, parts))).encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": parts[0], "more_body": True})
+        await send({"type": "http.response.body", "body": parts[1], "more_body": True})
+        await _released.wait()  # until the client has read the parts so far
+        await send({"type": "http.response.body", "body": parts[2]})
+        return
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"OK"})
+
+
+_released = asyncio.Event()
 
 
 async def _answer(reader: asyncio.StreamReader) -> bytes:
@@ -55,13 +68,17 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
 
 def test_a_response_goes_out_in_one_write() -> None:
     async def scenario() -> None:
-        config = uvicorn.Config(_ok, http=Protocol, loop="none", lifespan="off", log_config=None)
+        config = uvicorn.Config(_ok, http=Protocol, loop="none", lifespan="off", log_config=None,
+                                timeout_graceful_shutdown=5)  # fmt: skip
         server = uvicorn.Server(config)
         sock = bind("127.0.0.1", free_port())
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         try:
-            while not server.started:
-                await asyncio.sleep(0.01)
+
+            async def started() -> bool:
+                return server.started
+
+            await await_for(started, what="uvicorn to start")
             host, port = sock.getsockname()[:2]
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -99,6 +116,16 @@ def test_a_response_goes_out_in_one_write() -> None:
             for _ in range(2):
                 assert (await _answer(reader)).endswith(b"\r\n\r\nOK")
             assert 6 == len(recorded.writes)
+
+            # Only a response's first write can be its head: a later part of the body that
+            # looks like one goes out at once.
+            writer.write(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert b"content-length: 17" in head
+            assert b"xHTTP/1.1 200 OK" == await asyncio.wait_for(reader.readexactly(16), 5)
+            _released.set()
+            assert b"!" == await asyncio.wait_for(reader.readexactly(1), 5)
+            assert [head + b"x", b"HTTP/1.1 200 OK", b"!"] == recorded.writes[6:]
             writer.close()
 
             # Not HTTP: uvicorn's own 400, written whole before the connection closes.
@@ -108,6 +135,7 @@ def test_a_response_goes_out_in_one_write() -> None:
             assert refused.startswith(b"HTTP/1.1 400 Bad Request\r\n"), refused
             writer.close()
         finally:
+            _released.set()
             server.should_exit = True
             await serving
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -149,45 +149,42 @@ def service(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -
     assert bus.stop() == 0
 
 
-def _exchange(service: Smsbus, request: bytes, answers: int = 1) -> list[bytes]:
+def _connect(service: Smsbus) -> socket.socket:
     host, port = service.base.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as conn:
-        conn.sendall(request)
-        received = b""
-        while received.count(b"HTTP/1.1 ") < answers or not received.endswith(b"OK"):
-            chunk = conn.recv(65536)
-            assert chunk, f"connection closed after {received!r}"
-            received += chunk
-    return [b"HTTP/1.1 " + part for part in received.split(b"HTTP/1.1 ")[1:]]
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _read_until(conn: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    """What the connection brings until `done` says it is enough; fails if it closes first."""
+    received = b""
+    while not done(received):
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed after {received!r}"
+        received += chunk
+    return received
 
 
 def test_the_service_answers_pipelined_callbacks_and_an_expected_continue_whole(
     service: Smsbus,
 ) -> None:
     one = b"GET /callbacks/smspilot?server_id=%d&status=2 HTTP/1.1\r\nhost: x\r\n\r\n"
-    answers = _exchange(service, one % 7100001 + one % 7100002 + one % 7100003, answers=3)
+    with _connect(service) as conn:
+        conn.sendall(one % 7100001 + one % 7100002 + one % 7100003)
+        received = _read_until(conn, lambda r: r.count(b"HTTP/1.1 ") == 3 and r.endswith(b"OK"))
+    answers = [b"HTTP/1.1 " + part for part in received.split(b"HTTP/1.1 ")[1:]]
     assert 3 == len(answers)
     assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") and a.endswith(b"\r\n\r\nOK") for a in answers)
 
-    host, port = service.base.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as conn:
+    with _connect(service) as conn:
         body = b"server_id=7100004&status=1"
         conn.sendall(b"POST /callbacks/smspilot HTTP/1.1\r\nhost: x\r\n"
                      b"content-type: application/x-www-form-urlencoded\r\n"
                      b"content-length: %d\r\nexpect: 100-continue\r\n\r\n" % len(body))  # fmt: skip
         assert b"HTTP/1.1 100 Continue\r\n\r\n" == conn.recv(65536)
         conn.sendall(body)
-        received = b""
-        while not received.endswith(b"OK"):
-            chunk = conn.recv(65536)
-            assert chunk, received
-            received += chunk
+        received = _read_until(conn, lambda r: r.endswith(b"OK"))
         assert received.startswith(b"HTTP/1.1 200 OK\r\n")
 
         conn.sendall(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            chunk = conn.recv(65536)
-            assert chunk, head
-            head += chunk
+        head = _read_until(conn, lambda r: r.endswith(b"\r\n\r\n"))
         assert head.startswith(b"HTTP/1.1 ")

@@ -10,6 +10,7 @@ This is the hot path, so it is a plain ASGI callable served ahead of Starlette's
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 import time
@@ -196,6 +197,7 @@ class SMSPilotCallbacks:
         self._tokens = [t.reveal().encode() for t in settings.smspilot_callback_tokens]
         self._allowlist = settings.smspilot_allowed_ips
         self._trusted = settings.trusted_proxies
+        self._answered: list[dict[str, object]] = []  # answered, not yet counted and logged
         self._in_flight = 0  # read when /metrics is rendered, not counted under a lock
         bus.metrics.callbacks_in_flight.set_function(lambda: self._in_flight)
 
@@ -236,13 +238,30 @@ class SMSPilotCallbacks:
         else:
             allow = ((b"allow", b"GET, POST"),) if status == 405 else ()
             await send_text(send, status, text, allow)
-        self._metrics.callback_outcome[outcome].inc()
         summary.update(
             outcome=outcome,
             http_status=status,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
-        info_line(log, "callback", summary)
+        # Counted and logged in the next turn of the event loop, together with the other
+        # callbacks answered in this one: under load a batch's acknowledgement wakes dozens of
+        # callbacks at once, and each answer then goes out without waiting for the lines and
+        # counts of those before it; those are written while the providers' next requests are
+        # on their way.
+        self._answered.append(summary)
+        if len(self._answered) == 1:
+            asyncio.get_running_loop().call_soon(self._summarise)
+
+    def _summarise(self) -> None:
+        """The outcome counts and summary lines of the callbacks answered in the last turn."""
+        answered, self._answered = self._answered, []
+        counts = self._metrics.callback_outcome
+        for summary in answered:
+            try:
+                counts[str(summary["outcome"])].inc()
+                info_line(log, "callback", summary)
+            except Exception:  # a fault of ours: the other callbacks' lines are still written
+                log.exception("callback summary not written")
 
     async def _handle(
         self, scope: Scope, receive: Receive, shown_path: str, summary: dict[str, object]

@@ -7,11 +7,20 @@ import itertools
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import NatsServer, Smsbus, Stored, events_by_id, isolated_env, read_stream
+from tests.support import (
+    NatsServer,
+    Smsbus,
+    Stored,
+    events_by_id,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
 
@@ -346,14 +355,20 @@ def test_healthz_readyz_and_metrics(service: Smsbus, client: httpx.Client) -> No
     assert float(published.split()[-1]) >= 1
 
 
+def summary_lines(service: Smsbus, server_ids: set[str]) -> list[dict[str, Any]]:
+    return [
+        entry
+        for entry in service.log_lines()
+        if entry.get("event") == "callback" and entry.get("server_id") in server_ids
+    ]
+
+
 def test_one_summary_log_line_per_callback(service: Smsbus, client: httpx.Client) -> None:
     server_id = new_id()
     client.get("/callbacks/smspilot", params={"server_id": server_id, "status": "2"})
-    [line] = [
-        entry
-        for entry in service.log_lines()
-        if entry.get("event") == "callback" and entry.get("server_id") == server_id
-    ]
+    # Written once the answer is out (receiver/smspilot.py): wait for it, then for nothing more.
+    wait_for(lambda: summary_lines(service, {server_id}), what="the summary line")
+    [line] = summary_lines(service, {server_id})
     assert ("smspilot", "delivered", "published", 200) == (
         line["provider"],
         line["status"],
@@ -361,6 +376,29 @@ def test_one_summary_log_line_per_callback(service: Smsbus, client: httpx.Client
         line["http_status"],
     )
     assert isinstance(line["latency_ms"], float)
+
+
+def test_callbacks_answered_together_are_each_counted_and_logged_once(
+    service: Smsbus,
+) -> None:
+    """Under load a batch's acknowledgement wakes many callbacks in one turn of the event loop;
+    their counts and lines follow their answers, one each."""
+    server_ids = [new_id() for _ in range(64)]
+    before = service.metric("smsbus_callbacks_total", outcome="published")
+
+    def call(server_id: str) -> str:
+        params = {"server_id": server_id, "status": "2"}
+        return httpx.get(f"{service.base}/callbacks/smspilot", params=params, timeout=10).text
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, server_ids))
+    assert ["OK"] * 64 == answers
+    wait_for(lambda: len(summary_lines(service, set(server_ids))) >= 64, what="64 summary lines")
+    lines = summary_lines(service, set(server_ids))
+    assert sorted(server_ids) == sorted(line["server_id"] for line in lines)
+    assert {"published"} == {line["outcome"] for line in lines}
+    published = service.metric("smsbus_callbacks_total", outcome="published") - before
+    assert 64 == published
 
 
 def test_unknown_route_is_plain_404(client: httpx.Client) -> None:

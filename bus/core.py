@@ -203,8 +203,9 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             conn, spool, metrics, s.publish_timeout, s.duplicate_window,
             Projection(states, delivered), states.recorded, commit_subject=commit_subject(s.stream),
             tracked=states.with_tracking,
-            stored_ids=lambda subject, start, end: stored_ids(
-                conn.jetstream(timeout=LANDED_CALL_TIMEOUT), s.stream, subject, start, end
+            stored_ids=lambda subject, start, end, wanted: stored_ids(
+                conn.nc, conn.jetstream(timeout=LANDED_CALL_TIMEOUT), s.stream, subject, start,
+                end, wanted,
             ),
         )  # fmt: skip
         publisher.group_commit(buckets.batched)

@@ -81,8 +81,8 @@ _ATTEMPT_ERRORS = (nats.errors.Error, _AckTimeout, asyncio.TimeoutError)
 
 Recorded = Callable[[Event], Awaitable[bool | None]]  # None: the state cannot be read
 Tracked = Callable[[Sequence[Event]], Awaitable[list[Event | None]]]
-# The ids of the messages stored on a subject between two unix times; None when too many to read.
-StoredIds = Callable[[str, float, float], Awaitable[set[str] | None]]
+# Which of the ids given are stored on a subject between two unix times; None when too many to read.
+StoredIds = Callable[[str, float, float, set[str]], Awaitable[set[str] | None]]
 
 
 async def _never(event: Event) -> bool:
@@ -93,7 +93,7 @@ async def _as_they_are(events: Sequence[Event]) -> list[Event | None]:
     return list(events)
 
 
-async def _none_stored(subject: str, start: float, end: float) -> set[str] | None:
+async def _none_stored(subject: str, start: float, end: float, wanted: set[str]) -> set[str] | None:
     return set()
 
 
@@ -401,13 +401,15 @@ class Publisher:
             if not row.stored and row.sent is not None and row.sent[0] <= forgotten
         ]  # fmt: skip
         spans: dict[str, tuple[float, float]] = {}
-        for _, subject, (first, last) in suspects:
+        wanted: dict[str, set[str]] = {}
+        for i, subject, (first, last) in suspects:
             start, end = spans.get(subject, (first, last))
             spans[subject] = (min(start, first), max(end, last))
+            wanted.setdefault(subject, set()).add(rows[i].event.id)
         held: dict[str, set[str]] = {}
         for subject, (start, end) in spans.items():
             try:
-                ids = await self._stored_ids(subject, start, end + self._timeout)
+                ids = await self._stored_ids(subject, start, end + self._timeout, wanted[subject])
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("stream not searched for spooled events; they wait",
                             error=str(exc) or type(exc).__name__)  # fmt: skip

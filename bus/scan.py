@@ -1,17 +1,24 @@
 """Reading what the stream holds on a subject, once, through a consumer of our own that nobody
-else sees: ephemeral, in memory, one replica, nothing acknowledged. It reads the messages held
-when it starts (from a time, or the first), and the server drops the consumer once it is done."""
+else sees: ephemeral, in memory, one replica, nothing acknowledged. `held` reads the messages held
+when it starts (from a time, or the first); `find_ids` looks for ids between two times, reading
+headers raw. The server drops the consumer once it is done."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from datetime import datetime
 from typing import Any
 
 import nats.errors
+import orjson
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from bus import wire
 
 INACTIVE = 30.0  # the server drops a consumer left behind once it is idle this long
 FETCH_WAIT = 2.0
@@ -53,3 +60,130 @@ async def held(
         if consumer is not None:  # else the server drops it after INACTIVE
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 await js.delete_consumer(stream, consumer)
+
+
+_MSG_ID = b"\r\nNats-Msg-Id:"
+
+
+def _msg_id(headers: bytes) -> str:
+    """The `Nats-Msg-Id` of a message's raw headers, as smsbus sends it ("" when there is none)."""
+    start = headers.find(_MSG_ID)
+    if start < 0:
+        return ""
+    start += len(_MSG_ID)
+    return headers[start : headers.find(b"\r\n", start)].strip().decode(errors="replace")
+
+
+class _Search:
+    """The deliveries of one search, read raw in the connection's read loop (bus.wire)."""
+
+    def __init__(self, wanted: set[str], until_ns: int, limit: int) -> None:
+        self.wanted = wanted
+        self.found: set[str] = set()
+        self.until_ns = until_ns
+        self.limit = limit
+        self.scanned = 0
+        self.pending = -1  # what the consumer still had after the last delivery
+        self.over = False  # more than `limit` messages in the range
+        self.ended = False
+        self.error: str | None = None
+        self._asked = 0
+        self._got = 0
+        self.batch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ask(self, count: int) -> None:
+        self._asked, self._got = count, 0
+        self.batch = asyncio.get_running_loop().create_future()
+
+    def _wake(self) -> None:
+        if not self.batch.done():
+            self.batch.set_result(None)
+
+    def on_msg(self, subject: bytes, reply: bytes, payload: bytes, headers: bytes) -> None:
+        if not reply.startswith(b"$JS.ACK."):  # a status: the request expired, or went wrong
+            status = wire.status_of(headers)
+            if status not in ("404", "408"):
+                self.error = f"pull request answered {status or 'without a status'}"
+            elif self._got == 0:  # nothing more to deliver (what was pending was removed)
+                self.ended = True
+            self._wake()
+            return
+        tokens = reply.split(b".")  # `$JS.ACK.[<domain>.<account>.]<stream>...<time>.<pending>`
+        try:
+            at = 7 if len(tokens) == 9 else 9
+            stamp, self.pending = int(tokens[at]), int(tokens[at + 1])
+        except (IndexError, ValueError):
+            self.error = f"not a JetStream delivery: {reply[:60]!r}"
+            self._wake()
+            return
+        if stamp > self.until_ns:
+            self.ended = True
+        elif self.scanned == self.limit:
+            self.over = self.ended = True
+        else:
+            self.scanned += 1
+            msg_id = _msg_id(headers)
+            if msg_id in self.wanted:
+                self.found.add(msg_id)
+                self.ended = len(self.found) == len(self.wanted)
+        self._got += 1
+        if self.ended or self.pending == 0 or self._got == self._asked:
+            self.ended = self.ended or self.pending == 0
+            self._wake()
+
+
+async def find_ids(
+    nc: NATS,
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    since: datetime,
+    until: datetime,
+    wanted: Collection[str],
+    limit: int,
+    batch: int = 1000,
+) -> set[str] | None:
+    """Which of the `Nats-Msg-Id`s `wanted` the stream holds on `subject` (a filter) among the
+    messages stored from `since` to `until` (the server's clock), oldest first. The messages are
+    read headers only and raw (bus.wire), without the per-message work of `held` (nats-py's
+    fetch reads about 14,000 a second); the search ends as soon as every id is found. None when
+    more than `limit` messages would have to be read. TimeoutError when a batch is not answered
+    in time; NATS errors pass through."""
+    search = _Search(set(wanted), int(until.timestamp() * 1e9), limit)
+    if not search.wanted:
+        return set()
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=since,
+        ack_policy=AckPolicy.NONE,
+        filter_subject=subject,
+        headers_only=True,
+        inactive_threshold=INACTIVE,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    inbox = nc.new_inbox()
+    sub = await wire.subscribe_raw(nc, inbox, search.on_msg)
+    consumer = None
+    try:
+        info = await js.add_consumer(stream, config)
+        consumer = info.name
+        left = info.num_pending or 0
+        request_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        expires = int(FETCH_WAIT * 1e9)
+        while left > 0 and not search.ended:
+            count = min(batch, left)
+            search.ask(count)
+            request = orjson.dumps({"batch": count, "expires": expires})
+            await nc.publish(request_subject, request, reply=inbox)
+            await asyncio.wait_for(search.batch, FETCH_WAIT + 1.0)
+            if search.error is not None:
+                raise nats.errors.Error(search.error)
+            left = search.pending if search.pending >= 0 else left
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await wire.unsubscribe_raw(nc, sub)
+        if consumer is not None:  # else the server drops it after INACTIVE
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                await js.delete_consumer(stream, consumer)
+    return None if search.over else search.found

@@ -187,15 +187,17 @@ def test_a_spooled_event_sent_without_an_answer_is_stored_once_after_an_outage_p
         nats.stop()
 
 
-def test_the_search_for_landed_events_reads_ids_between_two_times(
+def test_the_search_for_landed_events_finds_ids_between_two_times(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`stored_ids` (the clocks' slack left out) gives the ids stored on one subject between two
-    times, and None rather than an answer once it would read more than MAX_SCANNED."""
+    """`stored_ids` (the clocks' slack left out) tells which of the ids looked for are stored on
+    one subject between two times, stops reading once it has found them all, and gives None
+    rather than an answer once it would read more than MAX_SCANNED."""
     monkeypatch.setattr(landed, "SLACK", 0.0)
     stream, subject = f"L{next(_ids)}", f"l{next(_ids)}.status.smspilot.delivered"
+    ids = {"a", "b", "c", "ax", "bx", "cx", "zz"}
 
-    async def scenario() -> tuple[set[str] | None, set[str] | None, set[str] | None]:
+    async def scenario() -> list[set[str] | None]:
         nc = await nats.connect(nats_server.url)
         try:
             js = nc.jetstream()
@@ -206,14 +208,22 @@ def test_the_search_for_landed_events_reads_ids_between_two_times(
                 await js.publish(subject, b"{}", headers={"Nats-Msg-Id": name})
                 await js.publish(subject + "x", b"{}", headers={"Nats-Msg-Id": name + "x"})
                 await asyncio.sleep(0.05)
-            middle = await landed.stored_ids(js, stream, subject, times[1], times[2] - 0.01)
-            everything = await landed.stored_ids(js, stream, subject, times[0] - 1, time.time())
+            now = time.time()
+            found = [
+                await landed.stored_ids(nc, js, stream, subject, times[1], times[2] - 0.01, ids),
+                await landed.stored_ids(nc, js, stream, subject, times[0] - 1, now, ids),
+                await landed.stored_ids(nc, js, stream, subject, times[0] - 1, now, {"zz"}),
+            ]
             monkeypatch.setattr(landed, "MAX_SCANNED", 1)
             monkeypatch.setattr(landed, "FETCH", 1)
-            too_many = await landed.stored_ids(js, stream, subject, times[0] - 1, time.time())
+            found += [  # "a" is the first message read; "c" would be the third
+                await landed.stored_ids(nc, js, stream, subject, times[0] - 1, now, {"a"}),
+                await landed.stored_ids(nc, js, stream, subject, times[0] - 1, now, {"c"}),
+            ]
+            consumers = (await js.stream_info(stream)).state.consumer_count
             await js.delete_stream(stream)
-            return middle, everything, too_many
+            return [*found, {str(consumers)}]
         finally:
             await nc.close()
 
-    assert ({"b"}, {"a", "b", "c"}, None) == asyncio.run(scenario())
+    assert [{"b"}, {"a", "b", "c"}, set(), {"a"}, None, {"0"}] == asyncio.run(scenario())

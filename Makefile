@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync_interval.py
 	$(BIN)/python bench/poll.py
 	$(BIN)/python bench/pass_latency.py
+	$(BIN)/python bench/landed.py
 
 # Where a callback's CPU goes, smsbus beside the hand-written route (py-spy for the Python,
 # perf from Debian's linux-perf for nats-server).

@@ -1,4 +1,5 @@
-"""The chaos and soak scripts under bench/, run short: they must pass, and say what they did."""
+"""The chaos, soak and landed-search scripts under bench/, run short: they must pass, and say what
+they did."""
 
 from __future__ import annotations
 
@@ -50,3 +51,10 @@ def test_soak_shows_no_leak() -> None:
     out = run("soak.py", "--duration", "40", "--every", "8", "--rate", "300", timeout=300)
     assert len(re.findall(r"^\s+\d+\s+\d+\s+0\s", out, re.MULTILINE)) >= 4  # samples, all OK
     assert "result: PASS" in out
+
+
+def test_landed_search_bench_finds_what_it_looks_for() -> None:
+    out = run("landed.py", "--messages", "3000", "--rounds", "1", timeout=120)
+    assert re.search(r"raw search [\d,]+ messages/s \(found 1\); nats-py fetch [\d,]+ "
+                     r"messages/s \(read 3000\)", out), out  # fmt: skip
+    assert "an id tenth in the range: found 1 in" in out

@@ -143,16 +143,45 @@ def test_a_spooled_fact_already_recorded_is_dropped_after_the_window(
     assert 0 == bus.stop()
 
 
-@pytest.mark.parametrize("landed", [True, False], ids=["landed", "lost"])
+def others(url: str, stream: str, subject: str, count: int) -> int:
+    """`count` other events on `subject`, each with an id of its own, as a busy stream holds
+    them; the number of messages in the stream once they are stored."""
+
+    async def publish() -> int:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            held = (await js.stream_info(stream)).state.messages
+            for n in range(count):
+                await nc.publish(subject, b"{}", headers={"Nats-Msg-Id": f"other-{next(_ids)}"})
+                if n % 10_000 == 9_999:
+                    await nc.flush()
+            await nc.flush()
+            while (await js.stream_info(stream)).state.messages < held + count:
+                await asyncio.sleep(0.05)
+            return (await js.stream_info(stream)).state.messages
+        finally:
+            await nc.close()
+
+    return asyncio.run(publish())
+
+
+# More than the 200,000 messages the search once read at most, on either side of the event.
+BUSY = 150_000
+
+
+@pytest.mark.parametrize("case", ["landed", "lost", "landed-busy"])
 def test_a_spooled_event_sent_without_an_answer_is_stored_once_after_an_outage_past_the_window(
-    landed: bool, tmp_path: Path
+    case: str, tmp_path: Path
 ) -> None:
     """A publish whose ack never came: the path back from nats-server hangs (the event landed)
     or both ways do (it did not). The callback is answered from the spool, and nats-server then
     goes down for longer than the duplicate window, so it would no longer drop a repeat of the
     id; SMSPilot repeats the report meanwhile (spooled behind it, never sent). The drainer looks
     for the event in the stream: found, neither copy is published again and its state is
-    written; not found, it is published. Either way the stream holds it once."""
+    written; not found, it is published. Either way the stream holds it once. On a busy stream
+    (`landed-busy`: BUSY other events on its subject before it and after it) it is found too."""
+    landed, busy = case != "lost", case == "landed-busy"
     nats = NatsServer(tmp_path / "nats").start()
     link = HangingLink(nats.port)
     env = isolated_env(link.url, SMSBUS_DUPLICATE_WINDOW=str(WINDOW), SMSBUS_PUBLISH_TIMEOUT="0.5")
@@ -160,11 +189,19 @@ def test_a_spooled_event_sent_without_an_answer_is_stored_once_after_an_outage_p
     try:
         bus.start()
         server_id = str(next(_ids))
+        subject = status_event(bus.prefix, "smspilot", server_id, "2", via="callback",
+                               received_at=utcnow()).subject  # fmt: skip
         with httpx.Client(timeout=10) as client:
             link.hang("smsbus", answers_only=landed)  # the bucket reads still answered
+            held = others(nats.url, bus.stream, subject, BUSY) if busy else 0
             bus.callback(client, server_id, 2)
             assert 1 == bus.spool_depth()
-            assert int(landed) == len(stored(nats, bus, server_id))
+            if busy:
+                wait_for(lambda: held + 1 == others(nats.url, bus.stream, subject, 0),
+                         what="the event stored")  # fmt: skip
+                held = others(nats.url, bus.stream, subject, BUSY)
+            else:
+                assert int(landed) == len(stored(nats, bus, server_id))
             nats.kill()
             bus.callback(client, server_id, 2)
             assert 2 == bus.spool_depth()
@@ -173,7 +210,10 @@ def test_a_spooled_event_sent_without_an_answer_is_stored_once_after_an_outage_p
             link.cut()
             wait_for(lambda: bus.spool_depth() == 0, timeout=30, what="the spool to drain")
             state = client.get(f"{bus.api}/v1/messages/smspilot/{server_id}")
-        assert 1 == len(stored(nats, bus, server_id))
+        if busy:  # reading them all back would take long: nothing more was stored
+            assert held == others(nats.url, bus.stream, subject, 0)
+        else:
+            assert 1 == len(stored(nats, bus, server_id))
         assert (200, "delivered") == (state.status_code, state.json()["status"])
         found = [
             line["count"] for line in bus.log_lines()

@@ -42,19 +42,26 @@ INACTIVE_THRESHOLD = 30.0
 CALL_TIMEOUT = 1.0  # a call stuck in a leader election is tried again soon, not after 5 s
 
 
-def sequences(reply: bytes) -> tuple[int, int, int]:
-    """A JetStream delivery's stream sequence, consumer sequence and pending count, read off its
-    reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
-    <pending>`, or the longer form with domain and account first) without building nats-py's
-    metadata (a datetime and two objects) for every message. ValueError for anything else."""
+def delivery(reply: bytes) -> tuple[int, int, int, int]:
+    """A JetStream delivery's stream sequence, consumer sequence, time stored (unix ns) and
+    pending count, read off its reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+    seq>.<consumer seq>.<time>.<pending>`, or the longer form with domain and account first)
+    without building nats-py's metadata (a datetime and two objects) for every message.
+    ValueError for anything else."""
     tokens = reply.split(b".")
     if tokens[:2] != [b"$JS", b"ACK"]:
         raise ValueError(f"not a JetStream delivery: {reply[:60]!r}")
     if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[6]), int(tokens[8])
+        return int(tokens[5]), int(tokens[6]), int(tokens[7]), int(tokens[8])
     if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[8]), int(tokens[10])
+        return int(tokens[7]), int(tokens[8]), int(tokens[9]), int(tokens[10])
     raise ValueError(f"not a JetStream delivery: {reply[:60]!r}")
+
+
+def sequences(reply: bytes) -> tuple[int, int, int]:
+    """`delivery` without the time: the stream sequence, consumer sequence and pending count."""
+    stream_seq, consumer_seq, _, pending = delivery(reply)
+    return stream_seq, consumer_seq, pending
 
 
 class Follower:

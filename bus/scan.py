@@ -19,6 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from bus import wire
+from bus.follow import delivery
 
 INACTIVE = 30.0  # the server drops a consumer left behind once it is idle this long
 FETCH_WAIT = 2.0
@@ -36,16 +37,7 @@ async def held(
     held when this starts, oldest first. TimeoutError when a fetch is not answered in time
     (the messages were purged meanwhile, or NATS is stalled); NATS errors pass through. Close
     it (`contextlib.aclosing`) when leaving it early."""
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
-        opt_start_time=since,
-        ack_policy=AckPolicy.NONE,
-        headers_only=headers_only,
-        inactive_threshold=INACTIVE,
-        mem_storage=True,
-        num_replicas=1,
-    )
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    sub = await js.pull_subscribe(subject, stream=stream, config=_reader(since, headers_only))
     consumer = None
     try:
         info = await sub.consumer_info()
@@ -57,9 +49,26 @@ async def held(
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
-        if consumer is not None:  # else the server drops it after INACTIVE
-            with contextlib.suppress(TimeoutError, nats.errors.Error):
-                await js.delete_consumer(stream, consumer)
+        await _delete(js, stream, consumer)
+
+
+def _reader(since: datetime | None, headers_only: bool) -> ConsumerConfig:
+    """A consumer of our own that nobody else sees, from `since` (else the first message)."""
+    return ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
+        opt_start_time=since,
+        ack_policy=AckPolicy.NONE,
+        headers_only=headers_only,
+        inactive_threshold=INACTIVE,
+        mem_storage=True,
+        num_replicas=1,
+    )
+
+
+async def _delete(js: Any, stream: str, consumer: str | None) -> None:
+    if consumer is not None:  # else the server drops it after INACTIVE
+        with contextlib.suppress(TimeoutError, nats.errors.Error):
+            await js.delete_consumer(stream, consumer)
 
 
 _MSG_ID = b"\r\nNats-Msg-Id:"
@@ -83,7 +92,7 @@ class _Search:
         self.until_ns = until_ns
         self.limit = limit
         self.scanned = 0
-        self.pending = -1  # what the consumer still had after the last delivery
+        self.pending = 0  # what the consumer still has for us, as of its last delivery
         self.over = False  # more than `limit` messages in the range
         self.ended = False
         self.error: str | None = None
@@ -108,12 +117,10 @@ class _Search:
                 self.ended = True
             self._wake()
             return
-        tokens = reply.split(b".")  # `$JS.ACK.[<domain>.<account>.]<stream>...<time>.<pending>`
         try:
-            at = 7 if len(tokens) == 9 else 9
-            stamp, self.pending = int(tokens[at]), int(tokens[at + 1])
-        except (IndexError, ValueError):
-            self.error = f"not a JetStream delivery: {reply[:60]!r}"
+            _, _, stamp, self.pending = delivery(reply)
+        except ValueError as exc:
+            self.error = str(exc)
             self._wake()
             return
         if stamp > self.until_ns:
@@ -127,8 +134,8 @@ class _Search:
                 self.found.add(msg_id)
                 self.ended = len(self.found) == len(self.wanted)
         self._got += 1
-        if self.ended or self.pending == 0 or self._got == self._asked:
-            self.ended = self.ended or self.pending == 0
+        self.ended = self.ended or self.pending == 0
+        if self.ended or self._got == self._asked:
             self._wake()
 
 
@@ -152,38 +159,27 @@ async def find_ids(
     search = _Search(set(wanted), int(until.timestamp() * 1e9), limit)
     if not search.wanted:
         return set()
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=since,
-        ack_policy=AckPolicy.NONE,
-        filter_subject=subject,
-        headers_only=True,
-        inactive_threshold=INACTIVE,
-        mem_storage=True,
-        num_replicas=1,
-    )
+    config = _reader(since, headers_only=True)
+    config.filter_subject = subject
     inbox = nc.new_inbox()
     sub = await wire.subscribe_raw(nc, inbox, search.on_msg)
     consumer = None
     try:
         info = await js.add_consumer(stream, config)
         consumer = info.name
-        left = info.num_pending or 0
+        search.pending = info.num_pending or 0
         request_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         expires = int(FETCH_WAIT * 1e9)
-        while left > 0 and not search.ended:
-            count = min(batch, left)
+        while search.pending > 0 and not search.ended:
+            count = min(batch, search.pending)
             search.ask(count)
             request = orjson.dumps({"batch": count, "expires": expires})
             await nc.publish(request_subject, request, reply=inbox)
             await asyncio.wait_for(search.batch, FETCH_WAIT + 1.0)
             if search.error is not None:
                 raise nats.errors.Error(search.error)
-            left = search.pending if search.pending >= 0 else left
     finally:
         with contextlib.suppress(nats.errors.Error):
             await wire.unsubscribe_raw(nc, sub)
-        if consumer is not None:  # else the server drops it after INACTIVE
-            with contextlib.suppress(TimeoutError, nats.errors.Error):
-                await js.delete_consumer(stream, consumer)
+        await _delete(js, stream, consumer)
     return None if search.over else search.found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from bus.backoff import Backoff
 from bus.supervisor import Beat, Supervisor
@@ -88,6 +89,40 @@ def test_loops_stop_in_reverse_order_of_start_with_their_resources() -> None:
         return order
 
     assert ["third", "second", "first", "resource"] == asyncio.run(scenario())
+
+
+def test_a_loop_whose_cancellation_was_swallowed_stops_at_its_next_beat() -> None:
+    """asyncio.wait_for before Python 3.12 drops a cancellation that arrives with the answer it
+    waited for (nats-py's requests and fetches wait that way): the loop goes on as if nothing
+    had been asked. It must still stop, at its next beat, not hold shutdown up for
+    STOP_TIMEOUT."""
+
+    async def scenario() -> tuple[float, str, list[str]]:
+        supervisor = Supervisor()
+        seen: list[str] = []
+
+        async def swallowing(beat: Beat) -> None:
+            give_up = time.monotonic() + 3.0  # so that the test ends, whatever the supervisor
+            try:
+                while time.monotonic() < give_up:
+                    beat()
+                    try:
+                        await asyncio.sleep(0.05)
+                    except asyncio.CancelledError:
+                        seen.append("swallowed")  # as wait_for does when the answer is in
+            finally:
+                seen.append("ended")
+
+        stop = supervisor.spawn("swallowing", swallowing)
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await stop()
+        return time.monotonic() - started, supervisor.statuses()["swallowing"].state, seen
+
+    took, state, seen = asyncio.run(scenario())
+    assert ["swallowed", "ended"] == seen
+    assert took < 1.0, f"stopping took {took:.1f} s"
+    assert "stopped" == state
 
 
 def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -110,9 +111,15 @@ def parse_balance(body: bytes) -> Decimal:
 
 
 class Client:
-    def __init__(self, settings: ProviderSettings, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        settings: ProviderSettings,
+        client: httpx.AsyncClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._settings = settings
         self._http = client
+        self._clock = clock  # when the general report and each mailing were last read
         self._counters: dict[str, tuple[str, ...]] | None = None
         self._general_at = -math.inf
         self.generation = 0  # moves on whenever the general report's counters change
@@ -129,7 +136,7 @@ class Client:
 
     async def _read_general(self) -> int:
         """The generation, reading the general report at most once per half interval."""
-        if time.monotonic() - self._general_at < self._settings.interval / 2:
+        if self._clock() - self._general_at < self._settings.interval / 2:
             return self.generation
         now = datetime.now(self._settings.tz)
         body = await self._post(
@@ -142,7 +149,7 @@ class Client:
         if counters != self._counters:
             self.generation += 1
         self._counters = counters
-        self._general_at = time.monotonic()
+        self._general_at = self._clock()
         return self.generation
 
     def due(self, smsid: str, generation: int, now: float) -> bool:
@@ -157,7 +164,7 @@ class Client:
         generation = await self._read_general()
         reports: list[StatusReport] = []
         for smsid in ids:
-            now = time.monotonic()
+            now = self._clock()
             if not self.due(smsid, generation, now):
                 continue
             body = await self._post(REPORT, smsid=smsid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -173,18 +174,24 @@ def test_mailing_numbers_become_events_and_the_mailing_finishes(
         assert 0 == bus.stop()
 
 
-def pager_client(url: str, fake: FakeSmspager, **extra: str) -> smspager.Client:
+class Clock:
+    """The SMS-Pager client's clock, moved by the test (the process's own clock is left alone:
+    the event loops of the test and of the fake provider run on it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pager_client(
+    url: str, fake: FakeSmspager, clock: Clock | None = None, **extra: str
+) -> smspager.Client:
     env = {"SMSBUS_SMSPAGER_URL": url, "SMSBUS_SMSPAGER_LOGIN": fake.login,
            "SMSBUS_SMSPAGER_PASSWORD": fake.password, **extra}  # fmt: skip
-    return smspager.Client(load_settings(env).providers["smspager"], None)  # type: ignore[arg-type]
-
-
-class Clock:
-    """time.monotonic of pollers.smspager, moved by the test."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.now = 1000.0
-        monkeypatch.setattr(smspager.time, "monotonic", lambda: self.now)
+    settings = load_settings(env).providers["smspager"]
+    return smspager.Client(settings, None, clock or time.monotonic)  # type: ignore[arg-type]
 
 
 def polled(url: str, fake: FakeSmspager, client: smspager.Client, *ids: str) -> list[StatusReport]:
@@ -197,11 +204,11 @@ def polled(url: str, fake: FakeSmspager, client: smspager.Client, *ids: str) -> 
 
 
 def test_a_change_seen_while_polling_one_mailing_is_not_used_up_for_another(
-    pager: tuple[FakeSmspager, str], monkeypatch: pytest.MonkeyPatch
+    pager: tuple[FakeSmspager, str],
 ) -> None:
     fake, url = pager
-    clock = Clock(monkeypatch)
-    client = pager_client(url, fake, SMSBUS_SMSPAGER_INTERVAL="30")
+    clock = Clock()
+    client = pager_client(url, fake, clock, SMSBUS_SMSPAGER_INTERVAL="30")
     fake.mailings["A"] = {"waiting": ["79010000001"]}
     fake.mailings["B"] = {"waiting": ["79010000002"]}
     assert 2 == len(polled(url, fake, client, "A", "B"))  # both detailed once
@@ -214,12 +221,12 @@ def test_a_change_seen_while_polling_one_mailing_is_not_used_up_for_another(
 
 
 def test_a_mailing_cancelled_by_moderation_is_seen_though_no_counter_moves(
-    pager: tuple[FakeSmspager, str], monkeypatch: pytest.MonkeyPatch
+    pager: tuple[FakeSmspager, str],
 ) -> None:
     fake, url = pager
-    clock = Clock(monkeypatch)
+    clock = Clock()
     client = pager_client(
-        url, fake, SMSBUS_SMSPAGER_INTERVAL="30", SMSBUS_SMSPAGER_MAX_INTERVAL="600"
+        url, fake, clock, SMSBUS_SMSPAGER_INTERVAL="30", SMSBUS_SMSPAGER_MAX_INTERVAL="600"
     )
     fake.mailings["M"] = {"onModer": ["79010000003"]}
     assert ["onModer"] == [r.raw_status for r in polled(url, fake, client, "M")]

@@ -44,6 +44,15 @@ def variable_for(settings: Settings) -> str:
     return "SMSBUS_NATS_URL" if settings.nats_urls else "SMSBUS_EMBEDDED_NATS_PORT"
 
 
+def _cause(errors: list[BaseException]) -> str:
+    """Why connecting failed, in words: nats-py keeps retrying a refused connection or refused
+    credentials until the attempt times out, so the last error is mostly a timeout; what its
+    error callback was told last says more ("Connect call failed", "Authorization
+    Violation"). nats-py's errors name the server's address, never the URL's credentials."""
+    cause = next((e for e in reversed(errors) if not isinstance(e, TimeoutError)), errors[-1])
+    return str(cause) or type(cause).__name__
+
+
 class Connection:
     def __init__(self, settings: Settings, name: str = "smsbus") -> None:
         self._settings = settings
@@ -121,14 +130,14 @@ class Connection:
                 break
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 errors.append(exc)
+                reason = _cause(errors)
                 if time.monotonic() + backoff.ceiling > deadline:
-                    last = errors[-1]
-                    reason = str(last) or type(last).__name__
                     raise StartupError(
                         f"{variable_for(self._settings)}: cannot reach NATS at {shown}: {reason}"
                     ) from None
                 wait = backoff.failed()
-                log.info("NATS not reachable yet; retrying", nats=shown, retry_in_s=round(wait, 2))
+                log.info("NATS not reachable yet; retrying", nats=shown, error=reason,
+                         retry_in_s=round(wait, 2))  # fmt: skip
                 await asyncio.sleep(wait)
         self._js = self._nc.jetstream(timeout=API_TIMEOUT)
         self._up.set()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SMSBUS, Smsbus, free_port, wait_for
+from tests.support import SMSBUS, NatsServer, Smsbus, free_port, wait_for
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -72,6 +72,33 @@ def test_bad_setting_stops_start_up_with_one_line(
     assert "Traceback" not in result.stderr + result.stdout
     assert "hunter2" not in result.stderr + result.stdout
     assert "short-secret" not in result.stderr + result.stdout
+
+
+def test_refused_nats_credentials_and_a_refused_connection_are_named(tmp_path: Path) -> None:
+    """nats-py retries both until the attempt times out; the line says what the server or the
+    network answered, not only that time ran out, and never the password."""
+    server = NatsServer(
+        tmp_path / "nats", config='authorization { user: smsbus, password: "right-pass-4f1e" }'
+    ).start()
+    try:
+        url = f"nats://smsbus:wrong-pass-9c2d@127.0.0.1:{server.port}"
+        refused = serve(tmp_path, SMSBUS_NATS_URL=url, SMSBUS_STARTUP_TIMEOUT="2")
+    finally:
+        server.stop()
+    assert 1 == refused.returncode
+    [line] = refused.stderr.strip().splitlines()
+    assert line == (
+        f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at nats://***@127.0.0.1:{server.port}: "
+        "nats: 'Authorization Violation'"
+    )
+    assert "wrong-pass" not in refused.stderr + refused.stdout
+
+    port = free_port()
+    nobody = serve(tmp_path, SMSBUS_NATS_URL=f"nats://127.0.0.1:{port}", SMSBUS_STARTUP_TIMEOUT="2")
+    assert 1 == nobody.returncode
+    [line] = nobody.stderr.strip().splitlines()
+    assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at nats://127.0.0.1:{port}")
+    assert line.endswith("Connection refused"), line
 
 
 def test_http_port_in_use_is_one_line(tmp_path: Path) -> None:

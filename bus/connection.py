@@ -26,6 +26,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
@@ -44,13 +45,28 @@ def variable_for(settings: Settings) -> str:
     return "SMSBUS_NATS_URL" if settings.nats_urls else "SMSBUS_EMBEDDED_NATS_PORT"
 
 
+NO_JETSTREAM = "no JetStream answered: is JetStream enabled on this NATS server and account?"
+
+
+def describe(error: BaseException) -> str:
+    """A NATS error in words for a one-line message. A JetStream request nobody answers (a
+    server without JetStream, an account without it) comes back from nats-py as a
+    ServiceUnavailableError with nothing in it but `code=None`; an API error says what the
+    server said. nats-py's errors name a server's address, never a URL's credentials."""
+    if isinstance(error, nats.js.errors.ServiceUnavailableError) and not error.description:
+        return NO_JETSTREAM
+    if isinstance(error, nats.js.errors.APIError) and error.description:
+        return str(error.description)
+    return str(error) or type(error).__name__
+
+
 def _cause(errors: list[BaseException]) -> str:
-    """Why connecting failed, in words: nats-py keeps retrying a refused connection or refused
+    """Why connecting failed: nats-py keeps retrying a refused connection or refused
     credentials until the attempt times out, so the last error is mostly a timeout; what its
-    error callback was told last says more ("Connect call failed", "Authorization
-    Violation"). nats-py's errors name the server's address, never the URL's credentials."""
+    error callback was told last says more ("Connection refused", "Authorization
+    Violation")."""
     cause = next((e for e in reversed(errors) if not isinstance(e, TimeoutError)), errors[-1])
-    return str(cause) or type(cause).__name__
+    return describe(cause)
 
 
 class Connection:

@@ -25,6 +25,7 @@ from nats.js.kv import KeyValue
 
 from bus.backoff import Backoff
 from bus.config import Settings
+from bus.connection import describe
 from bus.errors import StartupError
 
 log = structlog.get_logger("smsbus.stream")
@@ -196,7 +197,7 @@ async def retrying(deadline: float, what: str, attempt: Callable[[], Awaitable[T
             error: BaseException = exc
         except (TimeoutError, nats.errors.Error) as exc:
             error = exc
-        reason = getattr(error, "description", None) or str(error) or type(error).__name__
+        reason = describe(error)
         wait = backoff.failed()
         if time.monotonic() + wait > deadline:
             raise StartupError(f"{what}: {reason}") from None

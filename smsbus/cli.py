@@ -24,7 +24,7 @@ import uvloop
 from nats.js.api import DeliverPolicy
 
 from bus.config import Settings, load_settings, redact_url
-from bus.connection import Connection
+from bus.connection import Connection, describe
 from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
 from bus.messages import TrackItem, parse_track_item
@@ -119,7 +119,8 @@ async def tail(settings: Settings, subject: str | None) -> int:
     """Print each event the stream stores from now on, its JSON on one line; `PREFIX.track.*`
     inputs only when asked for. Reading the stream (an ordered consumer), not the raw subjects,
     shows what subscribers get: a repeated fact that JetStream dropped is not printed."""
-    nc = await _connect(settings)
+    conn = await _connect(settings)
+    nc = conn.nc
     track_prefix = f"{settings.subject_prefix}.track."
     skip_track = subject is None
     done = asyncio.Event()
@@ -150,24 +151,26 @@ async def tail(settings: Settings, subject: str | None) -> int:
             deliver_policy=DeliverPolicy.NEW,
         )
     except nats.errors.Error as exc:
-        await nc.close()
+        await conn.close()
         raise StartupError(f"cannot follow {subject or 'the stream'}: {exc}") from None
     await done.wait()
-    await nc.close()
+    await conn.close()
     return 0
 
 
 CLI_CONNECT = 5.0  # seconds a command tries to reach NATS
 
 
-async def _connect(settings: Settings) -> Any:
+async def _connect(settings: Settings) -> Connection:
+    """A command's NATS connection; closed with `close()`, which does not log the disconnect
+    it makes as one it suffered."""
     hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
     conn = Connection(settings)
     try:
         await conn.open(time.monotonic() + CLI_CONNECT)
     except StartupError as exc:
         raise StartupError(f"{exc}{hint}") from None
-    return conn.nc
+    return conn
 
 
 def _api(settings: Settings) -> str:
@@ -239,7 +242,8 @@ async def deadletters(settings: Settings, args: argparse.Namespace) -> int:
         since=parse_since(args.since) if args.since else None,
         reason=args.reason,
     )
-    nc = await _connect(settings)
+    conn = await _connect(settings)
+    nc = conn.nc
     try:
         if args.command == "deadletters":
             return await list_letters(nc, settings, filters)
@@ -249,7 +253,7 @@ async def deadletters(settings: Settings, args: argparse.Namespace) -> int:
     except (TimeoutError, nats.errors.Error) as exc:
         raise StartupError(f"cannot read the dead letters: {exc!r}") from None
     finally:
-        await nc.close()
+        await conn.close()
 
 
 async def check(settings: Settings) -> int:
@@ -262,15 +266,15 @@ async def check(settings: Settings) -> int:
     print("config: ok")
     failed = False
     try:
-        nc = await _connect(settings)
+        conn = await _connect(settings)
         try:
-            await nc.jetstream().account_info()
+            await conn.nc.jetstream().account_info()
             print(f"nats: ok ({', '.join(redact_url(u) for u in settings.effective_nats_urls)})")
         except (TimeoutError, nats.errors.Error) as exc:
-            print(f"nats: FAILED: JetStream is not available: {exc}")
+            print(f"nats: FAILED: JetStream is not available: {describe(exc)}")
             failed = True
         finally:
-            await nc.close()
+            await conn.close()
     except StartupError as exc:
         print(f"nats: FAILED: {exc}")
         failed = True

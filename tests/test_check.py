@@ -59,3 +59,22 @@ def test_check_fails_without_nats(tmp_path: Path) -> None:
     result = check({"SMSBUS_NATS_URL": f"nats://127.0.0.1:{free_port()}"})
     assert 1 == result.returncode
     assert result.stdout.splitlines()[1].startswith("nats: FAILED: SMSBUS_NATS_URL: cannot reach")
+
+
+def test_check_says_when_nats_has_no_jetstream_and_is_quiet_when_all_is_well(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    plain = NatsServer(tmp_path / "plain", jetstream=False).start()
+    try:
+        without = check({"SMSBUS_NATS_URL": plain.url})
+    finally:
+        plain.stop()
+    assert 1 == without.returncode
+    assert (
+        "nats: FAILED: JetStream is not available: no JetStream answered: is JetStream enabled "
+        "on this NATS server and account?"
+    ) == without.stdout.splitlines()[1]
+
+    fine = check({"SMSBUS_NATS_URL": nats_server.url})
+    assert 0 == fine.returncode, fine.stdout
+    assert "" == fine.stderr  # closing its own connection is not a disconnect to warn about

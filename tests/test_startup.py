@@ -101,6 +101,20 @@ def test_refused_nats_credentials_and_a_refused_connection_are_named(tmp_path: P
     assert line.endswith("Connection refused"), line
 
 
+def test_a_nats_server_without_jetstream_is_named(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats", jetstream=False).start()
+    try:
+        result = serve(tmp_path, SMSBUS_NATS_URL=server.url, SMSBUS_STARTUP_TIMEOUT="2")
+    finally:
+        server.stop()
+    assert 1 == result.returncode
+    [line] = result.stderr.strip().splitlines()
+    assert line == (
+        "smsbus: SMSBUS_STREAM: cannot create or update SMS and its buckets: no JetStream "
+        "answered: is JetStream enabled on this NATS server and account?"
+    )
+
+
 def test_http_port_in_use_is_one_line(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

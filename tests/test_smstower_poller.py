@@ -298,7 +298,9 @@ def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
             assert 0 == metric(bus, 'smsbus_provider_up{provider="smstower"}')
             wait_for(lambda: len(tower.requests) >= 4, what="calls going on, backing off")
             gaps = [b.at - a.at for a, b in itertools.pairwise(tower.requests)]
-            assert max(gaps) <= 2 + 0.5  # SMSBUS_SMSTOWER_MAX_INTERVAL, and a loop's turn
+            # SMSBUS_SMSTOWER_MAX_INTERVAL, plus a loop's turn (0.125 s) and the failed call's
+            # own time on a busy machine (2.505 s seen in CI); doubling past it would be 4 s.
+            assert max(gaps) <= 2 + 1.0
             secret.write_text(f"{tower.password}\n")  # the Secret rotated
             wait_for(lambda: metric(bus, 'smsbus_provider_up{provider="smstower"}') == 1,
                      timeout=10, what="the rotated password to be used")  # fmt: skip

@@ -29,6 +29,7 @@ from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
 from bus.messages import TrackItem, parse_track_item
 from bus.statuses import PROVIDERS
+from bus.stream import stream_exists
 
 log = structlog.get_logger("smsbus")
 
@@ -120,6 +121,11 @@ async def tail(settings: Settings, subject: str | None) -> int:
     inputs only when asked for. Reading the stream (an ordered consumer), not the raw subjects,
     shows what subscribers get: a repeated fact that JetStream dropped is not printed."""
     conn = await _connect(settings)
+    try:
+        await _stream_there(conn, settings)
+    except StartupError:
+        await conn.close()
+        raise
     nc = conn.nc
     track_prefix = f"{settings.subject_prefix}.track."
     skip_track = subject is None
@@ -171,6 +177,20 @@ async def _connect(settings: Settings) -> Connection:
     except StartupError as exc:
         raise StartupError(f"{exc}{hint}") from None
     return conn
+
+
+async def _stream_there(conn: Connection, settings: Settings) -> None:
+    """A command that reads the stream says so, in one line, when there is none to read (a
+    NATS that `smsbus serve` never ran against, another SMSBUS_STREAM)."""
+    try:
+        there = await stream_exists(conn.nc.jetstream(), settings.stream)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise StartupError(f"cannot read stream {settings.stream}: {describe(exc)}") from None
+    if not there:
+        raise StartupError(
+            f"SMSBUS_STREAM: there is no stream {settings.stream} on this NATS; "
+            "has `smsbus serve` run against it?"
+        )
 
 
 def _api(settings: Settings) -> str:
@@ -245,13 +265,14 @@ async def deadletters(settings: Settings, args: argparse.Namespace) -> int:
     conn = await _connect(settings)
     nc = conn.nc
     try:
+        await _stream_there(conn, settings)
         if args.command == "deadletters":
             return await list_letters(nc, settings, filters)
         if args.seq and (args.provider or args.since or args.reason):
             raise PayloadError("give sequences or filters, not both")
         return await replay(nc, settings, args.seq, filters, args.keep)
     except (TimeoutError, nats.errors.Error) as exc:
-        raise StartupError(f"cannot read the dead letters: {exc!r}") from None
+        raise StartupError(f"cannot read the dead letters: {describe(exc)}") from None
     finally:
         await conn.close()
 

@@ -88,3 +88,23 @@ def test_tail_without_nats_is_one_line(tmp_path: Path) -> None:
     )
     assert "(is `smsbus serve` running?)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["tail"], ["deadletters"], ["replay", "--provider", "smspilot"]],
+    ids=lambda command: command[0],
+)
+def test_a_command_that_reads_the_stream_says_when_there_is_none(
+    nats_server: NatsServer, command: list[str]
+) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), **isolated_env(nats_server.url)}
+    result = subprocess.run(
+        [SMSBUS, *command], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert 1 == result.returncode
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"smsbus: SMSBUS_STREAM: there is no stream {env['SMSBUS_STREAM']} on this NATS; "
+        "has `smsbus serve` run against it?"
+    )
+    assert "Traceback" not in result.stderr

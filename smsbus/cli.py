@@ -120,12 +120,7 @@ async def tail(settings: Settings, subject: str | None) -> int:
     """Print each event the stream stores from now on, its JSON on one line; `PREFIX.track.*`
     inputs only when asked for. Reading the stream (an ordered consumer), not the raw subjects,
     shows what subscribers get: a repeated fact that JetStream dropped is not printed."""
-    conn = await _connect(settings)
-    try:
-        await _stream_there(conn, settings)
-    except StartupError:
-        await conn.close()
-        raise
+    conn = await _connect(settings, reads_stream=True)
     nc = conn.nc
     track_prefix = f"{settings.subject_prefix}.track."
     skip_track = subject is None
@@ -167,30 +162,29 @@ async def tail(settings: Settings, subject: str | None) -> int:
 CLI_CONNECT = 5.0  # seconds a command tries to reach NATS
 
 
-async def _connect(settings: Settings) -> Connection:
+async def _connect(settings: Settings, reads_stream: bool = False) -> Connection:
     """A command's NATS connection; closed with `close()`, which does not log the disconnect
-    it makes as one it suffered."""
+    it makes as one it suffered. A command that `reads_stream` says so, in one line, when there
+    is none to read (a NATS that `smsbus serve` never ran against, another SMSBUS_STREAM)."""
     hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
     conn = Connection(settings)
     try:
         await conn.open(time.monotonic() + CLI_CONNECT)
     except StartupError as exc:
         raise StartupError(f"{exc}{hint}") from None
+    if reads_stream:
+        try:
+            there = await stream_exists(conn.nc.jetstream(), settings.stream)
+        except (TimeoutError, nats.errors.Error) as exc:
+            await conn.close()
+            raise StartupError(f"cannot read stream {settings.stream}: {describe(exc)}") from None
+        if not there:
+            await conn.close()
+            raise StartupError(
+                f"SMSBUS_STREAM: there is no stream {settings.stream} on this NATS; "
+                "has `smsbus serve` run against it?"
+            )
     return conn
-
-
-async def _stream_there(conn: Connection, settings: Settings) -> None:
-    """A command that reads the stream says so, in one line, when there is none to read (a
-    NATS that `smsbus serve` never ran against, another SMSBUS_STREAM)."""
-    try:
-        there = await stream_exists(conn.nc.jetstream(), settings.stream)
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise StartupError(f"cannot read stream {settings.stream}: {describe(exc)}") from None
-    if not there:
-        raise StartupError(
-            f"SMSBUS_STREAM: there is no stream {settings.stream} on this NATS; "
-            "has `smsbus serve` run against it?"
-        )
 
 
 def _api(settings: Settings) -> str:
@@ -262,10 +256,9 @@ async def deadletters(settings: Settings, args: argparse.Namespace) -> int:
         since=parse_since(args.since) if args.since else None,
         reason=args.reason,
     )
-    conn = await _connect(settings)
+    conn = await _connect(settings, reads_stream=True)
     nc = conn.nc
     try:
-        await _stream_there(conn, settings)
         if args.command == "deadletters":
             return await list_letters(nc, settings, filters)
         if args.seq and (args.provider or args.since or args.reason):

@@ -60,12 +60,20 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+# What a connection attempt meets after the server has answered, or while nothing answers:
+# the server closes the socket right after its `-ERR 'Authorization Violation'`, so the client
+# sees that error or a reset, depending on which it reads first.
+_ECHOES = (TimeoutError, ConnectionResetError, BrokenPipeError, nats.errors.StaleConnectionError)
+
+
 def _cause(errors: list[BaseException]) -> str:
     """Why connecting failed: nats-py keeps retrying a refused connection or refused
-    credentials until the attempt times out, so the last error is mostly a timeout; what its
-    error callback was told last says more ("Connection refused", "Authorization
-    Violation")."""
-    cause = next((e for e in reversed(errors) if not isinstance(e, TimeoutError)), errors[-1])
+    credentials until the attempt times out, so the last error is mostly a timeout or the reset
+    that follows a server's refusal; the last thing the server or the network said ("Connection
+    refused", "Authorization Violation") says more, and is named when there is one."""
+    cause = next((e for e in reversed(errors) if not isinstance(e, _ECHOES)), None)
+    if cause is None:
+        cause = next((e for e in reversed(errors) if not isinstance(e, TimeoutError)), errors[-1])
     return describe(cause)
 
 

@@ -8,8 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import nats.errors
 import pytest
 
+from bus.connection import _cause
 from tests.support import SMSBUS, NatsServer, Smsbus, free_port, wait_for
 
 
@@ -99,6 +101,18 @@ def test_refused_nats_credentials_and_a_refused_connection_are_named(tmp_path: P
     [line] = nobody.stderr.strip().splitlines()
     assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at nats://127.0.0.1:{port}")
     assert line.endswith("Connection refused"), line
+
+
+def test_the_reset_that_follows_a_refusal_does_not_hide_it() -> None:
+    """The server closes the socket right after its -ERR; a client that reads the close first
+    sees a reset, at any of its tries. What the server said last is still the cause named."""
+    refusal = nats.errors.Error("nats: 'Authorization Violation'")  # as nats-py raises it
+    errors: list[BaseException] = [refusal, ConnectionResetError(104, "Connection reset by peer")]
+    assert "nats: 'Authorization Violation'" == _cause([*errors, TimeoutError()])
+    assert "nats: 'Authorization Violation'" == _cause([*errors, nats.errors.UnexpectedEOF()])
+    reset = [ConnectionResetError(104, "Connection reset by peer"), TimeoutError()]
+    assert "[Errno 104] Connection reset by peer" == _cause(reset)
+    assert "TimeoutError" in _cause([TimeoutError()])
 
 
 def test_a_nats_server_without_jetstream_is_named(tmp_path: Path) -> None:

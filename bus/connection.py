@@ -39,6 +39,7 @@ log = structlog.get_logger("smsbus.nats")
 
 ATTEMPT_TIMEOUT = 5.0  # one connection attempt
 API_TIMEOUT = 5.0  # JetStream API calls
+RETRY_WAIT = 0.25  # between nats-py's tries within an attempt
 
 
 def variable_for(settings: Settings) -> str:
@@ -122,6 +123,10 @@ class Connection:
 
         async def on_error(exc: Exception) -> None:
             errors.append(exc)
+            if self._nc is None and not errors[:-1] and not self._closing:
+                # nats-py retries within an attempt: say so now, not when the attempt times out.
+                log.info("NATS not reachable yet; retrying", nats=shown, error=_cause(errors),
+                         retry_in_s=RETRY_WAIT)  # fmt: skip
             if not self._closing and self._nc is not None and self._nc.is_connected:
                 log.warning(
                     "nats error", connection=self.name, error=str(exc) or type(exc).__name__
@@ -137,7 +142,7 @@ class Connection:
                         connect_timeout=min(2.0, attempt),
                         allow_reconnect=True,
                         max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.25,
+                        reconnect_time_wait=RETRY_WAIT,
                         ping_interval=5,
                         max_outstanding_pings=2,
                         error_cb=on_error,

@@ -104,7 +104,9 @@ def _timestamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any
     return event
 
 
-def configure_logging(log_format: str = "auto", stream: TextIO | None = None) -> None:
+def configure_logging(
+    log_format: str = "auto", stream: TextIO | None = None, level: int = logging.INFO
+) -> None:
     global _lines
     stream = stream or sys.stdout
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
@@ -133,7 +135,7 @@ def configure_logging(log_format: str = "auto", stream: TextIO | None = None) ->
         _lines = None
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import time
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"smsbus: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, None if args.command == "serve" else sys.stderr)
+    if args.command == "serve":
+        configure_logging(settings.log_format)
+    else:  # a command's stderr is for its one line and for warnings, not for its progress
+        configure_logging(settings.log_format, sys.stderr, logging.WARNING)
     try:
         if args.command == "serve":
             from smsbus.serve import serve

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -101,6 +102,21 @@ def test_refused_nats_credentials_and_a_refused_connection_are_named(tmp_path: P
     [line] = nobody.stderr.strip().splitlines()
     assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at nats://127.0.0.1:{port}")
     assert line.endswith("Connection refused"), line
+
+
+def test_start_up_says_at_once_that_nats_refuses(tmp_path: Path) -> None:
+    """nats-py retries inside an attempt for up to 5 s; the first refusal is logged when it
+    happens, not when the attempt times out (here never: the start-up gives up first)."""
+    port = free_port()
+    result = serve(tmp_path, SMSBUS_NATS_URL=f"nats://127.0.0.1:{port}",
+                   SMSBUS_STARTUP_TIMEOUT="2", SMSBUS_LOG_FORMAT="json")  # fmt: skip
+    assert 1 == result.returncode
+    [retrying, *_] = [
+        line for line in map(json.loads, result.stdout.splitlines())
+        if line["event"] == "NATS not reachable yet; retrying"
+    ]  # fmt: skip
+    assert retrying["nats"] == f"nats://127.0.0.1:{port}"
+    assert retrying["error"].endswith("Connection refused"), retrying
 
 
 def test_the_reset_that_follows_a_refusal_does_not_hide_it() -> None:

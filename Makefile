@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# `make run` installs what the service needs; everything else also the test extra (pytest,
+# the linters, hypothesis, schemathesis: the suite, and the fakes the benchmarks share with it).
+DEV    := $(VENV)/.installed-test-stamp
 
 .PHONY: run test lint bench profile chaos soak fuzz rules dashboard clean
 
@@ -12,13 +15,17 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(DEV)
 
 run: $(STAMP)
 	$(BIN)/smsbus serve
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/yamllint --strict deploy .yamllint
@@ -27,7 +34,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python bench/callback.py
 	$(BIN)/python bench/sync_interval.py
 	$(BIN)/python bench/poll.py
@@ -36,28 +43,28 @@ bench: $(STAMP)
 
 # Where a callback's CPU goes, smsbus beside the hand-written route (py-spy for the Python,
 # perf from Debian's linux-perf for nats-server).
-profile: $(STAMP)
+profile: $(DEV)
 	$(BIN)/python -m pip install --quiet -e '.[profile]'
 	$(BIN)/python bench/profile.py
 
-chaos: $(STAMP)
+chaos: $(DEV)
 	$(BIN)/python bench/chaos.py
 
-soak: $(STAMP)
+soak: $(DEV)
 	$(BIN)/python bench/soak.py
 
 # Every parser and the callback's and registrations' parsing, at least 100,000 inputs each
 # (a third of that per input kind). Stops by itself; prints hypothesis's statistics.
-fuzz: $(STAMP)
+fuzz: $(DEV)
 	SMSBUS_FUZZ_EXAMPLES=34000 $(BIN)/pytest tests/test_hostile_input.py -q -p no:cacheprovider \
 		--hypothesis-show-statistics
 
 # deploy/prometheus/prometheusrule.yaml from smsbus-rules.yaml, deploy/grafana/smsbus.json from
 # build.py (the test suite fails when either is stale).
-rules: $(STAMP)
+rules: $(DEV)
 	$(BIN)/python deploy/prometheus/operator_rule.py
 
-dashboard: $(STAMP)
+dashboard: $(DEV)
 	$(BIN)/python deploy/grafana/build.py
 
 clean:

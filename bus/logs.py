@@ -139,9 +139,12 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    if as_json:  # the stdlib handler below writes text
-        renderer = structlog.processors.JSONRenderer()
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler
+    if as_json:  # the stdlib handler below formats text; its lines join the same writer
+        renderer = structlog.processors.JSONRenderer(serializer=_json_text)
+        handler = _ToLines(writer)
+    else:
+        handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -151,4 +154,27 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.INFO)
+
+
+def _json_text(obj: Any, **kw: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+class _ToLines(logging.Handler):
+    """Standard-library records (uvicorn's, nats-py's) as JSON lines through the LineWriter, so
+    that they keep their place among smsbus's own lines and take the same form."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).encode()
+        except Exception:  # noqa: BLE001 - logging must not raise into the caller
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self._writer.urgent(line)
+        else:
+            self._writer.info(line)

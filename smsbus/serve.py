@@ -49,6 +49,8 @@ class _Stop:
         if not self.servers:
             log.info("stop signal while starting: stopping")
             self._cancel()
+            return
+        log.info("stop signal: finishing the requests in flight, then stopping")
         for server in self.servers:
             server.should_exit = True
 

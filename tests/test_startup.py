@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import nats.errors
 import pytest
 
@@ -193,3 +194,35 @@ def test_a_stop_signal_while_waiting_for_nats_stops_at_once(tmp_path: Path) -> N
         if bus.proc is not None and bus.proc.poll() is None:
             bus.kill()
     assert "Traceback" not in bus.logs()
+
+
+def test_the_log_of_a_run_is_json_lines_in_order_each_said_once(tmp_path: Path) -> None:
+    """Lines of uvicorn's own (here the warning for a request it cannot parse) take the form of
+    smsbus's and their place among them; the two listeners' start and stop are said once, by
+    smsbus's `serving` and `stopped`."""
+    bus = Smsbus({}, tmp_path / "data").start()
+    try:
+        assert "OK" == httpx.get(f"{bus.base}/callbacks/smspilot?server_id=7&status=2").text
+        wait_for(lambda: any(line.get("event") == "callback" for line in bus.log_lines()),
+                 what="the callback's summary line")  # fmt: skip
+        with socket.create_connection(("127.0.0.1", bus.port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+        assert 0 == bus.stop()
+    finally:
+        if bus.proc is not None and bus.proc.poll() is None:
+            bus.kill()
+    raw = bus.logs().splitlines()
+    assert raw and all(line.startswith("{") and '", "' not in line for line in raw), raw
+    lines = [json.loads(line) for line in raw]
+    events = [line["event"] for line in lines]
+    for said_once in ("serving", "stop signal: finishing the requests in flight, then stopping",
+                      "stopped", "Invalid HTTP request received."):  # fmt: skip
+        assert 1 == events.count(said_once), events
+    assert not [e for e in events if "server process" in e or e == "Shutting down"], events
+    assert (
+        events.index("serving") < events.index("callback")
+        < events.index("Invalid HTTP request received.") < events.index("stopped")
+    ), events  # fmt: skip
+    stamps = [line["timestamp"] for line in lines]
+    assert stamps == sorted(stamps), list(zip(events, stamps, strict=True))

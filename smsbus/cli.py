@@ -171,6 +171,8 @@ async def _connect(settings: Settings, reads_stream: bool = False) -> Connection
     it makes as one it suffered. A command that `reads_stream` says so, in one line, when there
     is none to read (a NATS that `smsbus serve` never ran against, another SMSBUS_STREAM)."""
     hint = "" if settings.nats_urls else " (is `smsbus serve` running?)"
+    if not settings.nats_urls:
+        await _embedded_listening(settings, hint)
     conn = Connection(settings)
     try:
         await conn.open(time.monotonic() + CLI_CONNECT)
@@ -189,6 +191,24 @@ async def _connect(settings: Settings, reads_stream: bool = False) -> Connection
                 "has `smsbus serve` run against it?"
             )
     return conn
+
+
+async def _embedded_listening(settings: Settings, hint: str) -> None:
+    """The embedded nats-server runs only while `smsbus serve` does, on this machine: a port
+    that refuses the connection is an answer at once, not after CLI_CONNECT of retries."""
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", settings.embedded_nats_port), CLI_CONNECT
+        )
+    except ConnectionRefusedError as exc:
+        [url] = settings.effective_nats_urls
+        raise StartupError(
+            f"SMSBUS_EMBEDDED_NATS_PORT: cannot reach NATS at {url}: {exc}{hint}"
+        ) from None
+    except (OSError, TimeoutError):
+        return  # the connection's own attempts say what is wrong
+    writer.close()
+    await writer.wait_closed()
 
 
 def _api(settings: Settings) -> str:

@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from smsbus.cli import CLI_CONNECT
 from tests.support import SMSBUS, NatsServer, Smsbus, isolated_env, wait_for
 
 
@@ -76,10 +78,14 @@ def test_tail_prints_each_stored_event_once(service: Smsbus) -> None:
 
 
 def test_tail_without_nats_is_one_line(tmp_path: Path) -> None:
+    """Without `smsbus serve` nothing listens on the embedded server's port: the command says
+    so at once rather than retrying for CLI_CONNECT."""
     env = {"PATH": os.environ.get("PATH", ""), "SMSBUS_EMBEDDED_NATS_PORT": "1"}
+    started = time.monotonic()
     result = subprocess.run(
         [SMSBUS, "tail"], env=env, capture_output=True, text=True, timeout=30, check=False
     )
+    assert time.monotonic() - started < CLI_CONNECT
     assert 1 == result.returncode
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(

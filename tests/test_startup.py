@@ -116,7 +116,7 @@ def test_start_up_says_at_once_that_nats_refuses(tmp_path: Path) -> None:
         line for line in map(json.loads, result.stdout.splitlines())
         if line["event"] == "NATS not reachable yet; retrying"
     ]  # fmt: skip
-    assert retrying["nats"] == f"nats://127.0.0.1:{port}"
+    assert f"nats://127.0.0.1:{port}" == retrying["nats"]
     assert retrying["error"].endswith("Connection refused"), retrying
 
 
@@ -225,4 +225,4 @@ def test_the_log_of_a_run_is_json_lines_in_order_each_said_once(tmp_path: Path) 
         < events.index("Invalid HTTP request received.") < events.index("stopped")
     ), events  # fmt: skip
     stamps = [line["timestamp"] for line in lines]
-    assert stamps == sorted(stamps), list(zip(events, stamps, strict=True))
+    assert sorted(stamps) == stamps, list(zip(events, stamps, strict=True))

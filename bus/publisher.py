@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -259,6 +260,8 @@ class Publisher:
             self._wake.clear()
             if self._spool.depth:
                 await self._drain(beat)
+            elif self._spool.undeleted:  # the disk refused their deletion: try again
+                await self._spool.delete([])
 
     def wake(self) -> None:
         self._wake.set()
@@ -269,10 +272,16 @@ class Publisher:
         if self._spool.depth:
             log.info("draining the spool before exit", spool_depth=self._spool.depth,
                      timeout_s=timeout)  # fmt: skip
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._drain(), timeout)
-        if self._spool.depth:
-            log.warning("spool kept for the next start", spool_depth=self._spool.depth)
+            except TimeoutError:
+                pass
+            except (sqlite3.Error, OSError) as exc:
+                log.error("the spool cannot be read or written", error=str(exc))
+        await self._spool.delete([])  # rows whose deletion the disk refused, if any
+        if self._spool.depth or self._spool.undeleted:
+            log.warning("spool kept for the next start", spool_depth=self._spool.depth,
+                        published_not_deleted=self._spool.undeleted)  # fmt: skip
 
     async def _publish_acked(self, event: Event) -> None:
         loop = asyncio.get_running_loop()

@@ -4,6 +4,13 @@ SQLite in WAL mode with `synchronous=FULL`: a row is on disk before `append` ret
 can be answered `OK` from the spool. Appends that arrive together are written in one transaction
 (group commit: one fsync for many callbacks during an outage). All database work runs on one
 dedicated thread, so the event loop never waits on the disk and SQLite sees one connection.
+
+A disk that refuses writes (full, or failing) refuses a deletion too: SQLite writes the change to
+its WAL first. Rows whose events are in the stream but could not be deleted are then left out of
+`head` and `depth`, and deleted with the next deletion the disk takes: new events need not queue
+behind events already stored, so callbacks are answered from JetStream again as soon as NATS
+is back, full disk or not. A restart before that publishes them again; the stream drops the
+repeats within its duplicate window, and a status fact's state drops them beyond it.
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import structlog
+
 from bus.errors import PublishError, StartupError
 from bus.events import Event, traceparent_of
 
 T = TypeVar("T")
+log = structlog.get_logger("smsbus.spool")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -59,15 +69,26 @@ class Spool:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smsbus-spool")
         self._pending: list[tuple[Event, bool, float | None, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._done: set[int] = set()  # rows done with that the disk would not let us delete
+        self._refused = False  # the last append failed
 
     async def open(self) -> None:
         try:
-            self.depth = await self._run(self._open)
+            rows = await self._run(self._open)
         except (sqlite3.Error, OSError) as exc:
             raise StartupError(
                 f"SMSBUS_DATA_DIR: cannot open the spool {self.path}: {exc}"
             ) from exc
+        self._count(rows)
+
+    def _count(self, rows: int) -> None:
+        self.depth = rows - len(self._done)
         self._on_depth(self.depth)
+
+    @property
+    def undeleted(self) -> int:
+        """Rows done with that are still on disk, the disk having refused their deletion."""
+        return len(self._done)
 
     async def close(self) -> None:
         if self._committer is not None:
@@ -91,17 +112,39 @@ class Spool:
 
     async def head(self, limit: int) -> list[Row]:
         """The oldest rows, in the order they were spooled."""
-        return await self._run(self._head, limit)
+        done = self._done
+        rows = await self._run(self._head, limit + len(done))
+        return [row for row in rows if row.seq not in done][:limit]
 
     async def delete(self, seqs: list[int]) -> None:
-        if seqs:
-            self.depth = await self._run(self._delete, seqs)
-            self._on_depth(self.depth)
+        """Delete rows done with, and any the disk refused to delete before; rows it refuses
+        now are left out of `head` and `depth` until it takes them (see the module's doc)."""
+        if not (seqs or self._done):
+            return
+        try:
+            rows = await self._run(self._delete, [*self._done, *seqs])
+        except (sqlite3.Error, OSError) as exc:
+            if not self._done:
+                log.warning("spool rows done with but not deleted: the disk refuses writes; "
+                            "kept aside until it takes them", error=str(exc))  # fmt: skip
+            self._done.update(seqs)
+            rows = self._rows
+        else:
+            if self._done:
+                log.info("spool rows kept aside deleted", count=len(self._done))
+                self._done.clear()
+        self._count(rows)
 
     async def mark_stored(self, seqs: list[int]) -> None:
-        """JetStream acknowledged these rows' events; their states are still owed."""
+        """JetStream acknowledged these rows' events; their states are still owed. When the
+        disk refuses the mark, they are published again with the next drain (the stream drops
+        the repeats), and their states are written then."""
         if seqs:
-            await self._run(self._mark_stored, seqs)
+            try:
+                await self._run(self._mark_stored, seqs)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("spool rows not marked as stored: the disk refuses writes",
+                            count=len(seqs), error=str(exc))  # fmt: skip
 
     async def mark_sent(self, seqs: list[int], at: float) -> None:
         """These rows' events were sent at `at` and no answer came: JetStream may hold them."""
@@ -112,14 +155,21 @@ class Spool:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                self.depth = await self._run(self._insert, [(e, s, t) for e, s, t, _ in batch])
+                rows = await self._run(self._insert, [(e, s, t) for e, s, t, _ in batch])
             except (sqlite3.Error, OSError) as exc:
+                if not self._refused:
+                    log.error("spool write failed: what NATS does not take now is refused",
+                              error=str(exc))  # fmt: skip
+                self._refused = True
                 error = PublishError(f"spool write failed: {exc}")
                 for _, _, _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self._on_depth(self.depth)
+            if self._refused:
+                log.info("the spool takes writes again")
+                self._refused = False
+            self._count(rows)
             for _, _, _, future in batch:
                 if not future.done():
                     future.set_result(None)

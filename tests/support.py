@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -146,6 +147,8 @@ class Smsbus:
     api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # The largest file the process may write (RLIMIT_FSIZE): a disk that refuses writes.
+    file_size_limit: int | None = None
 
     @property
     def base(self) -> str:
@@ -177,10 +180,17 @@ class Smsbus:
             **self.env,
         }
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([SMSBUS, "serve"], env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [SMSBUS, "serve"], env=env, stdout=log, stderr=log, preexec_fn=self._limits
+            )
         if wait_ready:
             wait_for(self.ready, timeout=15, what="smsbus /readyz 200")
         return self
+
+    def _limits(self) -> None:
+        if self.file_size_limit is not None:
+            limit = self.file_size_limit
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     def ready(self) -> bool:
         assert self.proc is not None

@@ -154,6 +154,45 @@ def test_events_spooled_before_a_crash_are_published_on_the_next_start(tmp_path:
         nats.stop()
 
 
+def test_a_full_disk_refuses_callbacks_only_while_nats_is_away_too(tmp_path: Path) -> None:
+    """The data directory's disk takes no more (here: a limit on the size of any file the
+    process writes, which the spool's WAL reaches after a few events). NATS away: callbacks are
+    answered from the spool until it is full, then 503. NATS back: what the spool held is
+    published although the disk refuses its deletion too, callbacks are answered from JetStream
+    again, and the stop is clean. Every callback answered OK is stored once."""
+    nats = NatsServer(tmp_path / "nats").start()
+    env = isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
+    bus = Smsbus(env, tmp_path / "bus", file_size_limit=256 * 1024).start()
+    try:
+        nats.kill(signal.SIGKILL)
+        answered: list[str] = []
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            for _ in range(500):
+                answer = call(client, str(next(_ids)))
+                if answer.status != 200:
+                    break
+                answered.append(answer.server_id)
+            assert (503, "event could not be stored; try again") == (answer.status, answer.text)
+            assert answered, "the spool took nothing"
+            assert len(answered) == bus.spool_depth()
+
+            nats.start()
+            wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+            later = [call(client, str(next(_ids))) for _ in range(5)]
+        assert [(200, "OK")] * 5 == [(a.status, a.text) for a in later]
+        assert dict.fromkeys(answered + [a.server_id for a in later], 1) == dict(
+            stored_ids(nats, bus)
+        )
+        assert 0 == bus.stop()
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+    events = [line["event"] for line in bus.log_lines()]
+    assert 1 == events.count("spool write failed: what NATS does not take now is refused")
+    assert "spool kept for the next start" in events  # its rows, published, not deleted
+    assert "Traceback" not in bus.logs()
+
+
 def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Path) -> None:
     """NATS is paused, so callbacks are mid-publish when SIGTERM arrives: they still get OK (from
     the spool), and the shutdown flush publishes them once NATS answers again."""

@@ -37,6 +37,7 @@ class LineWriter:
         self._lock = threading.Lock()
         self._scheduled = False
         self._written = 0.0  # event-loop time of the last write
+        self.dropped = 0  # lines the stream refused since it last took some
         atexit.register(self.flush)
 
     def info(self, message: bytes) -> None:
@@ -73,13 +74,28 @@ class LineWriter:
         with self._lock:
             lines, self._lines, self._size = self._lines, [], 0
             self._scheduled = False
-        if lines:
+        if not lines:
+            return
+        if self.dropped:
+            lines.insert(0, _dropped_line(self.dropped))
+        try:
             self._out.write(b"\n".join(lines) + b"\n")
             self._out.flush()
-            try:
-                self._written = asyncio.get_running_loop().time()
-            except RuntimeError:
-                pass
+        except (OSError, ValueError):
+            # stdout refuses (a full disk under a redirect, a closed pipe): a log line is not
+            # worth failing a callback or a drain for. The count is said once it takes lines.
+            self.dropped += len(lines) - (1 if self.dropped else 0)
+            return
+        self.dropped = 0
+        try:
+            self._written = asyncio.get_running_loop().time()
+        except RuntimeError:
+            pass
+
+
+def _dropped_line(count: int) -> bytes:
+    return orjson.dumps({"event": "log lines lost: stdout refused them", "count": count,
+                         "level": "warning", "timestamp": rfc3339(datetime.now(UTC))})  # fmt: skip
 
 
 _lines: LineWriter | None = None  # where JSON lines go, once configured for JSON

@@ -152,6 +152,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         spool = Spool(s.data_dir / "spool.sqlite3", on_depth=metrics.spool_depth.set)
         await spool.open()
         stack.push_async_callback(spool.close)
+        metrics.data_dir_free.set_function(spool.free_bytes)
         if s.embedded:
             embedded = EmbeddedNats(
                 s.embedded_nats_port, s.data_dir / "nats", sync=s.embedded_nats_sync

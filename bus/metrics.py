@@ -108,6 +108,12 @@ class Metrics:
         self.spool_depth = Gauge(
             "smsbus_spool_depth", "Events in the local spool awaiting a JetStream ack", registry=r
         )
+        self.data_dir_free = Gauge(
+            "smsbus_data_dir_free_bytes",
+            "Free bytes on the disk of SMSBUS_DATA_DIR (the spool's; the embedded nats-server's "
+            "store's too)",
+            registry=r,
+        )
         self.poll_requests = Counter(
             "smsbus_poll_requests",
             "Requests to providers by outcome",

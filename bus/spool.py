@@ -16,6 +16,8 @@ repeats within its duplicate window, and a status fact's state drops them beyond
 from __future__ import annotations
 
 import asyncio
+import math
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -84,6 +86,13 @@ class Spool:
     def _count(self, rows: int) -> None:
         self.depth = rows - len(self._done)
         self._on_depth(self.depth)
+
+    def free_bytes(self) -> float:
+        """Free space on the spool's disk, for the gauge read at each scrape; NaN if unknown."""
+        try:
+            return float(shutil.disk_usage(self.path.parent).free)
+        except OSError:
+            return math.nan
 
     @property
     def undeleted(self) -> int:

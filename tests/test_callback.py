@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -353,6 +354,10 @@ def test_healthz_readyz_and_metrics(service: Smsbus, client: httpx.Client) -> No
         if line.startswith('smsbus_callbacks_total{outcome="published"}')
     )
     assert float(published.split()[-1]) >= 1
+    [free] = [line for line in text.splitlines() if line.startswith("smsbus_data_dir_free_bytes ")]
+    assert shutil.disk_usage(service.data_dir).free == pytest.approx(
+        float(free.split()[-1]), rel=0.05
+    )
 
 
 def summary_lines(service: Smsbus, server_ids: set[str]) -> list[dict[str, Any]]:

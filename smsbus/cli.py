@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -208,7 +209,8 @@ async def _embedded_listening(settings: Settings, hint: str) -> None:
     except (OSError, TimeoutError):
         return  # the connection's own attempts say what is wrong
     writer.close()
-    await writer.wait_closed()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _api(settings: Settings) -> str:

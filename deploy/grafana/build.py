@@ -103,6 +103,14 @@ ROWS: list[tuple[str, list[Panel]]] = [
                     )
                 ],
             ),
+            Panel(
+                "Free space in the data directory",
+                [("min by (instance) (smsbus_data_dir_free_bytes)", "{{instance}}")],
+                "bytes",
+                "The spool's room while NATS is away, about 1 kB an event (and the embedded "
+                "nats-server's store, if any). SmsbusDataDirFilling fires after 10 min under "
+                "256 MiB.",
+            ),
         ],
     ),
     (

@@ -180,17 +180,19 @@ class Smsbus:
             **self.env,
         }
         with self.log_path.open("ab") as log:
+            limits = self._limits if self.file_size_limit is not None else None
             self.proc = subprocess.Popen(
-                [SMSBUS, "serve"], env=env, stdout=log, stderr=log, preexec_fn=self._limits
+                [SMSBUS, "serve"], env=env, stdout=log, stderr=log, preexec_fn=limits
             )
         if wait_ready:
             wait_for(self.ready, timeout=15, what="smsbus /readyz 200")
         return self
 
     def _limits(self) -> None:
-        if self.file_size_limit is not None:
-            limit = self.file_size_limit
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        """In the child, before it runs smsbus (only when a limit is set: a fork that runs
+        Python before exec is best kept to the tests that need it)."""
+        assert self.file_size_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit,) * 2)
 
     def ready(self) -> bool:
         assert self.proc is not None

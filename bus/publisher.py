@@ -334,6 +334,7 @@ class Publisher:
     async def _drain(self, beat: Beat | None = None) -> None:
         backoff = Backoff(0.1, 5.0)
         published = 0
+        told: set[str] = set()  # why rows were held back, said once per drain
         while self._spool.depth:
             if beat is not None:
                 beat()
@@ -347,11 +348,16 @@ class Publisher:
             if dropped:
                 await self._spool.delete([row.seq for row in dropped])
                 rows = [row for row in rows if row not in dropped]
-            rows, waiting = await self._with_tracking(rows)
-            waiting = waiting or held is not None
+            rows, tracking = await self._with_tracking(rows)
             landed, unchecked = await self._landed(rows)
             if unchecked is not None:  # the stream could not be searched: those wait
-                rows, waiting = rows[:unchecked], True
+                rows = rows[:unchecked]
+            why = {"their message's state cannot be read": held is not None or tracking,
+                   "the stream cannot be searched for them": unchecked is not None}  # fmt: skip
+            waiting = any(why.values())
+            for reason in [r for r, now in why.items() if now and r not in told]:
+                told.add(reason)
+                log.info("spooled events held back", reason=reason, spool_depth=self._spool.depth)
             acked = set(
                 await self._publish_batch(
                     [row for row in rows if not row.stored and row.seq not in landed]

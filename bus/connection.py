@@ -46,6 +46,13 @@ def variable_for(settings: Settings) -> str:
     return "SMSBUS_NATS_URL" if settings.nats_urls else "SMSBUS_EMBEDDED_NATS_PORT"
 
 
+def unreachable(settings: Settings, reason: str) -> str:
+    """The one line for a NATS that cannot be reached: the variable, the URLs without their
+    credentials, and why."""
+    shown = ", ".join(redact_url(u) for u in settings.effective_nats_urls)
+    return f"{variable_for(settings)}: cannot reach NATS at {shown}: {reason}"
+
+
 NO_JETSTREAM = "no JetStream answered: is JetStream enabled on this NATS server and account?"
 
 
@@ -161,9 +168,7 @@ class Connection:
                 errors.append(exc)
                 reason = _cause(errors)
                 if time.monotonic() + backoff.ceiling > deadline:
-                    raise StartupError(
-                        f"{variable_for(self._settings)}: cannot reach NATS at {shown}: {reason}"
-                    ) from None
+                    raise StartupError(unreachable(self._settings, reason)) from None
                 wait = backoff.failed()
                 log.info("NATS not reachable yet; retrying", nats=shown, error=reason,
                          retry_in_s=round(wait, 2))  # fmt: skip

@@ -26,7 +26,7 @@ import uvloop
 from nats.js.api import DeliverPolicy
 
 from bus.config import Settings, load_settings, redact_url
-from bus.connection import Connection, describe
+from bus.connection import Connection, describe, unreachable
 from bus.errors import ConfigError, PayloadError, StartupError
 from bus.logs import configure_logging
 from bus.messages import TrackItem, parse_track_item
@@ -202,10 +202,7 @@ async def _embedded_listening(settings: Settings, hint: str) -> None:
             asyncio.open_connection("127.0.0.1", settings.embedded_nats_port), CLI_CONNECT
         )
     except ConnectionRefusedError as exc:
-        [url] = settings.effective_nats_urls
-        raise StartupError(
-            f"SMSBUS_EMBEDDED_NATS_PORT: cannot reach NATS at {url}: {exc}{hint}"
-        ) from None
+        raise StartupError(f"{unreachable(settings, str(exc))}{hint}") from None
     except (OSError, TimeoutError):
         return  # the connection's own attempts say what is wrong
     writer.close()

@@ -10,12 +10,14 @@ its WAL first. Rows whose events are in the stream but could not be deleted are 
 `head` and `depth`, and deleted with the next deletion the disk takes: new events need not queue
 behind events already stored, so callbacks are answered from JetStream again as soon as NATS
 is back, full disk or not. A restart before that publishes them again; the stream drops the
-repeats within its duplicate window, and a status fact's state drops them beyond it.
+repeats within its duplicate window, and a status fact's state drops them beyond it. Sends the
+disk would not let us record are kept in memory the same way, and `head` gives them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import shutil
 import sqlite3
@@ -72,6 +74,7 @@ class Spool:
         self._pending: list[tuple[Event, bool, float | None, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
         self._done: set[int] = set()  # rows done with that the disk would not let us delete
+        self._sent: dict[int, tuple[float, float]] = {}  # sends it would not let us record
         self._refused = False  # the last append failed
 
     async def open(self) -> None:
@@ -121,9 +124,10 @@ class Spool:
 
     async def head(self, limit: int) -> list[Row]:
         """The oldest rows, in the order they were spooled."""
-        done = self._done
+        done, sent = self._done, self._sent
         rows = await self._run(self._head, limit + len(done))
-        return [row for row in rows if row.seq not in done][:limit]
+        rows = [row for row in rows if row.seq not in done][:limit]
+        return [_with_sent(row, sent[row.seq]) if row.seq in sent else row for row in rows]
 
     async def delete(self, seqs: list[int]) -> None:
         """Delete rows done with, and any the disk refused to delete before; rows it refuses
@@ -142,6 +146,8 @@ class Spool:
             if self._done:
                 log.info("spool rows kept aside deleted", count=len(self._done))
                 self._done.clear()
+        for seq in seqs:
+            self._sent.pop(seq, None)
         self._count(rows)
 
     async def mark_stored(self, seqs: list[int]) -> None:
@@ -157,8 +163,16 @@ class Spool:
 
     async def mark_sent(self, seqs: list[int], at: float) -> None:
         """These rows' events were sent at `at` and no answer came: JetStream may hold them."""
-        if seqs:
+        if not seqs:
+            return
+        try:
             await self._run(self._mark_sent, seqs, at)
+        except (sqlite3.Error, OSError) as exc:
+            if not self._sent:
+                log.warning("spool rows' sends not recorded: the disk refuses writes; kept in "
+                            "memory until the rows are done with", error=str(exc))  # fmt: skip
+            for seq in seqs:
+                self._sent[seq] = (self._sent.get(seq, (at, at))[0], at)
 
     async def _commit_pending(self) -> None:
         while self._pending:
@@ -256,6 +270,13 @@ class Spool:
             deleted = self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
         self._rows -= deleted.rowcount
         return self._rows
+
+
+def _with_sent(row: Row, sent: tuple[float, float]) -> Row:
+    """The row with sends kept in memory added to those on disk."""
+    if row.sent is not None:
+        sent = (min(row.sent[0], sent[0]), max(row.sent[1], sent[1]))
+    return dataclasses.replace(row, sent=sent)
 
 
 def _event(event_id: str, subject: str, kind: str, provider: str, payload: bytes) -> Event:

@@ -99,3 +99,32 @@ def test_sends_without_an_answer_are_kept_first_and_last(tmp_path: Path) -> None
         return sent
 
     assert [(160.0, 160.0), (100.0, 220.0)] == asyncio.run(scenario())
+
+
+def test_sends_the_disk_will_not_record_are_kept_in_memory(tmp_path: Path) -> None:
+    """A disk that refuses writes refuses the record of a send too: the drainer goes on, and
+    the rows still say when their events were sent, so the stream is searched before they are
+    published again (this SQLite connection made read-only stands for the disk)."""
+
+    async def scenario() -> list[list[tuple[float, float] | None]]:
+        spool = Spool(tmp_path / "spool.sqlite3")
+        await spool.open()
+        await spool.append(event(1), sent_at=100.0)
+        await spool.append(event(2))
+        rows = await spool.head(10)
+        await spool._run(spool._db.execute, "PRAGMA query_only = 1")  # type: ignore[union-attr]
+        await spool.mark_sent([row.seq for row in rows], 160.0)
+        refused = [row.sent for row in await spool.head(10)]
+        await spool._run(spool._db.execute, "PRAGMA query_only = 0")  # type: ignore[union-attr]
+        await spool.mark_sent([rows[1].seq], 220.0)
+        taken = [row.sent for row in await spool.head(10)]
+        await spool.delete([rows[0].seq])
+        after = [row.sent for row in await spool.head(10)]
+        await spool.close()
+        return [refused, taken, after]
+
+    assert [
+        [(100.0, 160.0), (160.0, 160.0)],
+        [(100.0, 160.0), (160.0, 220.0)],
+        [(160.0, 220.0)],
+    ] == asyncio.run(scenario())

@@ -6,6 +6,14 @@ SMSBUS_EMBEDDED_NATS_SYNC (`sync_interval`), is restarted if it dies (`watch`, a
 loop), and is stopped (SIGTERM, so JetStream flushes) when smsbus stops. On Linux it also gets
 SIGTERM if smsbus itself is killed, so a stale server never holds the port.
 
+A stream whose store failed a write (a full disk, a limit on file sizes, a read-only or failing
+disk) takes no more messages until its server restarts, whatever the disk does next (nats-server
+2.14+: the error is kept in the stream and reported by the monitoring endpoint's /healthz, NATS
+documentation, "Monitoring"). Publishes to it get no answer, so smsbus would spool for ever. The
+watcher asks /healthz (on a random port of 127.0.0.1, found in the ports file) every
+HEALTH_EVERY; on a write error it says so, in the log and in /readyz, and restarts the server as
+soon as the disk takes writes again.
+
 It runs with one Go processor fewer than the CPUs smsbus may use (`GOMAXPROCS`, at least one),
 unless smsbus's environment sets `GOMAXPROCS` itself. smsbus's own work runs on one CPU; a Go
 runtime with a processor for every CPU spins its idle ones looking for work, against smsbus and
@@ -19,20 +27,27 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 from importlib import metadata
 from pathlib import Path
 
+import httpx
 import structlog
 
 from bus.errors import StartupError
-from bus.supervisor import Beat
+from bus.supervisor import Beat, Restart
 
 log = structlog.get_logger("smsbus.nats")
 
 _PR_SET_PDEATHSIG = 1
+HEALTH_EVERY = 2.0  # how often the watcher asks the server's /healthz
+HEALTH_TIMEOUT = 2.0
+ROOM_EVERY = 2.0  # how often a disk that refused the store a write is tried again
+ROOM = 16 * 2**20  # free bytes a restart after a refused write waits for (a few stream blocks)
+PROBE = 2**20  # bytes of the file written to see that the disk takes writes again
 
 
 def binary() -> Path:
@@ -85,8 +100,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class ServerExited(Exception):
+class ServerExited(Restart):
     """The embedded nats-server is gone; the supervisor starts it again."""
+
+
+class StoreWriteFailed(Restart):
+    """A stream of the embedded nats-server refuses messages since its store failed a write;
+    the disk takes writes again, so the supervisor starts the server again."""
 
 
 class EmbeddedNats:
@@ -100,6 +120,7 @@ class EmbeddedNats:
         self.log_path = store_dir / "nats-server.log"
         self.config_path = store_dir / "nats-server.conf"
         self._proc: asyncio.subprocess.Process | None = None
+        self._monitor: str | None = None
         self._stopping = False
 
     @property
@@ -115,19 +136,56 @@ class EmbeddedNats:
         await self._spawn(timeout)
 
     async def watch(self, beat: Beat) -> None:
-        """Supervised: start the server again if it is not running, then wait for it to exit."""
+        """Supervised: start the server again if it is not running, then watch it until it exits
+        or its store fails a write."""
         if self._proc is None or self._proc.returncode is not None:
             await self._spawn(timeout=10.0)
             log.warning("embedded nats-server restarted", url=self.url)
         beat()
         assert self._proc is not None
-        code = await self._proc.wait()
+        exited = asyncio.ensure_future(self._proc.wait())
+        try:
+            async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False) as http:
+                while not await self._exited(exited, HEALTH_EVERY):
+                    error = await self._store_error(http)
+                    if error is None:
+                        beat()
+                        continue
+                    log.error(
+                        "the embedded nats-server's store failed a write, and its stream takes "
+                        "no more messages until the server restarts: restarting it once the disk "
+                        "takes writes again",
+                        error=error,
+                        store=str(self.store_dir),
+                    )
+                    beat.failing(f"store write failed: {error}")
+                    if await self._until_the_disk_takes_writes(exited):
+                        await self._terminate(timeout=10.0)
+                        raise StoreWriteFailed(
+                            f"the store failed a write ({error}); the disk takes writes again"
+                        )
+        finally:
+            exited.cancel()
         if self._stopping:
             return
-        raise ServerExited(f"the embedded nats-server exited with {code}")
+        raise ServerExited(f"the embedded nats-server exited with {exited.result()}")
+
+    async def _exited(self, exited: asyncio.Future[int], timeout: float) -> bool:
+        done, _ = await asyncio.wait({exited}, timeout=timeout)
+        return bool(done)
+
+    async def _until_the_disk_takes_writes(self, exited: asyncio.Future[int]) -> bool:
+        """Wait until the store's disk takes writes again (True) or the server exits (False)."""
+        while not await asyncio.to_thread(self._takes_writes):
+            if await self._exited(exited, ROOM_EVERY):
+                return False
+        return True
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        await self._terminate(timeout)
+
+    async def _terminate(self, timeout: float) -> None:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
@@ -138,6 +196,53 @@ class EmbeddedNats:
             log.warning("embedded nats-server did not stop in time; killing it")
             proc.kill()
             await proc.wait()
+
+    async def _store_error(self, http: httpx.AsyncClient) -> str | None:
+        """The write error /healthz reports of a stream (or of the server's JetStream meta
+        layer), if any. A server that does not answer is left to the other checks: the process
+        watch, the client's reconnects, the publisher's timeouts."""
+        url = self._monitor_url()
+        if url is None:
+            return None
+        try:
+            answer = (await http.get(f"{url}/healthz", params={"details": "true"})).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        if not isinstance(answer, dict):
+            return None
+        errors = [e for e in answer.get("errors") or [] if isinstance(e, dict)]
+        texts = [str(e.get("error", "")) for e in errors] + [str(answer.get("error") or "")]
+        return next((text for text in texts if "write error" in text), None)
+
+    def _monitor_url(self) -> str | None:
+        """The monitoring endpoint of the running server, from the ports file nats-server writes
+        once it listens (`ports_file_dir`); None until then."""
+        if self._monitor is None and self.pid is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError, IndexError, KeyError):
+                ports = json.loads(self._ports_file(self.pid).read_text())
+                self._monitor = str(ports["monitoring"][0])
+        return self._monitor
+
+    def _ports_file(self, pid: int) -> Path:
+        return self.store_dir / f"{binary().name}_{pid}.ports"
+
+    def _takes_writes(self) -> bool:
+        """Whether the store's disk has ROOM free and takes a file of PROBE bytes (a full disk,
+        a limit on file sizes, a read-only or failing disk each refuse it). Runs in a thread."""
+        probe = self.store_dir / "write-probe"
+        try:
+            if shutil.disk_usage(self.store_dir).free < ROOM:
+                return False
+            try:
+                with probe.open("wb") as file:
+                    file.write(bytes(PROBE))
+                    file.flush()
+                    os.fsync(file.fileno())
+            finally:
+                probe.unlink(missing_ok=True)
+        except OSError:
+            return False
+        return True
 
     def _check_port_free(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -162,6 +267,9 @@ class EmbeddedNats:
                 f"SMSBUS_DATA_DIR: cannot write {self.store_dir}: {exc.strerror}"
             ) from None
         args = [str(binary()), "-c", str(self.config_path)]
+        for stale in self.store_dir.glob("*.ports"):  # of a server that was killed
+            stale.unlink(missing_ok=True)
+        self._monitor = None
         with log_file:
             self._proc = await asyncio.create_subprocess_exec(
                 *args,
@@ -201,6 +309,8 @@ class EmbeddedNats:
         return (
             f'server_name: "smsbus-embedded"\n'
             f'listen: "{self.host}:{self.port}"\n'
+            f'http: "{self.host}:-1"\n'  # /healthz, on a port of the system's choosing
+            f"ports_file_dir: {json.dumps(str(self.store_dir))}\n"
             f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n"
             f"  sync_interval: {sync}\n}}\n"
         )

@@ -1,9 +1,11 @@
 """Supervised background work: every long-running loop of a process runs here.
 
-A loop that raises is logged once with its name and traceback, counted in
-`smsbus_task_restarts_total{task}`, shown in /readyz as down, and started again after a back-off;
-a loop that stops beating for longer than its `stall_after` is cancelled and restarted the same
-way. A loop that returns is done (a one-shot job). Shutdown cancels each loop and waits for it:
+A loop that raises is logged once with its name and traceback (a `Restart`, the loop's own
+reason, in one line), counted in `smsbus_task_restarts_total{task}`, shown in /readyz as down,
+and started again after a back-off; a loop that stops beating for longer than its `stall_after`
+is cancelled and restarted the same way. A loop that runs but cannot do its work says so
+(`Beat.failing`) and is shown down until it beats again. A loop that returns is done (a one-shot
+job). Shutdown cancels each loop and waits for it:
 `spawn` hands back a stop coroutine for the caller's exit stack, so loops stop in reverse order
 of start, interleaved with the resources they use.
 """
@@ -34,14 +36,14 @@ class TaskStatus:
     """What /readyz shows of one supervised loop."""
 
     name: str
-    state: str = "running"  # running | restarting | stalled | done | stopped
+    state: str = "running"  # running | failing | restarting | stalled | done | stopped
     restarts: int = 0
     last_error: str | None = None
     down_since: str | None = None
 
     @property
     def down(self) -> bool:
-        return self.state in ("restarting", "stalled")
+        return self.state in ("failing", "restarting", "stalled")
 
     def up(self) -> None:
         if self.down:
@@ -55,6 +57,11 @@ class TaskStatus:
             "last_error": self.last_error,
             "down_since": self.down_since,
         }
+
+
+class Restart(Exception):
+    """Raised by a loop to be started again for a reason of its own, which says it all: logged
+    in one line, without a traceback."""
 
 
 class Beat:
@@ -79,6 +86,14 @@ class Beat:
         self.last = time.monotonic()
         if self._status.down:
             self._status.up()
+
+    def failing(self, error: str) -> None:
+        """Say "I run, but cannot do my work": /readyz shows the loop down, with `error`, until
+        it beats again or is restarted."""
+        status = self._status
+        status.state = "failing"
+        status.last_error = error[:300]
+        status.down_since = status.down_since or rfc3339(utcnow())
 
 
 Loop = Callable[[Beat], Coroutine[Any, Any, None]]
@@ -144,6 +159,10 @@ class Supervisor:
                 status.state = "stalled"
                 error = f"no progress for {task.stall_after:g} s"
                 log.error("background task stalled; restarting", task=status.name)
+            except Restart as exc:
+                status.state = "restarting"
+                error = str(exc)[:300]
+                log.error("background task restarting", task=status.name, reason=error)
             except Exception as exc:
                 status.state = "restarting"
                 error = f"{type(exc).__name__}: {exc}"[:300]
@@ -171,7 +190,8 @@ class Supervisor:
                     inner.cancel()
                 elif now - task.started > HEALTHY_AFTER:
                     task.backoff.succeeded()
-                    task.status.up()
+                    if task.status.state != "failing":  # it runs; it has not said it works
+                        task.status.up()
 
     async def _stop(self, task: _Supervised) -> None:
         running = [t for t in (task.inner, task.outer) if t is not None and not t.done()]

@@ -147,7 +147,8 @@ class Smsbus:
     api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
-    # The largest file the process may write (RLIMIT_FSIZE): a disk that refuses writes.
+    # The largest file the process (and the embedded nats-server it starts) may write
+    # (RLIMIT_FSIZE): a disk that refuses writes. `lift_file_size_limit` ends it.
     file_size_limit: int | None = None
 
     @property
@@ -192,7 +193,13 @@ class Smsbus:
         """In the child, before it runs smsbus (only when a limit is set: a fork that runs
         Python before exec is best kept to the tests that need it)."""
         assert self.file_size_limit is not None
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit,) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, resource.RLIM_INFINITY))
+
+    def lift_file_size_limit(self) -> None:
+        """The disk takes writes again, for smsbus and for what it starts from now on."""
+        assert self.proc is not None
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, unlimited)
 
     def ready(self) -> bool:
         assert self.proc is not None

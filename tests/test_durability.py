@@ -193,6 +193,76 @@ def test_a_full_disk_refuses_callbacks_only_while_nats_is_away_too(tmp_path: Pat
     assert "Traceback" not in bus.logs()
 
 
+def test_the_embedded_server_whose_store_failed_a_write_restarts_when_the_disk_takes_writes(
+    tmp_path: Path,
+) -> None:
+    """nats-server stores nothing more into a stream once its store failed a write, until it
+    restarts, whatever the disk does next. The disk here: a limit on the size of any file smsbus
+    and its embedded server write, which the stream's block reaches after a few hundred events.
+    /readyz names the write error and the server is left running while the disk refuses writes;
+    once it takes them, the server is restarted, callbacks are stored again, and every callback
+    answered OK is stored once."""
+    nats_port = free_port()
+    env = {
+        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
+        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
+    }
+    bus = Smsbus(env, tmp_path / "bus", file_size_limit=256 * 1024).start()
+    try:
+        [server] = bus.children()
+        embedded = lambda: bus.readyz()["tasks"]["embedded-nats"]  # noqa: E731
+        answered: list[str] = []
+        refused = 0
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            # Callbacks go on: into the stream, then (no ack) into the spool, then 503.
+            deadline = time.monotonic() + 30
+            while not (refused and embedded()["state"] == "failing"):
+                assert time.monotonic() < deadline, f"no write error seen: {bus.readyz()}"
+                for _ in range(25):
+                    answer = call(client, str(next(_ids)))
+                    if (answer.status, answer.text) == (200, "OK"):
+                        answered.append(answer.server_id)
+                    else:
+                        assert (503, "event could not be stored; try again") == (
+                            answer.status,
+                            answer.text,
+                        )
+                        refused += 1
+            body = bus.readyz()
+            assert "write error" in body["tasks"]["embedded-nats"]["last_error"]
+            # The disk still refuses writes: no restart, and the drainer, whose tries get no
+            # ack and whose record of them the disk refuses, goes on.
+            time.sleep(2 * nats_server.ROOM_EVERY)
+            assert ([server], 0) == (bus.children(), embedded()["restarts"])
+            assert ["embedded-nats"] == bus.readyz()["degraded"]
+            assert bus.spool_depth()
+
+            bus.lift_file_size_limit()
+            wait_for(lambda: embedded()["state"] == "running", timeout=20, what="a restart")
+            assert server not in bus.children()
+            wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+            later = [call(client, str(next(_ids))) for _ in range(5)]
+        assert [(200, "OK")] * 5 == [(a.status, a.text) for a in later]
+        answered += [a.server_id for a in later]
+        assert len(answered) > 100, "the stream's block filled before a hundred events"
+        stored = collections.Counter(
+            item.event["data"]["message_id"]
+            for item in read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
+        )
+        assert {1} == set(stored.values())
+        assert [] == [server_id for server_id in answered if server_id not in stored]
+        assert 1 == bus.metric("smsbus_task_restarts_total", task="embedded-nats")
+        assert 0 == bus.stop()
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+    events = [line["event"] for line in bus.log_lines()]
+    assert 1 == sum(e.startswith("the embedded nats-server's store failed a write") for e in events)
+    assert 1 == events.count("background task restarting")
+    assert 1 == events.count("spool write failed: what NATS does not take now is refused")
+    assert 1 == sum(e.startswith("spool rows' sends not recorded") for e in events)
+    assert "Traceback" not in bus.logs()
+
+
 def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Path) -> None:
     """NATS is paused, so callbacks are mid-publish when SIGTERM arrives: they still get OK (from
     the spool), and the shutdown flush publishes them once NATS answers again."""

@@ -6,8 +6,12 @@ import asyncio
 import contextlib
 import time
 
+import pytest
+import structlog
+
+from bus import supervisor as supervised
 from bus.backoff import Backoff
-from bus.supervisor import Beat, Supervisor
+from bus.supervisor import Beat, Restart, Supervisor
 from tests.support import await_for
 
 
@@ -40,6 +44,54 @@ def test_a_loop_that_raises_is_restarted_counted_and_shown_down_until_it_beats()
         assert "stopped" == status.state
 
     asyncio.run(scenario())
+
+
+def test_a_loop_that_says_it_fails_is_down_until_restarted_and_a_restart_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop that runs but cannot do its work (the embedded server's watcher, its store
+    refusing writes) is down however long it runs; its `Restart` is logged without a
+    traceback."""
+    monkeypatch.setattr(supervised, "HEALTHY_AFTER", 0.05)
+
+    async def scenario() -> list[dict[str, object]]:
+        restarts: list[str] = []
+        supervisor = Supervisor(on_restart=restarts.append)
+        runs = 0
+        fixed = asyncio.Event()
+
+        async def watcher(beat: Beat) -> None:
+            nonlocal runs
+            runs += 1
+            beat()
+            if runs == 1:
+                beat.failing("the disk refuses writes")
+                await fixed.wait()
+                raise Restart("the disk takes writes again")
+            await asyncio.Event().wait()
+
+        with structlog.testing.capture_logs() as logs:
+            stop = supervisor.spawn("watcher", watcher, backoff=Backoff(0.01, 0.02))
+            status = supervisor.statuses()["watcher"]
+            await await_for(lambda: _true(status.state == "failing"), what="failing")
+            await asyncio.sleep(0.3)  # six times HEALTHY_AFTER: running is not working
+            assert ("failing", "the disk refuses writes", 0) == (
+                status.state, status.last_error, status.restarts,
+            )  # fmt: skip
+            assert status.down and status.down_since is not None
+            fixed.set()
+            await await_for(lambda: _true(runs == 2), what="the second run")
+            await await_for(lambda: _true(not status.down), what="the loop to be up again")
+            assert (["watcher"], "the disk takes writes again") == (restarts, status.last_error)
+            await stop()
+        return logs
+
+    logs = asyncio.run(scenario())
+    restarting = [line for line in logs if line["event"] == "background task restarting"]
+    assert [{"task": "watcher", "reason": "the disk takes writes again"}] == [
+        {k: line[k] for k in ("task", "reason")} for line in restarting
+    ]
+    assert not any("exc_info" in line for line in logs)
 
 
 def test_a_loop_that_stops_beating_is_cancelled_and_restarted() -> None:

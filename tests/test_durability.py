@@ -242,6 +242,7 @@ def test_the_embedded_server_whose_store_failed_a_write_restarts_when_the_disk_t
             assert server not in bus.children()
             wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
             later = [call(client, str(next(_ids))) for _ in range(5)]
+            wait_for(lambda: [] == bus.readyz()["degraded"], what="every task and watch up")
         assert [(200, "OK")] * 5 == [(a.status, a.text) for a in later]
         answered += [a.server_id for a in later]
         assert len(answered) > 100, "the stream's block filled before a hundred events"

@@ -131,9 +131,13 @@ class Spool:
 
     async def delete(self, seqs: list[int]) -> None:
         """Delete rows done with, and any the disk refused to delete before; rows it refuses
-        now are left out of `head` and `depth` until it takes them (see the module's doc)."""
-        if not (seqs or self._done):
-            return
+        now are left out of `head` and `depth` until it takes them (see the module's doc). A
+        caller cancelled meanwhile (the drainer, at shutdown) does not stop the deletion from
+        being counted: once handed to the spool's thread it happens, and `depth` follows."""
+        if seqs or self._done:
+            await asyncio.shield(self._delete_counted(seqs))
+
+    async def _delete_counted(self, seqs: list[int]) -> None:
         try:
             rows = await self._run(self._delete, [*self._done, *seqs])
         except (sqlite3.Error, OSError) as exc:

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 from bus.events import Event, status_event, utcnow
 from bus.spool import Spool
+from tests.support import await_for
 
 
 def event(n: int) -> Event:
@@ -128,3 +133,40 @@ def test_sends_the_disk_will_not_record_are_kept_in_memory(tmp_path: Path) -> No
         [(100.0, 160.0), (160.0, 220.0)],
         [(160.0, 220.0)],
     ] == asyncio.run(scenario())
+
+
+def test_a_deletion_whose_caller_is_cancelled_still_counts(tmp_path: Path) -> None:
+    """The drainer is cancelled at shutdown, maybe while its deletion runs on the spool's
+    thread: the rows are gone, and the depth must say so, or the shutdown's last drain waits its
+    whole timeout for rows that are not there and says it kept them."""
+    path = tmp_path / "spool.sqlite3"
+
+    async def scenario() -> tuple[int, list[object]]:
+        spool = Spool(path)
+        await spool.open()
+        for n in range(3):
+            await spool.append(event(n))
+        seqs = [row.seq for row in await spool.head(10)]
+        held = threading.Event()
+        spool._thread.submit(held.wait)  # the spool's thread, busy until the deletion waits
+        deleting = asyncio.create_task(spool.delete(seqs))
+        await asyncio.sleep(0.05)  # the deletion is handed to the spool's thread
+        held.set()
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            deadline = time.monotonic() + 5  # the loop is held here: it cannot see it finish
+            while other.execute("SELECT count(*) FROM spool").fetchone()[0]:
+                assert time.monotonic() < deadline, "the deletion did not run"
+                time.sleep(0.005)
+        deleting.cancel()  # before the loop hears that the thread is done
+        with contextlib.suppress(asyncio.CancelledError):
+            await deleting
+
+        async def counted() -> bool:
+            return spool.depth == 0
+
+        await await_for(counted, timeout=2, what="the depth to follow the deletion")
+        head = await spool.head(10)
+        await spool.close()
+        return spool.depth, list(head)
+
+    assert (0, []) == asyncio.run(scenario())

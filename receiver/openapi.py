@@ -13,7 +13,10 @@ from typing import Any
 from bus.shapes import components
 from bus.statuses import PROVIDERS
 from receiver.http import BODY_LIMIT, REGISTRATION_BODY_LIMIT
+from receiver.smspilot import BLANK
 from receiver.smspilot import PATH as CALLBACK
+
+_BLANKS = "[" + BLANK.encode("unicode_escape").decode("ascii") + "]*"  # what parse_callback strips
 
 PUBLIC, PRIVATE = "public", "private"
 
@@ -34,9 +37,9 @@ def _json(description: str, ref: str) -> dict[str, Any]:
 
 def _callback(with_token: bool) -> dict[str, Any]:
     fields = {
-        "server_id": {"type": "string", "pattern": r"^\s*[0-9]{1,20}\s*$"},
-        "status": {"type": "string", "pattern": r"^\s*-?[0-9]{1,4}\s*$"},
-        "error": {"type": "string", "pattern": r"^\s*([0-9]{1,6})?\s*$"},
+        "server_id": {"type": "string", "pattern": f"^{_BLANKS}[0-9]{{1,20}}{_BLANKS}$"},
+        "status": {"type": "string", "pattern": f"^{_BLANKS}-?[0-9]{{1,4}}{_BLANKS}$"},
+        "error": {"type": "string", "pattern": f"^{_BLANKS}([0-9]{{1,6}})?{_BLANKS}$"},
     }
     required = ["server_id", "status"]
     token = (

@@ -48,6 +48,9 @@ PATH = "/callbacks/smspilot"
 FIELDS = ("server_id", "status", "error")
 MAX_FIELDS = 100
 
+# Around a field SMSPilot's numbers may carry ASCII white space, and only that (the description
+# says so in its patterns); str.strip() alone would also take \x1c-\x1f, \x85 and other Unicode.
+BLANK = " \t\n\v\f\r"
 _SERVER_ID = re.compile(r"^[0-9]{1,20}$")
 _STATUS = re.compile(r"^-?[0-9]{1,4}$")
 _ERROR = re.compile(r"^[0-9]{1,6}$")
@@ -160,9 +163,9 @@ def parse_callback(pairs: list[tuple[str, str]]) -> CallbackParams:
             extra[key] = value
         elif values.setdefault(key, value) != value:
             raise PayloadError(f"{key} is given twice with different values")
-    server_id = values.get("server_id", "").strip()
-    status = values.get("status", "").strip()
-    error = values.get("error", "").strip()
+    server_id = values.get("server_id", "").strip(BLANK)
+    status = values.get("status", "").strip(BLANK)
+    error = values.get("error", "").strip(BLANK)
     if not server_id:
         raise PayloadError("server_id is missing")
     if not _SERVER_ID.match(server_id):

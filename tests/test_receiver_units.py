@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
 from bus.errors import PayloadError
+from receiver.openapi import openapi
 from receiver.peers import allowed, client_address
-from receiver.smspilot import CallbackParams, parse_callback, parse_pairs
+from receiver.smspilot import PATH, CallbackParams, parse_callback, parse_pairs
 
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("192.168.0.0/16"))
 
@@ -30,6 +32,36 @@ def test_same_value_twice_is_fine_different_values_are_not() -> None:
     )
     with pytest.raises(PayloadError, match="status is given twice"):
         parse_callback([("server_id", "5"), ("status", "1"), ("status", "2")])
+
+
+@pytest.mark.parametrize(
+    "around", [" ", "\t", "\r\n", "\v\f", "\x1e", "\x1c", "\x85", "\xa0", "\u2003", "\ufeff"]
+)
+def test_the_parser_and_the_description_agree_on_what_may_surround_a_field(around: str) -> None:
+    """Python's str.strip() takes \x1c-\x1f and Unicode spaces that an ECMA-262 or ASCII
+    reading of `\\s` does not: a field surrounded by one is accepted exactly when the
+    description allows it, under Python's reading of its patterns and under an ASCII one."""
+    [parameters] = [
+        operation["parameters"]
+        for path, item in openapi(receive=True, version="0")["paths"].items()
+        if path == PATH
+        for method, operation in item.items()
+        if method == "get"
+    ]
+    patterns = {p["name"]: p["schema"]["pattern"] for p in parameters}
+    for field, value in (("server_id", "7"), ("status", "2"), ("error", "0")):
+        fields = {"server_id": "7", "status": "2", field: around + value + around}
+        described = {
+            bool(re.fullmatch(patterns[field], fields[field], flags))
+            for flags in (re.NOFLAG, re.ASCII)
+        }
+        try:
+            parse_callback(list(fields.items()))
+        except PayloadError:
+            parsed = False
+        else:
+            parsed = True
+        assert {parsed} == described, (field, around)
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,12 @@ lint: $(DEV)
 	$(BIN)/yamllint --strict deploy .yamllint
 	$(BIN)/mypy --strict bus receiver pollers smsbus
 
+# Most tests wait on processes (nats-server elections, timeouts, faults) more than they
+# compute, so two workers take about half the time; `make test WORKERS=0` runs one by one.
+WORKERS ?= 2
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses=$(WORKERS) --dist=worksteal
 
 bench: $(DEV)
 	$(BIN)/python bench/callback.py

@@ -39,7 +39,22 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
-_EPHEMERAL = _ephemeral_floor()
+def _our_ports() -> range:
+    """The ports below the kernel's ephemeral range this process may hand out: all of them, or,
+    when pytest-xdist runs the suite on several workers, this worker's share, so that two
+    workers never hand out the same port (a process started by a test inherits its worker's
+    share through the environment)."""
+    floor, ceiling = 10_000, _ephemeral_floor()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or not worker.startswith("gw"):
+        return range(floor, ceiling)
+    share = (ceiling - floor) // workers
+    start = floor + int(worker[2:]) * share
+    return range(start, start + share)
+
+
+_PORTS = _our_ports()
 _handed_out: set[int] = set()
 
 
@@ -49,7 +64,7 @@ def free_port() -> int:
     of any outgoing connection (a replica retrying NATS, a client), and that process then
     fails to start. Never the same port twice in one test run."""
     while True:
-        port = random.randrange(10_000, _EPHEMERAL)
+        port = random.choice(_PORTS)
         if port in _handed_out:
             continue
         with socket.socket() as s:

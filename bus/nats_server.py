@@ -12,7 +12,12 @@ disk) takes no more messages until its server restarts, whatever the disk does n
 documentation, "Monitoring"). Publishes to it get no answer, so smsbus would spool for ever. The
 watcher asks /healthz (on a random port of 127.0.0.1, found in the ports file) every
 HEALTH_EVERY; on a write error it says so, in the log and in /readyz, and restarts the server as
-soon as the disk takes writes again.
+soon as the disk takes writes again. A server that runs but answers nothing (a deadlock, a stopped
+process) is shown failing once it has been silent for SILENT_AFTER, and killed and started again
+once it has been silent for HUNG_AFTER: SIGQUIT first, on which Go writes every goroutine's stack
+to the server's log (for a bug report), then SIGKILL. Pauses shorter than that (a slow disk, a
+busy machine) only show in /readyz. No data is at risk: what the server acknowledged is in its
+files, and a SIGKILL loses none of it.
 
 It runs with one Go processor fewer than the CPUs smsbus may use (`GOMAXPROCS`, at least one),
 unless smsbus's environment sets `GOMAXPROCS` itself. smsbus's own work runs on one CPU; a Go
@@ -48,6 +53,9 @@ HEALTH_TIMEOUT = 2.0
 ROOM_EVERY = 2.0  # how often a disk that refused the store a write is tried again
 ROOM = 16 * 2**20  # free bytes a restart after a refused write waits for (a few stream blocks)
 PROBE = 2**20  # bytes of the file written to see that the disk takes writes again
+SILENT_AFTER = 10.0  # a server that has not answered /healthz this long is shown failing
+HUNG_AFTER = 30.0  # ... and this long is killed and started again
+QUIT_GRACE = 5.0  # how long a SIGQUIT (Go's stack dump, then exit) is given before SIGKILL
 
 
 def binary() -> Path:
@@ -109,6 +117,11 @@ class StoreWriteFailed(Restart):
     the disk takes writes again, so the supervisor starts the server again."""
 
 
+class ServerHung(Restart):
+    """The embedded nats-server ran but answered nothing for HUNG_AFTER; it was killed, and the
+    supervisor starts it again."""
+
+
 class EmbeddedNats:
     def __init__(
         self, port: int, store_dir: Path, *, host: str = "127.0.0.1", sync: str = "2m"
@@ -122,6 +135,7 @@ class EmbeddedNats:
         self._proc: asyncio.subprocess.Process | None = None
         self._monitor: str | None = None
         self._stopping = False
+        self._said_silent = False  # the watcher has logged that the server does not answer
 
     @property
     def url(self) -> str:
@@ -136,18 +150,34 @@ class EmbeddedNats:
         await self._spawn(timeout)
 
     async def watch(self, beat: Beat) -> None:
-        """Supervised: start the server again if it is not running, then watch it until it exits
-        or its store fails a write."""
+        """Supervised: start the server again if it is not running, then watch it until it exits,
+        its store fails a write, or it has answered nothing for HUNG_AFTER."""
         if self._proc is None or self._proc.returncode is not None:
             await self._spawn(timeout=10.0)
             log.warning("embedded nats-server restarted", url=self.url)
         beat()
         assert self._proc is not None
         exited = asyncio.ensure_future(self._proc.wait())
+        clock = asyncio.get_running_loop().time
+        # From the first ask in a row that got no answer: a pause of smsbus itself (a frozen
+        # container, a debugger) is not the server's silence.
+        unanswered_since: float | None = None
+        self._said_silent = False
         try:
             async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False) as http:
                 while not await self._exited(exited, HEALTH_EVERY):
-                    error = await self._store_error(http)
+                    asked = clock()
+                    health = await self._health(http)
+                    if health is None:
+                        if unanswered_since is None:
+                            unanswered_since = asked
+                        await self._silent(beat, exited, clock() - unanswered_since)
+                        continue
+                    if self._said_silent:
+                        log.warning("the embedded nats-server answers again")
+                        self._said_silent = False
+                    unanswered_since = None
+                    error = self._write_error(health)
                     if error is None:
                         beat()
                         continue
@@ -169,6 +199,36 @@ class EmbeddedNats:
         if self._stopping:
             return
         raise ServerExited(f"the embedded nats-server exited with {exited.result()}")
+
+    async def _silent(self, beat: Beat, exited: asyncio.Future[int], silent: float) -> None:
+        """The server has answered nothing for `silent` seconds: show it failing from
+        SILENT_AFTER on; from HUNG_AFTER on, kill it and raise ServerHung."""
+        if silent >= HUNG_AFTER:
+            log.error(
+                "the embedded nats-server has answered nothing for too long: killing it "
+                "(SIGQUIT first, on which it writes every goroutine's stack to its log) "
+                "and starting it again",
+                silent_s=round(silent),
+                log=str(self.log_path),
+            )
+            await self._kill(exited)
+            raise ServerHung(f"the embedded nats-server answered nothing for {silent:.0f} s")
+        if silent >= SILENT_AFTER:
+            if not self._said_silent:
+                log.warning("the embedded nats-server does not answer", silent_s=round(silent))
+                self._said_silent = True
+            beat.failing(f"the embedded nats-server has answered nothing for {silent:.0f} s")
+
+    async def _kill(self, exited: asyncio.Future[int]) -> None:
+        """SIGQUIT (Go prints every goroutine's stack and exits), then SIGKILL if it is not gone
+        within QUIT_GRACE (a stopped process, or one too stuck to run its signal handler)."""
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGQUIT)
+        if not await self._exited(exited, QUIT_GRACE):
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
 
     async def _exited(self, exited: asyncio.Future[int], timeout: float) -> bool:
         done, _ = await asyncio.wait({exited}, timeout=timeout)
@@ -197,20 +257,25 @@ class EmbeddedNats:
             proc.kill()
             await proc.wait()
 
-    async def _store_error(self, http: httpx.AsyncClient) -> str | None:
-        """The write error /healthz reports of a stream (or of the server's JetStream meta
-        layer), if any. A server that does not answer is left to the other checks: the process
-        watch, the client's reconnects, the publisher's timeouts."""
+    async def _health(self, http: httpx.AsyncClient) -> dict[str, object] | None:
+        """The server's /healthz answer (any status: one that says JetStream is not ready is an
+        answer too); None when it gives none in HEALTH_TIMEOUT. Until the ports file says where
+        to ask, an empty answer: nothing is known against the server."""
         url = self._monitor_url()
         if url is None:
-            return None
+            return {}
         try:
             answer = (await http.get(f"{url}/healthz", params={"details": "true"})).json()
         except (httpx.HTTPError, ValueError):
             return None
-        if not isinstance(answer, dict):
-            return None
-        errors = [e for e in answer.get("errors") or [] if isinstance(e, dict)]
+        return answer if isinstance(answer, dict) else None
+
+    @staticmethod
+    def _write_error(answer: dict[str, object]) -> str | None:
+        """The write error /healthz reports of a stream (or of the server's JetStream meta
+        layer), if any."""
+        listed = answer.get("errors")
+        errors = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
         texts = [str(e.get("error", "")) for e in errors] + [str(answer.get("error") or "")]
         return next((text for text in texts if "write error" in text), None)
 

@@ -264,6 +264,71 @@ def test_the_embedded_server_whose_store_failed_a_write_restarts_when_the_disk_t
     assert "Traceback" not in bus.logs()
 
 
+def test_an_embedded_server_that_answers_nothing_is_killed_and_started_again(
+    tmp_path: Path,
+) -> None:
+    """The embedded nats-server stopped (SIGSTOP): running, answering nothing, as in a deadlock.
+    A silence shorter than HUNG_AFTER only shows in /readyz and passes when the server answers
+    again; a longer one gets the server killed and started again. Callbacks are answered OK all
+    along (from the spool while it is silent), and each is stored once."""
+    nats_port = free_port()
+    env = {
+        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
+        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
+    }
+    bus = Smsbus(env, tmp_path / "bus").start()
+    [server] = bus.children()
+    try:
+        embedded = lambda: bus.readyz()["tasks"]["embedded-nats"]  # noqa: E731
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            answers = [call(client, str(next(_ids)))]
+            os.kill(server, signal.SIGSTOP)
+            wait_for(
+                lambda: embedded()["state"] == "failing",
+                timeout=nats_server.SILENT_AFTER + 10,
+                what="the silence in /readyz",
+            )
+            assert "answered nothing" in embedded()["last_error"]
+            assert "embedded-nats" in bus.readyz()["degraded"]
+            answers += [call(client, str(next(_ids))) for _ in range(3)]
+            os.kill(server, signal.SIGCONT)
+            wait_for(lambda: embedded()["state"] == "running", what="the server answering again")
+            assert ([server], 0) == (bus.children(), embedded()["restarts"])
+
+            os.kill(server, signal.SIGSTOP)
+            answers += [call(client, str(next(_ids))) for _ in range(3)]
+            wait_for(
+                lambda: embedded()["restarts"] == 1,
+                timeout=nats_server.HUNG_AFTER + 20,
+                what="the silent server killed and started again",
+            )
+            assert not Path(f"/proc/{server}").exists()
+            [restarted] = wait_for(bus.children, what="the server started again")
+            assert restarted != server
+            wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+            answers += [call(client, str(next(_ids))) for _ in range(5)]
+            wait_for(lambda: [] == bus.readyz()["degraded"], what="every task and watch up")
+        assert [(200, "OK")] * 12 == [(a.status, a.text) for a in answers]
+        stored = collections.Counter(
+            item.event["data"]["message_id"]
+            for item in read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
+        )
+        assert dict.fromkeys((a.server_id for a in answers), 1) == dict(stored)
+        assert 1 == bus.metric("smsbus_task_restarts_total", task="embedded-nats")
+        assert 0 == bus.stop()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGCONT)
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+    events = [line["event"] for line in bus.log_lines()]
+    assert 2 == events.count("the embedded nats-server does not answer")
+    assert 1 == events.count("the embedded nats-server answers again")
+    assert 1 == sum(e.startswith("the embedded nats-server has answered nothing") for e in events)
+    assert 1 == events.count("background task restarting")
+    assert 1 == events.count("embedded nats-server restarted")
+    assert "Traceback" not in bus.logs()
+
+
 def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Path) -> None:
     """NATS is paused, so callbacks are mid-publish when SIGTERM arrives: they still get OK (from
     the spool), and the shutdown flush publishes them once NATS answers again."""

@@ -1,9 +1,11 @@
 """Registrations written as atomic batches of state writes (bus.state), with two replicas on one
 NATS: a batch the server refuses as a whole is written again key by key and loses nothing, and
-two replicas registering the same messages at once both keep what they brought."""
+two replicas registering the same messages at once both keep what they brought, and a message
+registered on one replica as its report reaches the other keeps both."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import random
 import threading
@@ -13,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import NatsServer, Smsbus, isolated_env, wait_for
+from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
 
 pytestmark = pytest.mark.slow
 _ids = itertools.count(random.randrange(10**8, 10**9))
@@ -111,3 +113,63 @@ def test_two_replicas_registering_the_same_messages_at_once_both_keep_theirs(
         shown = state(http, a, "smstower", m)
         assert shown is not None
         assert (f"7913{m[-7:]}", f"ref-{m}") == (shown["phone"], shown["client_ref"]), m
+
+
+def test_a_registration_and_its_report_at_once_on_two_replicas_keep_both(
+    nats_server: NatsServer, pair: list[Smsbus], http: httpx.Client
+) -> None:
+    """SMSPilot may report a message before its sender has registered it: here each message's
+    registration (on one replica) and its delivery report (on the other) are sent at the same
+    moment, so either may come first. The state ends with the report's final status and the
+    registration's phone and client_ref (a registration after the final report leaves the
+    message final, not open to polling), and the event is stored once."""
+    a, b = pair
+    ids = [str(next(_ids)) for _ in range(150)]
+    together = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def each(send: Any) -> None:
+        try:
+            with httpx.Client(timeout=30) as client:
+                for message_id in ids:
+                    together.wait(timeout=30)
+                    send(client, message_id)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            together.abort()
+
+    def registration(client: httpx.Client, message_id: str) -> None:
+        item = {"provider": "smspilot", "message_id": message_id,
+                "phone": f"7903{message_id[-7:]}", "client_ref": f"order-{message_id}"}  # fmt: skip
+        answer = client.post(f"{a.api}/v1/messages", json=item)
+        assert (202, {"accepted": 1}) == (answer.status_code, answer.json())
+
+    def report(client: httpx.Client, message_id: str) -> None:
+        b.callback(client, message_id, 2)
+
+    threads = [threading.Thread(target=each, args=(send,)) for send in (registration, report)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [] == errors
+    for message_id in ids:
+        shown = state(http, a, "smspilot", message_id)
+        assert shown is not None
+        assert ("delivered", True, f"7903{message_id[-7:]}", f"order-{message_id}") == (
+            shown["status"],
+            shown["final"],
+            shown["phone"],
+            shown["client_ref"],
+        ), shown
+    wanted = set(ids)
+    events = [
+        item.event["data"]
+        for item in read_stream(nats_server.url, b.stream, f"{b.prefix}.status.smspilot.>")
+        if item.event["data"]["message_id"] in wanted
+    ]
+    assert dict.fromkeys(ids, 1) == dict(collections.Counter(e["message_id"] for e in events))
+    # The race went both ways: some reports met their registration (their event carries the
+    # phone; about one in eight here), the others came first.
+    after = sum(1 for e in events if e.get("phone"))
+    assert 0 < after < len(ids), f"{after} of {len(ids)} reports came after the registration"

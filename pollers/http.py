@@ -3,6 +3,7 @@ credential into a message. Requests carry credentials only in bodies, never in U
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -13,7 +14,11 @@ from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavaila
 T = TypeVar("T")
 
 MAX_ANSWER = 8 * 1024 * 1024  # a provider answer larger than this is refused, not parsed
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+TIMEOUT = httpx.Timeout(10.0, connect=5.0)  # to connect, and between two reads or writes
+# The whole answer, however it trickles in: the timeouts above are per read, so an answer that
+# brings a byte every few seconds (a broken proxy, a provider in trouble) would hold the poller
+# for ever; past this the provider is unavailable, and the poller backs off as from any outage.
+ANSWER_WITHIN = 60.0
 
 
 async def post(
@@ -24,13 +29,18 @@ async def post(
     content: bytes | None = None,
     content_type: str | None = None,
     limit: int = MAX_ANSWER,
+    within: float = ANSWER_WITHIN,
 ) -> bytes:
-    """POST and return the answer's body; ProviderError subclasses on failure."""
+    """POST and return the answer's body, whole within `within` seconds; ProviderError
+    subclasses on failure."""
     headers = {"content-type": content_type} if content_type else None
     try:
-        async with http.stream(
-            "POST", url, data=form, content=content, headers=headers, timeout=TIMEOUT
-        ) as response:
+        async with (
+            asyncio.timeout(within),
+            http.stream(
+                "POST", url, data=form, content=content, headers=headers, timeout=TIMEOUT
+            ) as response,
+        ):
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk
@@ -38,6 +48,8 @@ async def post(
                     raise ProviderPayloadError(f"answer larger than {limit} bytes")
     except httpx.TimeoutException:
         raise ProviderUnavailable(f"no answer from {url} in time") from None
+    except TimeoutError:
+        raise ProviderUnavailable(f"no whole answer from {url} within {within:g} s") from None
     except httpx.HTTPError as exc:
         raise ProviderUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
     status = response.status_code

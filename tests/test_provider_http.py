@@ -1,0 +1,62 @@
+"""Calling a provider (pollers.http) against a real HTTP server that answers slowly: an answer
+is taken whole within its deadline, however it trickles in, or the provider is unavailable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from bus.errors import ProviderUnavailable
+from pollers import http
+from tests.fakes.server import Served
+from tests.support import wait_for
+
+
+class Trickle:
+    """An ASGI app whose answer is `chunks` bytes, one every `every` seconds: each read is
+    quick, the whole answer is not. It stops when the client hangs up, and says so."""
+
+    def __init__(self, chunks: int, every: float) -> None:
+        self.chunks, self.every = chunks, every
+        self.hung_up = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gone = asyncio.ensure_future(self._hang_up(receive))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(self.chunks):
+            if gone.done():
+                return
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(self.every)
+        await send({"type": "http.response.body", "body": b""})
+        gone.cancel()
+
+    async def _hang_up(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.hung_up = True
+
+
+async def _post(url: str, within: float) -> bytes:
+    async with httpx.AsyncClient() as client:
+        return await http.post(client, url, form={"login": "a"}, within=within)
+
+
+def test_an_answer_that_trickles_past_its_deadline_is_an_unavailable_provider() -> None:
+    # A byte every 0.2 s never trips the 10 s read timeout; it would go on for 20 s.
+    app = Trickle(chunks=100, every=0.2)
+    with Served(app) as provider:
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match=r"no whole answer from .* within 1 s"):
+            asyncio.run(_post(provider.url + "/api", within=1.0))
+        assert time.monotonic() - started < 5
+        wait_for(lambda: app.hung_up, what="the connection closed")
+
+
+def test_an_answer_that_trickles_in_within_its_deadline_is_taken_whole() -> None:
+    with Served(Trickle(chunks=5, every=0.1)) as provider:
+        assert b"xxxxx" == asyncio.run(_post(provider.url + "/api", within=10.0))

@@ -44,6 +44,13 @@ class Metrics:
         self.callbacks = Counter(
             "smsbus_callbacks", "SMSPilot callbacks by outcome", ["outcome"], registry=r
         )
+        self.requests_too_slow = Counter(
+            "smsbus_http_requests_too_slow",
+            "Connections closed because a request did not arrive whole within 10 s of its "
+            "first byte (or nothing arrived within 10 s of the connection's start)",
+            ["listener"],
+            registry=r,
+        )
         self.callbacks_in_flight = Gauge(
             "smsbus_callbacks_in_flight", "Callbacks received and not yet answered", registry=r
         )
@@ -193,6 +200,8 @@ class Metrics:
             for kind in TYPES
             for provider in PROVIDERS
         }
+        for listener in ("public", "private"):
+            self.requests_too_slow.labels(listener)
         for provider in PROVIDERS:
             self.deadletters.labels(provider)
             self.deadletters_dropped.labels(provider)

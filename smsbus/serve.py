@@ -83,7 +83,15 @@ async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) 
                 await start_pollers(bus, stack)
             apps = create_apps(bus, receive=receive)
             settle_heap()
-            servers = [make_server(apps.public, s), make_server(apps.private, s)]
+            too_slow = bus.metrics.requests_too_slow
+            servers = [
+                make_server(
+                    apps.public, s, listener="public", too_slow=too_slow.labels("public").inc
+                ),
+                make_server(
+                    apps.private, s, listener="private", too_slow=too_slow.labels("private").inc
+                ),
+            ]
             stop.servers = servers
             if not stop.requested:
                 log.info(

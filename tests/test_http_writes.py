@@ -1,20 +1,24 @@
 """Each answer in one write (receiver.server.Protocol): a response's head waits for its body, so
 a callback's `OK` is one TCP segment, never two; an interim `100 Continue`, a HEAD answer (no
-body), uvicorn's own 400 and pipelined requests still go out whole and in order. Against uvicorn
-serving on a real socket, and against `smsbus serve`."""
+body), uvicorn's own 400 and pipelined requests still go out whole and in order. A request slow to
+arrive, which uvicorn alone would wait for for ever, is cut off. Against uvicorn serving on a real
+socket, and against `smsbus serve`."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
-from receiver.server import Protocol, bind
-from tests.support import NatsServer, Smsbus, await_for, free_port, isolated_env
+from receiver.server import REQUEST_WITHIN, Protocol, bind
+from tests.support import NatsServer, Smsbus, await_for, free_port, isolated_env, wait_for
 
 
 class _Recorded:
@@ -188,3 +192,76 @@ def test_the_service_answers_pipelined_callbacks_and_an_expected_continue_whole(
         conn.sendall(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
         head = _read_until(conn, lambda r: r.endswith(b"\r\n\r\n"))
         assert head.startswith(b"HTTP/1.1 ")
+
+
+def test_a_request_slow_to_arrive_is_cut_off_and_callbacks_go_on(service: Smsbus) -> None:
+    """uvicorn alone holds each of these for ever: a connection that sends nothing, a head that
+    brings a byte a second, a body that never ends, the second request on a connection kept
+    alive left half sent. Each is closed REQUEST_WITHIN after its first byte (or the
+    connection's start), with a 408 where a request had begun; a request sent in parts within
+    that time is answered, and callbacks on other connections are answered meanwhile."""
+    counted = lambda: (  # noqa: E731
+        service.metric("smsbus_http_requests_too_slow_total", listener="public"),
+        service.metric("smsbus_http_requests_too_slow_total", listener="private"),
+    )
+    (public, private), cut_before = counted(), len(_cut(service))
+    callback = b"GET /callbacks/smspilot?server_id=%d&status=2 HTTP/1.1\r\nhost: x\r\n"
+    idle, head, body, kept = (_connect(service) for _ in range(4))
+    api_host, api_port = service.api.removeprefix("http://").rsplit(":", 1)
+    api = socket.create_connection((api_host, int(api_port)), timeout=5)  # the private listener
+    started = time.monotonic()
+    head.sendall(callback % 7100010)
+    body.sendall(b"POST /callbacks/smspilot HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n"
+                 b"content-type: application/x-www-form-urlencoded\r\n\r\nserver_id=7")  # fmt: skip
+    for part in (callback % 7100011, b"x-part: 2\r\n", b"\r\n"):  # in parts, within the time
+        kept.sendall(part)
+        time.sleep(0.3)
+    assert _read_until(kept, lambda r: r.endswith(b"OK")).startswith(b"HTTP/1.1 200 OK\r\n")
+    second = time.monotonic()
+    kept.sendall(callback % 7100012)  # its head never ends
+
+    def trickle() -> None:  # a byte a second: each one in time, the request not
+        try:
+            while True:
+                time.sleep(1)
+                head.sendall(b"x")
+        except OSError:
+            return
+
+    threading.Thread(target=trickle, daemon=True).start()
+    with httpx.Client(timeout=10) as client:
+        service.callback(client, "7100013")
+    closed: dict[str, tuple[bytes, float]] = {}
+    connections = {"idle": idle, "head": head, "body": body, "kept": kept, "api": api}
+    for name, conn in connections.items():
+        conn.settimeout(REQUEST_WITHIN + 10)
+        closed[name] = (_read_to_end(conn), time.monotonic())
+        conn.close()
+    with httpx.Client(timeout=10) as client:
+        service.callback(client, "7100014")
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+              b"content-length: 38\r\nconnection: close\r\n\r\n"
+              b"request not received whole within 10 s")  # fmt: skip
+    assert {"idle": b"", "head": answer, "body": answer, "kept": answer, "api": b""} == {
+        name: data for name, (data, _) in closed.items()
+    }
+    for name, (_, at) in closed.items():
+        took = at - (second if name == "kept" else started)
+        assert REQUEST_WITHIN - 0.5 < took < REQUEST_WITHIN + 5, (name, took)
+    wait_for(lambda: counted() == (public + 4, private + 1), what="the five counted")
+    cut = _cut(service)[cut_before:]
+    assert [("private", False), ("public", False)] + [("public", True)] * 3 == sorted(
+        (line["listener"], line["began"]) for line in cut
+    )
+
+
+def _read_to_end(conn: socket.socket) -> bytes:
+    received = b""
+    while chunk := conn.recv(65536):
+        received += chunk
+    return received
+
+
+def _cut(service: Smsbus) -> list[dict[str, Any]]:
+    event = "request not received whole in time; connection closed"
+    return [line for line in service.log_lines() if line["event"] == event]

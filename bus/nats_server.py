@@ -153,7 +153,10 @@ class EmbeddedNats:
         """Supervised: start the server again if it is not running, then watch it until it exits,
         its store fails a write, or it has answered nothing for HUNG_AFTER."""
         if self._proc is None or self._proc.returncode is not None:
-            await self._spawn(timeout=10.0)
+            try:
+                await self._spawn(timeout=10.0)
+            except StartupError as exc:  # its port taken meanwhile, a store it cannot open
+                raise ServerExited(f"the embedded nats-server did not start again: {exc}") from None
             log.warning("embedded nats-server restarted", url=self.url)
         beat()
         assert self._proc is not None

@@ -329,6 +329,67 @@ def test_an_embedded_server_that_answers_nothing_is_killed_and_started_again(
     assert "Traceback" not in bus.logs()
 
 
+def test_an_embedded_server_that_cannot_start_again_is_tried_until_it_can(tmp_path: Path) -> None:
+    """The embedded nats-server killed, and its port taken by another process before smsbus
+    starts it again: each try is one line (no traceback) and /readyz names the port; once the
+    port is free the server starts, and every callback answered meanwhile is stored once."""
+    nats_port = free_port()
+    env = {
+        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
+        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
+    }
+    bus = Smsbus(env, tmp_path / "bus").start()
+    squatter: socket.socket | None = None
+    try:
+        embedded = lambda: bus.readyz()["tasks"]["embedded-nats"]  # noqa: E731
+        for _ in range(10):  # the port, taken between the kill and smsbus's next start
+            [server] = wait_for(bus.children, what="the embedded server")
+            os.kill(server, signal.SIGKILL)
+            squatter = _take_port(nats_port, within=0.2)
+            if squatter is not None:
+                break
+        assert squatter is not None, "smsbus started the server again each time first"
+        wait_for(lambda: embedded()["restarts"] >= 3, timeout=20, what="three tries")
+        assert "is not free" in embedded()["last_error"]
+        assert "embedded-nats" in bus.readyz()["degraded"]
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            answers = [call(client, str(next(_ids))) for _ in range(3)]
+            squatter.close()
+            wait_for(lambda: embedded()["state"] == "running", timeout=20, what="a start")
+            wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+            answers += [call(client, str(next(_ids))) for _ in range(3)]
+        assert [(200, "OK")] * 6 == [(a.status, a.text) for a in answers]
+        stored = collections.Counter(
+            item.event["data"]["message_id"]
+            for item in read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
+        )
+        assert dict.fromkeys((a.server_id for a in answers), 1) == dict(stored)
+        assert 0 == bus.stop()
+    finally:
+        if squatter is not None:
+            squatter.close()
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+    tries = [line for line in bus.log_lines() if line["event"] == "background task restarting"]
+    assert len(tries) >= 3
+    assert all("did not start again" in line["reason"] for line in tries[1:])
+    assert "Traceback" not in bus.logs()
+
+
+def _take_port(port: int, within: float) -> socket.socket | None:
+    """A socket listening on 127.0.0.1:`port`, once it is free within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        taken = socket.socket()
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server does
+        try:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            return taken
+        except OSError:
+            taken.close()
+    return None
+
+
 def test_sigterm_finishes_in_flight_callbacks_and_flushes_the_spool(tmp_path: Path) -> None:
     """NATS is paused, so callbacks are mid-publish when SIGTERM arrives: they still get OK (from
     the spool), and the shutdown flush publishes them once NATS answers again."""

@@ -97,6 +97,12 @@ def stored_ids(nats: NatsServer, bus: Smsbus) -> collections.Counter[str]:
     return collections.Counter(item.event["data"]["message_id"] for item in items)
 
 
+def _stored_in_embedded(nats_port: int, bus: Smsbus) -> collections.Counter[str]:
+    """Each message id's status events in the stream of `bus`'s embedded server."""
+    items = read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
+    return collections.Counter(item.event["data"]["message_id"] for item in items)
+
+
 def test_nats_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
     nats = NatsServer(tmp_path / "nats").start()
     bus = Smsbus(
@@ -246,10 +252,7 @@ def test_the_embedded_server_whose_store_failed_a_write_restarts_when_the_disk_t
         assert [(200, "OK")] * 5 == [(a.status, a.text) for a in later]
         answered += [a.server_id for a in later]
         assert len(answered) > 100, "the stream's block filled before a hundred events"
-        stored = collections.Counter(
-            item.event["data"]["message_id"]
-            for item in read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
-        )
+        stored = _stored_in_embedded(nats_port, bus)
         assert {1} == set(stored.values())
         assert [] == [server_id for server_id in answered if server_id not in stored]
         assert 1 == bus.metric("smsbus_task_restarts_total", task="embedded-nats")
@@ -309,10 +312,7 @@ def test_an_embedded_server_that_answers_nothing_is_killed_and_started_again(
             answers += [call(client, str(next(_ids))) for _ in range(5)]
             wait_for(lambda: [] == bus.readyz()["degraded"], what="every task and watch up")
         assert [(200, "OK")] * 12 == [(a.status, a.text) for a in answers]
-        stored = collections.Counter(
-            item.event["data"]["message_id"]
-            for item in read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
-        )
+        stored = _stored_in_embedded(nats_port, bus)
         assert dict.fromkeys((a.server_id for a in answers), 1) == dict(stored)
         assert 1 == bus.metric("smsbus_task_restarts_total", task="embedded-nats")
         assert 0 == bus.stop()
@@ -359,10 +359,7 @@ def test_an_embedded_server_that_cannot_start_again_is_tried_until_it_can(tmp_pa
             wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
             answers += [call(client, str(next(_ids))) for _ in range(3)]
         assert [(200, "OK")] * 6 == [(a.status, a.text) for a in answers]
-        stored = collections.Counter(
-            item.event["data"]["message_id"]
-            for item in read_stream(f"nats://127.0.0.1:{nats_port}", bus.stream, "sms.status.>")
-        )
+        stored = _stored_in_embedded(nats_port, bus)
         assert dict.fromkeys((a.server_id for a in answers), 1) == dict(stored)
         assert 0 == bus.stop()
     finally:

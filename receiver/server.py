@@ -152,6 +152,9 @@ class Protocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
+        if self.pipeline:  # its head is in, and uvicorn reads on once the answer before it is out
+            self._arm()
+            return
         began = self._began
         # A request begun gets a 408, unless the app, which has its head, began an answer.
         if began and not (self._head and self.cycle.response_started):

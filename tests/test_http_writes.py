@@ -7,16 +7,18 @@ socket, and against `smsbus serve`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
+from receiver import server as server_module
 from receiver.server import REQUEST_WITHIN, Protocol, bind
 from tests.support import NatsServer, Smsbus, await_for, free_port, isolated_env, wait_for
 
@@ -52,6 +54,8 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
         await _released.wait()  # until the client has read the parts so far
         await send({"type": "http.response.body", "body": parts[2]})
         return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.0)
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": b"OK"})
@@ -70,20 +74,31 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
     return head + body
 
 
+@contextlib.asynccontextmanager
+async def _serving() -> AsyncIterator[tuple[uvicorn.Server, str, int]]:
+    """`_ok` served by uvicorn on our Protocol, in this process: the server, its host and port."""
+    config = uvicorn.Config(_ok, http=Protocol, loop="none", lifespan="off", log_config=None,
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    server = uvicorn.Server(config)
+    sock = bind("127.0.0.1", free_port())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+
+        async def started() -> bool:
+            return server.started
+
+        await await_for(started, what="uvicorn to start")
+        host, port = sock.getsockname()[:2]
+        yield server, host, port
+    finally:
+        _released.set()
+        server.should_exit = True
+        await serving
+
+
 def test_a_response_goes_out_in_one_write() -> None:
     async def scenario() -> None:
-        config = uvicorn.Config(_ok, http=Protocol, loop="none", lifespan="off", log_config=None,
-                                timeout_graceful_shutdown=5)  # fmt: skip
-        server = uvicorn.Server(config)
-        sock = bind("127.0.0.1", free_port())
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-
-            async def started() -> bool:
-                return server.started
-
-            await await_for(started, what="uvicorn to start")
-            host, port = sock.getsockname()[:2]
+        async with _serving() as (server, host, port):
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
             first = await _answer(reader)
@@ -138,10 +153,29 @@ def test_a_response_goes_out_in_one_write() -> None:
             refused = await asyncio.wait_for(reader.read(), 5)
             assert refused.startswith(b"HTTP/1.1 400 Bad Request\r\n"), refused
             writer.close()
-        finally:
-            _released.set()
-            server.should_exit = True
-            await serving
+
+    asyncio.run(scenario())
+
+
+def test_a_request_waiting_behind_a_slow_answer_is_not_cut_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request sent right behind another on one connection waits, its body unread, while the
+    answer before it is worked on: uvicorn reads on once that answer is out. The wait is not the
+    client's, so it does not count against REQUEST_WITHIN."""
+    monkeypatch.setattr(server_module, "REQUEST_WITHIN", 0.3)
+
+    async def scenario() -> None:
+        async with _serving() as (_, host, port):
+            reader, writer = await asyncio.open_connection(host, port)
+            slow = b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"  # answered after 1 s
+            writer.write(slow + b"POST /form HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\n")
+            await asyncio.sleep(0.1)
+            writer.write(b"a=1")
+            for _ in range(2):
+                answer = await _answer(reader)
+                assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"OK")
+            writer.close()
 
     asyncio.run(scenario())
 

@@ -77,6 +77,7 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
 @contextlib.asynccontextmanager
 async def _serving() -> AsyncIterator[tuple[uvicorn.Server, str, int]]:
     """`_ok` served by uvicorn on our Protocol, in this process: the server, its host and port."""
+    _released.clear()  # an earlier test's release
     config = uvicorn.Config(_ok, http=Protocol, loop="none", lifespan="off", log_config=None,
                             timeout_graceful_shutdown=5)  # fmt: skip
     server = uvicorn.Server(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import random
@@ -95,6 +96,22 @@ class Load:
 def stored_ids(nats: NatsServer, bus: Smsbus) -> collections.Counter[str]:
     items = read_stream(nats.url, bus.stream, f"{bus.prefix}.status.>")
     return collections.Counter(item.event["data"]["message_id"] for item in items)
+
+
+def _embedded_smsbus(tmp_path: Path, **limits: int) -> tuple[Smsbus, int]:
+    """smsbus with its embedded nats-server (on a port of the test's) and SMSBUS_PUBLISH_TIMEOUT
+    at PUBLISH_TIMEOUT, started: the process, and the server's port."""
+    nats_port = free_port()
+    env = {
+        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
+        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
+    }
+    return Smsbus(env, tmp_path / "bus", **limits).start(), nats_port
+
+
+def _embedded_task(bus: Smsbus) -> dict[str, object]:
+    """The `embedded-nats` task as /readyz shows it."""
+    return dict(bus.readyz()["tasks"]["embedded-nats"])
 
 
 def _stored_in_embedded(nats_port: int, bus: Smsbus) -> collections.Counter[str]:
@@ -208,15 +225,10 @@ def test_the_embedded_server_whose_store_failed_a_write_restarts_when_the_disk_t
     /readyz names the write error and the server is left running while the disk refuses writes;
     once it takes them, the server is restarted, callbacks are stored again, and every callback
     answered OK is stored once."""
-    nats_port = free_port()
-    env = {
-        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
-        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
-    }
-    bus = Smsbus(env, tmp_path / "bus", file_size_limit=256 * 1024).start()
+    bus, nats_port = _embedded_smsbus(tmp_path, file_size_limit=256 * 1024)
     try:
         [server] = bus.children()
-        embedded = lambda: bus.readyz()["tasks"]["embedded-nats"]  # noqa: E731
+        embedded = functools.partial(_embedded_task, bus)
         answered: list[str] = []
         refused = 0
         with httpx.Client(base_url=bus.base, timeout=10) as client:
@@ -274,15 +286,10 @@ def test_an_embedded_server_that_answers_nothing_is_killed_and_started_again(
     A silence shorter than HUNG_AFTER only shows in /readyz and passes when the server answers
     again; a longer one gets the server killed and started again. Callbacks are answered OK all
     along (from the spool while it is silent), and each is stored once."""
-    nats_port = free_port()
-    env = {
-        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
-        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
-    }
-    bus = Smsbus(env, tmp_path / "bus").start()
+    bus, nats_port = _embedded_smsbus(tmp_path)
     [server] = bus.children()
     try:
-        embedded = lambda: bus.readyz()["tasks"]["embedded-nats"]  # noqa: E731
+        embedded = functools.partial(_embedded_task, bus)
         with httpx.Client(base_url=bus.base, timeout=10) as client:
             answers = [call(client, str(next(_ids)))]
             os.kill(server, signal.SIGSTOP)
@@ -333,15 +340,10 @@ def test_an_embedded_server_that_cannot_start_again_is_tried_until_it_can(tmp_pa
     """The embedded nats-server killed, and its port taken by another process before smsbus
     starts it again: each try is one line (no traceback) and /readyz names the port; once the
     port is free the server starts, and every callback answered meanwhile is stored once."""
-    nats_port = free_port()
-    env = {
-        "SMSBUS_EMBEDDED_NATS_PORT": str(nats_port),
-        "SMSBUS_PUBLISH_TIMEOUT": str(PUBLISH_TIMEOUT),
-    }
-    bus = Smsbus(env, tmp_path / "bus").start()
+    bus, nats_port = _embedded_smsbus(tmp_path)
     squatter: socket.socket | None = None
     try:
-        embedded = lambda: bus.readyz()["tasks"]["embedded-nats"]  # noqa: E731
+        embedded = functools.partial(_embedded_task, bus)
         for _ in range(10):  # the port, taken between the kill and smsbus's next start
             [server] = wait_for(bus.children, what="the embedded server")
             os.kill(server, signal.SIGKILL)

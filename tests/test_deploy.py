@@ -4,6 +4,7 @@ bundled schema (strict), the kustomization lists what exists, and the image runs
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 
@@ -110,3 +111,23 @@ def test_only_the_public_port_is_reachable_and_only_from_ingress_and_monitoring(
     [app] = deployment["spec"]["template"]["spec"]["containers"]
     [url] = [e["value"] for e in app["env"] if e["name"] == "SMSBUS_URL"]
     assert f"http://127.0.0.1:{private}" == url
+
+
+def test_the_callback_route_is_served_over_plain_http_without_a_redirect() -> None:
+    """SMSPilot's API refuses an https callback URL (its error 260, "Invalid callback URL"):
+    the Ingress serves the route over HTTP and never redirects it to HTTPS (a redirect is not
+    `OK`, so SMSPilot would keep calling), and every document names an http callback URL."""
+    [ingress] = load(DEPLOY / "k8s" / "ingress.yaml")
+    annotations = ingress["metadata"]["annotations"]
+    for redirect in ("ssl-redirect", "force-ssl-redirect"):
+        assert "false" == annotations[f"nginx.ingress.kubernetes.io/{redirect}"]
+    [rule] = ingress["spec"]["rules"]
+    assert ["/callbacks/smspilot"] == [p["path"] for p in rule["http"]["paths"]]
+    for document in (
+        DEPLOY.parent / "README.md",
+        DEPLOY / "README.md",
+        DEPLOY / "k8s" / "ingress.yaml",
+    ):
+        text = document.read_text()
+        assert re.search(r"\bhttp://[^`\n]+/callbacks/smspilot", text), document
+        assert not re.search(r"https://[^`\n]+/callbacks/smspilot", text), document

@@ -67,7 +67,10 @@ class Secret:
         return hash(self._value)
 
 
-# CONTRACT.md section 2: each provider's documented host (scheme, host, port).
+# CONTRACT.md section 2: each provider's documented host (scheme, host, port). HTTPS wherever
+# the provider's API documentation says its API takes it (SMSTOWER and SMSC: "HTTP/HTTPS";
+# SMS-Pager names https URLs; SMSPilot's API is on the same https site as its cabinet), so
+# passwords and API keys do not cross the network in clear; ePochta's names only http.
 DEFAULT_URLS = {
     "smspilot": "https://smspilot.ru",
     "smstower": "https://clients.smstower.ru",

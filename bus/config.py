@@ -108,7 +108,7 @@ class ProviderSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    nats_urls: tuple[str, ...] = ()
+    nats_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a password
     embedded_nats_port: int = 4222
     data_dir: Path = Path(".smsbus")
     http_host: str = "127.0.0.1"
@@ -338,15 +338,18 @@ class _Env:
         return value
 
     def nats_urls(self, name: str) -> tuple[str, ...]:
-        urls = tuple(u.strip() for u in self._environ.get(name, "").split(",") if u.strip())
+        """NATS server URLs, from NAME or, as a URL may carry a user and password, from the
+        file NAME_FILE names (a Kubernetes Secret's, say)."""
+        urls = tuple(u.strip() for u in self.secret(name).split(",") if u.strip())
+        shown = f"{name}_FILE" if self.file_of(name) else name
         for url in urls:
             parts = urlsplit(url if "://" in url else f"nats://{url}")
             if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-                raise ConfigError(name, f"not a NATS server URL: {redact_url(url)!r}")
+                raise ConfigError(shown, f"not a NATS server URL: {redact_url(url)!r}")
             try:
                 parts.port  # noqa: B018 - raises on a bad port
             except ValueError:
-                raise ConfigError(name, f"bad port in {redact_url(url)!r}") from None
+                raise ConfigError(shown, f"bad port in {redact_url(url)!r}") from None
         return urls
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:

@@ -78,8 +78,10 @@ def test_secret_and_its_file_together_are_refused(tmp_path: Path) -> None:
 
 def test_secrets_never_show_in_repr_or_errors() -> None:
     token = "eeeeeeeeeeeeeeee"
-    s = load_settings({"SMSBUS_SMSPILOT_CALLBACK_TOKEN": token})
-    assert token not in repr(s)
+    s = load_settings(
+        {"SMSBUS_SMSPILOT_CALLBACK_TOKEN": token, "SMSBUS_NATS_URL": "nats://u:nats-pw@h:4222"}
+    )
+    assert token not in repr(s) and "nats-pw" not in repr(s)
     assert token not in str(Secret(token))
     with pytest.raises(ConfigError) as info:
         load_settings({"SMSBUS_SMSPILOT_CALLBACK_TOKEN": "tok en with spaces, and more"})

@@ -14,7 +14,7 @@ import nats.errors
 import pytest
 
 from bus.connection import _cause
-from tests.support import SMSBUS, NatsServer, Smsbus, free_port, wait_for
+from tests.support import SMSBUS, NatsServer, Smsbus, free_port, read_stream, wait_for
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -103,6 +103,45 @@ def test_refused_nats_credentials_and_a_refused_connection_are_named(tmp_path: P
     [line] = nobody.stderr.strip().splitlines()
     assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at nats://127.0.0.1:{port}")
     assert line.endswith("Connection refused"), line
+
+
+def test_nats_credentials_from_a_file_are_used_and_never_shown(tmp_path: Path) -> None:
+    """A NATS URL with a user and password is a secret: SMSBUS_NATS_URL_FILE reads it from a
+    file (a Kubernetes Secret's), and nothing smsbus writes shows the password."""
+    password = "file-pass-7b3a91"
+    server = NatsServer(
+        tmp_path / "nats", config=f'authorization {{ user: smsbus, password: "{password}" }}'
+    ).start()
+    url = f"nats://smsbus:{password}@127.0.0.1:{server.port}"
+    secret = tmp_path / "nats-url"
+    secret.write_text(f"{url}\n")
+    bus = Smsbus(
+        {"SMSBUS_NATS_URL_FILE": str(secret), "SMSBUS_STREAM": "FROMFILE"}, tmp_path / "bus"
+    )
+    try:
+        bus.start()
+        with httpx.Client() as client:
+            bus.callback(client, "4242001")
+        [stored] = read_stream(url, "FROMFILE", "sms.status.smspilot.>")
+        assert "4242001" == stored.event["subject"]
+        assert 0 == bus.stop()
+        assert f"nats://***@127.0.0.1:{server.port}" in bus.logs()
+        assert password not in bus.logs()
+    finally:
+        bus.kill()
+        server.stop()
+
+    both = serve(tmp_path, SMSBUS_NATS_URL=url, SMSBUS_NATS_URL_FILE=str(secret))
+    assert 2 == both.returncode
+    assert both.stderr.startswith("smsbus: SMSBUS_NATS_URL: set either SMSBUS_NATS_URL or")
+    secret.write_text(f"http://smsbus:{password}@127.0.0.1:{server.port}")
+    wrong = serve(tmp_path, SMSBUS_NATS_URL_FILE=str(secret))
+    assert 2 == wrong.returncode
+    [line] = wrong.stderr.strip().splitlines()
+    assert line == (
+        f"smsbus: SMSBUS_NATS_URL_FILE: not a NATS server URL: 'http://***@127.0.0.1:{server.port}'"
+    )
+    assert password not in both.stderr + both.stdout + wrong.stderr + wrong.stdout
 
 
 def test_start_up_says_at_once_that_nats_refuses(tmp_path: Path) -> None:

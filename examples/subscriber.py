@@ -93,6 +93,13 @@ def _status(db: sqlite3.Connection, data: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     db = sqlite3.connect(args.db)
+    try:
+        return await consume(args, db)
+    finally:
+        db.close()
+
+
+async def consume(args: argparse.Namespace, db: sqlite3.Connection) -> int:
     db.executescript(SCHEMA)
     nc = await nats.connect(args.nats, max_reconnect_attempts=-1)
     js = nc.jetstream()
@@ -108,6 +115,7 @@ async def run(args: argparse.Namespace) -> int:
         await js.add_consumer(args.stream, config)  # the same config again is accepted
     except nats.js.errors.BadRequestError as exc:
         print(f"subscriber: cannot create consumer {args.durable}: {exc}", file=sys.stderr)
+        await nc.close()
         return 1
     sub = await js.pull_subscribe_bind(args.durable, stream=args.stream)
     stop = asyncio.Event()
@@ -136,7 +144,6 @@ async def run(args: argparse.Namespace) -> int:
     # Every ack was confirmed (ack_sync), so close at once: nats-py's drain() waits forever on a
     # pull subscription's pending queue.
     await nc.close()
-    db.close()
     return 0
 
 

@@ -6,6 +6,7 @@ again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import sqlite3
@@ -127,7 +128,7 @@ def test_a_spooled_fact_already_recorded_is_dropped_after_the_window(
                          received_at=utcnow())  # fmt: skip
     fresh = status_event(bus.prefix, "smspilot", str(next(_ids)), "2", via="callback",
                          received_at=utcnow())  # fmt: skip
-    with sqlite3.connect(bus.data_dir / "spool.sqlite3") as db:
+    with contextlib.closing(sqlite3.connect(bus.data_dir / "spool.sqlite3")) as db, db:
         db.executemany(
             "INSERT INTO spool (id, subject, type, provider, payload, spooled_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",

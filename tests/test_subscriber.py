@@ -4,6 +4,7 @@ rule."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import signal
@@ -50,7 +51,7 @@ class Subscriber:
 def handled(db: Path) -> set[str]:
     if not db.exists():
         return set()
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         try:
             return {row[0] for row in conn.execute("SELECT id FROM handled")}
         except sqlite3.OperationalError:  # the schema is not there yet
@@ -106,6 +107,6 @@ def test_the_example_subscriber_applies_each_fact_once_through_a_restart(
 
 
 def rows(db: Path) -> dict[str, tuple[object, ...]]:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         query = "SELECT message_id, status, final, facts, client_ref FROM message"
         return {row[0]: row[1:] for row in conn.execute(query)}

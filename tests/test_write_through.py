@@ -184,7 +184,8 @@ def test_a_batch_refused_part_way_is_finished_key_by_key(
 
 def test_a_spool_from_an_earlier_release_opens_and_drains(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
-    with sqlite3.connect(path) as db:  # the table as releases before owed states made it
+    # The table as releases before owed states made it (committed, then closed).
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute(
             "CREATE TABLE spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,"
             " subject TEXT NOT NULL, type TEXT NOT NULL, provider TEXT NOT NULL,"

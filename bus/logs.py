@@ -170,6 +170,18 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)  # added once, however often called
+
+
+def _not_tls_eof_noise(record: logging.LogRecord) -> bool:
+    """False for asyncio's warning that a protocol's eof_received() returned true over TLS: nats-py
+    upgrades a connection to TLS under a protocol that was never told so (nats-io/nats.py#574),
+    and every connection to a `tls://` NATS that the server closes (a stop, a restart) would
+    otherwise log it, at warning level, though nothing is wrong."""
+    return not (isinstance(record.msg, str) and record.msg.lower().startswith(_TLS_EOF))
+
+
+_TLS_EOF = "returning true from eof_received() has no effect when using ssl"
 
 
 def _json_text(obj: Any, **kw: Any) -> str:

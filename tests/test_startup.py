@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -142,6 +143,67 @@ def test_nats_credentials_from_a_file_are_used_and_never_shown(tmp_path: Path) -
         f"smsbus: SMSBUS_NATS_URL_FILE: not a NATS server URL: 'http://***@127.0.0.1:{server.port}'"
     )
     assert password not in both.stderr + both.stdout + wrong.stderr + wrong.stdout
+
+
+def _certificates(where: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate it signed for 127.0.0.1 (openssl's command line): the CA's
+    PEM, the server's certificate and its key."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed to make the test's certificates"
+    where.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = where / "ca.pem", where / "ca.key"
+    cert, key, request = where / "server.pem", where / "server.key", where / "server.csr"
+    extensions = where / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "2", "-subj", "/CN=smsbus test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", extensions],
+    ):  # fmt: skip
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=30)
+    return ca, cert, key
+
+
+def test_a_nats_server_with_tls_from_a_private_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `tls://` URL checks the server against the system's CAs: a private CA's certificate is
+    refused with one line saying so, and trusted through SSL_CERT_FILE. Nothing is logged as a
+    warning when the server closes a TLS connection at the stop."""
+    ca, cert, key = _certificates(tmp_path / "pki")
+    server = NatsServer(
+        tmp_path / "nats", config=f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
+    ).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    bus = Smsbus(
+        {"SMSBUS_NATS_URL": url, "SMSBUS_STREAM": "OVERTLS", "SSL_CERT_FILE": str(ca)},
+        tmp_path / "bus",
+    )
+    try:
+        untrusted = serve(tmp_path, SMSBUS_NATS_URL=url, SMSBUS_STARTUP_TIMEOUT="2")
+        assert 1 == untrusted.returncode
+        [line] = untrusted.stderr.strip().splitlines()
+        assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at {url}: "), line
+        assert "CERTIFICATE_VERIFY_FAILED" in line, line
+
+        bus.start()
+        with httpx.Client() as client:
+            bus.callback(client, "4242002")
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # for this process's reader
+        [stored] = read_stream(url, "OVERTLS", "sms.status.smspilot.>")
+        assert "4242002" == stored.event["subject"]
+        assert 0 == bus.stop()
+        warnings = [
+            entry for entry in map(json.loads, bus.logs().splitlines())
+            if entry.get("level") in ("warning", "error")
+        ]  # fmt: skip
+        assert [] == warnings
+    finally:
+        bus.kill()
+        server.stop()
 
 
 def test_start_up_says_at_once_that_nats_refuses(tmp_path: Path) -> None:

@@ -147,17 +147,24 @@ def test_nats_credentials_from_a_file_are_used_and_never_shown(tmp_path: Path) -
 
 def _certificates(where: Path) -> tuple[Path, Path, Path]:
     """A private CA and a certificate it signed for 127.0.0.1 (openssl's command line): the CA's
-    PEM, the server's certificate and its key."""
+    PEM, the server's certificate and its key. With the extensions RFC 5280 asks for, which
+    Python 3.13 and later check (VERIFY_X509_STRICT), as a CA such as cert-manager's gives them."""
     openssl = shutil.which("openssl")
     assert openssl, "openssl is needed to make the test's certificates"
     where.mkdir(parents=True, exist_ok=True)
     ca, ca_key = where / "ca.pem", where / "ca.key"
     cert, key, request = where / "server.pem", where / "server.key", where / "server.csr"
     extensions = where / "san.cnf"
-    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    extensions.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
     for args in (
         ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-         "-days", "2", "-subj", "/CN=smsbus test CA"],
+         "-days", "2", "-subj", "/CN=smsbus test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
         ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
          "-subj", "/CN=127.0.0.1"],
         ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +107,32 @@ class ProviderSettings:
         return bool(self.credentials)
 
 
+def _no_passphrase() -> bytes:
+    """For a key file: an encrypted key is refused rather than asked for on a terminal."""
+    return b""
+
+
+@dataclass(frozen=True)
+class NatsTls:
+    """TLS for the connections to SMSBUS_NATS_URL's servers: the CAs their certificates are
+    checked against, instead of the system's (so a private CA does not change what the HTTPS
+    calls to providers trust), and a client certificate for servers that verify clients."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.cert is not None and self.key is not None:
+            context.load_cert_chain(self.cert, self.key, password=_no_passphrase)
+        return context
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a password
+    nats_tls: NatsTls | None = None  # SMSBUS_NATS_TLS_*: None, the system's CAs
     embedded_nats_port: int = 4222
     data_dir: Path = Path(".smsbus")
     http_host: str = "127.0.0.1"
@@ -154,6 +178,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     track_ttl = env.seconds("SMSBUS_TRACK_TTL", 259200.0, low=1, high=90 * 86400)
     settings = Settings(
         nats_urls=env.nats_urls("SMSBUS_NATS_URL"),
+        nats_tls=env.nats_tls(),
         embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
         data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
         http_host=env.text("SMSBUS_HTTP_HOST", "127.0.0.1"),
@@ -351,6 +376,51 @@ class _Env:
             except ValueError:
                 raise ConfigError(shown, f"bad port in {redact_url(url)!r}") from None
         return urls
+
+    def nats_tls(self) -> NatsTls | None:
+        """SMSBUS_NATS_TLS_CA, _CERT and _KEY (PEM files), tried once here so that a file that
+        cannot be read or used stops start-up with one line naming it."""
+        ca, cert, key = (
+            self._environ.get(f"SMSBUS_NATS_TLS_{part}", "").strip() or None
+            for part in ("CA", "CERT", "KEY")
+        )
+        if ca is None and cert is None and key is None:
+            return None
+        first = "SMSBUS_NATS_TLS_" + ("CA" if ca else "CERT" if cert else "KEY")
+        if not self._environ.get("SMSBUS_NATS_URL", "").strip() and not self.file_of(
+            "SMSBUS_NATS_URL"
+        ):
+            raise ConfigError(
+                first, "is for SMSBUS_NATS_URL's servers; the embedded one has no TLS"
+            )
+        if (cert is None) != (key is None):
+            missing = "SMSBUS_NATS_TLS_KEY" if key is None else "SMSBUS_NATS_TLS_CERT"
+            raise ConfigError(missing, "set SMSBUS_NATS_TLS_CERT and SMSBUS_NATS_TLS_KEY together")
+        for part, path in (("CA", ca), ("CERT", cert), ("KEY", key)):
+            if path is not None:
+                try:
+                    Path(path).read_bytes()
+                except OSError as exc:
+                    raise ConfigError(
+                        f"SMSBUS_NATS_TLS_{part}", f"cannot read {path}: {exc.strerror}"
+                    ) from None
+        tls = NatsTls(*(Path(p) if p else None for p in (ca, cert, key)))
+        if ca is not None:
+            try:
+                NatsTls(ca=tls.ca).context()
+            except ssl.SSLError as exc:
+                raise ConfigError(
+                    "SMSBUS_NATS_TLS_CA", f"no PEM certificate to trust in {ca}: {exc.reason}"
+                ) from None
+        if cert is not None:
+            try:
+                tls.context()
+            except ssl.SSLError as exc:  # a mismatched pair, an encrypted key, not PEM
+                raise ConfigError(
+                    "SMSBUS_NATS_TLS_CERT",
+                    f"cannot use {cert} with the key in {key}: {exc.reason or exc}",
+                ) from None
+        return tls
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:
         networks = []

@@ -125,6 +125,7 @@ class Connection:
         """Connect, retrying until `deadline` (monotonic); StartupError naming the variable."""
         urls = list(self._settings.effective_nats_urls)
         shown = ", ".join(redact_url(u) for u in urls)
+        tls = self._settings.nats_tls.context() if self._settings.nats_tls else None
         errors: list[BaseException] = []
         backoff = Backoff(0.2, 2.0)
 
@@ -157,6 +158,7 @@ class Connection:
                         # ids, statuses, bucket keys): checking each publish again costs a
                         # regular expression per message on the callback's path.
                         skip_subject_validation=True,
+                        tls=tls,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
                         **callbacks,

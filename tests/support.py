@@ -11,6 +11,7 @@ import random
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -473,12 +474,14 @@ class Stored:
     event: dict[str, Any]
 
 
-def read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]:
+def read_stream(
+    url: str | list[str], stream: str, subject: str, tls: ssl.SSLContext | None = None
+) -> list[Stored]:
     """Everything the stream holds under `subject` (a filter), oldest first. A read that fails
     (a clustered stream electing a leader after a node died) is tried again, a few times."""
     for attempt in range(4):
         try:
-            return asyncio.run(_read_stream(url, stream, subject))
+            return asyncio.run(_read_stream(url, stream, subject, tls))
         except (TimeoutError, nats.errors.Error):
             if attempt == 3:
                 raise
@@ -486,8 +489,12 @@ def read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]
     raise AssertionError("unreachable")
 
 
-async def _read_stream(url: str | list[str], stream: str, subject: str) -> list[Stored]:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, error_cb=quiet)
+async def _read_stream(
+    url: str | list[str], stream: str, subject: str, tls: ssl.SSLContext | None = None
+) -> list[Stored]:
+    nc = await nats.connect(
+        url, connect_timeout=5, max_reconnect_attempts=0, error_cb=quiet, tls=tls
+    )
     try:
         js = nc.jetstream()
         config = ConsumerConfig(

@@ -92,3 +92,28 @@ def test_secrets_never_show_in_repr_or_errors() -> None:
 def test_url_credentials_are_redacted() -> None:
     assert "nats://***@host:4222" == redact_url("nats://user:pw@host:4222")
     assert "nats://host:4222" == redact_url("nats://host:4222")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SMSBUS_NATS_TLS_CA": "{ca}"},
+         "SMSBUS_NATS_TLS_CA: is for SMSBUS_NATS_URL's servers; the embedded one has no TLS"),
+        ({"SMSBUS_NATS_URL": "tls://h:4222", "SMSBUS_NATS_TLS_CERT": "{ca}"},
+         "SMSBUS_NATS_TLS_KEY: set SMSBUS_NATS_TLS_CERT and SMSBUS_NATS_TLS_KEY together"),
+        ({"SMSBUS_NATS_URL": "tls://h:4222", "SMSBUS_NATS_TLS_CA": "/nonexistent/ca.pem"},
+         "SMSBUS_NATS_TLS_CA: cannot read /nonexistent/ca.pem: No such file or directory"),
+        ({"SMSBUS_NATS_URL": "tls://h:4222", "SMSBUS_NATS_TLS_CA": "{ca}"},
+         "SMSBUS_NATS_TLS_CA: no PEM certificate to trust in {ca}"),
+    ],
+)  # fmt: skip
+def test_nats_tls_files_are_checked_at_start(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """Each mistake in SMSBUS_NATS_TLS_* is one ConfigError naming the variable (the files are
+    made and used in tests/test_startup.py, against a real nats-server)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings({k: v.format(ca=ca) for k, v in env.items()})
+    assert str(info.value).startswith(message.format(ca=ca)), str(info.value)

@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -145,62 +147,85 @@ def test_nats_credentials_from_a_file_are_used_and_never_shown(tmp_path: Path) -
     assert password not in both.stderr + both.stdout + wrong.stderr + wrong.stdout
 
 
-def _certificates(where: Path) -> tuple[Path, Path, Path]:
-    """A private CA and a certificate it signed for 127.0.0.1 (openssl's command line): the CA's
-    PEM, the server's certificate and its key. With the extensions RFC 5280 asks for, which
-    Python 3.13 and later check (VERIFY_X509_STRICT), as a CA such as cert-manager's gives them."""
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server: tuple[Path, Path]  # certificate, key
+    client: tuple[Path, Path]
+
+
+def _pki(where: Path) -> Pki:
+    """A private CA, and a server certificate for 127.0.0.1 and a client certificate it signed
+    (openssl's command line), with the extensions RFC 5280 asks for, which Python 3.13 and later
+    check (VERIFY_X509_STRICT), as a CA such as cert-manager's gives them."""
     openssl = shutil.which("openssl")
     assert openssl, "openssl is needed to make the test's certificates"
     where.mkdir(parents=True, exist_ok=True)
     ca, ca_key = where / "ca.pem", where / "ca.key"
-    cert, key, request = where / "server.pem", where / "server.key", where / "server.csr"
-    extensions = where / "san.cnf"
-    extensions.write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
-    )
-    for args in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-         "-days", "2", "-subj", "/CN=smsbus test CA",
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
-         "-subj", "/CN=127.0.0.1"],
-        ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "2", "-extfile", extensions],
-    ):  # fmt: skip
+
+    def run(*args: object) -> None:
         subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=30)
-    return ca, cert, key
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+        "-days", "2", "-subj", "/CN=smsbus test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+
+    def signed(name: str, usage: str, extra: str = "") -> tuple[Path, Path]:
+        cert, key, request = (where / f"{name}.{kind}" for kind in ("pem", "key", "csr"))
+        extensions = where / f"{name}.cnf"
+        extensions.write_text(
+            f"{extra}basicConstraints=critical,CA:FALSE\n"
+            f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+        )
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
+            "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+            "-out", cert, "-days", "2", "-extfile", extensions)  # fmt: skip
+        return cert, key
+
+    server = signed("server", "serverAuth", "subjectAltName=IP:127.0.0.1\n")
+    return Pki(ca, server, signed("smsbus", "clientAuth"))
 
 
-def test_a_nats_server_with_tls_from_a_private_ca(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A `tls://` URL checks the server against the system's CAs: a private CA's certificate is
-    refused with one line saying so, and trusted through SSL_CERT_FILE. Nothing is logged as a
+def test_a_nats_server_with_mutual_tls_from_a_private_ca(tmp_path: Path) -> None:
+    """A NATS whose certificate a private CA signed and which verifies its clients' certificates:
+    SMSBUS_NATS_TLS_CA trusts that CA for NATS alone, SMSBUS_NATS_TLS_CERT and _KEY present the
+    client's. What is missing or wrong stops start-up with one line; nothing is logged as a
     warning when the server closes a TLS connection at the stop."""
-    ca, cert, key = _certificates(tmp_path / "pki")
+    pki = _pki(tmp_path / "pki")
+    (cert, key), (client_cert, client_key) = pki.server, pki.client
     server = NatsServer(
-        tmp_path / "nats", config=f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
+        tmp_path / "nats",
+        config=f'tls {{ cert_file: "{cert}", key_file: "{key}", ca_file: "{pki.ca}", '
+        "verify: true }",
     ).start()
     url = f"tls://127.0.0.1:{server.port}"
-    bus = Smsbus(
-        {"SMSBUS_NATS_URL": url, "SMSBUS_STREAM": "OVERTLS", "SSL_CERT_FILE": str(ca)},
-        tmp_path / "bus",
-    )
+    trusted = {"SMSBUS_NATS_URL": url, "SMSBUS_NATS_TLS_CA": str(pki.ca)}
+    client = {"SMSBUS_NATS_TLS_CERT": str(client_cert), "SMSBUS_NATS_TLS_KEY": str(client_key)}
+    bus = Smsbus({**trusted, **client, "SMSBUS_STREAM": "OVERTLS"}, tmp_path / "bus")
     try:
-        untrusted = serve(tmp_path, SMSBUS_NATS_URL=url, SMSBUS_STARTUP_TIMEOUT="2")
-        assert 1 == untrusted.returncode
-        [line] = untrusted.stderr.strip().splitlines()
-        assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at {url}: "), line
-        assert "CERTIFICATE_VERIFY_FAILED" in line, line
+        lines = []
+        for env in ({"SMSBUS_NATS_URL": url}, trusted):  # the system's CAs; no client certificate
+            refused = serve(tmp_path, **env, SMSBUS_STARTUP_TIMEOUT="2")
+            assert 1 == refused.returncode
+            [line] = refused.stderr.strip().splitlines()
+            assert line.startswith(f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at {url}: "), line
+            lines.append(line)
+        assert "CERTIFICATE_VERIFY_FAILED" in lines[0], lines
+        mismatched = serve(tmp_path, **trusted, SMSBUS_NATS_TLS_CERT=str(client_cert),
+                           SMSBUS_NATS_TLS_KEY=str(key))  # fmt: skip
+        assert 2 == mismatched.returncode
+        [line] = mismatched.stderr.strip().splitlines()
+        assert line.startswith(f"smsbus: SMSBUS_NATS_TLS_CERT: cannot use {client_cert}"), line
 
         bus.start()
-        with httpx.Client() as client:
-            bus.callback(client, "4242002")
-        monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # for this process's reader
-        [stored] = read_stream(url, "OVERTLS", "sms.status.smspilot.>")
+        with httpx.Client() as http:
+            bus.callback(http, "4242002")
+        tls = ssl.create_default_context(cafile=pki.ca)
+        tls.load_cert_chain(client_cert, client_key)
+        [stored] = read_stream(url, "OVERTLS", "sms.status.smspilot.>", tls=tls)
         assert "4242002" == stored.event["subject"]
         assert 0 == bus.stop()
         warnings = [

@@ -161,6 +161,15 @@ class Settings:
     lease_ttl: float = 15.0
 
     @property
+    def tls_asked_by(self) -> str | None:
+        """What asks for TLS to NATS (SMSBUS_NATS_TLS_*, a `tls://` URL), or None."""
+        if self.nats_tls is not None:
+            return "SMSBUS_NATS_TLS_*"
+        if any(url.startswith("tls://") for url in self.nats_urls):
+            return "a tls:// URL"
+        return None
+
+    @property
     def embedded(self) -> bool:
         """True when smsbus runs its own nats-server."""
         return not self.nats_urls

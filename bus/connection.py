@@ -85,6 +85,14 @@ def _cause(errors: list[BaseException]) -> str:
     return describe(cause)
 
 
+def in_the_clear(nc: NATS) -> bool:
+    """Whether a connection is not encrypted. nats-py turns to TLS only when the server's INFO
+    asks for it, whatever the URL's scheme or the TLS context given, so a server that offers no
+    TLS is talked to in the clear; its INFO is kept in `_server_info` (there is no public
+    accessor)."""
+    return not nc._server_info.get("tls_required")
+
+
 class Connection:
     def __init__(self, settings: Settings, name: str = "smsbus") -> None:
         self._settings = settings
@@ -175,6 +183,15 @@ class Connection:
                 log.info("NATS not reachable yet; retrying", nats=shown, error=reason,
                          retry_in_s=round(wait, 2))  # fmt: skip
                 await asyncio.sleep(wait)
+        asked = self._settings.tls_asked_by
+        if asked and in_the_clear(self._nc):
+            url = self._nc.connected_url
+            await self.close()
+            shown = redact_url(url.geturl()) if url else ", ".join(redact_url(u) for u in urls)
+            raise StartupError(
+                f"{variable_for(self._settings)}: the NATS server at {shown} does not use TLS, "
+                f"which {asked} asks for"
+            )
         self._js = self._nc.jetstream(timeout=API_TIMEOUT)
         self._up.set()
 
@@ -191,8 +208,12 @@ class Connection:
 
     async def _on_reconnected(self) -> None:
         url = self.nc.connected_url
-        log.info("nats reconnected", connection=self.name,
-                 url=redact_url(url.geturl()) if url else None)  # fmt: skip
+        shown = redact_url(url.geturl()) if url else None
+        log.info("nats reconnected", connection=self.name, url=shown)
+        asked = self._settings.tls_asked_by
+        if asked and in_the_clear(self.nc):
+            log.error("NATS reconnected without TLS", connection=self.name, url=shown,
+                      asked_by=asked)  # fmt: skip
         self._up.set()
         self._bump()
 

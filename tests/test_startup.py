@@ -238,6 +238,49 @@ def test_a_nats_server_with_mutual_tls_from_a_private_ca(tmp_path: Path) -> None
         server.stop()
 
 
+def test_a_nats_server_without_tls_is_refused_when_tls_is_asked_for(tmp_path: Path) -> None:
+    """nats-py turns to TLS only when the server asks for it: a `tls://` URL or the TLS settings
+    would otherwise talk to a server that offers no TLS in the clear. At start that is one line
+    and exit 1; a reconnect to such a server (here the TLS server replaced by a plain one on the
+    same port) is an error line."""
+    pki = _pki(tmp_path / "pki")
+    plain = NatsServer(tmp_path / "plain").start()
+    try:
+        for env, asked in (
+            ({"SMSBUS_NATS_URL": f"tls://127.0.0.1:{plain.port}"}, "a tls:// URL"),
+            ({"SMSBUS_NATS_URL": plain.url, "SMSBUS_NATS_TLS_CA": str(pki.ca)},
+             "SMSBUS_NATS_TLS_*"),
+        ):  # fmt: skip
+            refused = serve(tmp_path, **env)
+            assert 1 == refused.returncode
+            [line] = refused.stderr.strip().splitlines()
+            assert line.startswith("smsbus: SMSBUS_NATS_URL: the NATS server at "), line
+            assert line.endswith(f":{plain.port} does not use TLS, which {asked} asks for"), line
+    finally:
+        plain.stop()
+
+    cert, key = pki.server
+    tls = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
+    server = NatsServer(tmp_path / "nats", config=tls).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    bus = Smsbus({"SMSBUS_NATS_URL": url, "SMSBUS_NATS_TLS_CA": str(pki.ca)}, tmp_path / "bus")
+    try:
+        bus.start()
+        server.stop()
+        server = NatsServer(tmp_path / "nats", port=server.port).start()  # the same store
+        errors = wait_for(
+            lambda: [
+                entry for entry in map(json.loads, bus.logs().splitlines())
+                if entry["event"] == "NATS reconnected without TLS"
+            ],
+            timeout=20, what="the reconnect in the clear to be logged",
+        )  # fmt: skip
+        assert {("error", "SMSBUS_NATS_TLS_*")} == {(e["level"], e["asked_by"]) for e in errors}
+    finally:
+        bus.kill()
+        server.stop()
+
+
 def test_start_up_says_at_once_that_nats_refuses(tmp_path: Path) -> None:
     """nats-py retries inside an attempt for up to 5 s; the first refusal is logged when it
     happens, not when the attempt times out (here never: the start-up gives up first)."""

@@ -187,9 +187,9 @@ class Connection:
         if asked and in_the_clear(self._nc):
             url = self._nc.connected_url
             await self.close()
-            shown = redact_url(url.geturl()) if url else ", ".join(redact_url(u) for u in urls)
+            server = redact_url(url.geturl()) if url else shown
             raise StartupError(
-                f"{variable_for(self._settings)}: the NATS server at {shown} does not use TLS, "
+                f"{variable_for(self._settings)}: the NATS server at {server} does not use TLS, "
                 f"which {asked} asks for"
             )
         self._js = self._nc.jetstream(timeout=API_TIMEOUT)

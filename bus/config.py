@@ -378,7 +378,10 @@ class _Env:
         shown = f"{name}_FILE" if self.file_of(name) else name
         for url in urls:
             parts = urlsplit(url if "://" in url else f"nats://{url}")
-            if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            if parts.scheme in ("ws", "wss"):  # nats-py needs aiohttp for them, not installed
+                why = "WebSocket URLs are not supported, use nats:// or tls://"
+                raise ConfigError(shown, f"{why}: {redact_url(url)!r}")
+            if parts.scheme not in ("nats", "tls") or not parts.hostname:
                 raise ConfigError(shown, f"not a NATS server URL: {redact_url(url)!r}")
             try:
                 parts.port  # noqa: B018 - raises on a bad port

@@ -45,6 +45,12 @@ def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         ({"SMSBUS_SMSPILOT_ALLOWED_IPS": "10.0.0.0/33"}, 2, "SMSBUS_SMSPILOT_ALLOWED_IPS: not an"),
         ({"SMSBUS_NATS_URL": "http://x:4222"}, 2, "SMSBUS_NATS_URL: not a NATS server URL"),
         (
+            {"SMSBUS_NATS_URL": "nats://a:4222,wss://u:hunter2@b:443"},
+            2,
+            "SMSBUS_NATS_URL: WebSocket URLs are not supported, use nats:// or tls://: "
+            "'wss://***@b:443'",
+        ),
+        (
             {"SMSBUS_NATS_URL": "nats://u:hunter2@127.0.0.1:1", "SMSBUS_STARTUP_TIMEOUT": "2"},
             1,
             "SMSBUS_NATS_URL: cannot reach",

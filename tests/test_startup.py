@@ -1,4 +1,6 @@
-"""A bad setting or a missing resource stops `smsbus serve` with one line naming the variable."""
+"""A bad setting or a missing resource stops `smsbus serve` with one line naming the variable;
+the NATS connection's settings (credentials from a file, TLS with a private CA and a client
+certificate) work against real nats-servers, and TLS asked for is never given up silently."""
 
 from __future__ import annotations
 

@@ -88,9 +88,11 @@ def _cause(errors: list[BaseException]) -> str:
 def in_the_clear(nc: NATS) -> bool:
     """Whether a connection is not encrypted. nats-py turns to TLS only when the server's INFO
     asks for it, whatever the URL's scheme or the TLS context given, so a server that offers no
-    TLS is talked to in the clear; its INFO is kept in `_server_info` (there is no public
-    accessor)."""
-    return not nc._server_info.get("tls_required")
+    TLS is talked to in the clear. nats-py keeps that INFO in `_server_info` (there is no public
+    accessor); should a release drop it, every connection counts as in the clear: TLS asked
+    for is then refused with its one line, never assumed."""
+    info = getattr(nc, "_server_info", None)
+    return not (isinstance(info, dict) and info.get("tls_required"))
 
 
 class Connection:

@@ -185,9 +185,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read every SMSBUS_* setting; raise ConfigError on the first bad one."""
     env = _Env(os.environ if environ is None else environ)
     track_ttl = env.seconds("SMSBUS_TRACK_TTL", 259200.0, low=1, high=90 * 86400)
+    nats_urls = env.nats_urls("SMSBUS_NATS_URL")
     settings = Settings(
-        nats_urls=env.nats_urls("SMSBUS_NATS_URL"),
-        nats_tls=env.nats_tls(),
+        nats_urls=nats_urls,
+        nats_tls=env.nats_tls(embedded=not nats_urls),
         embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
         data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
         http_host=env.text("SMSBUS_HTTP_HOST", "127.0.0.1"),
@@ -389,9 +390,10 @@ class _Env:
                 raise ConfigError(shown, f"bad port in {redact_url(url)!r}") from None
         return urls
 
-    def nats_tls(self) -> NatsTls | None:
+    def nats_tls(self, embedded: bool) -> NatsTls | None:
         """SMSBUS_NATS_TLS_CA, _CERT and _KEY (PEM files), tried once here so that a file that
-        cannot be read or used stops start-up with one line naming it."""
+        cannot be read or used stops start-up with one line naming it; `embedded`: no
+        SMSBUS_NATS_URL was given, so there is no server to use them with."""
         ca, cert, key = (
             self._environ.get(f"SMSBUS_NATS_TLS_{part}", "").strip() or None
             for part in ("CA", "CERT", "KEY")
@@ -399,9 +401,7 @@ class _Env:
         if ca is None and cert is None and key is None:
             return None
         first = "SMSBUS_NATS_TLS_" + ("CA" if ca else "CERT" if cert else "KEY")
-        if not self._environ.get("SMSBUS_NATS_URL", "").strip() and not self.file_of(
-            "SMSBUS_NATS_URL"
-        ):
+        if embedded:
             raise ConfigError(
                 first, "is for SMSBUS_NATS_URL's servers; the embedded one has no TLS"
             )

@@ -27,6 +27,7 @@ def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         "PATH": os.environ.get("PATH", ""),
         "SMSBUS_DATA_DIR": str(tmp_path / "data"),
         "SMSBUS_HTTP_PORT": str(free_port()),
+        "SMSBUS_API_PORT": str(free_port()),
         "SMSBUS_EMBEDDED_NATS_PORT": str(free_port()),
         **env,
     }

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from bus import credentials
 from bus.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -133,6 +134,7 @@ class NatsTls:
 class Settings:
     nats_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a password
     nats_tls: NatsTls | None = None  # SMSBUS_NATS_TLS_*: None, the system's CAs
+    nats_creds: Path | None = None  # SMSBUS_NATS_CREDS: a user's JWT and NKEY seed
     embedded_nats_port: int = 4222
     data_dir: Path = Path(".smsbus")
     http_host: str = "127.0.0.1"
@@ -189,6 +191,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(
         nats_urls=nats_urls,
         nats_tls=env.nats_tls(embedded=not nats_urls),
+        nats_creds=env.nats_creds(embedded=not nats_urls),
         embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
         data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
         http_host=env.text("SMSBUS_HTTP_HOST", "127.0.0.1"),
@@ -433,6 +436,23 @@ class _Env:
                     f"cannot use {cert} with the key in {key}: {exc.reason or exc}",
                 ) from None
         return tls
+
+    def nats_creds(self, embedded: bool) -> Path | None:
+        """SMSBUS_NATS_CREDS: a NATS credentials file, read once here so that one the server
+        would refuse stops start-up with one line (bus/credentials.py)."""
+        name = "SMSBUS_NATS_CREDS"
+        path = self._environ.get(name, "").strip()
+        if not path:
+            return None
+        if embedded:
+            raise ConfigError(
+                name, "is for SMSBUS_NATS_URL's servers; the embedded one has no users"
+            )
+        try:
+            credentials.check(Path(path))
+        except credentials.BadCredentials as exc:
+            raise ConfigError(name, str(exc)) from None
+        return Path(path)
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:
         networks = []

@@ -33,6 +33,7 @@ from nats.js.client import JetStreamContext
 
 from bus.backoff import Backoff
 from bus.config import Settings, redact_url
+from bus.credentials import Credentials
 from bus.errors import StartupError
 
 log = structlog.get_logger("smsbus.nats")
@@ -105,6 +106,10 @@ class Connection:
         self._changed = asyncio.Event()
         self._up = asyncio.Event()
         self._closing = False
+        # Why reconnecting has failed since the last disconnect (None while connected), and each
+        # reason logged so far: nats-py tries every RETRY_WAIT, and each reason is logged once.
+        self.last_error: str | None = None
+        self._reasons: set[str] = set()
 
     @property
     def nc(self) -> NATS:
@@ -136,19 +141,35 @@ class Connection:
         urls = list(self._settings.effective_nats_urls)
         shown = ", ".join(redact_url(u) for u in urls)
         tls = self._settings.nats_tls.context() if self._settings.nats_tls else None
+        user: dict[str, Any] = {}
+        if self._settings.nats_creds is not None:
+            creds = Credentials(self._settings.nats_creds)
+            user = {"user_jwt_cb": creds.jwt, "signature_cb": creds.sign}
         errors: list[BaseException] = []
         backoff = Backoff(0.2, 2.0)
 
         async def on_error(exc: Exception) -> None:
-            errors.append(exc)
-            if self._nc is None and not errors[:-1] and not self._closing:
-                # nats-py retries within an attempt: say so now, not when the attempt times out.
-                log.info("NATS not reachable yet; retrying", nats=shown, error=_cause(errors),
-                         retry_in_s=RETRY_WAIT)  # fmt: skip
-            if not self._closing and self._nc is not None and self._nc.is_connected:
+            if self._nc is None:  # connecting: kept to say why, should the attempts run out
+                errors.append(exc)
+                if not errors[:-1] and not self._closing:
+                    # nats-py retries within an attempt: say so now, not when it times out.
+                    log.info("NATS not reachable yet; retrying", nats=shown,
+                             error=_cause(errors), retry_in_s=RETRY_WAIT)  # fmt: skip
+                return
+            if self._closing:
+                return
+            if self._nc.is_connected:
                 log.warning(
                     "nats error", connection=self.name, error=str(exc) or type(exc).__name__
                 )
+                return
+            # Reconnecting: a server down, credentials refused or revoked, a credentials file
+            # broken (bus/credentials.py); said once each, and shown in /readyz.
+            self.last_error = describe(exc)
+            if self.last_error not in self._reasons:
+                self._reasons.add(self.last_error)
+                log.warning("nats reconnection failed; retrying", connection=self.name,
+                            error=self.last_error)  # fmt: skip
 
         while True:
             attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
@@ -169,6 +190,7 @@ class Connection:
                         # regular expression per message on the callback's path.
                         skip_subject_validation=True,
                         tls=tls,
+                        **user,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
                         **callbacks,
@@ -216,6 +238,8 @@ class Connection:
         if asked and in_the_clear(self.nc):
             log.error("NATS reconnected without TLS", connection=self.name, url=shown,
                       asked_by=asked)  # fmt: skip
+        self.last_error = None
+        self._reasons.clear()
         self._up.set()
         self._bump()
 

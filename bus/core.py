@@ -82,7 +82,8 @@ class Bus:
     async def readiness(self) -> Readiness:
         """NATS connected, and the stream present (that look-up cached for a second)."""
         if not self.conn.is_connected:
-            self._readiness = Readiness(False, "NATS is not connected", checked=0.0)
+            why = f": {self.conn.last_error}" if self.conn.last_error else ""
+            self._readiness = Readiness(False, f"NATS is not connected{why}", checked=0.0)
             return self._readiness
         if time.monotonic() - self._readiness.checked < READINESS_CACHE:
             return self._readiness

@@ -11,7 +11,6 @@ import random
 import resource
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -474,14 +473,13 @@ class Stored:
     event: dict[str, Any]
 
 
-def read_stream(
-    url: str | list[str], stream: str, subject: str, tls: ssl.SSLContext | None = None
-) -> list[Stored]:
-    """Everything the stream holds under `subject` (a filter), oldest first. A read that fails
-    (a clustered stream electing a leader after a node died) is tried again, a few times."""
+def read_stream(url: str | list[str], stream: str, subject: str, **connect: Any) -> list[Stored]:
+    """Everything the stream holds under `subject` (a filter), oldest first; `connect`: more of
+    nats.connect's options (`tls`, `user_credentials`). A read that fails (a clustered stream
+    electing a leader after a node died) is tried again, a few times."""
     for attempt in range(4):
         try:
-            return asyncio.run(_read_stream(url, stream, subject, tls))
+            return asyncio.run(_read_stream(url, stream, subject, connect))
         except (TimeoutError, nats.errors.Error):
             if attempt == 3:
                 raise
@@ -490,10 +488,10 @@ def read_stream(
 
 
 async def _read_stream(
-    url: str | list[str], stream: str, subject: str, tls: ssl.SSLContext | None = None
+    url: str | list[str], stream: str, subject: str, connect: dict[str, Any]
 ) -> list[Stored]:
     nc = await nats.connect(
-        url, connect_timeout=5, max_reconnect_attempts=0, error_cb=quiet, tls=tls
+        url, connect_timeout=5, max_reconnect_attempts=0, error_cb=quiet, **connect
     )
     try:
         js = nc.jetstream()

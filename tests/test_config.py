@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+import base64
 import ipaddress
+import time
 from pathlib import Path
 
+import nats.errors
+import nkeys  # type: ignore[import-untyped]
 import pytest
 
 from bus.config import Secret, Settings, load_settings, redact_url
+from bus.credentials import Credentials
 from bus.errors import ConfigError
+from tests.accounts import Operator
 
 
 def test_defaults_follow_the_contract() -> None:
@@ -117,3 +123,78 @@ def test_nats_tls_files_are_checked_at_start(
     with pytest.raises(ConfigError) as info:
         load_settings({k: v.format(ca=ca) for k, v in env.items()})
     assert str(info.value).startswith(message.format(ca=ca)), str(info.value)
+
+
+def _creds_files(where: Path) -> dict[str, tuple[Path, str]]:
+    """Credentials files of one account's users: good, and each way one can be wrong; with the
+    seed each holds, which no message may show."""
+    operator = Operator()
+    good, seed = operator.user(where / "good.creds", "good")
+    other, other_seed = operator.user(where / "other.creds", "other")
+    mixed = where / "mixed.creds"  # one user's JWT, another's seed
+    mixed.write_text(good.read_text().replace(seed, other_seed))
+    jwt_only = where / "jwt-only.creds"
+    jwt_only.write_text(good.read_text().split("-----BEGIN USER NKEY SEED")[0])
+    pem = where / "cert.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    return {
+        "good": (good, seed),
+        "mixed": (mixed, other_seed),
+        "jwt-only": (jwt_only, seed),
+        "pem": (pem, ""),
+        "expired": operator.user(where / "expired.creds", "old", expires=time.time() - 60),
+        "crlf": operator.user(where / "crlf.creds", "windows", newline="\r\n"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SMSBUS_NATS_CREDS": "good"},
+         "SMSBUS_NATS_CREDS: is for SMSBUS_NATS_URL's servers; the embedded one has no users"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "/nonexistent/u.creds"},
+         "SMSBUS_NATS_CREDS: cannot read /nonexistent/u.creds: No such file or directory"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "pem"},
+         "SMSBUS_NATS_CREDS: the JWT in {pem} cannot be read"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "mixed"},
+         "SMSBUS_NATS_CREDS: the NKEY seed in {mixed} is not the key of the JWT's user"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "jwt-only"},
+         "SMSBUS_NATS_CREDS: no NKEY seed in {jwt-only}"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "expired"},
+         "SMSBUS_NATS_CREDS: the user JWT in {expired} expired at 20"),
+    ],
+)  # fmt: skip
+def test_a_nats_credentials_file_is_checked_at_start(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """SMSBUS_NATS_CREDS names a file the NATS servers would refuse: one ConfigError naming the
+    variable and saying why, never the seed (used against a real server in test_startup.py)."""
+    files = _creds_files(tmp_path)
+    named = {k: str(files[v][0]) if v in files else v for k, v in env.items()}
+    with pytest.raises(ConfigError) as info:
+        load_settings(named)
+    paths = {name: str(path) for name, (path, _) in files.items()}
+    assert str(info.value).startswith(message.format_map(paths)), str(info.value)
+    assert [] == [name for name, (_, seed) in files.items() if seed and seed in str(info.value)]
+
+
+def test_a_credentials_file_is_read_afresh_for_each_connection(tmp_path: Path) -> None:
+    """What nats-py is given to answer a server's nonce: the JWT and the nonce signed with the
+    seed's key, read from the file each time (a rotated Secret is taken at the next
+    reconnection), from a file with Windows line ends too; a file broken meanwhile fails that
+    attempt with a nats-py error, which nats-py reports and retries."""
+    files = _creds_files(tmp_path)
+    path = files["crlf"][0]
+    settings = load_settings({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": str(path)})
+    assert path == settings.nats_creds
+    creds = Credentials(path)
+    for name in ("crlf", "good"):
+        source, seed = files[name]
+        path.write_bytes(source.read_bytes())
+        signature = base64.b64decode(creds.sign("a-nonce"))
+        assert nkeys.from_seed(bytearray(seed.encode())).verify(b"a-nonce", signature)
+        user_jwt = creds.jwt().decode()
+        assert "\r" not in user_jwt and user_jwt in source.read_text()
+    path.write_text("rotated by hand, badly\n")
+    with pytest.raises(nats.errors.Error, match=f"no user JWT in {path}"):
+        creds.sign("a-nonce")

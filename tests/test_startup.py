@@ -1,6 +1,7 @@
 """A bad setting or a missing resource stops `smsbus serve` with one line naming the variable;
-the NATS connection's settings (credentials from a file, TLS with a private CA and a client
-certificate) work against real nats-servers, and TLS asked for is never given up silently."""
+the NATS connection's settings (a URL from a file, TLS with a private CA and a client
+certificate, an operator-mode user's credentials file) work against real nats-servers, and TLS
+asked for is never given up silently."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import nats.errors
 import pytest
 
 from bus.connection import _cause
+from tests.accounts import Operator
 from tests.support import SMSBUS, NatsServer, Smsbus, free_port, read_stream, wait_for
 
 
@@ -242,6 +244,60 @@ def test_a_nats_server_with_mutual_tls_from_a_private_ca(tmp_path: Path) -> None
             if entry.get("level") in ("warning", "error")
         ]  # fmt: skip
         assert [] == warnings
+    finally:
+        bus.kill()
+        server.stop()
+
+
+def test_a_nats_server_in_operator_mode_with_a_credentials_file(tmp_path: Path) -> None:
+    """A NATS whose accounts are JWTs (operator mode, as `nsc` or Synadia Cloud set it up) lets a
+    client in only with a user's credentials file. Without one: one line. With one: callbacks
+    stored. The file is read at each reconnection: a new user's file put in its place (the old
+    user revoked, the server restarted) is taken without a restart of smsbus; a file broken
+    meanwhile is an error in the log and another try, until it is mended. No seed in the logs."""
+    operator = Operator()
+    creds, seed = operator.user(tmp_path / "secret" / "smsbus.creds", "smsbus")
+    server = NatsServer(tmp_path / "nats", config=operator.server_config()).start()
+    env = {"SMSBUS_NATS_URL": server.url, "SMSBUS_NATS_CREDS": str(creds)}
+    bus = Smsbus({**env, "SMSBUS_STREAM": "OPERATOR"}, tmp_path / "bus")
+    try:
+        refused = serve(tmp_path, SMSBUS_NATS_URL=server.url, SMSBUS_STARTUP_TIMEOUT="2")
+        assert 1 == refused.returncode
+        [line] = refused.stderr.strip().splitlines()
+        assert line == f"smsbus: SMSBUS_NATS_URL: cannot reach NATS at {server.url}: " + (
+            "nats: 'Authorization Violation'"
+        ), line
+
+        bus.start()
+        with httpx.Client() as http:
+            bus.callback(http, "4242101")
+            rotated, new_seed = operator.user(tmp_path / "new.creds", "smsbus-2")
+            creds.write_bytes(rotated.read_bytes())
+            for config in (operator.server_config(revoked=(seed,)), None):
+                server.stop()
+                if config is None:  # the same server again, and a file that is no longer one
+                    creds.write_text("replaced by mistake\n")
+                    config = operator.server_config(revoked=(seed,))
+                server = NatsServer(tmp_path / "nats", port=server.port, config=config).start()
+                if "mistake" in creds.read_text():
+                    wait_for(lambda: f"no user JWT in {creds}" in bus.logs(),
+                             what="the broken file's error")  # fmt: skip
+                    reason = bus.readyz()["reason"]
+                    assert reason == f"NATS is not connected: no user JWT in {creds}: " + (
+                        "not a NATS credentials file"
+                    ), reason
+                    creds.write_bytes(rotated.read_bytes())
+                wait_for(bus.ready, timeout=15, what="smsbus back on NATS")
+                bus.callback(http, str(4242102 + ("mistake" in creds.read_text())))
+            bus.callback(http, "4242103")
+        wait_for(lambda: bus.spool_depth() == 0, timeout=15, what="the spool to drain")
+        stored = read_stream(server.url, "OPERATOR", "sms.status.smspilot.>",
+                             user_credentials=str(rotated))  # fmt: skip
+        assert {"4242101", "4242102", "4242103"} == {item.event["subject"] for item in stored}
+        assert 0 == bus.stop()
+        logs = bus.logs()
+        assert seed not in logs and new_seed not in logs
+        assert "nats reconnected" in logs
     finally:
         bus.kill()
         server.stop()

@@ -1,0 +1,127 @@
+"""NATS credentials files (SMSBUS_NATS_CREDS): a user's JWT and the NKEY seed that is theirs.
+
+`nsc`, the NATS account tools and Synadia Cloud hand a user such a file; NATS servers run in
+operator mode (accounts defined by JWTs) expect one:
+
+    -----BEGIN NATS USER JWT-----
+    eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOi...
+    ------END NATS USER JWT------
+    (a warning in words)
+    -----BEGIN USER NKEY SEED-----
+    SUAM...
+    ------END USER NKEY SEED------
+
+The server sends a nonce; the client answers with the JWT and the nonce signed with the seed's
+key. nats-py could read the file itself, but it does so line by line: a file without the JWT's
+line makes it loop forever inside the event loop, one without the seed's fails with a TypeError
+that ends its reconnecting for good, and with Windows line ends it sends keys with a `\\r` on
+them. So the file is read here, with the pattern NATS's Go tools use, once at start
+(`check`: a bad file stops start-up with one line) and again at each connection and reconnection
+(`Credentials`), so that a rotated Secret is taken without a restart; a file that is broken by
+then fails that attempt with `BadCredentials`, a nats-py error, which nats-py reports and
+retries. Nothing here ever puts the seed, or the JWT, in a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats.errors
+import nkeys  # type: ignore[import-untyped]
+import orjson
+
+# A key between two dashed lines, as in the Go client's `userConfigRE`: the first is the JWT,
+# the seed the first that is a seed.
+_FRAMED = re.compile(r"\s*(?:(?:-{3,}.*-{3,}\r?\n)([\w\-.=]+)(?:\r?\n-{3,}.*-{3,}(?:\r?\n|\Z)))")
+
+
+class BadCredentials(nats.errors.Error):
+    """The credentials file cannot be used; the message names the file and why, no key."""
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    jwt: str
+    seed: bytes
+    user: str  # the JWT's subject, the user's public key
+    expires: float | None
+
+
+def _claims(jwt: str) -> dict[str, object]:
+    parts = jwt.split(".")
+    if len(parts) != 3:
+        raise ValueError
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    claims = orjson.loads(base64.urlsafe_b64decode(payload))
+    if not isinstance(claims, dict):
+        raise ValueError
+    return claims
+
+
+def _parse(path: Path) -> _Parsed:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise BadCredentials(f"cannot read {path}: {exc.strerror}") from None
+    framed = _FRAMED.findall(text)
+    if not framed:
+        raise BadCredentials(f"no user JWT in {path}: not a NATS credentials file")
+    jwt = framed[0]
+    try:
+        claims = _claims(jwt)
+    except (ValueError, binascii.Error, orjson.JSONDecodeError):
+        raise BadCredentials(f"the JWT in {path} cannot be read") from None
+    user, kind = claims.get("sub"), claims.get("nats")
+    if not isinstance(user, str) or (isinstance(kind, dict) and kind.get("type") != "user"):
+        raise BadCredentials(f"the JWT in {path} is not a user's")
+    seed = next((key for key in framed[1:] if key.startswith("S")), None)
+    if seed is None:
+        raise BadCredentials(f"no NKEY seed in {path}")
+    expires = claims.get("exp")
+    return _Parsed(jwt, seed.encode(), user, expires if isinstance(expires, int) else None)
+
+
+def _key_pair(parsed: _Parsed, path: Path) -> nkeys.KeyPair:
+    try:
+        key_pair = nkeys.from_seed(bytearray(parsed.seed))
+    except nkeys.NkeysError:
+        raise BadCredentials(f"the NKEY seed in {path} is not a valid seed") from None
+    if key_pair.public_key.decode() != parsed.user:
+        key_pair.wipe()
+        raise BadCredentials(f"the NKEY seed in {path} is not the key of the JWT's user")
+    return key_pair
+
+
+def check(path: Path) -> None:
+    """Raise BadCredentials for a file a NATS server would refuse, before any server is asked:
+    unreadable, no JWT or no seed, a seed that is not the JWT's user's, a JWT past its expiry."""
+    parsed = _parse(path)
+    _key_pair(parsed, path).wipe()
+    if parsed.expires is not None and parsed.expires <= time.time():
+        when = datetime.fromtimestamp(parsed.expires, UTC).isoformat(timespec="seconds")
+        raise BadCredentials(f"the user JWT in {path} expired at {when}")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """nats-py's `user_jwt_cb` and `signature_cb` over a credentials file, read afresh at each
+    connection: nats-py signs the server's nonce first, then asks for the JWT."""
+
+    path: Path
+
+    def jwt(self) -> bytes:
+        return _parse(self.path).jwt.encode()
+
+    def sign(self, nonce: str) -> bytes:
+        parsed = _parse(self.path)
+        key_pair = _key_pair(parsed, self.path)
+        try:
+            return base64.b64encode(key_pair.sign(nonce.encode()))
+        finally:
+            key_pair.wipe()

@@ -135,6 +135,7 @@ class Settings:
     nats_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a password
     nats_tls: NatsTls | None = None  # SMSBUS_NATS_TLS_*: None, the system's CAs
     nats_creds: Path | None = None  # SMSBUS_NATS_CREDS: a user's JWT and NKEY seed
+    nats_nkey: Secret | None = None  # SMSBUS_NATS_NKEY: a user's NKEY seed, read at start
     embedded_nats_port: int = 4222
     data_dir: Path = Path(".smsbus")
     http_host: str = "127.0.0.1"
@@ -192,6 +193,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         nats_urls=nats_urls,
         nats_tls=env.nats_tls(embedded=not nats_urls),
         nats_creds=env.nats_creds(embedded=not nats_urls),
+        nats_nkey=env.nats_nkey(embedded=not nats_urls),
         embedded_nats_port=env.port("SMSBUS_EMBEDDED_NATS_PORT", 4222),
         data_dir=Path(env.text("SMSBUS_DATA_DIR", ".smsbus")),
         http_host=env.text("SMSBUS_HTTP_HOST", "127.0.0.1"),
@@ -437,10 +439,7 @@ class _Env:
                 ) from None
         return tls
 
-    def nats_creds(self, embedded: bool) -> Path | None:
-        """SMSBUS_NATS_CREDS: a NATS credentials file, read once here so that one the server
-        would refuse stops start-up with one line (bus/credentials.py)."""
-        name = "SMSBUS_NATS_CREDS"
+    def _nats_user_file(self, name: str, embedded: bool) -> Path | None:
         path = self._environ.get(name, "").strip()
         if not path:
             return None
@@ -448,11 +447,34 @@ class _Env:
             raise ConfigError(
                 name, "is for SMSBUS_NATS_URL's servers; the embedded one has no users"
             )
+        return Path(path)
+
+    def nats_creds(self, embedded: bool) -> Path | None:
+        """SMSBUS_NATS_CREDS: a NATS credentials file, read once here so that one the server
+        would refuse stops start-up with one line (bus/credentials.py)."""
+        name = "SMSBUS_NATS_CREDS"
+        path = self._nats_user_file(name, embedded)
+        if path is None:
+            return None
         try:
-            credentials.check(Path(path))
+            credentials.check(path)
         except credentials.BadCredentials as exc:
             raise ConfigError(name, str(exc)) from None
-        return Path(path)
+        return path
+
+    def nats_nkey(self, embedded: bool) -> Secret | None:
+        """SMSBUS_NATS_NKEY: a file with a user's NKEY seed, read once, here: the user is its
+        public key, which the server's configuration names, so a new seed needs a restart."""
+        name = "SMSBUS_NATS_NKEY"
+        path = self._nats_user_file(name, embedded)
+        if path is None:
+            return None
+        if self._environ.get("SMSBUS_NATS_CREDS", "").strip():
+            raise ConfigError(name, "set SMSBUS_NATS_CREDS or SMSBUS_NATS_NKEY, not both")
+        try:
+            return Secret(credentials.user_seed(path))
+        except credentials.BadCredentials as exc:
+            raise ConfigError(name, str(exc)) from None
 
     def networks(self, name: str) -> tuple[IPNetwork, ...]:
         networks = []

@@ -145,6 +145,8 @@ class Connection:
         if self._settings.nats_creds is not None:
             creds = Credentials(self._settings.nats_creds)
             user = {"user_jwt_cb": creds.jwt, "signature_cb": creds.sign}
+        elif self._settings.nats_nkey is not None:
+            user = {"nkeys_seed_str": self._settings.nats_nkey.reveal()}
         errors: list[BaseException] = []
         backoff = Backoff(0.2, 2.0)
 

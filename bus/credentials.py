@@ -1,4 +1,5 @@
-"""NATS credentials files (SMSBUS_NATS_CREDS): a user's JWT and the NKEY seed that is theirs.
+"""NATS credentials files (SMSBUS_NATS_CREDS): a user's JWT and the NKEY seed that is theirs;
+and a user's NKEY seed alone (SMSBUS_NATS_NKEY).
 
 `nsc`, the NATS account tools and Synadia Cloud hand a user such a file; NATS servers run in
 operator mode (accounts defined by JWTs) expect one:
@@ -106,6 +107,25 @@ def check(path: Path) -> None:
     if parsed.expires is not None and parsed.expires <= time.time():
         when = datetime.fromtimestamp(parsed.expires, UTC).isoformat(timespec="seconds")
         raise BadCredentials(f"the user JWT in {path} expired at {when}")
+
+
+def user_seed(path: Path) -> str:
+    """The user's NKEY seed in `path` (SMSBUS_NATS_NKEY: the seed alone, as `nk -gen user`
+    writes it), for a NATS that knows its users by their NKEYs (`users = [{nkey: U...}]`)."""
+    try:
+        seed = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as exc:
+        raise BadCredentials(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        key_pair = nkeys.from_seed(bytearray(seed.encode()))
+    except nkeys.NkeysError:
+        raise BadCredentials(f"no NKEY seed in {path}") from None
+    try:
+        if not key_pair.public_key.startswith(b"U"):
+            raise BadCredentials(f"the NKEY seed in {path} is not a user's (SU...)")
+    finally:
+        key_pair.wipe()
+    return seed
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 from bus.config import Secret, Settings, load_settings, redact_url
 from bus.credentials import Credentials
 from bus.errors import ConfigError
-from tests.accounts import Operator
+from tests.accounts import Operator, key_pair
 
 
 def test_defaults_follow_the_contract() -> None:
@@ -198,3 +198,40 @@ def test_a_credentials_file_is_read_afresh_for_each_connection(tmp_path: Path) -
     path.write_text("rotated by hand, badly\n")
     with pytest.raises(nats.errors.Error, match=f"no user JWT in {path}"):
         creds.sign("a-nonce")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SMSBUS_NATS_NKEY": "user"},
+         "SMSBUS_NATS_NKEY: is for SMSBUS_NATS_URL's servers; the embedded one has no users"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "user",
+          "SMSBUS_NATS_CREDS": "creds"},
+         "SMSBUS_NATS_NKEY: set SMSBUS_NATS_CREDS or SMSBUS_NATS_NKEY, not both"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "creds"},
+         "SMSBUS_NATS_NKEY: no NKEY seed in {creds}"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "account"},
+         "SMSBUS_NATS_NKEY: the NKEY seed in {account} is not a user's (SU...)"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "/nonexistent/seed.nk"},
+         "SMSBUS_NATS_NKEY: cannot read /nonexistent/seed.nk: No such file or directory"),
+    ],
+)  # fmt: skip
+def test_a_nats_nkey_seed_file_is_checked_at_start(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """SMSBUS_NATS_NKEY names a file with a user's NKEY seed alone (`nk -gen user`), read at start:
+    anything else is one ConfigError naming the variable, never showing a seed."""
+    kinds = {"user": nkeys.PREFIX_BYTE_USER, "account": nkeys.PREFIX_BYTE_ACCOUNT}
+    seeds = {kind: key_pair(prefix).seed.decode() for kind, prefix in kinds.items()}
+    files = {kind: tmp_path / f"{kind}.nk" for kind in seeds}
+    for kind, seed in seeds.items():
+        files[kind].write_text(seed + "\n")
+    files["creds"] = Operator().user(tmp_path / "u.creds", "u")[0]
+    paths = {kind: str(path) for kind, path in files.items()}
+    with pytest.raises(ConfigError) as info:
+        load_settings({k: paths.get(v, v) for k, v in env.items()})
+    assert str(info.value) == message.format_map(paths)
+    assert [] == [seed for seed in seeds.values() if seed in str(info.value)]
+    good = load_settings({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": paths["user"]})
+    assert good.nats_nkey is not None and seeds["user"] == good.nats_nkey.reveal()
+    assert seeds["user"] not in repr(good)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import httpx
 import nats.errors
+import nkeys  # type: ignore[import-untyped]
 import pytest
 
 from bus.connection import _cause
-from tests.accounts import Operator
+from tests.accounts import Operator, key_pair, public
 from tests.support import SMSBUS, NatsServer, Smsbus, free_port, read_stream, wait_for
 
 
@@ -298,6 +299,34 @@ def test_a_nats_server_in_operator_mode_with_a_credentials_file(tmp_path: Path) 
         logs = bus.logs()
         assert seed not in logs and new_seed not in logs
         assert "nats reconnected" in logs
+    finally:
+        bus.kill()
+        server.stop()
+
+
+def test_a_nats_server_that_knows_its_users_by_nkey(tmp_path: Path) -> None:
+    """A NATS whose configuration names its users by their NKEYs (`users = [{nkey: U...}]`):
+    SMSBUS_NATS_NKEY's seed signs the server's nonce; without it, one line; the seed in no log."""
+    user = key_pair(nkeys.PREFIX_BYTE_USER)
+    seed_file = tmp_path / "secret" / "smsbus.nk"
+    seed_file.parent.mkdir()
+    seed_file.write_text(user.seed.decode() + "\n")
+    config = f'authorization {{ users = [ {{ nkey: "{public(user)}" }} ] }}'
+    server = NatsServer(tmp_path / "nats", config=config).start()
+    env = {"SMSBUS_NATS_URL": server.url, "SMSBUS_NATS_NKEY": str(seed_file)}
+    bus = Smsbus({**env, "SMSBUS_STREAM": "BYNKEY"}, tmp_path / "bus")
+    try:
+        refused = serve(tmp_path, SMSBUS_NATS_URL=server.url, SMSBUS_STARTUP_TIMEOUT="2")
+        assert 1 == refused.returncode
+        assert "'Authorization Violation'" in refused.stderr, refused.stderr
+        bus.start()
+        with httpx.Client() as http:
+            bus.callback(http, "4242201")
+        stored = read_stream(server.url, "BYNKEY", "sms.status.smspilot.>",
+                             nkeys_seed_str=user.seed.decode())  # fmt: skip
+        assert ["4242201"] == [item.event["subject"] for item in stored]
+        assert 0 == bus.stop()
+        assert user.seed.decode() not in bus.logs()
     finally:
         bus.kill()
         server.stop()

@@ -299,6 +299,9 @@ def test_a_nats_server_in_operator_mode_with_a_credentials_file(tmp_path: Path) 
         logs = bus.logs()
         assert seed not in logs and new_seed not in logs
         assert "nats reconnected" in logs
+        broken = [line["connection"] for line in bus.log_lines()
+                  if "no user JWT" in line.get("error", "")]  # fmt: skip
+        assert sorted(broken) == sorted(set(broken)), "one line per connection, for every try"
     finally:
         bus.kill()
         server.stop()

@@ -24,12 +24,12 @@ import contextlib
 import time
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 from bus.backoff import Backoff
 from bus.config import Settings, redact_url
@@ -84,6 +84,26 @@ def _cause(errors: list[BaseException]) -> str:
     if cause is None:
         cause = next((e for e in reversed(errors) if not isinstance(e, TimeoutError)), errors[-1])
     return describe(cause)
+
+
+class _Client(NATS):
+    """nats-py's client, but one that a server's `-ERR` on an established connection sends to
+    reconnect, as NATS's Go client does, where nats-py closes it for good (`_process_err`,
+    marked FIXME there): a user's JWT past its expiry ('User Authentication Expired'), a user
+    revoked or no longer in the server's configuration ('Authorization Violation'), an account
+    at its connection limit. A closed client never connects again: smsbus would have spooled
+    every callback, not ready, until restarted. Reconnecting reads the credentials file again,
+    and a refusal is logged and retried like any other. Stale connections and permission
+    errors keep nats-py's handling; so does an error while connecting, which `open` retries."""
+
+    async def _process_err(self, err_msg: str) -> None:
+        if self.is_connecting or STALE_CONNECTION in err_msg or PERMISSIONS_ERR in err_msg:
+            await super()._process_err(err_msg)
+            return
+        error = nats.errors.Error(f"nats: {err_msg.strip(chr(39))}")  # as nats-py words it
+        self._err = error
+        await self._error_cb(error)
+        await self._process_op_err(error)
 
 
 def in_the_clear(nc: NATS) -> bool:
@@ -173,32 +193,33 @@ class Connection:
                 log.warning("nats reconnection failed; retrying", connection=self.name,
                             error=self.last_error)  # fmt: skip
 
+        # nats-py's own types say whole seconds; it takes fractions.
+        options: dict[str, Any] = {
+            "servers": urls,
+            "name": self.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": RETRY_WAIT,
+            "ping_interval": 5,
+            "max_outstanding_pings": 2,
+            "error_cb": on_error,
+            # Every subject is built here from validated parts (the prefix, provider ids,
+            # statuses, bucket keys): checking each publish again costs a regular expression
+            # per message on the callback's path.
+            "skip_subject_validation": True,
+            "tls": tls,
+            **user,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            **callbacks,
+        }
         while True:
             attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
             try:
-                self._nc = await asyncio.wait_for(
-                    nats.connect(
-                        servers=urls,
-                        name=self.name,
-                        connect_timeout=min(2.0, attempt),
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=RETRY_WAIT,
-                        ping_interval=5,
-                        max_outstanding_pings=2,
-                        error_cb=on_error,
-                        # Every subject is built here from validated parts (the prefix, provider
-                        # ids, statuses, bucket keys): checking each publish again costs a
-                        # regular expression per message on the callback's path.
-                        skip_subject_validation=True,
-                        tls=tls,
-                        **user,
-                        disconnected_cb=self._on_disconnected,
-                        reconnected_cb=self._on_reconnected,
-                        **callbacks,
-                    ),
-                    attempt,
-                )
+                options["connect_timeout"] = min(2.0, attempt)
+                client = _Client()
+                await asyncio.wait_for(client.connect(**options), attempt)
+                self._nc = client
                 break
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 errors.append(exc)

@@ -307,6 +307,39 @@ def test_a_nats_server_in_operator_mode_with_a_credentials_file(tmp_path: Path) 
         server.stop()
 
 
+def test_a_user_whose_jwt_expires_gets_back_in_with_a_new_file(tmp_path: Path) -> None:
+    """The server closes the connection of a user whose JWT expires, with an `-ERR` (nats-py,
+    left to itself, then closes the client for good: smsbus never ready again). smsbus keeps
+    trying, says why in /readyz, answers callbacks from the spool, and is back on NATS with the
+    file's next version; nothing answered is lost."""
+    operator = Operator()
+    expires = time.time() + 5
+    creds, _ = operator.user(tmp_path / "secret" / "smsbus.creds", "smsbus", expires=expires)
+    server = NatsServer(tmp_path / "nats", config=operator.server_config()).start()
+    env = {"SMSBUS_NATS_URL": server.url, "SMSBUS_NATS_CREDS": str(creds)}
+    bus = Smsbus({**env, "SMSBUS_STREAM": "EXPIRES"}, tmp_path / "bus")
+    try:
+        bus.start()
+        with httpx.Client() as http:
+            bus.callback(http, "4242301")
+            refused = "NATS is not connected: nats: 'Authorization Violation'"
+            wait_for(lambda: bus.readyz()["reason"] == refused, timeout=expires - time.time() + 10,
+                     what="the expired JWT refused")  # fmt: skip
+            bus.callback(http, "4242302")
+            assert 1 == bus.spool_depth()
+            renewed, _ = operator.user(tmp_path / "renewed.creds", "smsbus")
+            creds.write_bytes(renewed.read_bytes())
+            wait_for(bus.ready, timeout=10, what="smsbus back on NATS")
+        wait_for(lambda: bus.spool_depth() == 0, timeout=15, what="the spool to drain")
+        stored = read_stream(server.url, "EXPIRES", "sms.status.smspilot.>",
+                             user_credentials=str(renewed))  # fmt: skip
+        assert ["4242301", "4242302"] == [item.event["subject"] for item in stored]
+        assert 0 == bus.stop()
+    finally:
+        bus.kill()
+        server.stop()
+
+
 def test_a_nats_server_that_knows_its_users_by_nkey(tmp_path: Path) -> None:
     """A NATS whose configuration names its users by their NKEYs (`users = [{nkey: U...}]`):
     SMSBUS_NATS_NKEY's seed signs the server's nonce; without it, one line; the seed in no log."""

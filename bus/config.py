@@ -133,6 +133,7 @@ class NatsTls:
 @dataclass(frozen=True)
 class Settings:
     nats_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a password
+    nats_url_file: Path | None = None  # SMSBUS_NATS_URL_FILE, read again at each reconnection
     nats_tls: NatsTls | None = None  # SMSBUS_NATS_TLS_*: None, the system's CAs
     nats_creds: Path | None = None  # SMSBUS_NATS_CREDS: a user's JWT and NKEY seed
     nats_nkey: Secret | None = None  # SMSBUS_NATS_NKEY: a user's NKEY seed, read at start
@@ -191,6 +192,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     nats_urls = env.nats_urls("SMSBUS_NATS_URL")
     settings = Settings(
         nats_urls=nats_urls,
+        nats_url_file=Path(url_file) if (url_file := env.file_of("SMSBUS_NATS_URL")) else None,
         nats_tls=env.nats_tls(embedded=not nats_urls),
         nats_creds=env.nats_creds(embedded=not nats_urls),
         nats_nkey=env.nats_nkey(embedded=not nats_urls),
@@ -503,12 +505,15 @@ class _Env:
         return tuple(Secret(t) for t in tokens)
 
 
+def nats_urls_from(path: Path) -> tuple[str, ...]:
+    """SMSBUS_NATS_URL_FILE's URLs, read again (bus.credentials.UrlUser); ConfigError as at
+    start."""
+    return _Env({"SMSBUS_NATS_URL_FILE": str(path)}).nats_urls("SMSBUS_NATS_URL")
+
+
 def redact_url(url: str) -> str:
     """The URL with any user name or password replaced by ***."""
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     if parts.username is None and parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
+    return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()

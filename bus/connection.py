@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any
 
@@ -32,8 +33,8 @@ from nats.js.client import JetStreamContext
 from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 from bus.backoff import Backoff
-from bus.config import Settings, redact_url
-from bus.credentials import Credentials
+from bus.config import Settings, nats_urls_from, redact_url
+from bus.credentials import Credentials, UrlUser, url_user, without_user
 from bus.errors import StartupError
 
 log = structlog.get_logger("smsbus.nats")
@@ -84,6 +85,27 @@ def _cause(errors: list[BaseException]) -> str:
     if cause is None:
         cause = next((e for e in reversed(errors) if not isinstance(e, TimeoutError)), errors[-1])
     return describe(cause)
+
+
+def _servers(settings: Settings) -> tuple[list[str], dict[str, Any]]:
+    """The servers' URLs for nats-py, and its options that say who smsbus is: a credentials
+    file, an NKEY seed, or the user and password (or token) the URLs carry, then given apart
+    from them (bus.credentials.UrlUser), when every URL that carries one carries the same (a
+    cluster's servers share their users; URLs with different ones are left to nats-py)."""
+    urls = list(settings.effective_nats_urls)
+    options: dict[str, Any] = {}
+    if settings.nats_creds is not None:
+        creds = Credentials(settings.nats_creds)
+        options |= {"user_jwt_cb": creds.jwt, "signature_cb": creds.sign}
+    elif settings.nats_nkey is not None:
+        options["nkeys_seed_str"] = settings.nats_nkey.reveal()
+    found = {user for user in map(url_user, urls) if user is not None}
+    if len(found) == 1:
+        path = settings.nats_url_file
+        reread = functools.partial(nats_urls_from, path) if path is not None else None
+        options |= UrlUser(found.pop(), reread).options()
+        urls = [without_user(url) for url in urls]
+    return urls, options
 
 
 class _Client(NATS):
@@ -158,15 +180,9 @@ class Connection:
 
     async def open(self, deadline: float, **callbacks: Any) -> None:
         """Connect, retrying until `deadline` (monotonic); StartupError naming the variable."""
-        urls = list(self._settings.effective_nats_urls)
-        shown = ", ".join(redact_url(u) for u in urls)
+        shown = ", ".join(redact_url(u) for u in self._settings.effective_nats_urls)
+        urls, user = _servers(self._settings)
         tls = self._settings.nats_tls.context() if self._settings.nats_tls else None
-        user: dict[str, Any] = {}
-        if self._settings.nats_creds is not None:
-            creds = Credentials(self._settings.nats_creds)
-            user = {"user_jwt_cb": creds.jwt, "signature_cb": creds.sign}
-        elif self._settings.nats_nkey is not None:
-            user = {"nkeys_seed_str": self._settings.nats_nkey.reveal()}
         errors: list[BaseException] = []
         backoff = Backoff(0.2, 2.0)
 

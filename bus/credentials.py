@@ -1,5 +1,6 @@
-"""NATS credentials files (SMSBUS_NATS_CREDS): a user's JWT and the NKEY seed that is theirs;
-and a user's NKEY seed alone (SMSBUS_NATS_NKEY).
+"""How smsbus proves to NATS who it is: a credentials file (SMSBUS_NATS_CREDS), a user's JWT and
+the NKEY seed that is theirs; a user's NKEY seed alone (SMSBUS_NATS_NKEY); the user and password,
+or token, of SMSBUS_NATS_URL's URLs (`UrlUser`).
 
 `nsc`, the NATS account tools and Synadia Cloud hand a user such a file; NATS servers run in
 operator mode (accounts defined by JWTs) expect one:
@@ -29,13 +30,20 @@ import base64
 import binascii
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import nats.errors
 import orjson
+import structlog
+
+from bus.errors import ConfigError
+
+log = structlog.get_logger("smsbus.nats")
 
 # A key between two dashed lines, as in the Go client's `userConfigRE`: the first is the JWT,
 # the seed the first that is a seed.
@@ -154,3 +162,69 @@ class Credentials:
             return base64.b64encode(key_pair.sign(nonce.encode()))
         finally:
             key_pair.wipe()
+
+
+def url_user(url: str) -> tuple[str, str | None] | None:
+    """The user and password a NATS URL carries, decoded (`p%40ss` is `p@ss`); a URL with a user
+    and no password carries a token; None without either."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if not parts.username and parts.password is None:
+        return None
+    password = unquote(parts.password) if parts.password is not None else None
+    return unquote(parts.username or ""), password
+
+
+def without_user(url: str) -> str:
+    """The URL without its user and password (the host as written, an IPv6 one in brackets)."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+class UrlUser:
+    """The user and password (or token) of SMSBUS_NATS_URL's URLs, given to nats-py apart from
+    the URLs. nats-py would send them as the URL writes them, so a password with `@`, `/` or
+    `:` in it, which a URL must write as `%40`, `%2F`, `%3A`, was refused; here they are decoded.
+    From SMSBUS_NATS_URL_FILE they are read again at each connection and reconnection (`reread`
+    gives the file's URLs), so a password rotated in a Kubernetes Secret and in the servers'
+    configuration is used from the next reconnection; a file that cannot be read then, or holds
+    no user, leaves the last ones in use."""
+
+    def __init__(
+        self, found: tuple[str, str | None], reread: Callable[[], tuple[str, ...]] | None
+    ) -> None:
+        self._user, self._password = found
+        self._reread = reread
+        self._problem: str | None = None  # why the file could not be read again, logged once
+
+    def options(self) -> dict[str, Callable[[], str]]:
+        """nats-py's `user` and `password`, or `token`: callables, asked at each CONNECT."""
+        if self._password is None:
+            return {"token": self._fresh_user}
+        return {"user": self._fresh_user, "password": self._current_password}
+
+    def _fresh_user(self) -> str:
+        if self._reread is None:
+            return self._user
+        try:
+            found = {user for user in map(url_user, self._reread()) if user is not None}
+        except ConfigError as exc:  # the message names the file, never a password
+            return self._keep(str(exc))
+        if len(found) != 1:
+            return self._keep(f"SMSBUS_NATS_URL_FILE: {'no' if not found else 'not one'} user")
+        user, password = found.pop()
+        if (password is None) != (self._password is None):
+            return self._keep("SMSBUS_NATS_URL_FILE: a token where there was a password, or "
+                              "the other way round; that takes a restart")  # fmt: skip
+        self._user, self._password, self._problem = user, password, None
+        return self._user
+
+    def _keep(self, problem: str) -> str:
+        """The user and password read before, with why the file's are not used (said once)."""
+        if problem != self._problem:
+            self._problem = problem
+            log.warning("NATS credentials not read again; the last ones stay", error=problem)
+        return self._user
+
+    def _current_password(self) -> str:
+        """Asked right after the user, whose reading of the file it shares."""
+        return self._password or ""

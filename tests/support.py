@@ -147,6 +147,16 @@ class NatsServer:
         self.proc.send_signal(sig)
         self.proc.wait(10)
 
+    def reload(self, config: str) -> None:
+        """A new configuration, read by the running server (SIGHUP), as a config reload does."""
+        assert self.proc is not None and self.config, "started with a configuration"
+        self.config = config
+        (self.store_dir / "nats.conf").write_text(config)
+        mark = (self.store_dir / "server.log").read_text().count("Reloaded")
+        self.proc.send_signal(signal.SIGHUP)
+        log = self.store_dir / "server.log"
+        wait_for(lambda: log.read_text().count("Reloaded") > mark, what="the server's reload")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.kill(signal.SIGTERM)

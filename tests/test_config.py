@@ -10,7 +10,7 @@ import nkeys  # type: ignore[import-untyped]
 import pytest
 
 from bus.config import Secret, Settings, load_settings, redact_url
-from bus.credentials import Credentials
+from bus.credentials import Credentials, url_user, without_user
 from bus.errors import ConfigError
 from tests.accounts import Operator, key_pair
 
@@ -235,3 +235,20 @@ def test_a_nats_nkey_seed_file_is_checked_at_start(
     good = load_settings({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": paths["user"]})
     assert good.nats_nkey is not None and seeds["user"] == good.nats_nkey.reveal()
     assert seeds["user"] not in repr(good)
+
+
+@pytest.mark.parametrize(
+    ("url", "user", "server"),
+    [
+        ("nats://smsbus:p%40ss%2Fw%3Ard@h:4222", ("smsbus", "p@ss/w:rd"), "nats://h:4222"),
+        ("tls://s3cr%2Ft@[2001:db8::1]:4222", ("s3cr/t", None), "tls://[2001:db8::1]:4222"),
+        ("nats://u:@h:4222", ("u", ""), "nats://h:4222"),
+        ("nats://h:4222", None, "nats://h:4222"),
+    ],
+)
+def test_a_nats_url_s_user_is_given_apart_and_decoded(
+    url: str, user: tuple[str, str | None] | None, server: str
+) -> None:
+    """What nats-py is given: the server without its user, and the user and password (or
+    token) as they are, not as the URL escapes them."""
+    assert (user, server) == (url_user(url), without_user(url))

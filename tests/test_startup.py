@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import nats.errors
@@ -157,6 +158,60 @@ def test_nats_credentials_from_a_file_are_used_and_never_shown(tmp_path: Path) -
         f"smsbus: SMSBUS_NATS_URL_FILE: not a NATS server URL: 'http://***@127.0.0.1:{server.port}'"
     )
     assert password not in both.stderr + both.stdout + wrong.stderr + wrong.stdout
+
+
+def test_a_nats_password_is_decoded_and_taken_again_from_its_file(tmp_path: Path) -> None:
+    """A password with characters a URL must escape (`@` as %40, `/` as %2F) is sent as the
+    password it is, not as the URL writes it. A new password, in the servers' configuration
+    (reloaded: the server drops the connections of the old one) and in SMSBUS_NATS_URL_FILE,
+    is used from the next reconnection, without a restart; a file broken meanwhile leaves the
+    password before it. No password in the logs, written either way."""
+    old, new = "p@ss/w:rd#1%", "n3w/p@ss?"
+    server = NatsServer(tmp_path / "nats", config=_users(old)).start()
+    secret = tmp_path / "nats-url"
+
+    def url(password: str) -> str:
+        return f"nats://smsbus:{quote(password, safe='')}@127.0.0.1:{server.port}"
+
+    secret.write_text(url(old) + "\n")
+    env = {"SMSBUS_NATS_URL_FILE": str(secret), "SMSBUS_STREAM": "ROTATED"}
+    bus = Smsbus(env, tmp_path / "bus")
+    try:
+        bus.start()
+
+        def reconnected() -> int:
+            return sum(line["event"] == "nats reconnected" for line in bus.log_lines())
+
+        with httpx.Client() as http:
+            bus.callback(http, "4242401")
+            secret.write_text("nats://127.0.0.1:1\n")  # half rewritten: no user in it
+            server.stop()
+            server = NatsServer(tmp_path / "nats", port=server.port, config=_users(old)).start()
+            wait_for(lambda: reconnected() == 2, what="both connections back")
+            kept = {(line["event"], line["error"]) for line in bus.log_lines()
+                    if line["event"].startswith("NATS cred")}  # one a connection  # fmt: skip
+            assert {("NATS credentials not read again; the last ones stay",
+                     "SMSBUS_NATS_URL_FILE: no user")} == kept  # fmt: skip
+            bus.callback(http, "4242402")
+            secret.write_text(url(new) + "\n")
+            server.reload(_users(new))  # the server drops the connections of the old password
+            wait_for(lambda: reconnected() == 4, what="both connections back, with the new one")
+            wait_for(bus.ready, what="smsbus ready")
+            bus.callback(http, "4242403")
+        wait_for(lambda: bus.spool_depth() == 0, what="the spool to drain")
+        stored = read_stream(server.url, "ROTATED", "sms.status.smspilot.>",
+                             user="smsbus", password=new)  # fmt: skip
+        assert ["4242401", "4242402", "4242403"] == [item.event["subject"] for item in stored]
+        assert 0 == bus.stop()
+        logs = bus.logs()
+        assert [] == [p for p in (old, new, quote(old, safe=""), quote(new, safe="")) if p in logs]
+    finally:
+        bus.kill()
+        server.stop()
+
+
+def _users(password: str) -> str:
+    return f'authorization {{ users = [ {{ user: smsbus, password: "{password}" }} ] }}'
 
 
 @dataclass(frozen=True)

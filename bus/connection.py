@@ -109,14 +109,42 @@ def _servers(settings: Settings) -> tuple[list[str], dict[str, Any]]:
 
 
 class _Client(NATS):
-    """nats-py's client, but one that a server's `-ERR` on an established connection sends to
-    reconnect, as NATS's Go client does, where nats-py closes it for good (`_process_err`,
-    marked FIXME there): a user's JWT past its expiry ('User Authentication Expired'), a user
-    revoked or no longer in the server's configuration ('Authorization Violation'), an account
-    at its connection limit. A closed client never connects again: smsbus would have spooled
-    every callback, not ready, until restarted. Reconnecting reads the credentials file again,
-    and a refusal is logged and retried like any other. Stale connections and permission
-    errors keep nats-py's handling; so does an error while connecting, which `open` retries."""
+    """nats-py's client, with two changes.
+
+    A server's `-ERR` on an established connection sends it to reconnect, as NATS's Go client
+    does, where nats-py closes it for good (`_process_err`, marked FIXME there): a user's JWT
+    past its expiry ('User Authentication Expired'), a user revoked or no longer in the server's
+    configuration ('Authorization Violation'), an account at its connection limit. A closed
+    client never connects again: smsbus would have spooled every callback, not ready, until
+    restarted. Reconnecting reads the credentials again, and a refusal is logged and retried
+    like any other. Stale connections and permission errors keep nats-py's handling; so does an
+    error while connecting, which `open` retries.
+
+    TLS asked for (`asked`) is had, or the server is left before smsbus says anything to it.
+    nats-py turns to TLS only when the server's INFO says `tls_required`, whatever the URL's
+    scheme or the TLS context given: a server that offers TLS without requiring it
+    (`allow_non_tls`: `tls_available`) was talked to in the clear, and one without TLS was sent
+    the CONNECT, credentials and all, in the clear. The first now gets TLS; the second nothing:
+    a StartupError at start, a refusal logged and retried at a reconnection."""
+
+    def __init__(self, asked: str | None = None, variable: str = "SMSBUS_NATS_URL") -> None:
+        super().__init__()
+        self._asked = asked
+        self._variable = variable
+        self.opened = False  # set by `open` once connected: every connection after is a retry
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection and self._asked and not info.get("tls_required"):
+            if not info.get("tls_available"):
+                uri = self._current_server.uri if self._current_server else None
+                server = redact_url(uri.geturl()) if uri else "?"
+                asked = self._asked
+                plain = f"the NATS server at {server} does not use TLS, which {asked} asks for"
+                if self.opened:
+                    raise nats.errors.Error(plain)  # nats-py's reconnecting retries its errors
+                raise StartupError(f"{self._variable}: {plain}")  # leaves nats-py's connect
+            info["tls_required"] = True  # the server's INFO, which nats-py keeps and reads next
+        await super()._process_info(info, initial_connection)
 
     async def _process_err(self, err_msg: str) -> None:
         if self.is_connecting or STALE_CONNECTION in err_msg or PERMISSIONS_ERR in err_msg:
@@ -129,11 +157,11 @@ class _Client(NATS):
 
 
 def in_the_clear(nc: NATS) -> bool:
-    """Whether a connection is not encrypted. nats-py turns to TLS only when the server's INFO
-    asks for it, whatever the URL's scheme or the TLS context given, so a server that offers no
-    TLS is talked to in the clear. nats-py keeps that INFO in `_server_info` (there is no public
-    accessor); should a release drop it, every connection counts as in the clear: TLS asked
-    for is then refused with its one line, never assumed."""
+    """Whether a connection is not encrypted: a check after the fact, behind `_Client`'s before
+    it. nats-py turns to TLS only when the server's INFO (as `_Client` leaves it) says
+    `tls_required`, and keeps that INFO in `_server_info` (there is no public accessor); should
+    a release drop it, every connection counts as in the clear: TLS asked for is then refused
+    with its one line, never assumed."""
     info = getattr(nc, "_server_info", None)
     return not (isinstance(info, dict) and info.get("tls_required"))
 
@@ -233,8 +261,15 @@ class Connection:
             attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
             try:
                 options["connect_timeout"] = min(2.0, attempt)
-                client = _Client()
-                await asyncio.wait_for(client.connect(**options), attempt)
+                asked = self._settings.tls_asked_by
+                client = _Client(asked, variable_for(self._settings))
+                try:
+                    await asyncio.wait_for(client.connect(**options), attempt)
+                except StartupError:  # a server without TLS, told nothing
+                    with contextlib.suppress(Exception):
+                        await client.close()
+                    raise
+                client.opened = True
                 self._nc = client
                 break
             except (TimeoutError, nats.errors.Error, OSError) as exc:

@@ -453,14 +453,50 @@ def test_a_nats_server_without_tls_is_refused_when_tls_is_asked_for(tmp_path: Pa
         bus.start()
         server.stop()
         server = NatsServer(tmp_path / "nats", port=server.port).start()  # the same store
-        errors = wait_for(
-            lambda: [
-                entry for entry in map(json.loads, bus.logs().splitlines())
-                if entry["event"] == "NATS reconnected without TLS"
-            ],
-            timeout=20, what="the reconnect in the clear to be logged",
-        )  # fmt: skip
-        assert {("error", "SMSBUS_NATS_TLS_*")} == {(e["level"], e["asked_by"]) for e in errors}
+        plain = f"the NATS server at {url} does not use TLS, which SMSBUS_NATS_TLS_* asks for"
+        wait_for(lambda: bus.readyz()["reason"] == f"NATS is not connected: {plain}",
+                 timeout=20, what="the reconnection refused")  # fmt: skip
+        server.stop()
+        server = NatsServer(tmp_path / "nats", port=server.port, config=tls).start()
+        wait_for(bus.ready, timeout=20, what="smsbus back on the TLS server")
+        assert 0 == bus.stop()
+        lines = bus.log_lines()
+        assert {"smsbus", "smsbus-reads"} == {
+            line["connection"] for line in lines
+            if line["event"] == "nats reconnection failed; retrying" and line["error"] == plain
+        }  # fmt: skip
+        assert 2 == sum(line["event"] == "nats reconnected" for line in lines)  # both, with TLS
+    finally:
+        bus.kill()
+        server.stop()
+
+
+def test_a_nats_server_that_offers_tls_without_requiring_it_is_used_over_tls(
+    tmp_path: Path,
+) -> None:
+    """A server with `allow_non_tls` takes both; nats-py, left to itself, chose the clear one
+    even under a `tls://` URL (and smsbus then stopped: "does not use TLS"). smsbus's
+    connections to it are encrypted, as the server's own list of connections shows."""
+    pki = _pki(tmp_path / "pki")
+    cert, key = pki.server
+    monitor = free_port()
+    config = (f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\nallow_non_tls: true\n'
+              f"http: 127.0.0.1:{monitor}\n")  # fmt: skip
+    server = NatsServer(tmp_path / "nats", config=config).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    bus = Smsbus({"SMSBUS_NATS_URL": url, "SMSBUS_NATS_TLS_CA": str(pki.ca),
+                  "SMSBUS_STREAM": "EITHER"}, tmp_path / "bus")  # fmt: skip
+    try:
+        bus.start()
+        with httpx.Client() as http:
+            bus.callback(http, "4242501")
+            connz = http.get(f"http://127.0.0.1:{monitor}/connz").json()
+        ours = {c["name"]: c.get("tls_version") for c in connz["connections"]}
+        assert {"smsbus", "smsbus-reads"} <= set(ours), ours
+        assert all(ours[name] for name in ("smsbus", "smsbus-reads")), ours
+        [stored] = read_stream(server.url, "EITHER", "sms.status.smspilot.>")  # in the clear
+        assert "4242501" == stored.event["subject"]
+        assert 0 == bus.stop()
     finally:
         bus.kill()
         server.stop()

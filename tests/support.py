@@ -535,15 +535,17 @@ def events_by_id(stored: list[Stored]) -> dict[str, list[Stored]]:
 class NatsCluster:
     """Three nats-server processes from the wheel, routed into one JetStream cluster on loopback."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, user: tuple[str, str] | None = None) -> None:
         self.root = root
         self.ports = [free_port() for _ in range(size)]
         self.cluster_ports = [free_port() for _ in range(size)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
+        self.user = user  # the one user and password clients must give, if any
 
     @property
     def urls(self) -> list[str]:
-        return [f"nats://127.0.0.1:{p}" for p in self.ports]
+        login = f"{self.user[0]}:{self.user[1]}@" if self.user else ""
+        return [f"nats://{login}127.0.0.1:{p}" for p in self.ports]
 
     def start_node(self, i: int) -> None:
         store = self.root / f"n{i}"
@@ -554,6 +556,8 @@ class NatsCluster:
             "-n", f"n{i}", "--cluster_name", "smsbus-test",
             "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes,
         ]  # fmt: skip
+        if self.user:
+            args += ["--user", self.user[0], "--pass", self.user[1]]
         with (store / "server.log").open("ab") as log:
             self.procs[i] = subprocess.Popen(args, stdout=log, stderr=log)
 

@@ -161,3 +161,33 @@ def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> N
             if bus.proc is not None and bus.proc.poll() is None:
                 bus.stop()
         cluster.stop()
+
+
+def test_a_replica_given_one_server_of_a_cluster_with_users_fails_over_to_the_others(
+    tmp_path: Path,
+) -> None:
+    """One URL, with a user and password, as a Service name gives: nats-py learns the cluster's
+    other servers from it, without credentials. When the one given dies, smsbus goes on with
+    the others, the user and password given to them too (nats-py alone sent them nothing:
+    'Authorization Violation', never ready again), and nothing answered is lost."""
+    cluster = NatsCluster(tmp_path / "nats", user=("smsbus", "cluster-s3cret")).start()
+    env = isolated_env(cluster.urls[0], SMSBUS_STREAM_REPLICAS="3", SMSBUS_PUBLISH_TIMEOUT="1")
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        with httpx.Client(base_url=bus.base, timeout=10) as http:
+            ok = http.get("/callbacks/smspilot", params={"server_id": "4242601", "status": 2})
+            assert "OK" == ok.text
+            cluster.kill(0)
+            wait_for(lambda: bus.logs().count('"nats reconnected"') >= 2, timeout=30,
+                     what="both connections on another server")  # fmt: skip
+            wait_for(bus.ready, timeout=30, what="smsbus ready on the others")
+            ok = http.get("/callbacks/smspilot", params={"server_id": "4242602", "status": 2})
+            assert "OK" == ok.text
+        wait_for(lambda: bus.spool_depth() == 0, timeout=30, what="the spool to drain")
+        stored = read_stream(cluster.urls[1:], bus.stream, f"{bus.prefix}.status.>")
+        assert ["4242601", "4242602"] == [item.event["subject"] for item in stored]
+        assert "cluster-s3cret" not in bus.logs()
+        assert 0 == bus.stop()
+    finally:
+        bus.kill()
+        cluster.stop()

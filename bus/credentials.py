@@ -107,7 +107,7 @@ def _key_pair(parsed: _Parsed, path: Path) -> Any:
     nkeys = _nkeys()
     try:
         key_pair = nkeys.from_seed(bytearray(parsed.seed))
-    except nkeys.NkeysError:
+    except (nkeys.NkeysError, ValueError):  # PyNaCl's for a seed of another length
         raise BadCredentials(f"the NKEY seed in {path} is not a valid seed") from None
     if key_pair.public_key.decode() != parsed.user:
         key_pair.wipe()
@@ -135,7 +135,7 @@ def user_seed(path: Path) -> str:
     nkeys = _nkeys()
     try:
         key_pair = nkeys.from_seed(bytearray(seed.encode()))
-    except nkeys.NkeysError:
+    except (nkeys.NkeysError, ValueError):  # PyNaCl's for a seed of another length
         raise BadCredentials(f"no NKEY seed in {path}") from None
     try:
         if not key_pair.public_key.startswith(b"U"):

@@ -135,12 +135,15 @@ def _creds_files(where: Path) -> dict[str, tuple[Path, str]]:
     mixed.write_text(good.read_text().replace(seed, other_seed))
     jwt_only = where / "jwt-only.creds"
     jwt_only.write_text(good.read_text().split("-----BEGIN USER NKEY SEED")[0])
+    long_seed = where / "long-seed.creds"  # one key too many in the seed: PyNaCl refuses it
+    long_seed.write_text(good.read_text().replace(seed, seed + "AAAAAAAA"))
     pem = where / "cert.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     return {
         "good": (good, seed),
         "mixed": (mixed, other_seed),
         "jwt-only": (jwt_only, seed),
+        "long-seed": (long_seed, seed),
         "pem": (pem, ""),
         "expired": operator.user(where / "expired.creds", "old", expires=time.time() - 60),
         "crlf": operator.user(where / "crlf.creds", "windows", newline="\r\n"),
@@ -160,6 +163,8 @@ def _creds_files(where: Path) -> dict[str, tuple[Path, str]]:
          "SMSBUS_NATS_CREDS: the NKEY seed in {mixed} is not the key of the JWT's user"),
         ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "jwt-only"},
          "SMSBUS_NATS_CREDS: no NKEY seed in {jwt-only}"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "long-seed"},
+         "SMSBUS_NATS_CREDS: the NKEY seed in {long-seed} is not a valid seed"),
         ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_CREDS": "expired"},
          "SMSBUS_NATS_CREDS: the user JWT in {expired} expired at 20"),
     ],
@@ -210,6 +215,8 @@ def test_a_credentials_file_is_read_afresh_for_each_connection(tmp_path: Path) -
          "SMSBUS_NATS_NKEY: set SMSBUS_NATS_CREDS or SMSBUS_NATS_NKEY, not both"),
         ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "creds"},
          "SMSBUS_NATS_NKEY: no NKEY seed in {creds}"),
+        ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "long"},
+         "SMSBUS_NATS_NKEY: no NKEY seed in {long}"),
         ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "account"},
          "SMSBUS_NATS_NKEY: the NKEY seed in {account} is not a user's (SU...)"),
         ({"SMSBUS_NATS_URL": "nats://h:4222", "SMSBUS_NATS_NKEY": "/nonexistent/seed.nk"},
@@ -226,6 +233,8 @@ def test_a_nats_nkey_seed_file_is_checked_at_start(
     files = {kind: tmp_path / f"{kind}.nk" for kind in seeds}
     for kind, seed in seeds.items():
         files[kind].write_text(seed + "\n")
+    files["long"] = tmp_path / "long.nk"
+    files["long"].write_text(seeds["user"] + "AAAAAAAA\n")
     files["creds"] = Operator().user(tmp_path / "u.creds", "u")[0]
     paths = {kind: str(path) for kind, path in files.items()}
     with pytest.raises(ConfigError) as info:

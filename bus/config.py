@@ -385,7 +385,10 @@ class _Env:
         urls = tuple(u.strip() for u in self.secret(name).split(",") if u.strip())
         shown = f"{name}_FILE" if self.file_of(name) else name
         for url in urls:
-            parts = urlsplit(url if "://" in url else f"nats://{url}")
+            try:
+                parts = urlsplit(url if "://" in url else f"nats://{url}")
+            except ValueError as exc:  # "Invalid IPv6 URL": not shown, it may hold a password
+                raise ConfigError(shown, f"not a NATS server URL ({exc})") from None
             if parts.scheme in ("ws", "wss"):  # nats-py needs aiohttp for them, not installed
                 why = "WebSocket URLs are not supported, use nats:// or tls://"
                 raise ConfigError(shown, f"{why}: {redact_url(url)!r}")

@@ -52,6 +52,11 @@ def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         ({"SMSBUS_SMSPILOT_ALLOWED_IPS": "10.0.0.0/33"}, 2, "SMSBUS_SMSPILOT_ALLOWED_IPS: not an"),
         ({"SMSBUS_NATS_URL": "http://x:4222"}, 2, "SMSBUS_NATS_URL: not a NATS server URL"),
         (
+            {"SMSBUS_NATS_URL": "nats://u:hunter2@[::1:4222"},
+            2,
+            "SMSBUS_NATS_URL: not a NATS server URL (Invalid IPv6 URL)",
+        ),
+        (
             {"SMSBUS_NATS_URL": "nats://a:4222,wss://u:hunter2@b:443"},
             2,
             "SMSBUS_NATS_URL: WebSocket URLs are not supported, use nats:// or tls://: "

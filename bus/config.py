@@ -359,9 +359,14 @@ class _Env:
 
     def base_url(self, name: str, default: str) -> str:
         value = self.text(name, default).rstrip("/")
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not one
+        except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+            raise ConfigError(name, f"expected scheme, host and port only ({exc})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(name, f"expected scheme, host and port only, got {value!r}")
+            shown = redact_url(value)
+            raise ConfigError(name, f"expected scheme, host and port only, got {shown!r}")
         if parts.path or parts.query or parts.username:
             raise ConfigError(name, "give scheme, host and port only: smsbus appends the paths")
         return value
@@ -370,7 +375,7 @@ class _Env:
         value = self.text(name, default)
         try:
             return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long
             raise ConfigError(name, f"unknown time zone {value!r}") from None
 
     def nats_name(self, name: str, default: str) -> str:
@@ -515,8 +520,11 @@ def nats_urls_from(path: Path) -> tuple[str, ...]:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any user name or password replaced by ***."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    """The URL with any user name or password replaced by ***; one that cannot be read, ***."""
+    try:
+        parts = urlsplit(url if "://" in url else f"nats://{url}")
+    except ValueError:  # "Invalid IPv6 URL": what is in it is not known
+        return "***"
     if parts.username is None and parts.password is None:
         return url
     return parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}").geturl()

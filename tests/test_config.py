@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import time
 from pathlib import Path
 
@@ -261,3 +262,32 @@ def test_a_nats_url_s_user_is_given_apart_and_decoded(
     """What nats-py is given: the server without its user, and the user and password (or
     token) as they are, not as the URL escapes them."""
     assert (user, server) == (url_user(url), without_user(url))
+
+
+PROVIDERS = ("SMSPILOT", "SMSTOWER", "SMSPAGER", "SMSC", "EPOCHTA")
+ODD_VALUES = ("[::1", "http://[::1", "https://[::1:80", "http://h:99999", "nats://[::1:4222",
+              "-1", "1e309", "nan", "inf", "x" * 5000, "  ", "1,2", "9" * 30,
+              "Europe/../../etc/passwd", "ftp://u:hunter2@h", "//h")  # fmt: skip
+
+
+def _every_setting() -> list[str]:
+    """Every SMSBUS_ variable the README names, each provider's in full."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    names = {n for n in re.findall(r"SMSBUS_[A-Z0-9_]+[A-Z0-9]", readme) if "_P_" not in n}
+    names |= {f"SMSBUS_{p}_{s}" for p in PROVIDERS for s in ("URL", "TZ", "INTERVAL")}
+    return sorted(names)
+
+
+@pytest.mark.parametrize("name", _every_setting())
+def test_no_value_of_a_setting_is_a_traceback(name: str) -> None:
+    """Whatever a setting holds, start-up stops with a ConfigError (its one line) or goes on:
+    never another exception, whose traceback the contract rules out, and never a URL's
+    password."""
+    for value in ODD_VALUES:
+        env = {name: value}
+        if name.startswith(("SMSBUS_NATS_TLS", "SMSBUS_NATS_CREDS", "SMSBUS_NATS_NKEY")):
+            env["SMSBUS_NATS_URL"] = "nats://h:4222"
+        try:
+            load_settings(env)
+        except ConfigError as exc:
+            assert not name.endswith("_URL") or "hunter2" not in str(exc), (name, value)

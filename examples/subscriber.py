@@ -1,6 +1,7 @@
 """A subscriber to copy: smsbus's events into an application's database, each fact once.
 
     python examples/subscriber.py --db app.sqlite3            # NATS at nats://127.0.0.1:4222
+    python examples/subscriber.py --nats tls://nats.example:4222 --creds app.creds
 
 It binds a durable JetStream consumer (`--durable`, default `app-sms`) on `sms.status.>` and
 `sms.inbound.>`, so events published while it is down wait for it. Each event is handled in one
@@ -11,7 +12,10 @@ schema"): it never moves from a final status back to a non-final one, and a late
 over an earlier one. The SQLite tables stand in for the application's own database; keep the
 shape: record the id and apply the fact in one transaction, ack after commit.
 
-Needs only nats-py (`pip install nats-py`); nothing of smsbus is imported.
+Needs only nats-py (`pip install nats-py`; `nats-py[nkeys]` for `--creds`); nothing of smsbus is
+imported. When nats-py closes its connection for good (it does on a server's error, a user's JWT
+past its expiry say), it exits 1, for whatever runs it to start it again, rather than wait on a
+connection that will not come back.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ async def run(args: argparse.Namespace) -> int:
 
 async def consume(args: argparse.Namespace, db: sqlite3.Connection) -> int:
     db.executescript(SCHEMA)
-    nc = await nats.connect(args.nats, max_reconnect_attempts=-1)
+    nc = await nats.connect(args.nats, max_reconnect_attempts=-1, user_credentials=args.creds)
     js = nc.jetstream()
     config = ConsumerConfig(
         durable_name=args.durable,
@@ -128,6 +132,10 @@ async def consume(args: argparse.Namespace, db: sqlite3.Connection) -> int:
             continue
         except nats.errors.Error as exc:  # NATS away: nats-py reconnects, fetch again
             print(f"subscriber: {exc!r}", file=sys.stderr)
+            if nc.is_closed:  # for good: nats-py will not connect again
+                print(f"subscriber: NATS connection closed ({nc.last_error!r}); exiting",
+                      file=sys.stderr)  # fmt: skip
+                return 1
             await asyncio.sleep(1)
             continue
         for msg in batch:
@@ -150,6 +158,7 @@ async def consume(args: argparse.Namespace, db: sqlite3.Connection) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    parser.add_argument("--creds", help="a NATS credentials file (a user's JWT and NKEY seed)")
     parser.add_argument("--stream", default="SMS")
     parser.add_argument("--prefix", default="sms")
     parser.add_argument("--durable", default="app-sms")

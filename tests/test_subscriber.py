@@ -4,6 +4,7 @@ rule."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import random
@@ -11,12 +12,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 
+from tests.accounts import Operator
 from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "subscriber.py"
@@ -110,3 +114,34 @@ def rows(db: Path) -> dict[str, tuple[object, ...]]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         query = "SELECT message_id, status, final, facts, client_ref FROM message"
         return {row[0]: row[1:] for row in conn.execute(query)}
+
+
+def test_the_example_subscriber_exits_when_nats_py_closes_its_connection(tmp_path: Path) -> None:
+    """With a credentials file (`--creds`), against a NATS of accounts: the user's JWT expires,
+    the server ends the connection with an error, and nats-py closes it for good. The example
+    says so and exits 1, for its supervisor to start it again, instead of waiting forever."""
+    operator = Operator()
+    creds, _ = operator.user(tmp_path / "app.creds", "app", expires=time.time() + 8)
+    server = NatsServer(tmp_path / "nats", config=operator.server_config()).start()
+    out = tmp_path / "subscriber.log"
+    try:
+
+        async def make_stream() -> None:
+            nc = await nats.connect(server.url, user_credentials=str(creds))
+            await nc.jetstream().add_stream(name="SMS", subjects=["sms.>"])
+            await nc.close()
+
+        asyncio.run(make_stream())
+        with out.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(EXAMPLE), "--nats", server.url, "--creds", str(creds),
+                 "--db", str(tmp_path / "app.sqlite3")],
+                stdout=log, stderr=log,
+            )  # fmt: skip
+        try:
+            assert 1 == proc.wait(30)
+        finally:
+            proc.kill()
+        assert "subscriber: NATS connection closed" in out.read_text()
+    finally:
+        server.stop()

@@ -10,10 +10,10 @@ import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from bus import credentials
@@ -391,7 +391,7 @@ class _Env:
         shown = f"{name}_FILE" if self.file_of(name) else name
         for url in urls:
             try:
-                parts = urlsplit(url if "://" in url else f"nats://{url}")
+                parts = _split(url)
             except ValueError as exc:  # "Invalid IPv6 URL": not shown, it may hold a password
                 raise ConfigError(shown, f"not a NATS server URL ({exc})") from None
             if parts.scheme in ("ws", "wss"):  # nats-py needs aiohttp for them, not installed
@@ -513,16 +513,42 @@ class _Env:
         return tuple(Secret(t) for t in tokens)
 
 
-def nats_urls_from(path: Path) -> tuple[str, ...]:
-    """SMSBUS_NATS_URL_FILE's URLs, read again (bus.credentials.UrlUser); ConfigError as at
-    start."""
-    return _Env({"SMSBUS_NATS_URL_FILE": str(path)}).nats_urls("SMSBUS_NATS_URL")
+def nats_users_from(path: Path) -> set[tuple[str, str | None]]:
+    """The users of SMSBUS_NATS_URL_FILE's URLs, read again (bus.credentials.UrlUser);
+    ConfigError as at start."""
+    return url_users(_Env({"SMSBUS_NATS_URL_FILE": str(path)}).nats_urls("SMSBUS_NATS_URL"))
+
+
+def _split(url: str) -> SplitResult:
+    """A NATS URL in its parts (one without a scheme is nats://); urlsplit's ValueError."""
+    return urlsplit(url if "://" in url else f"nats://{url}")
+
+
+def url_user(url: str) -> tuple[str, str | None] | None:
+    """The user and password a NATS URL carries, decoded (`p%40ss` is `p@ss`); a URL with a user
+    and no password carries a token; None without either."""
+    parts = _split(url)
+    if not parts.username and parts.password is None:
+        return None
+    password = unquote(parts.password) if parts.password is not None else None
+    return unquote(parts.username or ""), password
+
+
+def url_users(urls: Iterable[str]) -> set[tuple[str, str | None]]:
+    """The users the URLs carry, each once."""
+    return {user for user in map(url_user, urls) if user is not None}
+
+
+def without_user(url: str) -> str:
+    """The URL without its user and password (the host as written, an IPv6 one in brackets)."""
+    parts = _split(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def redact_url(url: str) -> str:
     """The URL with any user name or password replaced by ***; one that cannot be read, ***."""
     try:
-        parts = urlsplit(url if "://" in url else f"nats://{url}")
+        parts = _split(url)
     except ValueError:  # "Invalid IPv6 URL": what is in it is not known
         return "***"
     if parts.username is None and parts.password is None:

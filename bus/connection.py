@@ -33,8 +33,8 @@ from nats.js.client import JetStreamContext
 from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 from bus.backoff import Backoff
-from bus.config import Settings, nats_urls_from, redact_url
-from bus.credentials import Credentials, UrlUser, url_user, without_user
+from bus.config import Settings, nats_users_from, redact_url, url_users, without_user
+from bus.credentials import Credentials, UrlUser
 from bus.errors import StartupError
 
 log = structlog.get_logger("smsbus.nats")
@@ -99,10 +99,10 @@ def _servers(settings: Settings) -> tuple[list[str], dict[str, Any]]:
         options |= {"user_jwt_cb": creds.jwt, "signature_cb": creds.sign}
     elif settings.nats_nkey is not None:
         options["nkeys_seed_str"] = settings.nats_nkey.reveal()
-    found = {user for user in map(url_user, urls) if user is not None}
+    found = url_users(urls)
     if len(found) == 1:
         path = settings.nats_url_file
-        reread = functools.partial(nats_urls_from, path) if path is not None else None
+        reread = functools.partial(nats_users_from, path) if path is not None else None
         options |= UrlUser(found.pop(), reread).options()
         urls = [without_user(url) for url in urls]
     return urls, options

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import nats.errors
 import orjson
@@ -164,33 +163,19 @@ class Credentials:
             key_pair.wipe()
 
 
-def url_user(url: str) -> tuple[str, str | None] | None:
-    """The user and password a NATS URL carries, decoded (`p%40ss` is `p@ss`); a URL with a user
-    and no password carries a token; None without either."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if not parts.username and parts.password is None:
-        return None
-    password = unquote(parts.password) if parts.password is not None else None
-    return unquote(parts.username or ""), password
-
-
-def without_user(url: str) -> str:
-    """The URL without its user and password (the host as written, an IPv6 one in brackets)."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
-
 class UrlUser:
     """The user and password (or token) of SMSBUS_NATS_URL's URLs, given to nats-py apart from
     the URLs. nats-py would send them as the URL writes them, so a password with `@`, `/` or
     `:` in it, which a URL must write as `%40`, `%2F`, `%3A`, was refused; here they are decoded.
-    From SMSBUS_NATS_URL_FILE they are read again at each connection and reconnection (`reread`
-    gives the file's URLs), so a password rotated in a Kubernetes Secret and in the servers'
-    configuration is used from the next reconnection; a file that cannot be read then, or holds
-    no user, leaves the last ones in use."""
+    From SMSBUS_NATS_URL_FILE they are read again at each connection and reconnection
+    (`reread` gives the users of the file's URLs), so a password rotated in a Kubernetes Secret
+    and in the servers' configuration is used from the next reconnection; a file that cannot be
+    read then, or holds no user, leaves the last ones in use."""
 
     def __init__(
-        self, found: tuple[str, str | None], reread: Callable[[], tuple[str, ...]] | None
+        self,
+        found: tuple[str, str | None],
+        reread: Callable[[], set[tuple[str, str | None]]] | None,
     ) -> None:
         self._user, self._password = found
         self._reread = reread
@@ -206,7 +191,7 @@ class UrlUser:
         if self._reread is None:
             return self._user
         try:
-            found = {user for user in map(url_user, self._reread()) if user is not None}
+            found = self._reread()
         except ConfigError as exc:  # the message names the file, never a password
             return self._keep(str(exc))
         if len(found) != 1:

@@ -10,8 +10,8 @@ import nats.errors
 import nkeys  # type: ignore[import-untyped]
 import pytest
 
-from bus.config import Secret, Settings, load_settings, redact_url
-from bus.credentials import Credentials, url_user, without_user
+from bus.config import Secret, Settings, load_settings, redact_url, url_user, without_user
+from bus.credentials import Credentials
 from bus.errors import ConfigError
 from tests.accounts import Operator, key_pair
 

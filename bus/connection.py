@@ -108,6 +108,10 @@ def _servers(settings: Settings) -> tuple[list[str], dict[str, Any]]:
     return urls, options
 
 
+def _no_tls(server: str, asked: str) -> str:
+    return f"the NATS server at {server} does not use TLS, which {asked} asks for"
+
+
 class _Client(NATS):
     """nats-py's client, with two changes.
 
@@ -137,9 +141,7 @@ class _Client(NATS):
         if initial_connection and self._asked and not info.get("tls_required"):
             if not info.get("tls_available"):
                 uri = self._current_server.uri if self._current_server else None
-                server = redact_url(uri.geturl()) if uri else "?"
-                asked = self._asked
-                plain = f"the NATS server at {server} does not use TLS, which {asked} asks for"
+                plain = _no_tls(redact_url(uri.geturl()) if uri else "?", self._asked)
                 if self.opened:
                     raise nats.errors.Error(plain)  # nats-py's reconnecting retries its errors
                 raise StartupError(f"{self._variable}: {plain}")  # leaves nats-py's connect
@@ -286,10 +288,7 @@ class Connection:
             url = self._nc.connected_url
             await self.close()
             server = redact_url(url.geturl()) if url else shown
-            raise StartupError(
-                f"{variable_for(self._settings)}: the NATS server at {server} does not use TLS, "
-                f"which {asked} asks for"
-            )
+            raise StartupError(f"{variable_for(self._settings)}: {_no_tls(server, asked)}")
         self._js = self._nc.jetstream(timeout=API_TIMEOUT)
         self._up.set()
 

@@ -213,6 +213,7 @@ class Connection:
         shown = ", ".join(redact_url(u) for u in self._settings.effective_nats_urls)
         urls, user = _servers(self._settings)
         tls = self._settings.nats_tls.context() if self._settings.nats_tls else None
+        asked = self._settings.tls_asked_by
         errors: list[BaseException] = []
         backoff = Backoff(0.2, 2.0)
 
@@ -263,7 +264,6 @@ class Connection:
             attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
             try:
                 options["connect_timeout"] = min(2.0, attempt)
-                asked = self._settings.tls_asked_by
                 client = _Client(asked, variable_for(self._settings))
                 try:
                     await asyncio.wait_for(client.connect(**options), attempt)
@@ -283,7 +283,6 @@ class Connection:
                 log.info("NATS not reachable yet; retrying", nats=shown, error=reason,
                          retry_in_s=round(wait, 2))  # fmt: skip
                 await asyncio.sleep(wait)
-        asked = self._settings.tls_asked_by
         if asked and in_the_clear(self._nc):
             url = self._nc.connected_url
             await self.close()

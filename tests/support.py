@@ -147,6 +147,14 @@ class NatsServer:
         self.proc.send_signal(sig)
         self.proc.wait(10)
 
+    def restart(self, config: str | None = None) -> NatsServer:
+        """Stopped and started again on its port and store; under `config` when one is given
+        ("" for none)."""
+        self.stop()
+        if config is not None:
+            self.config = config
+        return self.start()
+
     def reload(self, config: str) -> None:
         """A new configuration, read by the running server (SIGHUP), as a config reload does."""
         assert self.proc is not None and self.config, "started with a configuration"
@@ -300,6 +308,10 @@ class Smsbus:
 
             wait_for(settled, timeout=10, what="the log to settle")
         return self.log_path.read_text(errors="replace")
+
+    def reconnections(self) -> int:
+        """How often one of the process's NATS connections came back (`nats reconnected`)."""
+        return sum(line.get("event") == "nats reconnected" for line in self.log_lines())
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []

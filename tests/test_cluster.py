@@ -178,7 +178,7 @@ def test_a_replica_given_one_server_of_a_cluster_with_users_fails_over_to_the_ot
             ok = http.get("/callbacks/smspilot", params={"server_id": "4242601", "status": 2})
             assert "OK" == ok.text
             cluster.kill(0)
-            wait_for(lambda: bus.logs().count('"nats reconnected"') >= 2, timeout=30,
+            wait_for(lambda: bus.reconnections() >= 2, timeout=30,
                      what="both connections on another server")  # fmt: skip
             wait_for(bus.ready, timeout=30, what="smsbus ready on the others")
             ok = http.get("/callbacks/smspilot", params={"server_id": "4242602", "status": 2})

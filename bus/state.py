@@ -7,7 +7,9 @@ bucket reads have a connection of their own (bus.connection says why).
 A bucket read must see every write acknowledged before it: on a replicated bucket it asks the
 stream leader (`STREAM.MSG.GET`; a direct get may be answered by a replica that is behind); on a
 bucket with one replica, that replica is the leader, so reads use direct gets, and the reads of
-one event-loop turn go out as one batched request (`multi_last`).
+one event-loop turn go out as one batched request (`multi_last`, nats-server 2.11+; a server
+before it reads such a request as an empty one and answers 408, after which every key is read
+with a get of its own).
 Writes are compare-and-set on the key's revision, starting from the mirror's copy (no read when it
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
 A registration request's writes go out as atomic batches (nats-server 2.12+, the bucket's
@@ -51,6 +53,7 @@ READ_TIMEOUT = 2.0
 LOOKUP_TIMEOUT = 1.0  # a callback or poll waits this long at most for the bucket
 BATCH_READ = 200  # keys per batched direct get (the server answers at most 1024)
 BATCH_TIMEOUT = LOOKUP_TIMEOUT  # for each reply of a batched direct get
+NOT_BATCHED = 408  # a direct get's status when the server does not read `multi_last` (before 2.11)
 ATOMIC_BATCH = 250  # writes per atomic batch (the server takes at most 1000)
 ATOMIC_IN_FLIGHT = 8  # atomic batches open at once (the server allows 50 per stream)
 
@@ -95,6 +98,7 @@ class States:
         self._subject = f"$KV.{bucket}."
         self._queued: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]] = {}
         self._flush_soon = False
+        self.batched_reads = True  # until the server answers a batched get as an empty request
         self._batches: set[asyncio.Task[None]] = set()
         self._nuid = NUID()
         self._atomic_gate = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
@@ -155,11 +159,16 @@ class States:
         self._flush_soon = False
         queued, self._queued = self._queued, {}
         keys = list(queued)
-        for start in range(0, len(keys), BATCH_READ):
-            batch = {k: queued[k] for k in keys[start : start + BATCH_READ]}
-            task = asyncio.create_task(self._read_batch(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+        size = BATCH_READ if self.batched_reads else 1
+        for start in range(0, len(keys), size):
+            self._read_soon({k: queued[k] for k in keys[start : start + size]})
+
+    def _read_soon(
+        self, batch: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]]
+    ) -> None:
+        task = asyncio.create_task(self._read_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     async def _read_batch(
         self, batch: dict[str, list[asyncio.Future[tuple[MessageState | None, int]]]]
@@ -185,6 +194,15 @@ class States:
         finally:
             expiry.cancel()
             self._read_replies.unroute(token)
+        error = reading.error
+        if len(subjects) > 1 and isinstance(error, ReplyError) and error.code == NOT_BATCHED:
+            if self.batched_reads:
+                self.batched_reads = False
+                log.warning("NATS does not take batched reads (nats-server 2.11+); "
+                            "reading the state bucket key by key", error=str(error))  # fmt: skip
+            for key, futures in batch.items():
+                self._read_soon({key: futures})
+            return
         for key, futures in batch.items():
             for future in futures:
                 if future.done():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -19,7 +20,7 @@ from typing import TypeVar
 import nats.errors
 import nats.js.errors
 import structlog
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig, StreamInfo
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -35,6 +36,12 @@ T = TypeVar("T")
 REPLICAS_NOT_SUPPORTED = 10074  # JSStreamReplicasNotSupportedErr
 INVALID_CONFIG = 10052  # JSStreamInvalidConfigF
 LEASE_MAX_AGE = 1 / 2  # of SMSBUS_LEASE_TTL: the server drops a lease not renewed for this long
+# Stream settings of later nats-server releases than some a user may run (allow_batched: 2.14,
+# allow_atomic: 2.12). Releases before 2.12 ignore a setting they do not know; 2.12 and 2.13
+# refuse the request ("invalid JSON: json: unknown field \"allow_batched\""), so it is asked
+# again without that setting, and the stream does without what it gives.
+LATER_SETTINGS = ("allow_batched", "allow_atomic")
+_UNKNOWN_FIELD = re.compile(r'unknown field "(\w+)"')
 
 
 def bucket_names(stream: str) -> tuple[str, str, str]:
@@ -72,7 +79,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> bool:
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        created = await js.add_stream(wanted)
+        created = await without_unknown_settings(js.add_stream, wanted)
         return bool(created.config.allow_batched)
     current = info.config
     if current.storage not in (None, StorageType.FILE):
@@ -89,8 +96,25 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> bool:
         allow_batched=True,
     )
     if _differs(updated, current) or not current.allow_batched:
-        current = (await js.update_stream(updated)).config
+        current = (await without_unknown_settings(js.update_stream, updated)).config
     return bool(current.allow_batched)
+
+
+async def without_unknown_settings(
+    call: Callable[[StreamConfig], Awaitable[StreamInfo]], config: StreamConfig
+) -> StreamInfo:
+    """`call(config)` (a stream's creation or update), asked again without each of the
+    LATER_SETTINGS the server refuses as a field it does not know."""
+    while True:
+        try:
+            return await call(config)
+        except nats.js.errors.APIError as exc:
+            unknown = _UNKNOWN_FIELD.search(exc.description or "")
+            field = unknown.group(1) if unknown else None
+            if field not in LATER_SETTINGS or getattr(config, field) is None:
+                raise
+            config = dataclasses.replace(config)
+            setattr(config, field, None)
 
 
 def _differs(wanted: StreamConfig, current: StreamConfig) -> bool:
@@ -141,7 +165,7 @@ async def allow_batches(js: JetStreamContext, bucket: str) -> tuple[bool, bool]:
     info = await js.stream_info(f"KV_{bucket}")
     if not (info.config.allow_atomic and info.config.allow_batched):
         wanted = dataclasses.replace(info.config, allow_atomic=True, allow_batched=True)
-        info = await js.update_stream(wanted)
+        info = await without_unknown_settings(js.update_stream, wanted)
     return bool(info.config.allow_atomic), bool(info.config.allow_batched)
 
 

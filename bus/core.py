@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 
 from bus.backoff import Backoff
 from bus.config import Settings, redact_url
-from bus.connection import Connection
+from bus.connection import Connection, describe
 from bus.cursors import Cursors
 from bus.errors import StartupError
 from bus.landed import stored_ids
@@ -37,10 +37,19 @@ from bus.projector import Projector
 from bus.publisher import Publisher
 from bus.spool import Spool
 from bus.state import States
-from bus.stream import bucket_names, commit_subject, ensure_all, retrying, stream_exists
+from bus.stream import (
+    Buckets,
+    bucket_names,
+    commit_subject,
+    ensure_all,
+    retrying,
+    stream_exists,
+)
 from bus.supervisor import Beat, Supervisor
 
 log = structlog.get_logger("smsbus.bus")
+
+OLDEST_NATS = (2, 10)  # the oldest nats-server release smsbus is tested with
 
 READINESS_CACHE = 1.0
 LANDED_CALL_TIMEOUT = 2.0  # each call of a search of the stream for spooled events
@@ -89,8 +98,11 @@ class Bus:
             return self._readiness
         try:
             present = await asyncio.wait_for(stream_exists(self.conn.js, self.settings.stream), 2.0)
-        except (TimeoutError, nats.errors.Error) as exc:
-            self._readiness = Readiness(False, f"stream check failed: {type(exc).__name__}")
+        except TimeoutError:
+            self._readiness = Readiness(False, "stream check failed: no answer in 2 s")
+            return self._readiness
+        except nats.errors.Error as exc:  # a stream the server took offline says why
+            self._readiness = Readiness(False, f"stream check failed: {describe(exc)}")
             return self._readiness
         if present:
             self._readiness = Readiness(True, "ok")
@@ -232,8 +244,11 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
 
         async def keep_schema(beat: Beat) -> None:
             """After a reconnect (a restarted or replaced server), make sure the stream and the
-            buckets are there; they normally are, and then this is four look-ups."""
+            buckets are there; they normally are, and then this is four look-ups. A server of
+            another release (NATS upgraded, or rolled back) may take other batches: writes
+            follow what this one takes."""
             seen = conn.generation
+            lacks = what_nats_lacks(buckets)
             while True:
                 change = conn.change()
                 with contextlib.suppress(TimeoutError):
@@ -242,9 +257,14 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                 if conn.generation == seen or not conn.is_connected:
                     continue
                 try:
-                    await ensure_all(conn.js, s)
+                    now = await ensure_all(conn.js, s)
                     await projector.ensure(conn.js)
                     seen = conn.generation
+                    states.atomic, states.batched = now.atomic, now.states_batched
+                    publisher.group_commit(now.batched)
+                    if what_nats_lacks(now) != lacks:
+                        lacks = what_nats_lacks(now)
+                        say_what_nats_lacks(server_version(conn), lacks, at_start=False)
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("stream check after reconnect failed; retrying", error=str(exc))
 
@@ -263,9 +283,11 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         log.info(
             "bus ready",
             nats=", ".join(redact_url(u) for u in s.effective_nats_urls),
+            nats_version=server_version(conn),
             stream=s.stream,
             spool_depth=spool.depth,
         )
+        say_what_nats_lacks(server_version(conn), what_nats_lacks(buckets))
         yield Bus(
             settings=s,
             metrics=metrics,
@@ -279,3 +301,44 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             pace=pace,
             providers=initial_providers(s),
         )
+
+
+def server_version(conn: Connection) -> str:
+    """The version the NATS server this connection reached gives in its INFO."""
+    version = conn.nc.connected_server_version
+    try:
+        return f"{version.major}.{version.minor}.{version.patch}"
+    except (TypeError, ValueError, AttributeError):  # none given, or not major.minor.patch
+        return "unknown"
+
+
+def what_nats_lacks(buckets: Buckets) -> tuple[str, ...]:
+    """The batches that save round trips which the stream and the state bucket do not take (a
+    nats-server release before them); every write is still made, one at a time."""
+    return tuple(
+        what
+        for what, has in (
+            ("fast batches (2.14+): events and states are written one by one",
+             buckets.batched and buckets.states_batched),
+            ("atomic batches (2.12+): registrations are written key by key", buckets.atomic),
+        )
+        if not has
+    )  # fmt: skip
+
+
+def say_what_nats_lacks(version: str, lacks: tuple[str, ...], at_start: bool = True) -> None:
+    """One line when the NATS server is older than what smsbus is built for (at start), or
+    when another release took its place and takes other batches."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major, minor = OLDEST_NATS
+    if at_start and (major, minor) < OLDEST_NATS:
+        log.warning(
+            "nats-server older than any release smsbus is tested with (2.10 and later)",
+            nats_version=version,
+        )
+    if lacks:
+        log.info("NATS takes no " + "; no ".join(lacks), nats_version=version)
+    elif not at_start:
+        log.info("NATS takes every batch smsbus uses", nats_version=version)

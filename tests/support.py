@@ -579,6 +579,32 @@ def events_by_id(stored: list[Stored]) -> dict[str, list[Stored]]:
     return out
 
 
+async def callbacks_at_once(
+    bus: Smsbus, server_ids: list[str], connections: int = 32
+) -> list[tuple[str, dict[str, Any] | None]]:
+    """SMSPilot delivery reports from `connections` connections at once, each answered `OK`,
+    and its message's state (`GET /v1/messages/...`, None when not found) read the moment the
+    callback is answered."""
+    shown: list[tuple[str, dict[str, Any] | None]] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def one(server_id: str) -> None:
+            answer = await client.get(
+                f"{bus.base}/callbacks/smspilot", params={"server_id": server_id, "status": 2}
+            )
+            assert (200, "OK") == (answer.status_code, answer.text)
+            state = await client.get(f"{bus.api}/v1/messages/smspilot/{server_id}")
+            shown.append((server_id, state.json() if state.status_code == 200 else None))
+
+        async def worker(share: list[str]) -> None:
+            for server_id in share:
+                await one(server_id)
+
+        shares = (server_ids[i::connections] for i in range(connections))
+        await asyncio.gather(*(worker(share) for share in shares))
+    return shown
+
+
 class NatsCluster:
     """Three nats-server processes from the wheel, routed into one JetStream cluster on loopback."""
 

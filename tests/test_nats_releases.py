@@ -23,6 +23,7 @@ from tests.fakes.smstower import FakeSmstower, msk_now
 from tests.support import (
     NatsServer,
     Smsbus,
+    callbacks_at_once,
     isolated_env,
     read_stream,
     released_nats_server,
@@ -76,7 +77,7 @@ def test_every_guarantee_holds_on_an_earlier_nats_release(
             )  # fmt: skip
             for message_id in polled:
                 tower.statuses[message_id] = ("delivered", msk_now())
-            shown = asyncio.run(_callbacks_at_once(bus, pilot + pilot[:16]))
+            shown = asyncio.run(callbacks_at_once(bus, pilot + pilot[:16]))
             unseen = [i for i, state in shown if state is None or state["status"] != "delivered"]
             assert [] == unseen  # each read right after its OK
             assert all(state and state["client_ref"] == f"ref-{i}"
@@ -113,30 +114,6 @@ def test_every_guarantee_holds_on_an_earlier_nats_release(
     assert RELEASES[release] == {lack for lack, text in LACKING.items() if text in said}, said
 
 
-async def _callbacks_at_once(
-    bus: Smsbus, server_ids: list[str]
-) -> list[tuple[str, dict[str, Any] | None]]:
-    """Each callback from one of 32 connections at once, and its message's state read the
-    moment it is answered `OK`."""
-    shown: list[tuple[str, dict[str, Any] | None]] = []
-    async with httpx.AsyncClient(timeout=10) as client:
-
-        async def one(server_id: str) -> None:
-            answer = await client.get(
-                f"{bus.base}/callbacks/smspilot", params={"server_id": server_id, "status": 2}
-            )
-            assert (200, "OK") == (answer.status_code, answer.text)
-            state = await client.get(f"{bus.api}/v1/messages/smspilot/{server_id}")
-            shown.append((server_id, state.json() if state.status_code == 200 else None))
-
-        async def worker(share: list[str]) -> None:
-            for server_id in share:
-                await one(server_id)
-
-        await asyncio.gather(*(worker(server_ids[i::32]) for i in range(32)))
-    return shown
-
-
 @pytest.mark.slow
 def test_nats_upgraded_and_rolled_back_under_a_running_smsbus(tmp_path: Path) -> None:
     """The NATS server replaced on its store by a later release while smsbus runs: its writes
@@ -162,11 +139,11 @@ def test_nats_upgraded_and_rolled_back_under_a_running_smsbus(tmp_path: Path) ->
 
     try:
         bus.start()
-        shown = asyncio.run(_callbacks_at_once(bus, ids[:64]))
+        shown = asyncio.run(callbacks_at_once(bus, ids[:64]))
         assert (0, 1) == (batches(), said("NATS takes no fast batches"))
         replaced(None)  # upgraded
         wait_for(lambda: said("NATS takes every batch") == 1, what="the upgrade said")
-        shown += asyncio.run(_callbacks_at_once(bus, ids[64:128]))
+        shown += asyncio.run(callbacks_at_once(bus, ids[64:128]))
         assert batches() > 0
         unseen = [i for i, state in shown if state is None or state["status"] != "delivered"]
         assert [] == unseen

@@ -33,7 +33,15 @@ from bus.messages import MessageState, TrackItem, apply_status, kv_key, register
 from bus.spool import Spool
 from bus.state import States, read_state
 from bus.stream import bucket_names, ensure_all
-from tests.support import NatsServer, Smsbus, await_for, isolated_env, read_stream, wait_for
+from tests.support import (
+    NatsServer,
+    Smsbus,
+    await_for,
+    callbacks_at_once,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 _ids = itertools.count(random.randrange(10**9, 10**10))
 
@@ -63,28 +71,7 @@ def stored_once(nats: NatsServer, bus: Smsbus, ids: list[str]) -> bool:
 def test_ok_means_the_state_records_the_fact(service: Smsbus) -> None:
     """Under load (32 at once), each callback's state is read the moment it is answered."""
     ids = [str(next(_ids)) for _ in range(640)]
-
-    async def pairs() -> list[tuple[str, dict[str, object] | None]]:
-        async with httpx.AsyncClient(timeout=10) as client:
-            seen: list[tuple[str, dict[str, object] | None]] = []
-
-            async def one(server_id: str) -> None:
-                answer = await client.get(
-                    f"{service.base}/callbacks/smspilot",
-                    params={"server_id": server_id, "status": 2},
-                )
-                assert (200, "OK") == (answer.status_code, answer.text)
-                state = await client.get(f"{service.api}/v1/messages/smspilot/{server_id}")
-                seen.append((server_id, state.json() if state.status_code == 200 else None))
-
-            async def worker(share: list[str]) -> None:
-                for server_id in share:
-                    await one(server_id)
-
-            await asyncio.gather(*(worker(ids[i::32]) for i in range(32)))
-            return seen
-
-    seen = asyncio.run(pairs())
+    seen = asyncio.run(callbacks_at_once(service, ids))
     unseen = [i for i, state in seen if state is None or state["status"] != "delivered"]
     assert [] == unseen
     duplicates = service.metric("smsbus_callbacks_total", outcome="duplicate")

@@ -261,6 +261,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     await projector.ensure(conn.js)
                     seen = conn.generation
                     states.atomic, states.batched = now.atomic, now.states_batched
+                    states.batched_reads = True  # until this server answers one as empty
                     publisher.group_commit(now.batched)
                     if what_nats_lacks(now) != lacks:
                         lacks = what_nats_lacks(now)

@@ -9,7 +9,7 @@ stream leader (`STREAM.MSG.GET`; a direct get may be answered by a replica that 
 bucket with one replica, that replica is the leader, so reads use direct gets, and the reads of
 one event-loop turn go out as one batched request (`multi_last`, nats-server 2.11+; a server
 before it reads such a request as an empty one and answers 408, after which every key is read
-with a get of its own).
+with a get of its own, until the next reconnection).
 Writes are compare-and-set on the key's revision, starting from the mirror's copy (no read when it
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
 A registration request's writes go out as atomic batches (nats-server 2.12+, the bucket's

@@ -26,6 +26,7 @@ from tests.support import (
     NatsServer,
     Smsbus,
     Stored,
+    await_for,
     isolated_env,
     read_stream,
     wait_for,
@@ -158,8 +159,11 @@ def others(url: str, stream: str, subject: str, count: int) -> int:
                 if n % 10_000 == 9_999:
                     await nc.flush()
             await nc.flush()
-            while (await js.stream_info(stream)).state.messages < held + count:
-                await asyncio.sleep(0.05)
+
+            async def stored() -> bool:  # a server that drops some (not acked) fails, not hangs
+                return (await js.stream_info(stream)).state.messages >= held + count
+
+            await await_for(stored, timeout=60, what=f"{count} more messages in the stream")
             return (await js.stream_info(stream)).state.messages
         finally:
             await nc.close()

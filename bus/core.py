@@ -263,8 +263,8 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     states.atomic, states.batched = now.atomic, now.states_batched
                     states.batched_reads = True  # until this server answers one as empty
                     publisher.group_commit(now.batched)
-                    if what_nats_lacks(now) != lacks:
-                        lacks = what_nats_lacks(now)
+                    if (lacking := what_nats_lacks(now)) != lacks:
+                        lacks = lacking
                         say_what_nats_lacks(server_version(conn), lacks, at_start=False)
                 except (TimeoutError, nats.errors.Error) as exc:
                     log.warning("stream check after reconnect failed; retrying", error=str(exc))
@@ -281,14 +281,15 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                 metrics.task_restarts.labels(name)  # shown at 0 before a first restart
 
         metrics.before_render = sample
+        version = server_version(conn)
         log.info(
             "bus ready",
             nats=", ".join(redact_url(u) for u in s.effective_nats_urls),
-            nats_version=server_version(conn),
+            nats_version=shown(version),
             stream=s.stream,
             spool_depth=spool.depth,
         )
-        say_what_nats_lacks(server_version(conn), what_nats_lacks(buckets))
+        say_what_nats_lacks(version, what_nats_lacks(buckets))
         yield Bus(
             settings=s,
             metrics=metrics,
@@ -304,13 +305,20 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         )
 
 
-def server_version(conn: Connection) -> str:
+Version = tuple[int, int, int] | None  # a nats-server's major, minor, patch; None: unknown
+
+
+def server_version(conn: Connection) -> Version:
     """The version the NATS server this connection reached gives in its INFO."""
     version = conn.nc.connected_server_version
     try:
-        return f"{version.major}.{version.minor}.{version.patch}"
+        return version.major, version.minor, version.patch
     except (TypeError, ValueError, AttributeError):  # none given, or not major.minor.patch
-        return "unknown"
+        return None
+
+
+def shown(version: Version) -> str:
+    return ".".join(map(str, version)) if version else "unknown"
 
 
 def what_nats_lacks(buckets: Buckets) -> tuple[str, ...]:
@@ -327,19 +335,15 @@ def what_nats_lacks(buckets: Buckets) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def say_what_nats_lacks(version: str, lacks: tuple[str, ...], at_start: bool = True) -> None:
+def say_what_nats_lacks(version: Version, lacks: tuple[str, ...], at_start: bool = True) -> None:
     """One line when the NATS server is older than what smsbus is built for (at start), or
     when another release took its place and takes other batches."""
-    try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-    except ValueError:
-        major, minor = OLDEST_NATS
-    if at_start and (major, minor) < OLDEST_NATS:
+    if at_start and version is not None and version[:2] < OLDEST_NATS:
         log.warning(
             "nats-server older than any release smsbus is tested with (2.10 and later)",
-            nats_version=version,
+            nats_version=shown(version),
         )
     if lacks:
-        log.info("NATS takes no " + "; no ".join(lacks), nats_version=version)
+        log.info("NATS takes no " + "; no ".join(lacks), nats_version=shown(version))
     elif not at_start:
-        log.info("NATS takes every batch smsbus uses", nats_version=version)
+        log.info("NATS takes every batch smsbus uses", nats_version=shown(version))

@@ -60,14 +60,7 @@ def test_every_guarantee_holds_on_an_earlier_nats_release(
     tracked = pilot[:32]  # registered before their callbacks; the other 32 never are
     polled = [str(next(_ids)) for _ in range(40)]
     with Served(tower.app) as served:
-        env = isolated_env(
-            server.url,
-            SMSBUS_SMSTOWER_URL=served.url,
-            SMSBUS_SMSTOWER_LOGIN=tower.login,
-            SMSBUS_SMSTOWER_PASSWORD=tower.password,
-            SMSBUS_SMSTOWER_INTERVAL="0.3",
-            SMSBUS_SMSTOWER_MAX_INTERVAL="0.6",
-        )
+        env = isolated_env(server.url, **tower.settings(served.url))
         bus = Smsbus(env, tmp_path / "bus")
         try:
             bus.start()

@@ -73,14 +73,7 @@ def tracking(url: str, bus: Smsbus) -> Callable[[str], list[Stored]]:
 def test_everything_follows_a_restarted_nats_server(topology: str, tmp_path: Path) -> None:
     tower = FakeSmstower()
     with Served(tower.app) as fake:
-        settings = {
-            "SMSBUS_SMSTOWER_URL": fake.url,
-            "SMSBUS_SMSTOWER_LOGIN": tower.login,
-            "SMSBUS_SMSTOWER_PASSWORD": tower.password,
-            "SMSBUS_SMSTOWER_INTERVAL": str(INTERVAL),
-            "SMSBUS_SMSTOWER_MAX_INTERVAL": str(2 * INTERVAL),
-            "SMSBUS_PUBLISH_TIMEOUT": "1",
-        }
+        settings = {**tower.settings(fake.url, INTERVAL), "SMSBUS_PUBLISH_TIMEOUT": "1"}
         nats: NatsServer | None = None
         if topology == "external":
             nats = NatsServer(tmp_path / "nats").start()

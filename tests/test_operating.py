@@ -135,15 +135,7 @@ def loaded(nats_server: NatsServer, tmp_path: Path) -> Iterator[tuple[Smsbus, Fa
     expires), a delivered SMSPilot callback of a registered message, and a malformed one."""
     tower = FakeSmstower(balance="10654")
     with Served(tower.app) as served:
-        env = isolated_env(
-            nats_server.url,
-            SMSBUS_SMSTOWER_URL=served.url,
-            SMSBUS_SMSTOWER_LOGIN=tower.login,
-            SMSBUS_SMSTOWER_PASSWORD=tower.password,
-            SMSBUS_SMSTOWER_INTERVAL="0.3",
-            SMSBUS_SMSTOWER_MAX_INTERVAL="0.6",
-            SMSBUS_TRACK_TTL="3",
-        )
+        env = isolated_env(nats_server.url, **tower.settings(served.url), SMSBUS_TRACK_TTL="3")
         bus = Smsbus(env, tmp_path / "bus").start()
         try:
             delivered, unknown, pilot = (str(next(_ids)) for _ in range(3))

@@ -46,11 +46,7 @@ def test_one_leader_per_provider_and_takeover_after_sigkill(
         env = isolated_env(
             nats_server.url,
             SMSBUS_LEASE_TTL=str(LEASE_TTL),
-            SMSBUS_SMSTOWER_URL=t.url,
-            SMSBUS_SMSTOWER_LOGIN=tower.login,
-            SMSBUS_SMSTOWER_PASSWORD=tower.password,
-            SMSBUS_SMSTOWER_INTERVAL="0.3",
-            SMSBUS_SMSTOWER_MAX_INTERVAL="0.6",
+            **tower.settings(t.url),
             SMSBUS_SMSC_URL=s.url,
             SMSBUS_SMSC_LOGIN=smsc.login,
             SMSBUS_SMSC_PASSWORD=smsc.password,

@@ -36,14 +36,7 @@ def new_id() -> str:
 
 
 def env_for(nats: NatsServer, fake: FakeSmstower, url: str, **extra: str) -> dict[str, str]:
-    settings = {
-        "SMSBUS_SMSTOWER_URL": url,
-        "SMSBUS_SMSTOWER_LOGIN": fake.login,
-        "SMSBUS_SMSTOWER_PASSWORD": fake.password,
-        "SMSBUS_SMSTOWER_INTERVAL": "0.3",
-        "SMSBUS_SMSTOWER_MAX_INTERVAL": "0.6",
-        "SMSBUS_BALANCE_INTERVAL": "2",
-    }
+    settings = {**fake.settings(url), "SMSBUS_BALANCE_INTERVAL": "2"}
     return isolated_env(nats.url, **(settings | extra))
 
 

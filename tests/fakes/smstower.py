@@ -44,6 +44,17 @@ class FakeSmstower:
     def seen(self, path: str) -> list[Seen]:
         return [r for r in list(self.requests) if r.path == path]
 
+    def settings(self, url: str, interval: float = 0.3) -> dict[str, str]:
+        """smsbus's SMSTOWER settings for this fake served at `url`: its credentials, and a
+        message polled `interval` s after its registration, then at most every 2 x interval."""
+        return {
+            "SMSBUS_SMSTOWER_URL": url,
+            "SMSBUS_SMSTOWER_LOGIN": self.login,
+            "SMSBUS_SMSTOWER_PASSWORD": self.password,
+            "SMSBUS_SMSTOWER_INTERVAL": str(interval),
+            "SMSBUS_SMSTOWER_MAX_INTERVAL": str(2 * interval),
+        }
+
     @property
     def app(self) -> Starlette:
         return Starlette(

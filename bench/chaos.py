@@ -11,7 +11,9 @@ with, in each:
 - the SMSTOWER poller busy against the test suite's fake SMSTOWER: messages registered over HTTP,
   each scripted `processing` then a final status, and inbound SMS arriving all along;
 - one fault after another: SIGKILL a random NATS node (restarted a few seconds later), SIGSTOP a
-  node and SIGCONT it, SIGKILL an smsbus replica and start it again on the same data dir. After
+  node and SIGCONT it, SIGKILL an smsbus replica and start it again on the same data dir; on the
+  cluster also a node stopped as its Helm chart stops it, in lame duck mode (it hands its
+  leaderships over, closes its clients and exits), then started again. After
   a NATS fault the next waits until the stream and every bucket have a leader and all their
   replicas are current again: a second node down while the first still catches up is a lost
   quorum, in which no replica can poll, and a status that comes and goes then is seen by nobody.
@@ -208,6 +210,8 @@ class Cluster:
     """The 3-node cluster: faults hit a random node; settled when every stream has a leader and
     current replicas."""
 
+    kinds = [*KINDS, "lame duck nats"]
+
     def __init__(self, root: Path) -> None:
         self.nats = NatsCluster(root / "nats").start()
         self.urls = self.nats.urls
@@ -218,6 +222,9 @@ class Cluster:
     def kill(self, i: int) -> None:
         self.nats.kill(i)
 
+    def lame_duck(self, i: int) -> None:
+        self.nats.lame_duck(i)
+
     def start(self, i: int) -> None:
         self.nats.start_node(i)
 
@@ -227,27 +234,7 @@ class Cluster:
         return proc.pid
 
     def settled(self, streams: list[str]) -> bool:
-        async def check() -> bool:
-            try:
-                nc = await nats.connect(self.urls, connect_timeout=2,
-                                        max_reconnect_attempts=0, error_cb=quiet)  # fmt: skip
-            except Exception:  # noqa: BLE001 - not yet
-                return False
-            try:
-                js = nc.jetstream(timeout=2)
-                for name in streams:
-                    cluster = (await js.stream_info(name)).cluster
-                    if cluster is None or not cluster.leader:
-                        return False
-                    if not all(r.current and not r.offline for r in cluster.replicas or []):
-                        return False
-                return True
-            except Exception:  # noqa: BLE001 - no leader, a timeout: not settled
-                return False
-            finally:
-                await nc.close()
-
-        return asyncio.run(check())
+        return self.nats.settled(streams)
 
     def heal(self) -> None:
         for i, proc in enumerate(self.nats.procs):
@@ -265,6 +252,8 @@ class Cluster:
 
 class Single:
     """One nats-server, restarted on its own store."""
+
+    kinds = KINDS
 
     def __init__(self, root: Path) -> None:
         self.server = NatsServer(root / "nats").start()
@@ -301,6 +290,8 @@ class Single:
 
 class Embedded:
     """The embedded nats-server of the one replica: smsbus starts it again itself."""
+
+    kinds = KINDS
 
     def __init__(self, root: Path) -> None:
         self.port = free_port()
@@ -371,8 +362,8 @@ class Faults:
         self._probes = itertools.count(1)
 
     def one(self) -> None:
-        if not self._kinds:  # every kind in each round of three, in a random order
-            self._kinds = self.rng.sample(KINDS, len(KINDS))
+        if not self._kinds:  # every kind in each round, in a random order
+            self._kinds = self.rng.sample(self.nats.kinds, len(self.nats.kinds))
         kind = self._kinds.pop()
         self.fault_starts.append(time.monotonic())
         if kind == "kill nats":
@@ -382,6 +373,15 @@ class Faults:
             say(f"SIGKILL nats node n{i}; restart in {down:.1f} s", self.started)
             if not isinstance(self.nats, Embedded):
                 time.sleep(down)
+            self.nats.start(i)
+            back = self.probe_mirrors()
+            self.settle()
+            self.nats_back.append(back)
+        elif kind == "lame duck nats":
+            assert isinstance(self.nats, Cluster)
+            i = self.nats.pick(self.rng)
+            say(f"lame duck mode for nats node n{i}; start it again once it exits", self.started)
+            self.nats.lame_duck(i)
             self.nats.start(i)
             back = self.probe_mirrors()
             self.settle()

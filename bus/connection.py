@@ -258,6 +258,7 @@ class Connection:
             **user,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
+            "lame_duck_mode_cb": self._on_lame_duck,
             **callbacks,
         }
         while True:
@@ -301,6 +302,14 @@ class Connection:
         self._bump()
         if not self._closing:
             log.warning("nats disconnected", connection=self.name)
+
+    async def _on_lame_duck(self) -> None:
+        # The server is stopping gracefully (`nats-server --signal ldm`, a NATS Helm chart's pod
+        # stopping): it hands its leaderships over and closes its clients within its lame duck
+        # duration; the warnings of that disconnection follow.
+        url = self.nc.connected_url
+        log.info("nats server stopping (lame duck mode); this connection reconnects once it closes",
+                 connection=self.name, url=redact_url(url.geturl()) if url else None)  # fmt: skip
 
     async def _on_reconnected(self) -> None:
         url = self.nc.connected_url

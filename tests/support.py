@@ -608,6 +608,10 @@ async def callbacks_at_once(
 class NatsCluster:
     """Three nats-server processes from the wheel, routed into one JetStream cluster on loopback."""
 
+    # Lame duck mode as the NATS Helm chart's preStop hook starts it (`nats-server --signal
+    # ldm`), with the shortest duration nats-server takes and a short grace period.
+    LAME_DUCK = 'lame_duck_duration: "30s"\nlame_duck_grace_period: "2s"\n'
+
     def __init__(self, root: Path, size: int = 3, user: tuple[str, str] | None = None) -> None:
         self.root = root
         self.ports = [free_port() for _ in range(size)]
@@ -624,9 +628,11 @@ class NatsCluster:
         store = self.root / f"n{i}"
         store.mkdir(parents=True, exist_ok=True)
         routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.cluster_ports)
+        config = store / "nats.conf"
+        config.write_text(self.LAME_DUCK)
         args = [
-            str(binary()), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.ports[i]),
-            "-n", f"n{i}", "--cluster_name", "smsbus-test",
+            str(binary()), "-c", str(config), "-js", "-sd", str(store), "-a", "127.0.0.1",
+            "-p", str(self.ports[i]), "-n", f"n{i}", "--cluster_name", "smsbus-test",
             "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}", "--routes", routes,
         ]  # fmt: skip
         if self.user:
@@ -663,6 +669,40 @@ class NatsCluster:
         assert proc is not None
         proc.kill()
         proc.wait(10)
+
+    def lame_duck(self, i: int) -> None:
+        """Stop node `i` as Kubernetes stops a pod of the NATS Helm chart: lame duck mode (what
+        `nats-server --signal ldm` sends), in which the server hands its streams' leadership to
+        the others, stops its JetStream, closes its clients one by one and exits."""
+        proc = self.procs[i]
+        assert proc is not None
+        proc.send_signal(signal.SIGUSR2)
+        proc.wait(45)
+
+    def settled(self, streams: list[str]) -> bool:
+        """Each of `streams` has a leader and every one of its replicas is current."""
+
+        async def check() -> bool:
+            try:
+                nc = await nats.connect(self.urls, connect_timeout=2,
+                                        max_reconnect_attempts=0, error_cb=quiet)  # fmt: skip
+            except Exception:  # noqa: BLE001 - not yet
+                return False
+            try:
+                js = nc.jetstream(timeout=2)
+                for name in streams:
+                    cluster = (await js.stream_info(name)).cluster
+                    if cluster is None or not cluster.leader:
+                        return False
+                    if not all(r.current and not r.offline for r in cluster.replicas or []):
+                        return False
+                return True
+            except Exception:  # noqa: BLE001 - no leader, a timeout: not settled
+                return False
+            finally:
+                await nc.close()
+
+        return asyncio.run(check())
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -40,6 +40,7 @@ class Load:
         self.buses = buses
         self.ok: list[str] = []
         self.failed = 0
+        self.slowest = 0.0  # s: the longest a callback waited for its answer
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(4)]
         for thread in self._threads:
@@ -51,10 +52,12 @@ class Load:
         while not self._stop.is_set():
             n += 1
             server_id = str(next(_ids))
+            sent = time.monotonic()
             try:
                 response = clients[n % len(clients)].get(
                     "/callbacks/smspilot", params={"server_id": server_id, "status": 2}
                 )
+                self.slowest = max(self.slowest, time.monotonic() - sent)
                 if (response.status_code, response.text) == (200, "OK"):
                     self.ok.append(server_id)
                 else:
@@ -186,4 +189,93 @@ def test_a_replica_given_one_server_of_a_cluster_with_users_fails_over_to_the_ot
         assert 0 == bus.stop()
     finally:
         bus.kill()
+        cluster.stop()
+
+
+def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Path) -> None:
+    """NATS upgraded as its Helm chart does it: one node after another is put into lame duck
+    mode (it hands its leaderships over, stops its JetStream, closes its clients and exits) and
+    started again, each once the cluster is whole. Two replicas under callback load, one given
+    every server and one only the first to go, the SMSTOWER poller following a message
+    registered before each node goes. Every callback is answered `OK` in time, none refused;
+    each is stored once; each message's statuses come once, with its registration's data; no
+    background task fails."""
+    cluster = NatsCluster(tmp_path / "nats").start()
+    tower = FakeSmstower()
+    buses: list[Smsbus] = []
+    try:
+        with Served(tower.app) as t:
+            env = isolated_env(",".join(cluster.urls), SMSBUS_STREAM_REPLICAS="3",
+                               **tower.settings(t.url, interval=1))  # fmt: skip
+            buses = [
+                Smsbus(env, tmp_path / "bus0").start(),
+                Smsbus({**env, "SMSBUS_NATS_URL": cluster.urls[0]}, tmp_path / "bus1").start(),
+            ]
+            bus = buses[0]
+            streams = [
+                bus.stream,
+                *(f"KV_{bus.stream}_{b}" for b in ("messages", "cursors", "leases")),
+            ]
+            wait_for(lambda: any(leads(b, "smstower") for b in buses), what="an SMSTOWER leader")
+
+            def statuses() -> dict[str, list[tuple[str, str | None]]]:
+                found: dict[str, list[tuple[str, str | None]]] = collections.defaultdict(list)
+                for e in read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smstower.>"):
+                    data = e.event["data"]
+                    found[data["message_id"]].append((data["status"], data["client_ref"]))
+                return found
+
+            load, began = Load(buses), time.monotonic()
+            messages = []
+            for i in range(len(cluster.ports)):
+                load.wait_more(200)
+                message = str(next(_ids))
+                messages.append(message)
+                tower.statuses[message] = ("processing", "")
+                buses[i % 2].register({"provider": "smstower", "message_id": message,
+                                       "client_ref": f"order-{message}"})  # fmt: skip
+                cluster.lame_duck(i)
+                tower.statuses[message] = ("delivered", msk_now())
+                cluster.start_node(i)
+                wait_for(lambda: cluster.settled(streams), timeout=60, what=f"n{i} current again")
+            load.wait_more(200)
+            answered = load.stop()
+            took = time.monotonic() - began
+
+            def polled() -> bool:
+                found = statuses()
+                return all(len(found[m]) >= 2 for m in messages)
+
+            wait_for(polled, timeout=30, what="every message's final status")
+            wait_for(lambda: all(b.spool_depth() == 0 for b in buses), timeout=30,
+                     what="the spools to drain")  # fmt: skip
+            found = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smspilot.>")
+            stored = collections.Counter(e.event["data"]["message_id"] for e in found)
+            missing = [i for i in answered if i not in stored]
+            doubled = [i for i, n in stored.items() if n > 1]
+            spooled = sum(b.metric("smsbus_publish_failures_total") for b in buses)
+            print(
+                f"\nrolling restart: {len(answered)} callbacks answered OK in {took:.1f} s, "
+                f"{load.failed} not, "
+                f"slowest {load.slowest:.2f} s, {spooled:.0f} through the spool; "
+                f"{sum(stored.values())} stored, {len(missing)} missing, {len(doubled)} doubled"
+            )
+            assert (0, [], []) == (load.failed, missing, doubled)
+            assert load.slowest < 5, f"a callback waited {load.slowest:.1f} s for its answer"
+            wanted = {m: [("sent", f"order-{m}"), ("delivered", f"order-{m}")] for m in messages}
+            assert wanted == {m: statuses()[m] for m in messages}
+            for b in buses:
+                said = [line["event"] for line in b.log_lines()]
+                assert any(event.startswith("nats server stopping (lame duck") for event in said)
+                ready = b.readyz()
+                restarted = {
+                    name: task["restarts"]
+                    for name, task in ready["tasks"].items()
+                    if task["restarts"]
+                }
+                assert ({}, []) == (restarted, ready["degraded"])
+    finally:
+        for b in buses:
+            if b.proc is not None and b.proc.poll() is None:
+                b.stop()
         cluster.stop()

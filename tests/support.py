@@ -608,8 +608,9 @@ async def callbacks_at_once(
 class NatsCluster:
     """Three nats-server processes from the wheel, routed into one JetStream cluster on loopback."""
 
-    # Lame duck mode as the NATS Helm chart's preStop hook starts it (`nats-server --signal
-    # ldm`), with the shortest duration nats-server takes and a short grace period.
+    # Lame duck mode as the NATS Helm chart's preStop hook starts it (`nats-server -sl=ldm`):
+    # the chart's duration (30 s, the shortest nats-server takes); its grace period of 10 s
+    # (before the first client is closed) cut to 2 s.
     LAME_DUCK = 'lame_duck_duration: "30s"\nlame_duck_grace_period: "2s"\n'
 
     def __init__(self, root: Path, size: int = 3, user: tuple[str, str] | None = None) -> None:

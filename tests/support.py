@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 import nats
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bus.nats_server import binary
@@ -605,6 +606,17 @@ async def callbacks_at_once(
     return shown
 
 
+async def _reach(urls: list[str]) -> NATS | None:
+    """A connection to one of `urls`, or None. Given several servers and no reconnection,
+    nats-py tries them in turn for as long as none answers; bounded here."""
+    try:
+        return await asyncio.wait_for(
+            nats.connect(urls, connect_timeout=2, max_reconnect_attempts=0, error_cb=quiet), 5
+        )
+    except Exception:  # noqa: BLE001 - none answered
+        return None
+
+
 class NatsCluster:
     """Three nats-server processes from the wheel, routed into one JetStream cluster on loopback."""
 
@@ -649,11 +661,8 @@ class NatsCluster:
 
     def _jetstream_ready(self) -> bool:
         async def probe() -> bool:
-            try:
-                nc = await nats.connect(
-                    self.urls, connect_timeout=2, max_reconnect_attempts=0, error_cb=quiet
-                )
-            except Exception:  # noqa: BLE001 - not up yet
+            nc = await _reach(self.urls)
+            if nc is None:  # not up yet
                 return False
             try:
                 await nc.jetstream().account_info()
@@ -684,10 +693,8 @@ class NatsCluster:
         """Each of `streams` has a leader and every one of its replicas is current."""
 
         async def check() -> bool:
-            try:
-                nc = await nats.connect(self.urls, connect_timeout=2,
-                                        max_reconnect_attempts=0, error_cb=quiet)  # fmt: skip
-            except Exception:  # noqa: BLE001 - not yet
+            nc = await _reach(self.urls)
+            if nc is None:  # not yet
                 return False
             try:
                 js = nc.jetstream(timeout=2)

@@ -279,3 +279,75 @@ def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Pat
             if b.proc is not None and b.proc.poll() is None:
                 b.stop()
         cluster.stop()
+
+
+def test_a_cluster_that_loses_its_quorum_for_a_while_loses_nothing(tmp_path: Path) -> None:
+    """Two of the three NATS servers down at once for longer than any timeout: JetStream stores
+    nothing (no stream or bucket has a leader). Callbacks are still answered `OK`, from the
+    spool; a registration is refused (`503`) rather than answered without being stored; the
+    pollers stop. Once the servers are back, every callback is stored once, a message
+    registered then is polled, and nothing stays degraded."""
+    cluster = NatsCluster(tmp_path / "nats").start()
+    tower = FakeSmstower()
+    buses: list[Smsbus] = []
+    try:
+        with Served(tower.app) as t:
+            env = isolated_env(",".join(cluster.urls), SMSBUS_STREAM_REPLICAS="3",
+                               **tower.settings(t.url, interval=1))  # fmt: skip
+            buses = [Smsbus(env, tmp_path / f"bus{i}").start() for i in range(2)]
+            bus = buses[0]
+            streams = [
+                bus.stream,
+                *(f"KV_{bus.stream}_{b}" for b in ("messages", "cursors", "leases")),
+            ]
+            load = Load(buses)
+            load.wait_more(200)
+            cluster.kill(1)
+            cluster.kill(2)
+            lost = time.monotonic()
+            load.wait_more(200)  # answered from the spools
+            refused = httpx.post(f"{bus.api}/v1/messages", timeout=15,
+                                 json={"provider": "smstower", "message_id": "1"})  # fmt: skip
+            wait_for(lambda: time.monotonic() - lost > 15, timeout=20, what="15 s without quorum")
+            during = len(load.ok)
+            cluster.start_node(1)
+            cluster.start_node(2)
+            wait_for(lambda: cluster.settled(streams), timeout=60, what="the cluster whole")
+            message = str(next(_ids))
+            tower.statuses[message] = ("delivered", msk_now())
+            buses[1].register({"provider": "smstower", "message_id": message,
+                               "client_ref": f"order-{message}"})  # fmt: skip
+            load.wait_more(200)
+            answered = load.stop()
+            wait_for(lambda: all(b.spool_depth() == 0 for b in buses), timeout=60,
+                     what="the spools to drain")  # fmt: skip
+
+            def polled() -> list[tuple[str, str | None]]:
+                found = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smstower.>")
+                return [(e.event["data"]["status"], e.event["data"]["client_ref"])
+                        for e in found if e.event["subject"] == message]  # fmt: skip
+
+            wait_for(polled, timeout=30, what="the message registered after the outage polled")
+            found = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smspilot.>")
+            stored = collections.Counter(e.event["data"]["message_id"] for e in found)
+            missing = [i for i in answered if i not in stored]
+            doubled = [i for i, n in stored.items() if n > 1]
+            print(
+                f"\nquorum lost for 15 s: {len(answered)} callbacks answered OK "
+                f"({during} before the servers came back), {load.failed} not, slowest "
+                f"{load.slowest:.2f} s; {sum(stored.values())} stored, {len(missing)} missing, "
+                f"{len(doubled)} doubled; a registration meanwhile: {refused.status_code} "
+                f"{refused.text}"
+            )
+            assert (0, [], []) == (load.failed, missing, doubled)
+            assert load.slowest < 5, f"a callback waited {load.slowest:.1f} s for its answer"
+            assert 503 == refused.status_code
+            assert [("delivered", f"order-{message}")] == polled()
+            for b in buses:
+                wait_for(lambda b=b: [] == b.readyz()["degraded"], timeout=30,
+                         what="every task and watch up")  # fmt: skip
+    finally:
+        for b in buses:
+            if b.proc is not None and b.proc.poll() is None:
+                b.stop()
+        cluster.stop()

@@ -42,6 +42,7 @@ from bus.stream import (
     bucket_names,
     commit_subject,
     ensure_all,
+    missing,
     retrying,
     stream_exists,
 )
@@ -52,6 +53,7 @@ log = structlog.get_logger("smsbus.bus")
 OLDEST_NATS = (2, 10)  # the oldest nats-server release smsbus is tested with
 
 READINESS_CACHE = 1.0
+SCHEMA_CHECK = 5.0  # s: how often, while connected, the stream and buckets are looked for
 LANDED_CALL_TIMEOUT = 2.0  # each call of a search of the stream for spooled events
 STALL_AFTER = 30.0  # a watch or consumer loop that has not beaten for this long is restarted
 
@@ -246,16 +248,32 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             """After a reconnect (a restarted or replaced server), make sure the stream and the
             buckets are there; they normally are, and then this is four look-ups. A server of
             another release (NATS upgraded, or rolled back) may take other batches: writes
-            follow what this one takes."""
+            follow what this one takes. Between reconnects, every SCHEMA_CHECK s: what was
+            deleted under a running smsbus is made again, as at start (without it, every
+            callback would go to the spool and stay there until the next reconnect)."""
             seen = conn.generation
+            looked = time.monotonic()
             lacks = what_nats_lacks(buckets)
             while True:
                 change = conn.change()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(change.wait(), 1.0)
                 beat()
-                if conn.generation == seen or not conn.is_connected:
+                if not conn.is_connected:
                     continue
+                gone: list[str] = []
+                if conn.generation == seen:
+                    if time.monotonic() - looked < SCHEMA_CHECK:
+                        continue
+                    looked = time.monotonic()
+                    try:
+                        gone = await missing(conn.js, s)
+                    except (TimeoutError, nats.errors.Error):
+                        continue  # the next look, or the reconnection this may be, tries again
+                    if not gone:
+                        continue
+                    log.warning("stream or buckets missing from NATS; making them again",
+                                missing=gone)  # fmt: skip
                 try:
                     now = await ensure_all(conn.js, s)
                     await projector.ensure(conn.js)
@@ -266,8 +284,11 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     if (lacking := what_nats_lacks(now)) != lacks:
                         lacks = lacking
                         say_what_nats_lacks(server_version(conn), lacks, at_start=False)
+                    if gone:
+                        log.info("stream and buckets made again", made=gone)
                 except (TimeoutError, nats.errors.Error) as exc:
-                    log.warning("stream check after reconnect failed; retrying", error=str(exc))
+                    after = "a look" if gone else "reconnect"
+                    log.warning(f"stream check after {after} failed; retrying", error=str(exc))
 
         stack.push_async_callback(supervisor.spawn("schema", keep_schema))
         pace = Pace()

@@ -235,3 +235,10 @@ async def stream_exists(js: JetStreamContext, name: str) -> bool:
     except nats.js.errors.NotFoundError:
         return False
     return True
+
+
+async def missing(js: JetStreamContext, settings: Settings) -> list[str]:
+    """Which of the stream and its buckets' streams the server does not have: deleted under a
+    running smsbus (`nats stream rm`, `nats kv del`), or a server back on an empty store."""
+    names = [settings.stream, *(f"KV_{bucket}" for bucket in bucket_names(settings.stream))]
+    return [name for name in names if not await stream_exists(js, name)]

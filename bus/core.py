@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import nats.errors
 import structlog
@@ -52,6 +54,7 @@ log = structlog.get_logger("smsbus.bus")
 
 OLDEST_NATS = (2, 10)  # the oldest nats-server release smsbus is tested with
 
+LOCK_FILE = "smsbus.lock"  # in SMSBUS_DATA_DIR: held by the one smsbus that uses it
 READINESS_CACHE = 1.0
 SCHEMA_CHECK = 5.0  # s: how often, while connected, the stream and buckets are looked for
 LANDED_CALL_TIMEOUT = 2.0  # each call of a search of the stream for spooled events
@@ -139,13 +142,35 @@ class Watch(Protocol):
     def public(self) -> dict[str, object]: ...
 
 
-def check_data_dir(path: Path) -> None:
+def hold_data_dir(path: Path) -> BinaryIO:
+    """The data directory, writable and this process's alone: an exclusive lock on its
+    `smsbus.lock`, held while the returned file is open and dropped by the system when the
+    process ends, however it ends. A second smsbus on the same directory (`--pollers-only`
+    beside `--no-pollers` with one default directory, two pods on one shared volume) would
+    drain the same spool with bookkeeping of its own and start a nats-server on the same store."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
+        lock = (path / LOCK_FILE).open("a+b")
     except OSError as exc:
         raise StartupError(f"SMSBUS_DATA_DIR: {path} is not writable: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read(32).decode(errors="replace").strip() or "?"
+        lock.close()
+        raise StartupError(
+            f"SMSBUS_DATA_DIR: {path} is in use by another smsbus (pid {holder}); "
+            "give each process a data directory of its own"
+        ) from None
+    except OSError as exc:  # a file system that takes no locks (some network file systems)
+        log.warning("data directory not locked", data_dir=str(path), error=exc.strerror)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n".encode())
+    lock.flush()
+    return lock
 
 
 def initial_providers(settings: Settings) -> dict[str, ProviderState]:
@@ -163,7 +188,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
     supervisor = Supervisor(on_restart=lambda name: metrics.task_restarts.labels(name).inc())
     s = settings
     async with contextlib.AsyncExitStack() as stack:
-        check_data_dir(s.data_dir)
+        stack.callback(hold_data_dir(s.data_dir).close)
         spool = Spool(s.data_dir / "spool.sqlite3", on_depth=metrics.spool_depth.set)
         await spool.open()
         stack.push_async_callback(spool.close)

@@ -566,6 +566,30 @@ def test_unwritable_data_dir_is_one_line(tmp_path: Path) -> None:
     assert line.startswith(f"smsbus: SMSBUS_DATA_DIR: {not_a_dir / 'data'} is not writable")
 
 
+def test_a_data_dir_in_use_by_another_smsbus_is_one_line(tmp_path: Path) -> None:
+    """Two processes on one data directory (`--pollers-only` beside `--no-pollers` with the
+    default one, two pods on one shared volume) would drain one spool with two sets of
+    bookkeeping and start two nats-servers on one store: the second stops with one line. The
+    first one's end, however it ends, frees the directory."""
+    server = NatsServer(tmp_path / "nats").start()
+    first = Smsbus({"SMSBUS_NATS_URL": server.url}, tmp_path / "data").start()
+    try:
+        assert first.proc is not None
+        result = serve(tmp_path, SMSBUS_NATS_URL=server.url)
+        assert 1 == result.returncode
+        assert (
+            f"smsbus: SMSBUS_DATA_DIR: {tmp_path / 'data'} is in use by another smsbus "
+            f"(pid {first.proc.pid}); give each process a data directory of its own\n"
+        ) == result.stderr
+        assert first.ready()
+        first.kill()  # the system drops its lock
+        again = Smsbus({"SMSBUS_NATS_URL": server.url}, tmp_path / "data").start()
+        assert 0 == again.stop()
+    finally:
+        first.kill()
+        server.stop()
+
+
 def test_a_stop_signal_while_waiting_for_nats_stops_at_once(tmp_path: Path) -> None:
     """Ctrl-C or a pod's SIGTERM during start-up, which waits up to SMSBUS_STARTUP_TIMEOUT for
     NATS, ends the process then, not a minute later."""

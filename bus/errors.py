@@ -5,6 +5,7 @@
     ├── StartupError        something the process needs at start cannot be had (NATS, a port)
     ├── PayloadError        input we will never accept (a malformed callback); never retried
     ├── PublishError        an event could not be made durable, not even in the spool
+    │   └── EventTooLarge   larger than the NATS server takes (max_payload); never spooled
     ├── StoreError          state kept in NATS (cursors, run records) could not be read or
     │                       written: a NATS problem, never counted against a provider
     └── ProviderError       a provider call failed (pollers)
@@ -38,6 +39,11 @@ class PayloadError(SmsbusError):
 
 class PublishError(SmsbusError):
     """An event is neither acknowledged by JetStream nor stored in the spool."""
+
+
+class EventTooLarge(PublishError):
+    """An event larger than the NATS server takes (its `max_payload`): no publish or spool
+    could ever store it, so it is not spooled, where it would hold back every event after it."""
 
 
 class StoreError(SmsbusError):

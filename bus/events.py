@@ -302,18 +302,20 @@ def deadletter_event(
     body: bytes | str,
     peer: str | None,
     content_type: str | None = None,
+    body_limit: int = DEADLETTER_BODY_LIMIT,
 ) -> Event:
     """Input that could not be understood, kept whole enough to replay (`smsbus replay`) or debug.
 
     The body is kept as it came: its text when it is UTF-8, else base64 with `body_encoding`
     saying so (a windows-1251 form must replay byte for byte); `truncated` marks a body cut at
-    DEADLETTER_BODY_LIMIT. Every dead letter is its own fact (two identical junk requests are two
-    receptions), so its id is random rather than a digest.
+    `body_limit` (DEADLETTER_BODY_LIMIT, less where NATS takes less). Every dead letter is its
+    own fact (two identical junk requests are two receptions), so its id is random rather than
+    a digest.
     """
     raw: dict[str, Any] = {"method": method, "path": path, "query": dict(query)}
     if isinstance(body, str):
         body = body.encode("utf-8", errors="surrogatepass")
-    head = body[:DEADLETTER_BODY_LIMIT]
+    head = body[:body_limit]
     try:
         raw["body"] = _utf8_head(head, cut=len(body) > len(head))
     except UnicodeDecodeError:

@@ -41,7 +41,8 @@ import structlog
 
 from bus.backoff import Backoff
 from bus.connection import Connection
-from bus.events import Event
+from bus.errors import EventTooLarge
+from bus.events import Event, deadletter_event, utcnow
 from bus.group import BatchTimeout, GroupCommit
 from bus.metrics import Metrics
 from bus.projection import Projection, StateNotWritten
@@ -54,6 +55,8 @@ log = structlog.get_logger("smsbus.publisher")
 DRAIN_BATCH = 256
 MAX_PENDING = 4000
 IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict
+HEADERS_SIZE = len(b"NATS/1.0\r\n\r\n")  # the header block's own bytes, beside its fields
+HEADERS_MOST = 512  # more than any event's whole header block
 RESEND_FIRST, RESEND_CAP = 0.002, 0.05
 TRACKING_WAIT = 30.0  # seconds a spooled event waits for its state to be readable
 UNREADABLE_KEPT = 10_000  # rows whose state could not be read, remembered with since when
@@ -147,8 +150,29 @@ class Publisher:
     async def stop(self) -> None:
         await self._replies.stop()
 
+    def too_large(self, event: Event) -> EventTooLarge | None:
+        """The error for an event larger than the server takes (`max_payload`, which counts the
+        headers too; a server sent one closes the connection): no publish or spool could ever
+        store it."""
+        limit = self._conn.nc.max_payload
+        if not limit or len(event.payload) + HEADERS_MOST <= limit:
+            return None  # the callback's path: one comparison
+        size = (
+            len(event.payload)
+            + HEADERS_SIZE
+            + sum(len(k) + len(v) + 4 for k, v in event.headers.items())
+        )
+        if size <= limit:
+            return None
+        return EventTooLarge(
+            f"the event would be {size} bytes; NATS takes at most {limit} (its max_payload)"
+        )
+
     async def publish(self, event: Event) -> str:
-        """Make the event durable; return "published" or "spooled", or raise PublishError."""
+        """Make the event durable; return "published" or "spooled", or raise PublishError
+        (EventTooLarge for an event the server could never take, which is not spooled)."""
+        if (error := self.too_large(event)) is not None:
+            raise error
         self._count(event)
         sent_at = None
         if self._spool.depth == 0 and self._conn.is_connected:
@@ -174,6 +198,8 @@ class Publisher:
         """Make the event durable in the spool, whatever NATS's state: for an event the drainer
         is to give its message's tracking data (its state could not be read when it was built);
         "spooled", or PublishError when not even the spool takes it."""
+        if (error := self.too_large(event)) is not None:
+            raise error
         self._count(event)
         await self._to_spool(event)
         return "spooled"
@@ -194,7 +220,8 @@ class Publisher:
         so that their acks and state writes share batches, in the order given. Every event is
         made durable (stored, or spooled) before this returns; PublishError, or whatever else a
         publish raised, comes after that."""
-        if not (self._group.enabled and self._spool.depth == 0 and self._conn.is_connected):
+        fast = self._group.enabled and self._spool.depth == 0 and self._conn.is_connected
+        if not fast or any(self.too_large(event) for event in events):
             for result in await asyncio.gather(
                 *(self.publish(e) for e in events), return_exceptions=True
             ):
@@ -342,6 +369,8 @@ class Publisher:
                 await self._pause(backoff.failed())
                 continue
             rows = await self._spool.head(DRAIN_BATCH)
+            if large := await self._dead_letter_too_large(rows):
+                rows = [row for row in rows if row not in large]
             dropped, held = await self._already_recorded(rows)
             if held is not None:  # its state cannot be read yet: it and those after it wait
                 rows = rows[:held]
@@ -377,6 +406,34 @@ class Publisher:
         if published or self._degraded:
             self._degraded = False
             log.info("spool drained", published=published)
+
+    async def _dead_letter_too_large(self, rows: list[Row]) -> list[Row]:
+        """Rows the server would never take (its max_payload lowered since they were spooled):
+        each leaves the spool for the dead-letter subject, cut to fit, rather than hold back
+        every row after it for good. The dead letter goes through the spool before the row is
+        deleted."""
+        large = [row for row in rows if not row.stored and self.too_large(row.event)]
+        for row in large:
+            error = self.too_large(row.event)
+            log.error("spooled event larger than NATS takes; kept as a dead letter, cut",
+                      event_id=row.event.id, error=str(error))  # fmt: skip
+            letter = deadletter_event(
+                row.event.subject.split(".", 1)[0],
+                row.event.provider,
+                f"spooled {row.event.type} event {row.event.id} refused: {error}",
+                received_at=utcnow(),
+                method=None,
+                path="spool",
+                query={},
+                body=row.event.payload,
+                peer=None,
+                body_limit=self._conn.nc.max_payload // 3,
+            )
+            self._count(letter)
+            await self._spool.append(letter)
+        if large:
+            await self._spool.delete([row.seq for row in large])
+        return large
 
     async def _with_tracking(self, rows: list[Row]) -> tuple[list[Row], bool]:
         """Rows whose events are not stored yet, given their message's tracking data where they

@@ -54,7 +54,10 @@ def _callback(with_token: bool) -> dict[str, Any]:
         "404": _text(
             "no such token" if with_token else "tokens are configured and the path has none"
         ),
-        "413": _text(f"the body is over {BODY_LIMIT} bytes"),
+        "413": _text(
+            f"the body is over {BODY_LIMIT} bytes, or the event would be more than the NATS "
+            "server takes (its max_payload); kept on sms.deadletter.smspilot"
+        ),
         "503": _text("neither the stream nor the spool took the event; SMSPilot retries"),
     }
     query = [

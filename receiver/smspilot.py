@@ -23,7 +23,7 @@ import structlog
 from starlette.requests import Request
 
 from bus.core import Bus
-from bus.errors import PayloadError, PublishError
+from bus.errors import EventTooLarge, PayloadError, PublishError
 from bus.events import deadletter_event, rfc3339, status_event, utcnow
 from bus.logs import info_line
 from bus.statuses import SMSPILOT_ERRORS
@@ -322,6 +322,10 @@ class SMSPilotCallbacks:
                 outcome = await self._publisher.publish(event)
             else:  # published by the spool's drainer once the state can be read (or in 30 s)
                 outcome = await self._publisher.spool(event)
+        except EventTooLarge as exc:  # never storable here: refused, and kept as a dead letter
+            summary["reason"] = str(exc)
+            await self._dead_letter(scope, shown_path, body, peer, str(exc), received_at)
+            return 413, str(exc), "too_large"
         except PublishError as exc:
             self._state.last_error = str(exc)
             return 503, "event could not be stored; try again", "failed"
@@ -342,19 +346,23 @@ class SMSPilotCallbacks:
             self._metrics.deadletters_dropped.labels(PROVIDER).inc()
             return
         query = query_object(scope["query_string"])
-        event = deadletter_event(
-            self._prefix,
-            PROVIDER,
-            reason,
-            received_at=received_at,
-            method=scope["method"],
-            path=shown_path,
-            query=query,
-            body=body,
-            peer=peer,
-            content_type=header(scope, b"content-type") if scope["method"] == "POST" else None,
-        )
-        try:
-            await self._publisher.publish(event)
-        except PublishError as exc:
-            log.error("dead letter lost", reason=reason, error=str(exc))
+        for kept in (True, False):  # the input itself, or (more than NATS takes) its reason alone
+            event = deadletter_event(
+                self._prefix,
+                PROVIDER,
+                reason if kept else f"{reason} (the input is more than NATS takes: not kept)",
+                received_at=received_at,
+                method=scope["method"],
+                path=shown_path,
+                query=query if kept else {},
+                body=body if kept else b"",
+                peer=peer,
+                content_type=header(scope, b"content-type") if scope["method"] == "POST" else None,
+            )
+            try:
+                await self._publisher.publish(event)
+            except EventTooLarge:
+                continue
+            except PublishError as exc:
+                log.error("dead letter lost", reason=reason, error=str(exc))
+            return

@@ -1,0 +1,85 @@
+"""Events larger than the NATS server takes (its `max_payload`, lowered by an operator: 1 MB
+by default). Such an event could never be stored; spooled, it would hold back every event after
+it for good while `/readyz` said ready. A callback that would make one is refused (`413`) and
+kept as a dead letter; one spooled before the server took less leaves the spool as a dead letter,
+cut to fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
+
+SMALL = "max_payload: 4096\n"
+
+
+def _stored(server: NatsServer, bus: Smsbus) -> list[tuple[str, str]]:
+    """(type, the status event's message id or the dead letter's reason) of each event."""
+    found = read_stream(server.url, bus.stream, f"{bus.prefix}.>")
+    return [
+        (e.event["type"], e.event["data"].get("message_id") or e.event["data"]["reason"])
+        for e in found
+    ]
+
+
+def test_a_callback_larger_than_nats_takes_is_refused_and_kept_as_a_dead_letter(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer(tmp_path / "nats", config=SMALL).start()
+    bus = Smsbus(isolated_env(server.url), tmp_path / "bus").start()
+    try:
+        with httpx.Client(base_url=bus.base, timeout=10) as http:
+            big = http.get("/callbacks/smspilot",
+                           params={"server_id": "1", "status": 2, "ref": "x" * 6000})  # fmt: skip
+            assert 413 == big.status_code
+            reason = "the event would be 6655 bytes; NATS takes at most 4096 (its max_payload)"
+            assert reason == big.text
+            for server_id in ("2", "3"):
+                answer = http.get("/callbacks/smspilot",
+                                  params={"server_id": server_id, "status": 2})  # fmt: skip
+                assert (200, "OK") == (answer.status_code, answer.text)
+        assert 0 == bus.spool_depth()
+        assert [
+            ("sms.deadletter", f"{reason} (the input is more than NATS takes: not kept)"),
+            ("sms.status", "2"),
+            ("sms.status", "3"),
+        ] == _stored(server, bus)
+        assert 1 == bus.metric("smsbus_callbacks_total", outcome="too_large")
+        assert 0 == bus.stop()
+    finally:
+        bus.kill()
+        server.stop()
+
+
+def test_a_spooled_event_larger_than_nats_now_takes_leaves_the_spool_as_a_dead_letter(
+    tmp_path: Path,
+) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(isolated_env(server.url), tmp_path / "bus").start()
+    try:
+        server.stop()
+        with httpx.Client(base_url=bus.base, timeout=10) as http:
+            for server_id, ref in (("1", "x"), ("2", "x" * 6000), ("3", "x")):
+                params = {"server_id": server_id, "status": 2, "ref": ref}
+                answer = http.get("/callbacks/smspilot", params=params)
+                assert (200, "OK") == (answer.status_code, answer.text)  # spooled
+        server.config = SMALL  # the server comes back taking less
+        server.start()
+        wait_for(lambda: bus.spool_depth() == 0, timeout=15, what="the spool to drain")
+        stored = _stored(server, bus)
+        assert [("sms.status", "1"), ("sms.status", "3")] == stored[:2]
+        [(kind, reason)] = stored[2:]
+        assert "sms.deadletter" == kind
+        assert reason.startswith("spooled status event ")
+        assert reason.endswith(
+            "refused: the event would be 6655 bytes; NATS takes at most 4096 (its max_payload)"
+        )
+        [letter] = [e for e in read_stream(server.url, bus.stream, f"{bus.prefix}.deadletter.>")]
+        assert letter.event["data"]["raw"]["truncated"] is True
+        assert "spooled event larger than NATS takes" in bus.logs()
+        assert 0 == bus.stop()
+    finally:
+        bus.kill()
+        server.stop()

@@ -290,6 +290,34 @@ def _utf8_head(head: bytes, cut: bool) -> str:
         raise
 
 
+def deadletter_cut(event: Event, size: int) -> Event:
+    """A dead letter cut to about `size` bytes, for a NATS server that takes less than it is
+    (its max_payload): its raw body cut to a third of that (escaping can triple text) and each
+    query value to 64 characters, `truncated` set; its reason and the rest kept, its id too."""
+    envelope = orjson.loads(event.payload)
+    raw = envelope["data"]["raw"]
+    body = raw.get("body") or ""
+    if raw.get("body_encoding") == "base64":
+        head = base64.b64decode(body)[: size // 4]
+        raw["body"] = base64.b64encode(head).decode("ascii")
+    else:
+        raw["body"] = body.encode("utf-8", errors="surrogatepass")[: size // 3].decode(
+            "utf-8", errors="ignore"
+        )
+    raw["query"] = {
+        name: [v[:64] for v in value] if isinstance(value, list) else value[:64]
+        for name, value in raw.get("query", {}).items()
+    }
+    raw["truncated"] = True
+    return Event(
+        id=event.id,
+        subject=event.subject,
+        type=event.type,
+        provider=event.provider,
+        payload=orjson.dumps(envelope),
+    )
+
+
 def deadletter_event(
     prefix: str,
     provider: str,
@@ -302,20 +330,18 @@ def deadletter_event(
     body: bytes | str,
     peer: str | None,
     content_type: str | None = None,
-    body_limit: int = DEADLETTER_BODY_LIMIT,
 ) -> Event:
     """Input that could not be understood, kept whole enough to replay (`smsbus replay`) or debug.
 
     The body is kept as it came: its text when it is UTF-8, else base64 with `body_encoding`
     saying so (a windows-1251 form must replay byte for byte); `truncated` marks a body cut at
-    `body_limit` (DEADLETTER_BODY_LIMIT, less where NATS takes less). Every dead letter is its
-    own fact (two identical junk requests are two receptions), so its id is random rather than
-    a digest.
+    DEADLETTER_BODY_LIMIT. Every dead letter is its own fact (two identical junk requests are two
+    receptions), so its id is random rather than a digest.
     """
     raw: dict[str, Any] = {"method": method, "path": path, "query": dict(query)}
     if isinstance(body, str):
         body = body.encode("utf-8", errors="surrogatepass")
-    head = body[:body_limit]
+    head = body[:DEADLETTER_BODY_LIMIT]
     try:
         raw["body"] = _utf8_head(head, cut=len(body) > len(head))
     except UnicodeDecodeError:

@@ -42,7 +42,7 @@ import structlog
 from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.errors import EventTooLarge
-from bus.events import Event, deadletter_event, utcnow
+from bus.events import Event, deadletter_cut, deadletter_event, utcnow
 from bus.group import BatchTimeout, GroupCommit
 from bus.metrics import Metrics
 from bus.projection import Projection, StateNotWritten
@@ -168,11 +168,22 @@ class Publisher:
             f"the event would be {size} bytes; NATS takes at most {limit} (its max_payload)"
         )
 
+    def fitted(self, event: Event) -> Event:
+        """The event, if the server takes one of its size; a dead letter larger than that cut
+        to fit (bus.events.deadletter_cut); else EventTooLarge."""
+        if (error := self.too_large(event)) is None:
+            return event
+        if event.type == "deadletter":
+            event = deadletter_cut(event, self._conn.nc.max_payload - HEADERS_MOST)
+            if self.too_large(event) is None:
+                return event
+        raise error
+
     async def publish(self, event: Event) -> str:
         """Make the event durable; return "published" or "spooled", or raise PublishError
-        (EventTooLarge for an event the server could never take, which is not spooled)."""
-        if (error := self.too_large(event)) is not None:
-            raise error
+        (EventTooLarge for an event the server could never take, which is not spooled; a dead
+        letter is cut to fit instead)."""
+        event = self.fitted(event)
         self._count(event)
         sent_at = None
         if self._spool.depth == 0 and self._conn.is_connected:
@@ -198,8 +209,7 @@ class Publisher:
         """Make the event durable in the spool, whatever NATS's state: for an event the drainer
         is to give its message's tracking data (its state could not be read when it was built);
         "spooled", or PublishError when not even the spool takes it."""
-        if (error := self.too_large(event)) is not None:
-            raise error
+        event = self.fitted(event)
         self._count(event)
         await self._to_spool(event)
         return "spooled"
@@ -417,17 +427,18 @@ class Publisher:
             error = self.too_large(row.event)
             log.error("spooled event larger than NATS takes; kept as a dead letter, cut",
                       event_id=row.event.id, error=str(error))  # fmt: skip
-            letter = deadletter_event(
-                row.event.subject.split(".", 1)[0],
-                row.event.provider,
-                f"spooled {row.event.type} event {row.event.id} refused: {error}",
-                received_at=utcnow(),
-                method=None,
-                path="spool",
-                query={},
-                body=row.event.payload,
-                peer=None,
-                body_limit=self._conn.nc.max_payload // 3,
+            letter = self.fitted(
+                deadletter_event(
+                    row.event.subject.split(".", 1)[0],
+                    row.event.provider,
+                    f"spooled {row.event.type} event {row.event.id} refused: {error}",
+                    received_at=utcnow(),
+                    method=None,
+                    path="spool",
+                    query={},
+                    body=row.event.payload,
+                    peer=None,
+                )
             )
             self._count(letter)
             await self._spool.append(letter)

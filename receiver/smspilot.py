@@ -346,23 +346,19 @@ class SMSPilotCallbacks:
             self._metrics.deadletters_dropped.labels(PROVIDER).inc()
             return
         query = query_object(scope["query_string"])
-        for kept in (True, False):  # the input itself, or (more than NATS takes) its reason alone
-            event = deadletter_event(
-                self._prefix,
-                PROVIDER,
-                reason if kept else f"{reason} (the input is more than NATS takes: not kept)",
-                received_at=received_at,
-                method=scope["method"],
-                path=shown_path,
-                query=query if kept else {},
-                body=body if kept else b"",
-                peer=peer,
-                content_type=header(scope, b"content-type") if scope["method"] == "POST" else None,
-            )
-            try:
-                await self._publisher.publish(event)
-            except EventTooLarge:
-                continue
-            except PublishError as exc:
-                log.error("dead letter lost", reason=reason, error=str(exc))
-            return
+        event = deadletter_event(
+            self._prefix,
+            PROVIDER,
+            reason,
+            received_at=received_at,
+            method=scope["method"],
+            path=shown_path,
+            query=query,
+            body=body,
+            peer=peer,
+            content_type=header(scope, b"content-type") if scope["method"] == "POST" else None,
+        )
+        try:
+            await self._publisher.publish(event)  # cut to fit where NATS takes less
+        except PublishError as exc:
+            log.error("dead letter lost", reason=reason, error=str(exc))

@@ -1,18 +1,29 @@
 """Events larger than the NATS server takes (its `max_payload`, lowered by an operator: 1 MB
 by default). Such an event could never be stored; spooled, it would hold back every event after
 it for good while `/readyz` said ready. A callback that would make one is refused (`413`) and
-kept as a dead letter; one spooled before the server took less leaves the spool as a dead letter,
-cut to fit."""
+kept as a dead letter, cut to fit; one spooled before the server took less leaves the spool as a
+dead letter, cut to fit."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 from pathlib import Path
 
 import httpx
+import nats
 
-from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
+from tests.support import NatsServer, Smsbus, Stored, isolated_env, quiet, read_stream, wait_for
 
 SMALL = "max_payload: 4096\n"
+
+
+async def _publish(url: str, subject: str, data: bytes) -> None:
+    nc = await nats.connect(url, error_cb=quiet)
+    try:
+        await nc.jetstream().publish(subject, data)
+    finally:
+        await nc.close()
 
 
 def _stored(server: NatsServer, bus: Smsbus) -> list[tuple[str, str]]:
@@ -42,11 +53,28 @@ def test_a_callback_larger_than_nats_takes_is_refused_and_kept_as_a_dead_letter(
                 assert (200, "OK") == (answer.status_code, answer.text)
         assert 0 == bus.spool_depth()
         assert [
-            ("sms.deadletter", f"{reason} (the input is more than NATS takes: not kept)"),
+            ("sms.deadletter", reason),
             ("sms.status", "2"),
             ("sms.status", "3"),
         ] == _stored(server, bus)
+        [letter] = read_stream(server.url, bus.stream, f"{bus.prefix}.deadletter.>")
+        raw = letter.event["data"]["raw"]  # cut to fit: the value over 64 characters
+        assert ({"server_id": "1", "status": "2", "ref": "x" * 64}, True) == (
+            raw["query"],
+            raw["truncated"],
+        )
         assert 1 == bus.metric("smsbus_callbacks_total", outcome="too_large")
+        # Junk on the track subject as large as the server takes: its dead letter is larger.
+        asyncio.run(_publish(server.url, f"{bus.prefix}.track.smspilot", b"\xff" * 4000))
+
+        def junk() -> list[Stored]:
+            found = read_stream(server.url, bus.stream, f"{bus.prefix}.deadletter.>")
+            return [e for e in found if e.event["data"]["raw"]["path"].endswith(".track.smspilot")]
+
+        [letter] = wait_for(junk, what="the junk's dead letter")
+        raw = letter.event["data"]["raw"]
+        assert ("base64", True) == (raw["body_encoding"], raw["truncated"])
+        assert 0 < len(base64.b64decode(raw["body"])) < 4000
         assert 0 == bus.stop()
     finally:
         bus.kill()
@@ -62,7 +90,7 @@ def test_a_spooled_event_larger_than_nats_now_takes_leaves_the_spool_as_a_dead_l
         server.stop()
         with httpx.Client(base_url=bus.base, timeout=10) as http:
             for server_id, ref in (("1", "x"), ("2", "x" * 6000), ("3", "x")):
-                params = {"server_id": server_id, "status": 2, "ref": ref}
+                params: dict[str, str | int] = {"server_id": server_id, "status": 2, "ref": ref}
                 answer = http.get("/callbacks/smspilot", params=params)
                 assert (200, "OK") == (answer.status_code, answer.text)  # spooled
         server.config = SMALL  # the server comes back taking less

@@ -312,8 +312,8 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     if gone:
                         log.info("stream and buckets made again", made=gone)
                 except (TimeoutError, nats.errors.Error) as exc:
-                    after = "a look" if gone else "reconnect"
-                    log.warning(f"stream check after {after} failed; retrying", error=str(exc))
+                    log.warning("stream check failed; retrying",
+                                missing=gone or None, error=str(exc))  # fmt: skip
 
         stack.push_async_callback(supervisor.spawn("schema", keep_schema))
         pace = Pace()

@@ -422,9 +422,10 @@ class Publisher:
         each leaves the spool for the dead-letter subject, cut to fit, rather than hold back
         every row after it for good. The dead letter goes through the spool before the row is
         deleted."""
-        large = [row for row in rows if not row.stored and self.too_large(row.event)]
-        for row in large:
-            error = self.too_large(row.event)
+        large = [
+            (row, error) for row in rows if not row.stored and (error := self.too_large(row.event))
+        ]
+        for row, error in large:
             log.error("spooled event larger than NATS takes; kept as a dead letter, cut",
                       event_id=row.event.id, error=str(error))  # fmt: skip
             letter = self.fitted(
@@ -443,8 +444,8 @@ class Publisher:
             self._count(letter)
             await self._spool.append(letter)
         if large:
-            await self._spool.delete([row.seq for row in large])
-        return large
+            await self._spool.delete([row.seq for row, _ in large])
+        return [row for row, _ in large]
 
     async def _with_tracking(self, rows: list[Row]) -> tuple[list[Row], bool]:
         """Rows whose events are not stored yet, given their message's tracking data where they

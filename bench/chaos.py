@@ -374,18 +374,14 @@ class Faults:
             if not isinstance(self.nats, Embedded):
                 time.sleep(down)
             self.nats.start(i)
-            back = self.probe_mirrors()
-            self.settle()
-            self.nats_back.append(back)
+            self.nats_back.append(self.back())
         elif kind == "lame duck nats":
             assert isinstance(self.nats, Cluster)
             i = self.nats.pick(self.rng)
             say(f"lame duck mode for nats node n{i}; start it again once it exits", self.started)
             self.nats.lame_duck(i)
             self.nats.start(i)
-            back = self.probe_mirrors()
-            self.settle()
-            self.nats_back.append(back)
+            self.nats_back.append(self.back())
         elif kind == "pause nats":
             i = self.nats.pick(self.rng)
             pid = self.nats.proc_of(i)
@@ -394,9 +390,7 @@ class Faults:
             os.kill(pid, signal.SIGSTOP)
             time.sleep(paused)
             os.kill(pid, signal.SIGCONT)
-            back = self.probe_mirrors()
-            self.settle()
-            self.nats_back.append(back)
+            self.nats_back.append(self.back())
         else:
             bus = self.rng.choice(self.buses)
             say(f"SIGKILL smsbus on port {bus.port}; start it again", self.started)
@@ -404,6 +398,12 @@ class Faults:
             time.sleep(self.rng.uniform(0.5, 2))
             self.restart(bus)
         self.done[kind] += 1
+
+    def back(self) -> float:
+        """After a NATS fault: when NATS took writes again, once it has settled."""
+        back = self.probe_mirrors()
+        self.settle()
+        return back
 
     def probe_mirrors(self) -> float:
         """Write a state as soon as NATS takes writes again; time until every replica's mirror

@@ -44,7 +44,7 @@ from bus.stream import (
     bucket_names,
     commit_subject,
     ensure_all,
-    missing,
+    look,
     retrying,
     stream_exists,
 )
@@ -250,6 +250,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             ),
         )  # fmt: skip
         publisher.group_commit(buckets.batched)
+        publisher.max_msg_size = buckets.max_msg_size
         await publisher.start()
         stack.push_async_callback(publisher.stop)
         stack.push_async_callback(publisher.flush, s.drain_timeout)
@@ -275,7 +276,8 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             another release (NATS upgraded, or rolled back) may take other batches: writes
             follow what this one takes. Between reconnects, every SCHEMA_CHECK s: what was
             deleted under a running smsbus is made again, as at start (without it, every
-            callback would go to the spool and stay there until the next reconnect)."""
+            callback would go to the spool and stay there until the next reconnect), and the
+            stream's limit on a message (an operator's) is read again for the publisher."""
             seen = conn.generation
             looked = time.monotonic()
             lacks = what_nats_lacks(buckets)
@@ -292,7 +294,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                         continue
                     looked = time.monotonic()
                     try:
-                        gone = await missing(conn.js, s)
+                        gone, publisher.max_msg_size = await look(conn.js, s)
                     except (TimeoutError, nats.errors.Error):
                         continue  # the next look, or the reconnection this may be, tries again
                     if not gone:
@@ -306,6 +308,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
                     states.atomic, states.batched = now.atomic, now.states_batched
                     states.batched_reads = True  # until this server answers one as empty
                     publisher.group_commit(now.batched)
+                    publisher.max_msg_size = now.max_msg_size
                     if (lacking := what_nats_lacks(now)) != lacks:
                         lacks = lacking
                         say_what_nats_lacks(server_version(conn), lacks, at_start=False)

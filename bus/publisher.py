@@ -135,6 +135,9 @@ class Publisher:
         self._unreadable: dict[int, float] = {}  # spool seq: when its state was first unreadable
         self._wake = asyncio.Event()
         self._degraded = False
+        # The stream's own limit on a message, headers included, where an operator set one
+        # (bus.core reads it again every few seconds); -1: none.
+        self.max_msg_size = -1
 
     @property
     def spool_depth(self) -> int:
@@ -150,11 +153,19 @@ class Publisher:
     async def stop(self) -> None:
         await self._replies.stop()
 
+    def _limit(self) -> tuple[int, str]:
+        """What the server stores of one message at most, headers included, and the setting
+        that says so."""
+        limit = self._conn.nc.max_payload
+        if 0 < self.max_msg_size < limit:
+            return self.max_msg_size, "the stream's max_msg_size"
+        return limit, "its max_payload"
+
     def too_large(self, event: Event) -> EventTooLarge | None:
         """The error for an event larger than the server takes (`max_payload`, which counts the
-        headers too; a server sent one closes the connection): no publish or spool could ever
-        store it."""
-        limit = self._conn.nc.max_payload
+        headers too, and a server sent one closes the connection; or the stream's own
+        `max_msg_size`): no publish or spool could ever store it."""
+        limit, which = self._limit()
         if not limit or len(event.payload) + HEADERS_MOST <= limit:
             return None  # the callback's path: one comparison
         size = (
@@ -165,7 +176,7 @@ class Publisher:
         if size <= limit:
             return None
         return EventTooLarge(
-            f"the event would be {size} bytes; NATS takes at most {limit} (its max_payload)"
+            f"the event would be {size} bytes; NATS takes at most {limit} ({which})"
         )
 
     def fitted(self, event: Event) -> Event:
@@ -174,7 +185,7 @@ class Publisher:
         if (error := self.too_large(event)) is None:
             return event
         if event.type == "deadletter":
-            event = deadletter_cut(event, self._conn.nc.max_payload - HEADERS_MOST)
+            event = deadletter_cut(event, self._limit()[0] - HEADERS_MOST)
             if self.too_large(event) is None:
                 return event
         raise error

@@ -71,16 +71,15 @@ def stream_config(settings: Settings) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, settings: Settings) -> bool:
-    """Create or update the stream; True when it takes fast batches (an older nats-server
-    ignores the setting)."""
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> StreamConfig:
+    """Create or update the stream; its configuration as the server has it (`allow_batched`
+    set when it takes fast batches: an older nats-server ignores the setting)."""
     wanted = stream_config(settings)
     name = settings.stream
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        created = await without_unknown_settings(js.add_stream, wanted)
-        return bool(created.config.allow_batched)
+        return (await without_unknown_settings(js.add_stream, wanted)).config
     current = info.config
     if current.storage not in (None, StorageType.FILE):
         raise StartupError(
@@ -97,7 +96,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> bool:
     )
     if _differs(updated, current) or not current.allow_batched:
         current = (await without_unknown_settings(js.update_stream, updated)).config
-    return bool(current.allow_batched)
+    return current
 
 
 async def without_unknown_settings(
@@ -178,6 +177,7 @@ def state_commit_subject(bucket: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     batched: bool  # the stream takes fast batches
+    max_msg_size: int  # the stream's limit on a message, headers included (an operator's); -1: none
     atomic: bool  # the message-state bucket takes atomic batches
     states_batched: bool  # ... and fast batches
     messages: KeyValue
@@ -187,14 +187,15 @@ class Buckets:
 async def ensure_all(js: JetStreamContext, settings: Settings) -> Buckets:
     """The stream and the three buckets, made or brought to the settings; the handles of the
     state and cursor buckets (the lease bucket's is bound on another connection, bus.core)."""
-    batched = await ensure_stream(js, settings)
+    stream = await ensure_stream(js, settings)
     messages, cursors, leases = bucket_names(settings.stream)
     replicas = settings.stream_replicas
     states = await ensure_bucket(js, messages, replicas, settings.state_max_age)
     atomic, states_batched = await allow_batches(js, messages)
     await ensure_bucket(js, leases, replicas, settings.lease_ttl * LEASE_MAX_AGE)
     return Buckets(
-        batched=batched,
+        batched=bool(stream.allow_batched),
+        max_msg_size=_limit(stream),
         atomic=atomic,
         states_batched=states_batched,
         messages=states,
@@ -237,8 +238,21 @@ async def stream_exists(js: JetStreamContext, name: str) -> bool:
     return True
 
 
-async def missing(js: JetStreamContext, settings: Settings) -> list[str]:
-    """Which of the stream and its buckets' streams the server does not have: deleted under a
-    running smsbus (`nats stream rm`, `nats kv del`), or a server back on an empty store."""
-    names = [settings.stream, *(f"KV_{bucket}" for bucket in bucket_names(settings.stream))]
-    return [name for name in names if not await stream_exists(js, name)]
+def _limit(config: StreamConfig) -> int:
+    return config.max_msg_size if config.max_msg_size and config.max_msg_size > 0 else -1
+
+
+async def look(js: JetStreamContext, settings: Settings) -> tuple[list[str], int]:
+    """Which of the stream and its buckets' streams the server does not have (deleted under a
+    running smsbus: `nats stream rm`, `nats kv del`; a server back on an empty store), and the
+    stream's limit on a message as it is now (an operator's `nats stream edit`; -1: none)."""
+    gone, limit = [], -1
+    for name in [settings.stream, *(f"KV_{bucket}" for bucket in bucket_names(settings.stream))]:
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            gone.append(name)
+            continue
+        if name == settings.stream:
+            limit = _limit(info.config)
+    return gone, limit

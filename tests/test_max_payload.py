@@ -111,3 +111,59 @@ def test_a_spooled_event_larger_than_nats_now_takes_leaves_the_spool_as_a_dead_l
     finally:
         bus.kill()
         server.stop()
+
+
+async def _cap_messages(url: str, stream: str, size: int) -> None:
+    """An operator's `nats stream edit --max-msg-size`."""
+    nc = await nats.connect(url, error_cb=quiet)
+    try:
+        js = nc.jetstream()
+        config = (await js.stream_info(stream)).config
+        config.max_msg_size = size
+        await js.update_stream(config)
+    finally:
+        await nc.close()
+
+
+def test_the_streams_own_limit_on_a_message_set_under_a_running_smsbus_is_followed(
+    tmp_path: Path,
+) -> None:
+    """The stream's `max_msg_size` lowered by an operator while smsbus runs: within seconds
+    a callback too large for it is refused (`413`) with a dead letter; one that came before
+    smsbus knew is refused by JetStream, spooled, and leaves the spool as a dead letter. Either
+    way the callbacks after it are stored and the spool drains."""
+    server = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(isolated_env(server.url), tmp_path / "bus").start()
+    try:
+        asyncio.run(_cap_messages(server.url, bus.stream, 2048))
+        with httpx.Client(base_url=bus.base, timeout=10) as http:
+            sent = []
+
+            def refused() -> bool:
+                sent.append(str(100 + len(sent)))
+                params = {"server_id": sent[-1], "status": 2, "ref": "x" * 3000}
+                answer = http.get("/callbacks/smspilot", params=params)
+                assert answer.status_code in (200, 413), answer.text
+                return answer.status_code == 413
+
+            wait_for(refused, timeout=15, what="a callback refused for the stream's limit")
+            assert (
+                "NATS takes at most 2048 (the stream's max_msg_size)"
+                in http.get(
+                    "/callbacks/smspilot",
+                    params={"server_id": "99", "status": 2, "ref": "y" * 3000},
+                ).text
+            )
+            answer = http.get("/callbacks/smspilot", params={"server_id": "1", "status": 2})
+            assert (200, "OK") == (answer.status_code, answer.text)
+        wait_for(lambda: bus.spool_depth() == 0, timeout=15, what="the spool to drain")
+        stored = _stored(server, bus)
+        assert [("sms.status", "1")] == [item for item in stored if item[0] == "sms.status"]
+        letters = [reason for kind, reason in stored if kind == "sms.deadletter"]
+        print(f"\n{len(sent)} sent before the first 413; {len(letters)} dead letters")
+        assert len(sent) + 1 == len(letters)
+        assert all("(the stream's max_msg_size)" in reason for reason in letters)
+        assert 0 == bus.stop()
+    finally:
+        bus.kill()
+        server.stop()

@@ -15,13 +15,15 @@ shape: record the id and apply the fact in one transaction, ack after commit.
 Needs only nats-py (`pip install nats-py`; `nats-py[nkeys]` for `--creds`); nothing of smsbus is
 imported. When nats-py closes its connection for good (it does on a server's error, a user's JWT
 past its expiry say), it exits 1, for whatever runs it to start it again, rather than wait on a
-connection that will not come back.
+connection that will not come back. An ack NATS does not confirm (NATS away, the consumer's
+leader moving in a rolling upgrade) costs a redelivery after `--ack-wait`, nothing more.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
@@ -105,7 +107,13 @@ async def run(args: argparse.Namespace) -> int:
 
 async def consume(args: argparse.Namespace, db: sqlite3.Connection) -> int:
     db.executescript(SCHEMA)
-    nc = await nats.connect(args.nats, max_reconnect_attempts=-1, user_credentials=args.creds)
+
+    async def said(exc: Exception) -> None:  # one line per error, not nats-py's traceback
+        print(f"subscriber: nats: {exc!r}", file=sys.stderr)
+
+    nc = await nats.connect(
+        args.nats, max_reconnect_attempts=-1, user_credentials=args.creds, error_cb=said
+    )
     js = nc.jetstream()
     config = ConsumerConfig(
         durable_name=args.durable,
@@ -145,9 +153,17 @@ async def consume(args: argparse.Namespace, db: sqlite3.Connection) -> int:
             except (ValueError, KeyError, TypeError) as exc:
                 # Not an event this code understands: keep it out of the way, not lost.
                 print(f"subscriber: event at {msg.subject} not handled: {exc!r}", file=sys.stderr)
-                await msg.term()
+                with contextlib.suppress(nats.errors.Error):  # else it comes again: same fate
+                    await msg.term()
                 continue
-            await msg.ack_sync()  # after commit; a lost ack means a redelivery, handled above
+            try:
+                await msg.ack_sync()  # after commit; a lost ack means a redelivery, handled above
+            except (TimeoutError, nats.errors.Error) as exc:
+                # NATS away, or the consumer's leader moving to another server (a rolling
+                # upgrade of NATS): the event comes again after ack_wait and finds its id
+                # recorded; the rest of the batch comes again too. Fetch anew.
+                print(f"subscriber: ack not confirmed ({exc!r}); it comes again", file=sys.stderr)
+                break
             print(json.dumps({"id": event["id"], "applied": fresh}), flush=True)
     # Every ack was confirmed (ack_sync), so close at once: nats-py's drain() waits forever on a
     # pull subscription's pending queue.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import itertools
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.fakes.server import Served
 from tests.fakes.smsc import FakeSmsc
 from tests.fakes.smstower import FakeSmstower, msk_now
 from tests.support import NatsCluster, Smsbus, isolated_env, read_stream, wait_for
+from tests.test_subscriber import Subscriber, handled, rows
 
 pytestmark = pytest.mark.slow
 LEASE_TTL = 12.0  # next to a NATS node's death, a Raft election can take seconds
@@ -225,6 +227,9 @@ def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Pat
                     found[data["message_id"]].append((data["status"], data["client_ref"]))
                 return found
 
+            # The example subscriber, given the first server to go, as a Service name gives one.
+            db = tmp_path / "app.sqlite3"
+            subscriber = Subscriber(buses[1], db, tmp_path / "subscriber.log")
             load, began = Load(buses), time.monotonic()
             messages = []
             for i in range(len(cluster.ports)):
@@ -264,6 +269,12 @@ def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Pat
             assert load.slowest < 5, f"a callback waited {load.slowest:.1f} s for its answer"
             wanted = {m: [("sent", f"order-{m}"), ("delivered", f"order-{m}")] for m in messages}
             assert wanted == {m: statuses()[m] for m in messages}
+            everything = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.>")
+            facts = {e.event["id"] for e in everything}
+            wait_for(lambda: handled(db) == facts, timeout=60, what="the subscriber to catch up")
+            assert 0 == subscriber.stop(signal.SIGTERM)
+            applied = {message: row[2] for message, row in rows(db).items()}  # facts applied
+            assert {**dict.fromkeys(answered, 1), **dict.fromkeys(messages, 2)} == applied
             for b in buses:
                 said = [line["event"] for line in b.log_lines()]
                 assert any(event.startswith("nats server stopping (lame duck") for event in said)

@@ -348,8 +348,7 @@ class Faults:
     def __init__(self, nats_: Cluster | Single | Embedded, buses: list[Smsbus], seed: int,
                  started: float) -> None:  # fmt: skip
         self.nats = nats_
-        stream = buses[0].stream
-        self.streams = [stream, *(f"KV_{stream}_{b}" for b in ("messages", "cursors", "leases"))]
+        self.streams = buses[0].streams
         self.buses = buses
         self.rng = random.Random(seed)
         self.started = started

@@ -30,6 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bus.nats_server import binary
+from bus.stream import bucket_names
 
 T = TypeVar("T")
 SMSBUS = str(Path(sys.executable).with_name("smsbus"))
@@ -237,6 +238,11 @@ class Smsbus:
     @property
     def stream(self) -> str:
         return self.env.get("SMSBUS_STREAM", "SMS")
+
+    @property
+    def streams(self) -> list[str]:
+        """The stream and its key-value buckets' streams."""
+        return [self.stream, *(f"KV_{bucket}" for bucket in bucket_names(self.stream))]
 
     def start(self, wait_ready: bool = True) -> Smsbus:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,17 @@ class Load:
         return self.ok
 
 
+def _audit(
+    cluster: NatsCluster, bus: Smsbus, answered: list[str]
+) -> tuple[int, list[str], list[str]]:
+    """Of the callbacks answered `OK`: how many events are stored, and which are missing or
+    stored more than once."""
+    found = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smspilot.>")
+    stored = collections.Counter(e.event["data"]["message_id"] for e in found)
+    missing = [i for i in answered if i not in stored]
+    return sum(stored.values()), missing, [i for i, n in stored.items() if n > 1]
+
+
 def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> None:
     cluster = NatsCluster(tmp_path / "nats").start()
     tower, smsc = FakeSmstower(), FakeSmsc()
@@ -132,11 +143,6 @@ def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> N
                      what="polling after the takeover")  # fmt: skip
             answered = load.stop()
 
-            def counts() -> collections.Counter[str]:
-                found = read_stream(cluster.urls, buses[0].stream,
-                                    f"{buses[0].prefix}.status.smspilot.>")  # fmt: skip
-                return collections.Counter(e.event["data"]["message_id"] for e in found)
-
             # The killed replica comes back on its data directory, as a restarted container
             # does, and publishes what it answered OK from its spool, if anything.
             leader.start()
@@ -145,12 +151,10 @@ def test_cluster_survives_losing_the_leader_and_a_nats_node(tmp_path: Path) -> N
                 return all(b.spool_depth() == 0 for b in buses)
 
             wait_for(spools_empty, timeout=30, what="the spools to drain")
-            stored = counts()
-            missing = [i for i in answered if i not in stored]
-            doubled = [i for i, n in stored.items() if n > 1]
+            stored, missing, doubled = _audit(cluster, buses[0], answered)
             print(
                 f"\ncluster: {len(answered)} callbacks answered OK, {load.failed} failed "
-                f"(the killed replica), {sum(stored.values())} stored, {len(missing)} missing, "
+                f"(the killed replica), {stored} stored, {len(missing)} missing, "
                 f"{len(doubled)} doubled; takeover {took:.1f} s"
             )
             assert ([], []) == (missing, doubled), f"{len(missing)} missing, {len(doubled)} doubled"
@@ -214,10 +218,6 @@ def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Pat
                 Smsbus({**env, "SMSBUS_NATS_URL": cluster.urls[0]}, tmp_path / "bus1").start(),
             ]
             bus = buses[0]
-            streams = [
-                bus.stream,
-                *(f"KV_{bus.stream}_{b}" for b in ("messages", "cursors", "leases")),
-            ]
             wait_for(lambda: any(leads(b, "smstower") for b in buses), what="an SMSTOWER leader")
 
             def statuses() -> dict[str, list[tuple[str, str | None]]]:
@@ -242,7 +242,9 @@ def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Pat
                 cluster.lame_duck(i)
                 tower.statuses[message] = ("delivered", msk_now())
                 cluster.start_node(i)
-                wait_for(lambda: cluster.settled(streams), timeout=60, what=f"n{i} current again")
+                wait_for(
+                    lambda: cluster.settled(bus.streams), timeout=60, what=f"n{i} current again"
+                )
             load.wait_more(200)
             answered = load.stop()
             took = time.monotonic() - began
@@ -254,16 +256,13 @@ def test_a_rolling_restart_of_nats_in_lame_duck_mode_loses_nothing(tmp_path: Pat
             wait_for(polled, timeout=30, what="every message's final status")
             wait_for(lambda: all(b.spool_depth() == 0 for b in buses), timeout=30,
                      what="the spools to drain")  # fmt: skip
-            found = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smspilot.>")
-            stored = collections.Counter(e.event["data"]["message_id"] for e in found)
-            missing = [i for i in answered if i not in stored]
-            doubled = [i for i, n in stored.items() if n > 1]
+            stored, missing, doubled = _audit(cluster, bus, answered)
             spooled = sum(b.metric("smsbus_publish_failures_total") for b in buses)
             print(
                 f"\nrolling restart: {len(answered)} callbacks answered OK in {took:.1f} s, "
                 f"{load.failed} not, "
                 f"slowest {load.slowest:.2f} s, {spooled:.0f} through the spool; "
-                f"{sum(stored.values())} stored, {len(missing)} missing, {len(doubled)} doubled"
+                f"{stored} stored, {len(missing)} missing, {len(doubled)} doubled"
             )
             assert (0, [], []) == (load.failed, missing, doubled)
             assert load.slowest < 5, f"a callback waited {load.slowest:.1f} s for its answer"
@@ -307,10 +306,6 @@ def test_a_cluster_that_loses_its_quorum_for_a_while_loses_nothing(tmp_path: Pat
                                **tower.settings(t.url, interval=1))  # fmt: skip
             buses = [Smsbus(env, tmp_path / f"bus{i}").start() for i in range(2)]
             bus = buses[0]
-            streams = [
-                bus.stream,
-                *(f"KV_{bus.stream}_{b}" for b in ("messages", "cursors", "leases")),
-            ]
             load = Load(buses)
             load.wait_more(200)
             cluster.kill(1)
@@ -323,7 +318,7 @@ def test_a_cluster_that_loses_its_quorum_for_a_while_loses_nothing(tmp_path: Pat
             during = len(load.ok)
             cluster.start_node(1)
             cluster.start_node(2)
-            wait_for(lambda: cluster.settled(streams), timeout=60, what="the cluster whole")
+            wait_for(lambda: cluster.settled(bus.streams), timeout=60, what="the cluster whole")
             message = str(next(_ids))
             tower.statuses[message] = ("delivered", msk_now())
             buses[1].register({"provider": "smstower", "message_id": message,
@@ -339,14 +334,11 @@ def test_a_cluster_that_loses_its_quorum_for_a_while_loses_nothing(tmp_path: Pat
                         for e in found if e.event["subject"] == message]  # fmt: skip
 
             wait_for(polled, timeout=30, what="the message registered after the outage polled")
-            found = read_stream(cluster.urls, bus.stream, f"{bus.prefix}.status.smspilot.>")
-            stored = collections.Counter(e.event["data"]["message_id"] for e in found)
-            missing = [i for i in answered if i not in stored]
-            doubled = [i for i, n in stored.items() if n > 1]
+            stored, missing, doubled = _audit(cluster, bus, answered)
             print(
                 f"\nquorum lost for 15 s: {len(answered)} callbacks answered OK "
                 f"({during} before the servers came back), {load.failed} not, slowest "
-                f"{load.slowest:.2f} s; {sum(stored.values())} stored, {len(missing)} missing, "
+                f"{load.slowest:.2f} s; {stored} stored, {len(missing)} missing, "
                 f"{len(doubled)} doubled; a registration meanwhile: {refused.status_code} "
                 f"{refused.text}"
             )
@@ -354,9 +346,8 @@ def test_a_cluster_that_loses_its_quorum_for_a_while_loses_nothing(tmp_path: Pat
             assert load.slowest < 5, f"a callback waited {load.slowest:.1f} s for its answer"
             assert 503 == refused.status_code
             assert [("delivered", f"order-{message}")] == polled()
-            for b in buses:
-                wait_for(lambda b=b: [] == b.readyz()["degraded"], timeout=30,
-                         what="every task and watch up")  # fmt: skip
+            wait_for(lambda: all([] == b.readyz()["degraded"] for b in buses), timeout=30,
+                     what="every task and watch up")  # fmt: skip
     finally:
         for b in buses:
             if b.proc is not None and b.proc.poll() is None:

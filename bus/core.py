@@ -259,6 +259,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             supervisor.spawn("state-mirror", states.follower.run, stall_after=STALL_AFTER)
         )
         stack.push_async_callback(supervisor.spawn("mirror-prune", states.mirror.prune_every))
+        stack.push_async_callback(supervisor.spawn("state-write-back", states.write_back))
         projector = Projector(conn, states, publisher, s.stream, s.subject_prefix)
         await retrying(
             deadline,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 import nats.errors
 import nats.js.errors
@@ -81,6 +82,7 @@ class Follower:
         self._apply = apply  # subject, payload, raw headers, stream sequence
         self._on_reset = on_reset
         self.last = 0  # stream sequence of the last message applied
+        self._made: datetime | None = None  # when the stream followed was made
         self.pending = 0  # messages the server still had for us at the last delivery
         self.state = "starting"  # starting | loading | following | re-establishing
         self.loaded = asyncio.Event()  # set once the first full read has caught up
@@ -148,13 +150,19 @@ class Follower:
 
     async def _establish(self) -> None:
         js = self._conn.jetstream(timeout=CALL_TIMEOUT)
-        if self.last:
-            stream = await js.stream_info(self._stream)
-            if stream.state.last_seq < self.last:  # a new stream under the old name
-                log.warning("watched stream was recreated; reloading", watch=self.name)
-                self.last = 0
-                self.loaded.clear()
-                self._on_reset()
+        stream = await js.stream_info(self._stream)
+        # A new stream under the old name: made at another time (however far its writes have
+        # gone since), or short of what was applied.
+        made = stream.created
+        if self.last and (
+            (made is not None and self._made is not None and made != self._made)
+            or stream.state.last_seq < self.last
+        ):
+            log.warning("watched stream was recreated; reloading", watch=self.name)
+            self.last = 0
+            self.loaded.clear()
+            self._on_reset()
+        self._made = made
         self._broken.clear()
         self._cseq = 0
         self._activity = time.monotonic()

@@ -171,13 +171,19 @@ class MessageIndex:
         heapq.heappush(self._own, revision)
         self._hold(state, revision)
 
-    def clear(self) -> None:
-        """Forget everything (the bucket's stream was recreated)."""
+    def clear(self) -> dict[str, dict[str, bytes]]:
+        """Forget everything (the bucket's stream was recreated); what was held, by provider and
+        message key, packed (bus.packed)."""
+        held = {provider: dict(states) for provider, states in self._by_provider.items()}
         for provider, states in self._by_provider.items():
-            for message_id in list(states):
-                self._forget(provider, message_id)
+            states.clear()
+            if self._open[provider]:
+                self._open[provider] = 0
+                self._on_open(provider, 0)
         self._own.clear()
         self._written.clear()
+        self._recent.clear()
+        return held
 
     def _revision(self, state: MessageState) -> int:
         blob = self._blob(state.provider, state.message_id)

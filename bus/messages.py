@@ -297,6 +297,45 @@ def apply_status(
     )
 
 
+def restore(state: MessageState | None, held: MessageState) -> MessageState:
+    """`held`, a message's state as a replica held it when the bucket lost it (a NATS server
+    back on an empty store), put back into what the bucket has by then (None: nothing; else
+    another replica's copy, or a report since): the registration's fields from either, the
+    facts of both, and the status as `apply_status` would leave it between the two (final over
+    not final; else the later, the bucket's on a tie). Putting back what is there changes
+    nothing."""
+    if state is None or state == held:
+        return held if state is None else state
+    later = (held.updated_at or "") > (state.updated_at or "")
+    winner = held if (held.final, later) > (state.final, False) else state
+    numbers = _numbers(state.numbers, held.numbers)
+    return _evolve(
+        winner,
+        tracked=state.tracked or held.tracked,
+        registered_at=held.registered_at or state.registered_at,
+        phone=state.phone or held.phone,
+        client_ref=state.client_ref or held.client_ref,
+        sent_at=state.sent_at or held.sent_at,
+        traceparent=state.traceparent or held.traceparent,
+        numbers=numbers,
+        final=winner.final or bool(numbers and all(n["final"] for n in numbers.values())),
+        facts=(*held.facts, *(f for f in state.facts if f not in held.facts))[-MAX_FACTS:],
+    )
+
+
+def _numbers(
+    state: dict[str, dict[str, Any]] | None, held: dict[str, dict[str, Any]] | None
+) -> dict[str, dict[str, Any]] | None:
+    """A mailing's numbers from two copies: each number's final status over one that is not."""
+    if not held:
+        return state
+    merged = dict(held)
+    for phone, number in (state or {}).items():
+        if number["final"] or not merged.get(phone, number)["final"]:
+            merged[phone] = number
+    return merged
+
+
 _FIELDS = MessageState.__slots__
 
 

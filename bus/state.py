@@ -12,6 +12,9 @@ before it reads such a request as an empty one and answers 408, after which ever
 with a get of its own, until the next reconnection).
 Writes are compare-and-set on the key's revision, starting from the mirror's copy (no read when it
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
+A bucket that lost what it held (a NATS server back on an empty store, the bucket deleted) gets
+back what this replica's mirror held (`write_back`): the open tracked messages, and the recent
+states with the facts they record; until each is written, reads find it where it was held.
 A registration request's writes go out as atomic batches (nats-server 2.12+, the bucket's
 `allow_atomic`): every write of a batch keeps its own expected revision, the server stores all of
 them or none, and one acknowledgement answers the batch. A batch refused as a whole (another
@@ -25,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -36,14 +41,16 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
-from bus import fastbatch, wire
+from bus import fastbatch, packed, wire
+from bus.backoff import Backoff
 from bus.connection import Connection
 from bus.events import Event, message_key, untracked_message, with_tracking
 from bus.follow import Follower
 from bus.index import MessageIndex
-from bus.messages import MessageState, TrackItem, kv_key, register
+from bus.messages import MessageState, TrackItem, kv_key, register, restore
 from bus.replies import WRONG_LAST, Replies, ReplyError, ack, stored, time_out
 from bus.stream import state_commit_subject
+from bus.supervisor import Beat
 
 log = structlog.get_logger("smsbus.state")
 
@@ -56,6 +63,7 @@ BATCH_TIMEOUT = LOOKUP_TIMEOUT  # for each reply of a batched direct get
 NOT_BATCHED = 408  # a direct get's status when the server does not read `multi_last` (before 2.11)
 ATOMIC_BATCH = 250  # writes per atomic batch (the server takes at most 1000)
 ATOMIC_IN_FLIGHT = 8  # atomic batches open at once (the server allows 50 per stream)
+WRITE_BACK = 1000  # states written back at a time
 
 Change = Callable[[MessageState | None], MessageState]
 Batches = Literal["atomic", "fast", "none"]
@@ -113,8 +121,14 @@ class States:
             f"KV_{bucket}",
             f"$KV.{bucket}.>",
             self.mirror.apply,
-            on_reset=self.mirror.clear,
+            on_reset=self._bucket_lost,
         )
+        # What the mirror held when the bucket lost it, to write back: by provider and message
+        # key, packed (bus.packed), as the mirror held it.
+        self._lost: dict[str, dict[str, bytes]] = {}
+        self._losing = 0  # states to write back since the bucket was lost
+        self._lost_since = 0.0
+        self._lost_now = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -229,6 +243,8 @@ class States:
         held = self.mirror.get(provider, message_key)
         if held is not None:
             return True, held
+        if self._lost and (lost := self._lost_state(provider, message_key)) is not None:
+            return True, lost
         if not self._reads.is_connected:
             return False, None
         try:
@@ -454,6 +470,83 @@ class States:
         if count != last:
             raise ReplyError(0, 0, f"atomic batch of {last} acknowledged {count}")
         return list(range(top - last + 1, top + 1))
+
+    def _bucket_lost(self) -> None:
+        """The bucket's stream was made anew (its follower saw it): the mirror starts over
+        from its first write, and what it held is written back."""
+        held = self.mirror.clear()
+        count = 0
+        for provider, states in held.items():
+            if states:
+                self._lost.setdefault(provider, {}).update(states)
+                count += len(states)
+        if not count:
+            return
+        if not self._losing:
+            self._lost_since = time.monotonic()
+        self._losing += count
+        log.warning("state bucket lost what it held (a NATS server back on an empty store, or "
+                    "the bucket deleted); writing back the states this replica held",
+                    states=count)  # fmt: skip
+        self._lost_now.set()
+
+    def _lost_state(self, provider: str, message_key: str) -> MessageState | None:
+        blob = self._lost.get(provider, {}).get(message_key)
+        return None if blob is None else packed.unpack(blob, provider, message_key)[0]
+
+    @property
+    def writing_back(self) -> int:
+        """States held when the bucket lost them and not written back yet."""
+        return sum(len(states) for states in self._lost.values())
+
+    async def write_back(self, beat: Beat) -> None:
+        """Write what the mirror held into a bucket that lost it, WRITE_BACK states at a time,
+        each put back into what the bucket has by then (bus.messages.restore: another
+        replica's write-back, a report since) with compare-and-set; what is not written is
+        tried again after a back-off, the loop shown failing meanwhile."""
+        backoff = Backoff(0.5, 10.0)
+        while True:
+            beat()
+            if not self._lost:
+                self._lost_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost_now.wait(), 1.0)
+                continue
+            if not self._conn.is_connected:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._conn.connected(), 1.0)
+                continue
+            chunk = list(
+                itertools.islice(
+                    ((provider, key, blob)
+                     for provider, states in self._lost.items() for key, blob in states.items()),
+                    WRITE_BACK,
+                )
+            )  # fmt: skip
+            changes = [
+                (kv_key(provider, key),
+                 functools.partial(restore, held=packed.unpack(blob, provider, key)[0]))
+                for provider, key, blob in chunk
+            ]  # fmt: skip
+            failed = await self.apply(changes)
+            for provider, key, blob in chunk:
+                states = self._lost.get(provider, {})
+                if kv_key(provider, key) not in failed and states.get(key) is blob:
+                    del states[key]  # (a blob held again since is written in a later turn)
+            self._lost = {provider: states for provider, states in self._lost.items() if states}
+            if failed:
+                first = next(iter(failed.values()))
+                error = str(first) or type(first).__name__
+                log.warning("states not written back yet; trying again", failed=len(failed),
+                            left=self.writing_back, error=error)  # fmt: skip
+                beat.failing(f"{len(failed)} states not written back: {error}")
+                await asyncio.sleep(backoff.failed())
+                continue
+            backoff.succeeded()
+            if not self._lost:
+                log.info("states written back", states=self._losing,
+                         seconds=round(time.monotonic() - self._lost_since, 2))  # fmt: skip
+                self._losing = 0
 
     async def register(self, items: list[TrackItem], at: str) -> None:
         """Apply registrations; a NATS error passes through once every write has finished or

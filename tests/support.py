@@ -575,6 +575,25 @@ async def _read_stream(
         await nc.close()
 
 
+def stream_count(url: str, stream: str, subject: str) -> int:
+    """How many messages the stream holds under `subject` (a filter), from its info: no
+    consumer is made, so a condition polled every few milliseconds does not pile consumers up
+    on the server. 0 while the server cannot say."""
+
+    async def count() -> int:
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, error_cb=quiet)
+        try:
+            info = await nc.jetstream(timeout=2).stream_info(stream, subjects_filter=subject)
+            return sum((info.state.subjects or {}).values())
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(count())
+    except (TimeoutError, OSError, nats.errors.Error):
+        return 0
+
+
 async def quiet(exc: Exception) -> None:
     """nats-py prints a traceback per failed connection attempt; the caller handles failure."""
 

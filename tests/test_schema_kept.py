@@ -7,15 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
 
-from bus.stream import bucket_names
+from bus.config import load_settings
+from bus.connection import Connection
+from bus.messages import TrackItem, apply_status, kv_key
+from bus.state import States, read_state
+from bus.stream import bucket_names, ensure_all
+from bus.supervisor import Beat, TaskStatus
 from tests.fakes.server import Served
 from tests.fakes.smstower import FakeSmstower, msk_now
-from tests.support import NatsServer, Smsbus, isolated_env, quiet, read_stream, wait_for
+from tests.support import (
+    NatsServer,
+    Smsbus,
+    await_for,
+    isolated_env,
+    quiet,
+    read_stream,
+    stream_count,
+    wait_for,
+)
 
 
 async def _delete(url: str, *streams: str) -> None:
@@ -101,3 +117,157 @@ def test_a_nats_server_back_on_an_empty_store_is_taken_as_a_new_one(tmp_path: Pa
         finally:
             bus.kill()
             server.stop()
+
+
+def test_what_a_nats_server_back_on_an_empty_store_lost_is_written_back(tmp_path: Path) -> None:
+    """A server started again without its data forgot every registration, every fact and every
+    cursor it held; two replicas held them and write them back, together: the messages are
+    polled again, their events carry their `client_ref`, a fact reported before the loss and
+    repeated after it is not stored again, the states read on either replica are whole, and an
+    inbound SMS published before the loss is not published again (a lost inbound cursor looks
+    back a day)."""
+    tower = FakeSmstower()
+    server = NatsServer(tmp_path / "nats").start()
+    towers = [str(5000 + i) for i in range(120)]
+    with Served(tower.app) as t:
+        env = isolated_env(server.url, **tower.settings(t.url))
+        buses = [Smsbus(env, tmp_path / name).start() for name in ("a", "b")]
+        try:
+            with httpx.Client(timeout=10) as http:
+                for message in towers:
+                    tower.statuses[message] = ("processing", msk_now())
+                tower.inbound.append({"id": "in-1", "from": "79030001122", "to": "79030001133",
+                                      "text": "before", "created": msk_now(-120)})  # fmt: skip
+                buses[0].register(
+                    *({"provider": "smstower", "message_id": m, "client_ref": f"t{m}"}
+                      for m in towers),
+                    {"provider": "smspilot", "message_id": "9001", "client_ref": "p1",
+                     "phone": "79001234567"},
+                )  # fmt: skip
+                buses[1].callback(http, "9002", status=1)
+                for bus in buses:
+                    wait_for(lambda b=bus: b.metric("smsbus_tracked_messages",
+                                                    provider="smstower") == len(towers),
+                             timeout=15, what="both mirrors to hold the registrations")  # fmt: skip
+
+                def stored() -> list[dict[str, Any]]:
+                    found = read_stream(server.url, buses[0].stream, f"{buses[0].prefix}.status.>")
+                    return [e.event["data"] for e in found]
+
+                def count(kind: str = "status") -> int:
+                    return stream_count(server.url, buses[0].stream, f"{buses[0].prefix}.{kind}.>")
+
+                # Each message polled once as `sent` before the loss, the inbound SMS once.
+                wait_for(lambda: count() == len(towers) + 1, timeout=30, what="first polls")
+                wait_for(lambda: count("inbound") == 1, timeout=15, what="the inbound poll")
+                server.stop()
+                shutil.rmtree(server.store_dir / "jetstream")
+                server.start()
+                for bus in buses:
+                    wait_for(lambda b=bus: b.reconnections() >= 2, timeout=15,
+                             what="both connections")  # fmt: skip
+                    wait_for(bus.ready, timeout=15, what="smsbus ready on the new store")
+                for message in towers:
+                    tower.statuses[message] = ("delivered", msk_now())
+                tower.inbound.append({"id": "in-2", "from": "79030001144", "to": "79030001133",
+                                      "text": "after", "created": msk_now(-1)})  # fmt: skip
+                buses[1].callback(http, "9002", status=1)  # reported before the loss
+                buses[1].callback(http, "9001", status=2)
+                wait_for(lambda: count() >= len(towers) + 1, timeout=30,
+                         what="the written-back messages polled")  # fmt: skip
+                after = stored()
+                assert sorted(towers) == sorted(d["message_id"] for d in after
+                                                if d["provider"] == "smstower")  # fmt: skip
+                assert all(d["client_ref"] == f"t{d['message_id']}" and d["status"] == "delivered"
+                           for d in after if d["provider"] == "smstower")  # fmt: skip
+                assert [("9001", "delivered", "p1", "79001234567")] == [
+                    (d["message_id"], d["status"], d["client_ref"], d["phone"])
+                    for d in after if d["provider"] == "smspilot"
+                ]  # fmt: skip
+                wait_for(lambda: count("inbound") >= 1, timeout=15, what="the inbound poll")
+                inbound = read_stream(server.url, buses[0].stream, f"{buses[0].prefix}.inbound.>")
+                assert ["in-2"] == [e.event["data"]["message_id"] for e in inbound]
+                for bus in buses:
+                    state = http.get(f"{bus.api}/v1/messages/smstower/{towers[7]}").json()
+                    assert ("delivered", f"t{towers[7]}") == (state["status"], state["client_ref"])
+                    state = http.get(f"{bus.api}/v1/messages/smspilot/9002").json()
+                    assert "sent" == state["status"]
+            said = [line for bus in buses for line in bus.log_lines()
+                    if line.get("event") == "states written back"]  # fmt: skip
+            assert said and all(line["states"] == len(towers) + 2 for line in said), said
+            for bus in buses:
+                assert 0 == bus.stop()
+        finally:
+            for bus in buses:
+                bus.kill()
+            server.stop()
+
+
+def test_a_state_not_written_back_yet_is_read_where_it_was_held(tmp_path: Path) -> None:
+    """The bucket made anew under a follower that has gone past its new writes (so only the
+    stream's creation time tells it apart), another replica's report since for one message:
+    until the write-back, a read finds what the mirror held; after it, the bucket has the
+    registration and the facts of both."""
+    server = NatsServer(tmp_path / "nats").start()
+
+    async def scenario() -> None:
+        settings = load_settings(isolated_env(server.url, SMSBUS_DATA_DIR=str(tmp_path)))
+        conn = Connection(settings)
+        await conn.open(time.monotonic() + 10)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            buckets = await ensure_all(conn.js, settings)
+            name = bucket_names(settings.stream)[0]
+            states = States(conn, buckets.messages, name, direct=True)
+            states.atomic, states.batched = buckets.atomic, buckets.states_batched
+            await states.start()
+            tasks.append(asyncio.create_task(states.follower.run(Beat(TaskStatus("mirror")))))
+            await states.register(
+                [TrackItem("smstower", "77", client_ref="r-77"),
+                 TrackItem("smspilot", "78", client_ref="r-78")],
+                at="2026-12-07T10:00:00.000Z",
+            )  # fmt: skip
+
+            async def mirrored() -> bool:
+                return states.follower.last == 2 and states.mirror.held == 2
+
+            await await_for(mirrored, what="the mirror to follow both writes")
+            await conn.js.delete_stream(f"KV_{name}")
+            buckets = await ensure_all(conn.js, settings)
+            sent = {"provider": "smspilot", "message_id": "78", "status": "sent", "final": False,
+                    "provider_status": "1", "occurred_at": "2026-12-07T10:00:05.000Z"}  # fmt: skip
+            since = apply_status(None, sent, "s" * 64)
+            await buckets.messages.put(kv_key("smspilot", "78"), since.to_json())
+            for other in ("90", "91"):  # the new bucket's sequence past the follower's
+                await buckets.messages.put(kv_key("smspilot", other), since.to_json())
+
+            async def lost() -> bool:
+                return states.writing_back == 2
+
+            await await_for(lost, what="the follower to see a new bucket")
+            held = await states.lookup("smstower", "77")
+            assert held is not None and ("r-77", True) == (held.client_ref, held.tracked)
+            assert (None, 0) == await read_state(buckets.messages, kv_key("smstower", "77"))
+            tasks.append(asyncio.create_task(states.write_back(Beat(TaskStatus("write-back")))))
+
+            async def written() -> bool:
+                return states.writing_back == 0
+
+            await await_for(written, what="the write-back")
+            back, _ = await read_state(buckets.messages, kv_key("smstower", "77"))
+            assert back is not None and ("r-77", True) == (back.client_ref, back.tracked)
+            merged, _ = await read_state(buckets.messages, kv_key("smspilot", "78"))
+            assert merged is not None
+            assert ("r-78", True, "sent") == (merged.client_ref, merged.tracked, merged.status)
+            assert merged.records("s" * 64)
+            await states.stop()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await conn.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

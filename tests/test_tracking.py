@@ -15,7 +15,7 @@ import nats
 import orjson
 import pytest
 
-from bus.messages import MessageState, apply_status, parse_track_batch, register
+from bus.messages import MessageState, apply_status, parse_track_batch, register, restore
 from tests.support import (
     SMSBUS,
     Listeners,
@@ -392,3 +392,51 @@ def test_a_first_registration_is_the_state_a_registration_onto_nothing_makes() -
     assert fresh == onto_empty
     bare = parse_track_batch(b'{"provider": "smsc", "message_id": "8"}')[0]
     assert register(None, bare, "t") == register(MessageState("smsc", "8"), bare, "t")
+
+
+def test_a_state_written_back_keeps_the_registration_the_facts_and_the_later_final() -> None:
+    """What a replica held when its bucket lost it, put back into what the bucket has by then
+    (bus.messages.restore): the registration from the one that has it, the facts of both, a
+    final status over one that is not, and putting back what is there changes nothing."""
+    item = parse_track_batch(b'{"provider": "smspilot", "message_id": "7", "client_ref": "r-7"}')[0]
+    sent = {"provider": "smspilot", "message_id": "7", "status": "sent", "final": False,
+            "provider_status": "1", "occurred_at": "2026-12-07T10:00:01.000Z"}  # fmt: skip
+    delivered = sent | {"status": "delivered", "final": True, "provider_status": "2",
+                        "occurred_at": "2026-12-07T10:00:05.000Z"}  # fmt: skip
+    held = apply_status(register(None, item, "2026-12-07T10:00:00.000Z"), delivered, "d" * 64)
+    # A late "sent" reported after the loss, before the write-back: no registration, not final.
+    since = apply_status(None, sent, "s" * 64)
+    back = restore(since, held)
+    assert (True, "r-7", "delivered", True) == (back.tracked, back.client_ref, back.status,
+                                                back.final)  # fmt: skip
+    assert back.records("d" * 64) and back.records("s" * 64)
+    assert back == restore(back, held) == restore(None, back)  # another replica's write-back
+    assert held == restore(None, held)
+    # A final reported after the loss and later than the one held wins; so does the bucket's
+    # copy on a tie.
+    undelivered = delivered | {"status": "undelivered", "provider_status": "-1",
+                               "occurred_at": "2026-12-07T10:00:09.000Z"}  # fmt: skip
+    assert "undelivered" == restore(apply_status(None, undelivered, "u" * 64), held).status
+    tie = undelivered | {"occurred_at": delivered["occurred_at"]}
+    assert "undelivered" == restore(apply_status(None, tie, "t" * 64), held).status
+    # An SMS-Pager mailing: each number's final status over one that is not.
+    pager = MessageState(
+        "smspager",
+        "55",
+        numbers={
+            "1": {"status": "delivered", "final": True},
+            "2": {"status": "sent", "final": False},
+        },
+    )
+    later = MessageState(
+        "smspager",
+        "55",
+        numbers={
+            "1": {"status": "sent", "final": False},
+            "2": {"status": "delivered", "final": True},
+        },
+    )
+    merged = restore(later, pager)
+    assert merged.final and {"1": True, "2": True} == {
+        phone: number["final"] for phone, number in (merged.numbers or {}).items()
+    }

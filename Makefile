@@ -44,6 +44,7 @@ bench: $(DEV)
 	$(BIN)/python bench/poll.py
 	$(BIN)/python bench/pass_latency.py
 	$(BIN)/python bench/landed.py
+	$(BIN)/python bench/write_back.py
 
 # Where a callback's CPU goes, smsbus beside the hand-written route (py-spy for the Python,
 # perf from Debian's linux-perf for nats-server).

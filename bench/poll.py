@@ -59,9 +59,13 @@ from tests.support import NatsServer, free_port  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def wait_ready(base: str, within: float = 30.0) -> None:
+def wait_ready(
+    base: str, within: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"smsbus exited with {proc.returncode} before it was ready")
         try:
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                 return
@@ -206,7 +210,7 @@ class Serve:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([str(BIN / "smsbus"), "serve"], env=self.env,
                                          stdout=log, stderr=log)  # fmt: skip
-        wait_ready(self.base, within=600)
+        wait_ready(self.base, within=600, proc=self.proc)
         self.ready = time.monotonic() - self.started
         return self
 

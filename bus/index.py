@@ -174,9 +174,9 @@ class MessageIndex:
     def clear(self) -> dict[str, dict[str, bytes]]:
         """Forget everything (the bucket's stream was recreated); what was held, by provider and
         message key, packed (bus.packed)."""
-        held = {provider: dict(states) for provider, states in self._by_provider.items()}
-        for provider, states in self._by_provider.items():
-            states.clear()
+        # New maps: holding only strings and bytes, they are not tracked by the collector either.
+        held, self._by_provider = self._by_provider, {p: {} for p in self._by_provider}
+        for provider in held:
             if self._open[provider]:
                 self._open[provider] = 0
                 self._on_open(provider, 0)

@@ -121,6 +121,7 @@ class Bus:
         tasks = self.supervisor.statuses()
         watches: dict[str, Watch] = {
             "state-mirror": self.states.follower,
+            "cursor-mirror": self.cursors.follower,
             "projector": self.projector,
         }
         degraded = {n for n, t in tasks.items() if t.down} | {
@@ -260,6 +261,10 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
         )
         stack.push_async_callback(supervisor.spawn("mirror-prune", states.mirror.prune_every))
         stack.push_async_callback(supervisor.spawn("state-write-back", states.write_back))
+        cursors = Cursors(conn, buckets.cursors, bucket_names(s.stream)[1])
+        stack.push_async_callback(
+            supervisor.spawn("cursor-mirror", cursors.follower.run, stall_after=STALL_AFTER)
+        )
         projector = Projector(conn, states, publisher, s.stream, s.subject_prefix)
         await retrying(
             deadline,
@@ -346,7 +351,7 @@ async def open_bus(settings: Settings, metrics: Metrics | None = None) -> AsyncI
             conn=conn,
             publisher=publisher,
             states=states,
-            cursors=Cursors(buckets.cursors),
+            cursors=cursors,
             leases=leases,
             projector=projector,
             supervisor=supervisor,

@@ -3,12 +3,12 @@ inbound window, SMSC's `after_id`, when a provider-wide poll last ran), so a res
 poller leader carries on where the last one stopped. NATS failures here are `StoreError`, which
 the pollers never mistake for the provider failing.
 
-A cursor the bucket no longer has, where this process knows one (it read or saved it: a NATS
-server back on an empty store, the bucket deleted), is the last one this process knew, and is
-written back: without it an inbound window would look back a whole day again and publish every
-message in it a second time, with no duplicate window left to drop them. A cursor another
-replica moved since is older than the bucket's was, so what it makes read again is read again
-from the provider, never skipped.
+Every replica follows the bucket (a `Follower`, as the state mirror follows its own) and knows
+each cursor's last value, whoever wrote it. A cursor the bucket no longer has (a NATS server back
+on an empty store, the bucket deleted) is that value, and is written back: without it an inbound
+window would look back a whole day again and publish every message in it a second time, with no
+duplicate window left to drop them; and the poller's leadership, lost with the bucket's
+neighbours, may well come back on another replica.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import nats.js.errors
 import structlog
 from nats.js.kv import KeyValue
 
+from bus import wire
+from bus.connection import Connection
 from bus.errors import StoreError
+from bus.follow import Follower
 
 log = structlog.get_logger("smsbus.cursors")
 
@@ -28,9 +31,19 @@ TIMEOUT = 5.0
 
 
 class Cursors:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, conn: Connection, kv: KeyValue, bucket: str) -> None:
         self._kv = kv
-        self._known: dict[str, str] = {}  # the last value read or saved, by name
+        self._prefix = f"$KV.{bucket}."
+        self._known: dict[str, str] = {}  # each cursor's last value, by name
+        self.follower = Follower(
+            conn, "cursor-mirror", f"KV_{bucket}", f"$KV.{bucket}.>", self._apply
+        )
+
+    def _apply(self, subject: bytes, data: bytes, headers: bytes, revision: int) -> None:
+        """One write to the bucket, as the follower delivers it."""
+        name = subject[len(self._prefix) :].decode(errors="replace")
+        if data and not wire.raw_removes_key(headers):
+            self._known[name] = data.decode(errors="replace")
 
     async def get(self, name: str) -> str | None:
         try:

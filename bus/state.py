@@ -14,7 +14,8 @@ Writes are compare-and-set on the key's revision, starting from the mirror's cop
 is current), and what this process wrote is put into the mirror as soon as it is acknowledged.
 A bucket that lost what it held (a NATS server back on an empty store, the bucket deleted) gets
 back what this replica's mirror held (`write_back`): the open tracked messages, and the recent
-states with the facts they record; until each is written, reads find it where it was held.
+states with the facts they record; until each is written, a read finds it where it was held,
+merged with the bucket's copy as the write-back will merge them.
 A registration request's writes go out as atomic batches (nats-server 2.12+, the bucket's
 `allow_atomic`): every write of a batch keeps its own expected revision, the server stores all of
 them or none, and one acknowledgement answers the batch. A batch refused as a whole (another
@@ -239,17 +240,19 @@ class States:
         in time (NATS away or stalled, the reads' connection down): the caller goes on without
         it (a callback's event goes to the spool, whose drainer gives it the state's tracking
         data once it can be read). A read that failed while NATS was connected is counted and
-        logged (once until a read succeeds), unless not `counted` (the drainer's tries)."""
+        logged (once until a read succeeds), unless not `counted` (the drainer's tries). A state
+        held when the bucket lost it and not written back yet is found all the same."""
         held = self.mirror.get(provider, message_key)
+        lost = self._lost_state(provider, message_key) if self._lost else None
         if held is not None:
-            return True, held
-        if self._lost and (lost := self._lost_state(provider, message_key)) is not None:
-            return True, lost
+            return True, held if lost is None else restore(held, lost)
         if not self._reads.is_connected:
-            return False, None
+            return (True, lost) if lost is not None else (False, None)
         try:
             state, _ = await self.read(kv_key(provider, message_key), LOOKUP_TIMEOUT)
         except (TimeoutError, nats.errors.Error) as exc:
+            if lost is not None:
+                return True, lost
             if not counted:
                 return False, None
             self._on_read_failed()
@@ -261,6 +264,8 @@ class States:
             return False, None
         if counted:
             self._reads_failing = False
+        if lost is not None:  # not written back yet: as the write-back will leave it
+            return True, restore(state, lost)
         return True, state
 
     async def lookup_many(
@@ -269,7 +274,8 @@ class States:
         """`lookup` for many messages: the mirror's states, and the bucket's, read together (one
         batched read where the bucket takes them), for those it does not hold."""
         found = [self.mirror.get(provider, key) for key in message_keys]
-        missing = [i for i, state in enumerate(found) if state is None]
+        # (while a write-back lasts, `lookup` merges what the mirror holds with what it held)
+        missing = [i for i, state in enumerate(found) if state is None or self._lost]
         if missing:
             read = await asyncio.gather(*(self.lookup(provider, message_keys[i]) for i in missing))
             for i, state in zip(missing, read, strict=True):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nats
+import nats.js.errors
 
 from bus.config import load_settings
 from bus.connection import Connection
@@ -39,6 +41,18 @@ async def _delete(url: str, *streams: str) -> None:
     try:
         for name in streams:
             await nc.jetstream().delete_stream(name)
+    finally:
+        await nc.close()
+
+
+async def _entry(url: str, bucket: str, key: str) -> tuple[bytes, int] | None:
+    """A key's value and revision in a bucket; None when it has none."""
+    nc = await nats.connect(url, error_cb=quiet)
+    try:
+        entry = await (await nc.jetstream().key_value(bucket)).get(key)
+        return entry.value or b"", entry.revision or 0
+    except nats.js.errors.KeyNotFoundError:
+        return None
     finally:
         await nc.close()
 
@@ -121,11 +135,11 @@ def test_a_nats_server_back_on_an_empty_store_is_taken_as_a_new_one(tmp_path: Pa
 
 def test_what_a_nats_server_back_on_an_empty_store_lost_is_written_back(tmp_path: Path) -> None:
     """A server started again without its data forgot every registration, every fact and every
-    cursor it held; two replicas held them and write them back, together: the messages are
-    polled again, their events carry their `client_ref`, a fact reported before the loss and
-    repeated after it is not stored again, the states read on either replica are whole, and an
-    inbound SMS published before the loss is not published again (a lost inbound cursor looks
-    back a day)."""
+    cursor it held; two replicas held them and write them back: the messages are polled again,
+    their events carry their `client_ref`, a fact reported before the loss and repeated after
+    it is not stored again, the states read on either replica are whole, and an inbound SMS
+    published before the loss is not published again (a lost inbound cursor looks back a day)
+    by the replica that did not poll before it."""
     tower = FakeSmstower()
     server = NatsServer(tmp_path / "nats").start()
     towers = [str(5000 + i) for i in range(120)]
@@ -160,21 +174,47 @@ def test_what_a_nats_server_back_on_an_empty_store_lost_is_written_back(tmp_path
                 # Each message polled once as `sent` before the loss, the inbound SMS once.
                 wait_for(lambda: count() == len(towers) + 1, timeout=30, what="first polls")
                 wait_for(lambda: count("inbound") == 1, timeout=15, what="the inbound poll")
+                cursors = bucket_names(buses[0].stream)[1]
+
+                def cursor_known() -> bool:
+                    """The inbound cursor saved with the SMS, and both replicas past it (the
+                    poller may lead on either after the loss)."""
+                    saved = asyncio.run(_entry(server.url, cursors, "smstower.inbound"))
+                    return (
+                        saved is not None
+                        and b"in-1" in saved[0]
+                        and all(
+                            b.readyz()["watches"]["cursor-mirror"]["last_sequence"] >= saved[1]
+                            for b in buses
+                        )
+                    )
+
+                wait_for(cursor_known, timeout=15, what="the inbound cursor on both replicas")
+                # The poller's leader is stopped over the loss: the other one leads after it,
+                # with the cursor it only ever followed.
+                leader = next(b for b in buses if b.readyz()["providers"]["smstower"]["leader"])
+                other = next(b for b in buses if b is not leader)
+                assert leader.proc is not None
+                leader.proc.send_signal(signal.SIGSTOP)
                 server.stop()
                 shutil.rmtree(server.store_dir / "jetstream")
                 server.start()
-                for bus in buses:
-                    wait_for(lambda b=bus: b.reconnections() >= 2, timeout=15,
-                             what="both connections")  # fmt: skip
-                    wait_for(bus.ready, timeout=15, what="smsbus ready on the new store")
+                wait_for(lambda: other.reconnections() >= 2, timeout=15, what="both connections")
+                wait_for(other.ready, timeout=15, what="smsbus ready on the new store")
                 for message in towers:
                     tower.statuses[message] = ("delivered", msk_now())
                 tower.inbound.append({"id": "in-2", "from": "79030001144", "to": "79030001133",
                                       "text": "after", "created": msk_now(-1)})  # fmt: skip
-                buses[1].callback(http, "9002", status=1)  # reported before the loss
-                buses[1].callback(http, "9001", status=2)
+                other.callback(http, "9002", status=1)  # reported before the loss
+                other.callback(http, "9001", status=2)
                 wait_for(lambda: count() >= len(towers) + 1, timeout=30,
                          what="the written-back messages polled")  # fmt: skip
+                wait_for(lambda: count("inbound") >= 1, timeout=15, what="the inbound poll")
+                leader.proc.send_signal(signal.SIGCONT)
+                wait_for(lambda: leader.reconnections() >= 2, timeout=15, what="its connections")
+                wait_for(lambda: any(line.get("event") == "states written back"
+                                     for line in leader.log_lines()),
+                         timeout=15, what="the stopped replica's write-back")  # fmt: skip
                 after = stored()
                 assert sorted(towers) == sorted(d["message_id"] for d in after
                                                 if d["provider"] == "smstower")  # fmt: skip
@@ -184,7 +224,6 @@ def test_what_a_nats_server_back_on_an_empty_store_lost_is_written_back(tmp_path
                     (d["message_id"], d["status"], d["client_ref"], d["phone"])
                     for d in after if d["provider"] == "smspilot"
                 ]  # fmt: skip
-                wait_for(lambda: count("inbound") >= 1, timeout=15, what="the inbound poll")
                 inbound = read_stream(server.url, buses[0].stream, f"{buses[0].prefix}.inbound.>")
                 assert ["in-2"] == [e.event["data"]["message_id"] for e in inbound]
                 for bus in buses:
@@ -206,8 +245,9 @@ def test_what_a_nats_server_back_on_an_empty_store_lost_is_written_back(tmp_path
 def test_a_state_not_written_back_yet_is_read_where_it_was_held(tmp_path: Path) -> None:
     """The bucket made anew under a follower that has gone past its new writes (so only the
     stream's creation time tells it apart), another replica's report since for one message:
-    until the write-back, a read finds what the mirror held; after it, the bucket has the
-    registration and the facts of both."""
+    until the write-back, a read finds what the mirror held; a write-back the bucket refuses is
+    shown failing and tried again; after it, the bucket has the registration and the facts of
+    both."""
     server = NatsServer(tmp_path / "nats").start()
 
     async def scenario() -> None:
@@ -248,12 +288,32 @@ def test_a_state_not_written_back_yet_is_read_where_it_was_held(tmp_path: Path) 
             held = await states.lookup("smstower", "77")
             assert held is not None and ("r-77", True) == (held.client_ref, held.tracked)
             assert (None, 0) == await read_state(buckets.messages, kv_key("smstower", "77"))
-            tasks.append(asyncio.create_task(states.write_back(Beat(TaskStatus("write-back")))))
+            # Held, and reported since on another replica: both, as the write-back will merge.
+            both = await states.lookup("smspilot", "78")
+            assert both is not None and ("r-78", "sent") == (both.client_ref, both.status)
+            assert both.records("s" * 64)
+            # A bucket that takes no more for a while (an operator's limit): the write-back is
+            # shown failing and tried again.
+            config = (await conn.js.stream_info(f"KV_{name}")).config
+            config.max_msgs = 3
+            await conn.js.update_stream(config)
+            status = TaskStatus("state-write-back")
+            tasks.append(asyncio.create_task(states.write_back(Beat(status))))
+
+            async def failing() -> bool:
+                return status.state == "failing"
+
+            await await_for(failing, what="the write-back to show it fails")
+            # The merge into a key the bucket has replaces its value; the new key is refused.
+            assert 1 == states.writing_back
+            assert "states not written back" in (status.last_error or "")
+            config.max_msgs = -1
+            await conn.js.update_stream(config)
 
             async def written() -> bool:
-                return states.writing_back == 0
+                return states.writing_back == 0 and status.state == "running"
 
-            await await_for(written, what="the write-back")
+            await await_for(written, timeout=20, what="the write-back")
             back, _ = await read_state(buckets.messages, kv_key("smstower", "77"))
             assert back is not None and ("r-77", True) == (back.client_ref, back.tracked)
             merged, _ = await read_state(buckets.messages, kv_key("smspilot", "78"))

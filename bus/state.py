@@ -511,9 +511,14 @@ class States:
         replica's write-back, a report since) with compare-and-set; what is not written is
         tried again after a back-off, the loop shown failing meanwhile."""
         backoff = Backoff(0.5, 10.0)
+        failing = False  # shown failing until a turn writes what it took
         while True:
-            beat()
+            if failing:
+                beat.turn()
+            else:
+                beat()
             if not self._lost:
+                failing = False
                 self._lost_now.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._lost_now.wait(), 1.0)
@@ -546,8 +551,10 @@ class States:
                 log.warning("states not written back yet; trying again", failed=len(failed),
                             left=self.writing_back, error=error)  # fmt: skip
                 beat.failing(f"{len(failed)} states not written back: {error}")
+                failing = True
                 await asyncio.sleep(backoff.failed())
                 continue
+            failing = False
             backoff.succeeded()
             if not self._lost:
                 log.info("states written back", states=self._losing,

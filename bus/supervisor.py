@@ -80,12 +80,17 @@ class Beat:
         self._status = status
 
     def __call__(self) -> None:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
+        self.turn()
         self.last = time.monotonic()
         if self._status.down:
             self._status.up()
+
+    def turn(self) -> None:
+        """A turn that makes no progress (a loop trying again what failed): a pending
+        cancellation is raised as by a beat, and the loop stays shown as it is."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
 
     def failing(self, error: str) -> None:
         """Say "I run, but cannot do my work": /readyz shows the loop down, with `error`, until

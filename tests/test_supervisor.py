@@ -177,6 +177,43 @@ def test_a_loop_whose_cancellation_was_swallowed_stops_at_its_next_beat() -> Non
     assert "stopped" == state
 
 
+def test_a_loop_trying_again_what_fails_stays_shown_failing_and_still_stops() -> None:
+    """A turn without progress (`Beat.turn`) leaves a failing loop shown failing, so that
+    /readyz and smsbus_task_up do not flap between tries, and raises a swallowed cancellation
+    as a beat does."""
+
+    async def scenario() -> tuple[list[str], float, list[str]]:
+        supervisor = Supervisor()
+        states: list[str] = []
+        seen: list[str] = []
+        status_of = supervisor.statuses
+
+        async def retrying(beat: Beat) -> None:
+            beat.failing("the write was refused")
+            give_up = time.monotonic() + 3.0
+            try:
+                while time.monotonic() < give_up:
+                    beat.turn()
+                    states.append(status_of()["retrying"].state)
+                    try:
+                        await asyncio.sleep(0.02)
+                    except asyncio.CancelledError:
+                        seen.append("swallowed")
+            finally:
+                seen.append("ended")
+
+        stop = supervisor.spawn("retrying", retrying)
+        await await_for(lambda: _true(len(states) >= 5), what="five tries")
+        started = time.monotonic()
+        await stop()
+        return states, time.monotonic() - started, seen
+
+    states, took, seen = asyncio.run(scenario())
+    assert {"failing"} == set(states)
+    assert ["swallowed", "ended"] == seen
+    assert took < 1.0, f"stopping took {took:.1f} s"
+
+
 def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
     backoff = Backoff(1.0, 8.0, draw=lambda low, high: high)
     assert [1.0, 2.0, 4.0, 8.0, 8.0] == [backoff.failed() for _ in range(5)]

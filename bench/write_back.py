@@ -68,14 +68,14 @@ def main() -> None:
         workdir = Path(work)
         server = NatsServer(workdir / "nats").start()
         tower, ids = smstower_with(n, "processing")
+        buses: list[Serve] = []
         with Served(tower.app) as served:
-            buses = []
-            for name in ("a", "b"):
-                (workdir / name).mkdir()
-                env = smstower_env(workdir / name, server, served.url, tower)
-                env["SMSBUS_SMSTOWER_INTERVAL"] = env["SMSBUS_SMSTOWER_MAX_INTERVAL"] = "3600"
-                buses.append(Serve(env, workdir / name).__enter__())
             try:
+                for name in ("a", "b"):
+                    (workdir / name).mkdir()
+                    env = smstower_env(workdir / name, server, served.url, tower)
+                    env["SMSBUS_SMSTOWER_INTERVAL"] = env["SMSBUS_SMSTOWER_MAX_INTERVAL"] = "3600"
+                    buses.append(Serve(env, workdir / name).__enter__())
                 started = time.monotonic()
                 register(buses[0], ids)
                 print(f"registered {n} in {time.monotonic() - started:.1f} s")
@@ -128,7 +128,7 @@ def main() -> None:
             finally:
                 for bus in buses:
                     bus.__exit__()
-        server.stop()
+                server.stop()
 
 
 if __name__ == "__main__":

@@ -529,20 +529,18 @@ class States:
                 continue
             chunk = list(
                 itertools.islice(
-                    ((provider, key, blob)
+                    ((provider, key, kv_key(provider, key), blob)
                      for provider, states in self._lost.items() for key, blob in states.items()),
                     WRITE_BACK,
                 )
             )  # fmt: skip
-            changes = [
-                (kv_key(provider, key),
-                 functools.partial(restore, held=packed.unpack(blob, provider, key)[0]))
-                for provider, key, blob in chunk
-            ]  # fmt: skip
-            failed = await self.apply(changes)
-            for provider, key, blob in chunk:
+            failed = await self.apply(
+                [(bucket_key, functools.partial(restore, held=packed.unpack(blob, p, key)[0]))
+                 for p, key, bucket_key, blob in chunk]
+            )  # fmt: skip
+            for provider, key, bucket_key, blob in chunk:
                 states = self._lost.get(provider, {})
-                if kv_key(provider, key) not in failed and states.get(key) is blob:
+                if bucket_key not in failed and states.get(key) is blob:
                     del states[key]  # (a blob held again since is written in a later turn)
             self._lost = {provider: states for provider, states in self._lost.items() if states}
             if failed:

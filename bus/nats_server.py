@@ -19,6 +19,13 @@ to the server's log (for a bug report), then SIGKILL. Pauses shorter than that (
 busy machine) only show in /readyz. No data is at risk: what the server acknowledged is in its
 files, and a SIGKILL loses none of it.
 
+Where it does not die with smsbus (macOS; a smsbus killed in the moment between fork and exec),
+a crashed smsbus leaves its server running on the data directory's store, holding the port. The
+next start, which holds the data directory (bus.core.hold_data_dir), so that no live smsbus owns
+that server, finds it by its ports file and its command line and stops it before starting its
+own: otherwise the new server could not have the port, or, on another port, two servers would
+write one store (nats-server takes no lock on it).
+
 It runs with one Go processor fewer than the CPUs smsbus may use (`GOMAXPROCS`, at least one),
 unless smsbus's environment sets `GOMAXPROCS` itself. smsbus's own work runs on one CPU; a Go
 runtime with a processor for every CPU spins its idle ones looking for work, against smsbus and
@@ -35,7 +42,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -56,6 +65,7 @@ PROBE = 2**20  # bytes of the file written to see that the disk takes writes aga
 SILENT_AFTER = 10.0  # a server that has not answered /healthz this long is shown failing
 HUNG_AFTER = 30.0  # ... and this long is killed and started again
 QUIT_GRACE = 5.0  # how long a SIGQUIT (Go's stack dump, then exit) is given before SIGKILL
+LEFTOVER_GRACE = 10.0  # how long a left-over server is given to stop on SIGTERM before SIGKILL
 
 
 def binary() -> Path:
@@ -101,6 +111,28 @@ def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
         period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return None if quota_us <= 0 else -(-quota_us // period_us)
     return None
+
+
+def command_line(pid: int) -> str | None:
+    """A running process's command line, its arguments joined by spaces; None when there is no
+    such process, it has exited (a zombie has none) or it cannot be read."""
+    if sys.platform == "linux":
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+    try:
+        answer = subprocess.run(
+            ["ps", "-o", "stat=", "-o", "command=", "-p", str(pid)],
+            capture_output=True, timeout=5, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state, _, command = answer.stdout.decode(errors="replace").strip().partition(" ")
+    if answer.returncode != 0 or state.startswith("Z"):
+        return None
+    return command.strip() or None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -324,7 +356,57 @@ class EmbeddedNats:
                     f"or point SMSBUS_NATS_URL at a running NATS"
                 ) from None
 
+    def _left_over(self) -> list[int]:
+        """Servers still running on this store with this configuration, left by a smsbus that
+        died without them: found by their ports files (`<binary>_<pid>.ports`)."""
+        found = []
+        for ports in self.store_dir.glob(f"{binary().name}_*.ports"):
+            pid = ports.stem.rpartition("_")[2]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            command = command_line(int(pid))
+            if command is not None and str(self.config_path) in command:
+                found.append(int(pid))
+        return found
+
+    def _gone(self, pid: int, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            command = command_line(pid)
+            if command is None or str(self.config_path) not in command:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _stop_left_over(self) -> None:
+        """Stop each server a dead smsbus left on this store: SIGTERM, so that JetStream
+        flushes, then SIGKILL. Runs in a thread (it waits)."""
+        for pid in self._left_over():
+            log.warning(
+                "an embedded nats-server left running by an earlier smsbus holds this data "
+                "directory's store; stopping it",
+                pid=pid, store=str(self.store_dir),
+            )  # fmt: skip
+            for sig, grace in ((signal.SIGTERM, LEFTOVER_GRACE), (signal.SIGKILL, QUIT_GRACE)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                if self._gone(pid, grace):
+                    log.info("left-over embedded nats-server stopped", pid=pid)
+                    break
+            else:
+                raise StartupError(
+                    f"SMSBUS_DATA_DIR: an embedded nats-server left by an earlier smsbus (pid "
+                    f"{pid}) still runs on {self.store_dir} and did not stop; stop it"
+                )
+
     async def _spawn(self, timeout: float) -> None:
+        try:
+            await asyncio.to_thread(self._stop_left_over)
+        except PermissionError:
+            raise StartupError(
+                f"SMSBUS_DATA_DIR: an embedded nats-server of another user runs on "
+                f"{self.store_dir}; stop it"
+            ) from None
         self._check_port_free()
         try:
             self.store_dir.mkdir(parents=True, exist_ok=True)

@@ -381,6 +381,67 @@ def test_an_embedded_server_that_cannot_start_again_is_tried_until_it_can(tmp_pa
     assert "Traceback" not in bus.logs()
 
 
+@pytest.mark.parametrize("same_port", [True, False], ids=["same-port", "port-changed"])
+def test_an_embedded_server_left_running_by_a_dead_smsbus_is_stopped_first(
+    tmp_path: Path, same_port: bool
+) -> None:
+    """Where the embedded nats-server does not die with smsbus (macOS), a crashed smsbus leaves
+    it running on the data directory's store. The next start stops it and starts its own:
+    before, the port was "not free" and smsbus would not start until the user found that
+    process; with another port configured meanwhile, a second server wrote the same store."""
+    bus, nats_port = _embedded_smsbus(tmp_path)
+    with httpx.Client(base_url=bus.base, timeout=10) as client:
+        before = [call(client, str(next(_ids))) for _ in range(3)]
+    assert 0 == bus.stop()
+    # What a crash leaves where the server outlives smsbus: the server, on its configuration.
+    left = subprocess.Popen(
+        [str(nats_server.binary()), "-c", str(bus.data_dir / "nats" / "nats-server.conf")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: list((bus.data_dir / "nats").glob(f"*_{left.pid}.ports")),
+            timeout=10, what="the left-over server to listen",
+        )  # fmt: skip
+        if not same_port:
+            nats_port = free_port()
+            bus.env["SMSBUS_EMBEDDED_NATS_PORT"] = str(nats_port)
+        bus.start()
+        assert left.wait(timeout=5) is not None  # stopped, not left beside the new server
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            after = [call(client, str(next(_ids))) for _ in range(3)]
+        assert [(200, "OK")] * 6 == [(a.status, a.text) for a in before + after]
+        wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+        stored = _stored_in_embedded(nats_port, bus)
+        assert dict.fromkeys((a.server_id for a in before + after), 1) == dict(stored)
+        assert 0 == bus.stop()
+    finally:
+        left.kill()
+        left.wait()
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+    warned = [
+        line for line in bus.log_lines()
+        if line["event"].startswith("an embedded nats-server left running by an earlier smsbus")
+    ]  # fmt: skip
+    assert [left.pid] == [line["pid"] for line in warned]
+    assert "Traceback" not in bus.logs()
+
+
+def test_a_nats_server_that_is_not_smsbus_s_on_its_port_is_left_alone(tmp_path: Path) -> None:
+    """A NATS of the user's own on the embedded server's port (a developer's nats-server on
+    4222) is not taken for a left-over: smsbus refuses to start, naming the port, and that
+    server runs on."""
+    other = NatsServer(tmp_path / "other").start()
+    try:
+        bus = Smsbus({"SMSBUS_EMBEDDED_NATS_PORT": str(other.port)}, tmp_path / "bus")
+        bus.start(wait_ready=False)
+        assert 1 == bus.proc.wait(timeout=20)  # type: ignore[union-attr]
+        assert f"127.0.0.1:{other.port} is not free" in bus.logs()
+        assert other.proc is not None and other.proc.poll() is None
+    finally:
+        other.stop()
+
+
 def _take_port(port: int, within: float) -> socket.socket | None:
     """A socket listening on 127.0.0.1:`port`, once it is free within `within` seconds."""
     deadline = time.monotonic() + within

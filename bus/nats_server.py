@@ -29,7 +29,8 @@ write one store (nats-server takes no lock on it).
 It runs with one Go processor fewer than the CPUs smsbus may use (`GOMAXPROCS`, at least one),
 unless smsbus's environment sets `GOMAXPROCS` itself. smsbus's own work runs on one CPU; a Go
 runtime with a processor for every CPU spins its idle ones looking for work, against smsbus and
-the clients for those same CPUs (README, "Benchmarks", has what it was measured to save).
+the clients for those same CPUs (README, "Benchmarks", and bench/HISTORY.md have what it was
+measured to save).
 """
 
 from __future__ import annotations

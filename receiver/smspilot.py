@@ -249,7 +249,7 @@ class SMSPilotCallbacks:
         # Counted and logged in the next turn of the event loop, together with the other
         # callbacks answered in this one: under load a batch's acknowledgement wakes dozens of
         # callbacks at once, and each answer then goes out without waiting for the lines and
-        # counts of those before it (README "Benchmarks", "Answers first").
+        # counts of those before it (bench/HISTORY.md, "Answers first"; README "Benchmarks").
         self._answered.append(summary)
         if len(self._answered) == 1:
             asyncio.get_running_loop().call_soon(self._summarise)

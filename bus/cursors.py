@@ -35,9 +35,7 @@ class Cursors:
         self._kv = kv
         self._prefix = f"$KV.{bucket}."
         self._known: dict[str, str] = {}  # each cursor's last value, by name
-        self.follower = Follower(
-            conn, "cursor-mirror", f"KV_{bucket}", f"$KV.{bucket}.>", self._apply
-        )
+        self.follower = Follower.of_bucket(conn, "cursor-mirror", bucket, self._apply)
 
     def _apply(self, subject: bytes, data: bytes, headers: bytes, revision: int) -> None:
         """One write to the bucket, as the follower delivers it."""

@@ -95,6 +95,18 @@ class Follower:
         self._broken = asyncio.Event()
         self._replying: set[asyncio.Task[None]] = set()
 
+    @classmethod
+    def of_bucket(
+        cls,
+        conn: Connection,
+        name: str,
+        bucket: str,
+        apply: Callable[[bytes, bytes, bytes, int], None],
+        on_reset: Callable[[], None] = lambda: None,
+    ) -> Follower:
+        """A follower of a key-value bucket: its stream, every key."""
+        return cls(conn, name, f"KV_{bucket}", f"$KV.{bucket}.>", apply, on_reset)
+
     @property
     def behind(self) -> bool:
         return self.state != "following" or self.pending > 0

@@ -116,13 +116,8 @@ class States:
         self.atomic = False  # set once the bucket is known to take atomic batches
         self.batched = False  # ... and fast batches
         self.mirror = MessageIndex(bucket, on_open=on_open, floor=lambda: self.follower.last)
-        self.follower = Follower(
-            conn,
-            "state-mirror",
-            f"KV_{bucket}",
-            f"$KV.{bucket}.>",
-            self.mirror.apply,
-            on_reset=self._bucket_lost,
+        self.follower = Follower.of_bucket(
+            conn, "state-mirror", bucket, self.mirror.apply, on_reset=self._bucket_lost
         )
         # What the mirror held when the bucket lost it, to write back: by provider and message
         # key, packed (bus.packed), as the mirror held it.

@@ -365,16 +365,19 @@ class EmbeddedNats:
             pid = ports.stem.rpartition("_")[2]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
-            command = command_line(int(pid))
-            if command is not None and str(self.config_path) in command:
+            if self._runs_ours(int(pid)):
                 found.append(int(pid))
         return found
+
+    def _runs_ours(self, pid: int) -> bool:
+        """Whether process `pid` runs a server on this store's configuration."""
+        command = command_line(pid)
+        return command is not None and str(self.config_path) in command
 
     def _gone(self, pid: int, within: float) -> bool:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            command = command_line(pid)
-            if command is None or str(self.config_path) not in command:
+            if not self._runs_ours(pid):
                 return True
             time.sleep(0.05)
         return False

@@ -6,6 +6,11 @@ TTY. Standard-library loggers (uvicorn, nats-py) are routed through the same ren
 JSON lines at info level (one per callback) that come in a burst are gathered for at most
 FLUSH_EVERY or FLUSH_BYTES and written with one system call; a line after a quiet moment, and a
 warning or an error (with everything before it), is written at once.
+
+A terminal that closes under the process (its window closed, an SSH session dropped) makes every
+write to it fail: from then on the lines go to /dev/null (`leave_closed_terminal`), so that the
+process goes on, or stops gracefully on the SIGHUP that came with it, rather than failing on a
+log line.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import sys
 import threading
 from datetime import UTC, datetime
@@ -82,9 +88,11 @@ class LineWriter:
             self._out.write(b"\n".join(lines) + b"\n")
             self._out.flush()
         except (OSError, ValueError):
-            # stdout refuses (a full disk under a redirect, a closed pipe): a log line is not
-            # worth failing a callback or a drain for. The count is said once it takes lines.
+            # stdout refuses (a full disk under a redirect, a closed pipe, a closed terminal): a
+            # log line is not worth failing a callback or a drain for. The count is said once it
+            # takes lines.
             self.dropped += len(lines) - (1 if self.dropped else 0)
+            leave_closed_terminal()
             return
         self.dropped = 0
         try:
@@ -98,7 +106,45 @@ def _dropped_line(count: int) -> bytes:
                          "level": "warning", "timestamp": rfc3339(datetime.now(UTC))})  # fmt: skip
 
 
+class ConsoleWriter:
+    """A structlog logger writing rendered console lines to a text stream; a line the stream
+    refuses (a closed terminal) is lost rather than raised into the code that logged it."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            try:
+                self._out.write(message + "\n")
+                self._out.flush()
+            except (OSError, ValueError):
+                leave_closed_terminal()
+
+    debug = info = warning = warn = error = err = critical = exception = fatal = msg
+
+
 _lines: LineWriter | None = None  # where JSON lines go, once configured for JSON
+_terminal: set[int] = set()  # stdout and stderr, where each was a terminal when logging began
+
+
+def leave_closed_terminal() -> bool:
+    """Point stdout and stderr, where each was a terminal that has closed since (hung up: every
+    write to it fails with EIO), at /dev/null. Python's own writes then succeed as well (its
+    buffers flushed at exit: otherwise status 120 instead of smsbus's), and nothing the
+    process writes later can fail for want of a terminal. True if one had closed."""
+    closed = {fd for fd in _terminal if not os.isatty(fd)}
+    if not closed:
+        return False
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in closed:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+    _terminal.difference_update(closed)
+    return True
 
 
 def info_line(logger: Any, event: str, fields: dict[str, Any]) -> None:
@@ -125,6 +171,8 @@ def configure_logging(
 ) -> None:
     global _lines
     stream = stream or sys.stdout
+    _terminal.clear()
+    _terminal.update(fd for fd in (1, 2) if os.isatty(fd))
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -147,7 +195,8 @@ def configure_logging(
         renderer = structlog.dev.ConsoleRenderer(
             colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
-        factory = structlog.WriteLoggerFactory(stream)
+        console = ConsoleWriter(stream)
+        factory = lambda *args: console  # noqa: E731
         _lines = None
     structlog.configure(
         processors=[*shared, renderer],
@@ -160,7 +209,7 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer(serializer=_json_text)
         handler = _ToLines(writer)
     else:
-        handler = logging.StreamHandler(stream)
+        handler = _ToConsole(console)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -206,3 +255,20 @@ class _ToLines(logging.Handler):
             self._writer.urgent(line)
         else:
             self._writer.info(line)
+
+
+class _ToConsole(logging.Handler):
+    """Standard-library records as console lines through the ConsoleWriter, which neither
+    interleaves them with smsbus's own lines nor raises when the terminal has closed."""
+
+    def __init__(self, writer: ConsoleWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must not raise into the caller
+            self.handleError(record)
+            return
+        self._writer.msg(line)

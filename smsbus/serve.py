@@ -3,7 +3,9 @@
 Start-up opens the bus (bus.core.open_bus), starts the pollers' supervised tasks and serves HTTP;
 SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests finish, stops the pollers
 and closes the bus, whose last step is to drain the spool for up to SMSBUS_DRAIN_TIMEOUT. A second
-signal while it drains gives up the drain: the spool keeps its events for the next start.
+signal while it drains gives up the drain: the spool keeps its events for the next start. SIGHUP
+(the terminal of `make run` closed) stops it the same way, unless it was started ignoring SIGHUP
+(`nohup`): then it goes on serving.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import uvicorn
 
 from bus.config import Settings
 from bus.core import open_bus
+from bus.logs import leave_closed_terminal
 from pollers.runner import start_pollers
 from receiver.app import create_apps
 from receiver.server import bind, make_server
@@ -27,9 +30,9 @@ log = structlog.get_logger("smsbus")
 
 
 class _Stop:
-    """What SIGTERM and SIGINT do: while serving, ask uvicorn to stop; while starting (start-up
-    waits up to SMSBUS_STARTUP_TIMEOUT for NATS) or once the bus is closing (draining the
-    spool), cancel the main task, which stops the start or gives up the drain."""
+    """What SIGTERM, SIGINT and SIGHUP do: while serving, ask uvicorn to stop; while starting
+    (start-up waits up to SMSBUS_STARTUP_TIMEOUT for NATS) or once the bus is closing (draining
+    the spool), cancel the main task, which stops the start or gives up the drain."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -39,6 +42,13 @@ class _Stop:
         self._loop = asyncio.get_running_loop()
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            # The terminal has closed (or someone sent SIGHUP): the stop goes on without it. A
+            # shell that closes sends its jobs SIGHUP again, and the kernel the foreground group:
+            # no request to give the drain up.
+            leave_closed_terminal()
+            if self.requested:
+                return
         # uvicorn installs its own handlers while serving and re-raises what it caught into
         # these before `serve` returns, so those arrive here while `draining` is still False.
         if self.draining or (self.requested and not self.servers):
@@ -50,7 +60,10 @@ class _Stop:
             log.info("stop signal while starting: stopping")
             self._cancel()
             return
-        log.info("stop signal: finishing the requests in flight, then stopping")
+        log.info(
+            "stop signal: finishing the requests in flight, then stopping",
+            signal=signal.Signals(signum).name,
+        )
         for server in self.servers:
             server.should_exit = True
 
@@ -74,6 +87,8 @@ async def serve(settings: Settings, *, receive: bool = True, poll: bool = True) 
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # not under `nohup`
+        signal.signal(signal.SIGHUP, stop)
     s = settings
     sockets = [bind(s.http_host, s.http_port, "SMSBUS_HTTP")]
     try:

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import nats
@@ -220,6 +221,10 @@ class Smsbus:
     # The largest file the process (and the embedded nats-server it starts) may write
     # (RLIMIT_FSIZE): a disk that refuses writes. `lift_file_size_limit` ends it.
     file_size_limit: int | None = None
+    # What `smsbus serve` is started under (`nohup`), and the terminal it runs in, if any: the
+    # process leads a session of its own whose controlling terminal that is, and writes to it.
+    wrapper: tuple[str, ...] = ()
+    terminal: Terminal | None = None
 
     @property
     def base(self) -> str:
@@ -255,10 +260,20 @@ class Smsbus:
             "SMSBUS_LOG_FORMAT": "json",
             **self.env,
         }
+        command = [*self.wrapper, SMSBUS, "serve"]
         with self.log_path.open("ab") as log:
             limits = self._limits if self.file_size_limit is not None else None
+            out: int | IO[bytes] = log
+            if self.terminal is not None:
+                out = self.terminal.slave
+                command[:0] = ["setsid", "--ctty"]  # util-linux: stdin's terminal, its own
             self.proc = subprocess.Popen(
-                [SMSBUS, "serve"], env=env, stdout=log, stderr=log, preexec_fn=limits
+                command,
+                env=env,
+                stdin=self.terminal.slave if self.terminal else None,
+                stdout=out,
+                stderr=out,
+                preexec_fn=limits,
             )
         if wait_ready:
             wait_for(self.ready, timeout=15, what="smsbus /readyz 200")
@@ -338,6 +353,8 @@ class Smsbus:
     def logs(self) -> str:
         """The log so far, once smsbus has written what it holds (it writes lines that come in
         a burst together, within a tenth of a second)."""
+        if self.terminal is not None:
+            return self.terminal.text()
         if self.log_path is None:
             return ""
         if self.proc is not None and self.proc.poll() is None:
@@ -372,6 +389,43 @@ class Smsbus:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+class Terminal:
+    """A pseudo-terminal, as a terminal window is one: what the process on it writes is read as
+    it comes (and kept), and `hang_up()` is the window closed: the kernel sends SIGHUP to the
+    session the terminal controls, and every later write to the terminal fails (EIO)."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self._output = bytearray()
+        self._lock = threading.Lock()
+        self._open = True
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while self._open:
+            if not select.select([self.master], [], [], 0.05)[0]:
+                continue
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: nothing holds the terminal's other side any more
+                return
+            if not chunk:
+                return
+            with self._lock:
+                self._output.extend(chunk)
+
+    def text(self) -> str:
+        with self._lock:
+            return self._output.decode(errors="replace")
+
+    def hang_up(self) -> None:
+        self._open = False
+        self._reader.join()
+        os.close(self.master)
+        os.close(self.slave)
 
 
 class Listeners:

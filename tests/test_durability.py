@@ -29,6 +29,7 @@ from tests.support import (
     HangingLink,
     NatsServer,
     Smsbus,
+    Terminal,
     free_port,
     isolated_env,
     read_stream,
@@ -575,6 +576,97 @@ def test_a_stopped_replica_drains_its_spool_before_its_data_dir_is_deleted(
         assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
         shutil.rmtree(bus.data_dir)  # the emptyDir goes with the pod
         assert dict.fromkeys(published + spooled, 1) == dict(stored_ids(nats, bus))
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_closed_terminal_stops_smsbus_as_ctrl_c_does(tmp_path: Path) -> None:
+    """`make run` in a terminal window that is closed, or an SSH session that drops: SIGHUP, and
+    every write to the terminal fails from then on. smsbus stops as on Ctrl-C: it drains its
+    spool into NATS and exits 0; not killed by the SIGHUP with the spooled events left for a
+    next start, nor ended by a log line it can no longer write (Python's status 120)."""
+    nats = NatsServer(tmp_path / "nats").start()
+    env = isolated_env(
+        nats.url,
+        SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT),
+        SMSBUS_DRAIN_TIMEOUT="60",
+        SMSBUS_LOG_FORMAT="auto",  # a terminal: the console renderer
+    )
+    terminal = Terminal()
+    bus = Smsbus(env, tmp_path / "bus", terminal=terminal).start()
+    try:
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            published = [str(next(_ids)) for _ in range(3)]
+            assert all(call(client, i).text == "OK" for i in published)
+            nats.kill(signal.SIGKILL)
+            spooled = [str(next(_ids)) for _ in range(10)]
+            assert all(call(client, i).text == "OK" for i in spooled)
+        assert 10 == bus.spool_depth()
+        assert "serving" in terminal.text() and "{" not in terminal.text()
+        terminal.hang_up()
+        wait_for(lambda: not _accepts(bus.port), what="smsbus to stop serving")
+        with pytest.raises(subprocess.TimeoutExpired):
+            bus.proc.wait(2)  # type: ignore[union-attr]  # draining: waiting for NATS
+        nats.start()
+        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
+        assert dict.fromkeys(published + spooled, 1) == dict(stored_ids(nats, bus))
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def test_a_hang_up_during_the_drain_does_not_give_it_up(tmp_path: Path) -> None:
+    """Ctrl-C, then the window closed while smsbus waits for NATS to drain its spool (or the
+    SIGHUP a closing shell sends its jobs after the kernel's): only a second Ctrl-C or SIGTERM
+    gives the drain up."""
+    nats = NatsServer(tmp_path / "nats").start()
+    env = isolated_env(
+        nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT), SMSBUS_DRAIN_TIMEOUT="60"
+    )
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        nats.kill(signal.SIGKILL)
+        spooled = [str(next(_ids)) for _ in range(5)]
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            assert all(call(client, i).text == "OK" for i in spooled)
+        bus.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        wait_for(lambda: "draining the spool before exit" in bus.logs(), what="the drain")
+        bus.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        with pytest.raises(subprocess.TimeoutExpired):
+            bus.proc.wait(2)  # type: ignore[union-attr]  # still waiting for NATS
+        nats.start()
+        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
+        assert dict.fromkeys(spooled, 1) == dict(stored_ids(nats, bus))
+    finally:
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
+        nats.stop()
+
+
+def test_smsbus_under_nohup_goes_on_serving_after_sighup(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(isolated_env(nats.url), tmp_path / "bus", wrapper=("nohup",)).start()
+    try:
+        bus.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        ids = [str(next(_ids)) for _ in range(3)]
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+            assert all(call(client, i).text == "OK" for i in ids)
+        assert bus.ready()
+        assert 0 == bus.stop()
+        stops = [(line["event"], line.get("signal")) for line in bus.log_lines()
+                 if line["event"].startswith("stop signal")]  # fmt: skip
+        assert [("stop signal: finishing the requests in flight, then stopping", "SIGTERM")] == (
+            stops
+        )
+        assert dict.fromkeys(ids, 1) == dict(stored_ids(nats, bus))
     finally:
         bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
         nats.stop()

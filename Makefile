@@ -10,6 +10,15 @@ DEV    := $(VENV)/.installed-test-stamp
 
 .PHONY: run test lint bench profile chaos soak fuzz rules dashboard clean
 
+# A .venv whose Python has gone or changed since it was made (a pyenv version removed, a brew or
+# apt upgrade to another minor release) cannot run what it installed: it is made again.
+ifneq ($(wildcard $(STAMP)),)
+ifneq ($(shell $(BIN)/python -c 'import nats, uvicorn' 2>/dev/null && echo ok),ok)
+$(info $(VENV) was made by a Python that has gone or changed since: making it again)
+$(shell rm -rf $(VENV))
+endif
+endif
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 

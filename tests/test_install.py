@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,52 @@ for package in ("bus", "receiver", "pollers", "smsbus"):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert 0 == done.returncode, done.stderr
+
+
+def _made_venv(tmp_path: Path) -> Path:
+    """A .venv as `make run` leaves it, made by this Python; its packages are the project's own
+    .venv's (a path file), so nothing is installed."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    venv = tmp_path / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    (site,) = venv.glob("lib/python3.*/site-packages")
+    (ours,) = (ROOT / ".venv").glob("lib/python3.*/site-packages")
+    (site / "project.pth").write_text(f"{ours}\n")
+    (venv / ".installed-stamp").touch()
+    return venv
+
+
+def _gone(venv: Path) -> None:
+    """The Python that made it is removed (`pyenv uninstall`, a brew upgrade)."""
+    for link in venv.glob("bin/python*"):
+        link.unlink()
+        link.symlink_to(venv.parent / "removed" / "python3")
+
+
+def _upgraded(venv: Path) -> None:
+    """Its Python is now another minor release, which looks for packages elsewhere."""
+    (site,) = venv.glob("lib/python3.*")
+    site.rename(site.with_name("python3.0"))
+
+
+@pytest.mark.parametrize("change", [_gone, _upgraded])
+def test_a_venv_whose_python_has_gone_or_changed_is_made_again(
+    tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    venv = _made_venv(tmp_path)
+    kept = subprocess.run([make, "-n", "run"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert (".venv/bin/smsbus serve\n", "") == (kept.stdout, kept.stderr)
+    change(venv)
+    made = subprocess.run([make, "-n", "run"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert made.stdout.startswith(
+        ".venv was made by a Python that has gone or changed since: making it again\n"
+        "python3 -m venv .venv\n"
+    ), made.stdout
+    assert "pip install --quiet -e .\n" in made.stdout, made.stdout
+    assert not venv.exists()

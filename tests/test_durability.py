@@ -549,33 +549,58 @@ def test_every_spooled_event_counts_as_a_publish_failure(tmp_path: Path) -> None
         nats.stop()
 
 
+def _answered_then_spooled(
+    bus: Smsbus, nats: NatsServer, published: int, spooled: int
+) -> list[str]:
+    """`published` callbacks answered from JetStream, then NATS killed and `spooled` more
+    answered from the spool: the ids of all of them."""
+    with httpx.Client(base_url=bus.base, timeout=10) as client:
+        ids = [str(next(_ids)) for _ in range(published)]
+        assert all(call(client, i).text == "OK" for i in ids)
+        nats.kill(signal.SIGKILL)
+        ids += [str(next(_ids)) for _ in range(spooled)]
+        assert all(call(client, i).text == "OK" for i in ids[published:])
+    assert spooled == bus.spool_depth()
+    return ids
+
+
+def _exits_0_once_nats_is_back(bus: Smsbus, nats: NatsServer) -> None:
+    """The stopping process waits for NATS to drain its spool into; NATS back, it exits 0."""
+    assert bus.proc is not None
+    with pytest.raises(subprocess.TimeoutExpired):
+        bus.proc.wait(2)  # still waiting for NATS
+    nats.start()
+    assert 0 == bus.proc.wait(30)
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGTERM,), (signal.SIGINT, signal.SIGHUP)],
+    ids=["pod-deleted", "ctrl-c-then-window-closed"],
+)
 def test_a_stopped_replica_drains_its_spool_before_its_data_dir_is_deleted(
-    tmp_path: Path,
+    tmp_path: Path, signals: tuple[signal.Signals, ...]
 ) -> None:
     """A pod deleted during a NATS outage: SIGTERM with events in the spool, whose emptyDir is
     deleted once the process has exited. It keeps trying for SMSBUS_DRAIN_TIMEOUT, so the events
-    reach NATS when it is back in that time, and nothing answered OK is lost."""
+    reach NATS when it is back in that time, and nothing answered OK is lost. The same after
+    Ctrl-C when the window is closed during the drain (or a closing shell sends its jobs SIGHUP
+    after the kernel's): only a second Ctrl-C or SIGTERM gives the drain up."""
     nats = NatsServer(tmp_path / "nats").start()
     env = isolated_env(
         nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT), SMSBUS_DRAIN_TIMEOUT="60"
     )
     bus = Smsbus(env, tmp_path / "bus").start()
     try:
-        with httpx.Client(base_url=bus.base, timeout=10) as client:
-            published = [str(next(_ids)) for _ in range(5)]
-            assert all(call(client, i).text == "OK" for i in published)
-            nats.kill(signal.SIGKILL)
-            spooled = [str(next(_ids)) for _ in range(25)]
-            assert all(call(client, i).text == "OK" for i in spooled)
-        assert 25 == bus.spool_depth()
-        bus.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        ids = _answered_then_spooled(bus, nats, published=5, spooled=25)
+        stop, *later = signals
+        bus.proc.send_signal(stop)  # type: ignore[union-attr]
         wait_for(lambda: "draining the spool before exit" in bus.logs(), what="the drain")
-        with pytest.raises(subprocess.TimeoutExpired):
-            bus.proc.wait(3)  # type: ignore[union-attr]  # still waiting for NATS
-        nats.start()
-        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
+        for sig in later:
+            bus.proc.send_signal(sig)  # type: ignore[union-attr]
+        _exits_0_once_nats_is_back(bus, nats)
         shutil.rmtree(bus.data_dir)  # the emptyDir goes with the pod
-        assert dict.fromkeys(published + spooled, 1) == dict(stored_ids(nats, bus))
+        assert dict.fromkeys(ids, 1) == dict(stored_ids(nats, bus))
     finally:
         bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
         nats.stop()
@@ -604,48 +629,12 @@ def test_a_closed_terminal_stops_smsbus_as_ctrl_c_does(tmp_path: Path) -> None:
     terminal = Terminal()
     bus = Smsbus(env, tmp_path / "bus", terminal=terminal).start()
     try:
-        with httpx.Client(base_url=bus.base, timeout=10) as client:
-            published = [str(next(_ids)) for _ in range(3)]
-            assert all(call(client, i).text == "OK" for i in published)
-            nats.kill(signal.SIGKILL)
-            spooled = [str(next(_ids)) for _ in range(10)]
-            assert all(call(client, i).text == "OK" for i in spooled)
-        assert 10 == bus.spool_depth()
+        ids = _answered_then_spooled(bus, nats, published=3, spooled=10)
         assert "serving" in terminal.text() and "{" not in terminal.text()
         terminal.hang_up()
         wait_for(lambda: not _accepts(bus.port), what="smsbus to stop serving")
-        with pytest.raises(subprocess.TimeoutExpired):
-            bus.proc.wait(2)  # type: ignore[union-attr]  # draining: waiting for NATS
-        nats.start()
-        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
-        assert dict.fromkeys(published + spooled, 1) == dict(stored_ids(nats, bus))
-    finally:
-        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
-        nats.stop()
-
-
-def test_a_hang_up_during_the_drain_does_not_give_it_up(tmp_path: Path) -> None:
-    """Ctrl-C, then the window closed while smsbus waits for NATS to drain its spool (or the
-    SIGHUP a closing shell sends its jobs after the kernel's): only a second Ctrl-C or SIGTERM
-    gives the drain up."""
-    nats = NatsServer(tmp_path / "nats").start()
-    env = isolated_env(
-        nats.url, SMSBUS_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT), SMSBUS_DRAIN_TIMEOUT="60"
-    )
-    bus = Smsbus(env, tmp_path / "bus").start()
-    try:
-        nats.kill(signal.SIGKILL)
-        spooled = [str(next(_ids)) for _ in range(5)]
-        with httpx.Client(base_url=bus.base, timeout=10) as client:
-            assert all(call(client, i).text == "OK" for i in spooled)
-        bus.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
-        wait_for(lambda: "draining the spool before exit" in bus.logs(), what="the drain")
-        bus.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-        with pytest.raises(subprocess.TimeoutExpired):
-            bus.proc.wait(2)  # type: ignore[union-attr]  # still waiting for NATS
-        nats.start()
-        assert 0 == bus.proc.wait(30)  # type: ignore[union-attr]
-        assert dict.fromkeys(spooled, 1) == dict(stored_ids(nats, bus))
+        _exits_0_once_nats_is_back(bus, nats)
+        assert dict.fromkeys(ids, 1) == dict(stored_ids(nats, bus))
     finally:
         bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
         nats.stop()

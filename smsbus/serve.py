@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 import structlog
@@ -42,34 +44,38 @@ class _Stop:
         self._loop = asyncio.get_running_loop()
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
+        # A handler runs between two bytecodes of whatever the main thread was doing, perhaps
+        # a log line half written: it only changes flags, and hands its log line and the rest
+        # to the event loop, which runs them in the order the signals came.
+        if self._loop.is_closed():  # `serve` has returned: the process is on its way out
+            return
+        later = self._loop.call_soon_threadsafe
         if signum == signal.SIGHUP:
             # The terminal has closed (or someone sent SIGHUP): the stop goes on without it. A
             # shell that closes sends its jobs SIGHUP again, and the kernel the foreground group:
             # no request to give the drain up.
-            leave_closed_terminal()
+            later(leave_closed_terminal)
             if self.requested:
                 return
         # uvicorn installs its own handlers while serving and re-raises what it caught into
         # these before `serve` returns, so those arrive here while `draining` is still False.
         if self.draining or (self.requested and not self.servers):
-            log.warning("second stop signal: leaving without draining the spool")
-            self._cancel()
+            later(self._end, log.warning, "second stop signal: leaving without draining the spool")
             return
         self.requested = True
         if not self.servers:
-            log.info("stop signal while starting: stopping")
-            self._cancel()
+            later(self._end, log.info, "stop signal while starting: stopping")
             return
-        log.info(
-            "stop signal: finishing the requests in flight, then stopping",
-            signal=signal.Signals(signum).name,
-        )
         for server in self.servers:
             server.should_exit = True
+        said = "stop signal: finishing the requests in flight, then stopping"
+        later(functools.partial(log.info, said, signal=signal.Signals(signum).name))
 
-    def _cancel(self) -> None:
+    def _end(self, say: Callable[[str], object], event: str) -> None:
+        """Stop the start, or give the drain up: cancel the main task."""
+        say(event)
         if self._main is not None:
-            self._loop.call_soon_threadsafe(self._main.cancel)
+            self._main.cancel()
 
 
 def settle_heap() -> None:

@@ -6,8 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from bus.logs import LineWriter
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Refusing(io.BytesIO):
@@ -47,3 +54,49 @@ def test_a_closed_pipe_does_not_raise_into_the_caller() -> None:
         writer.urgent(b'{"event":"nobody reads this"}')
         writer.urgent(b'{"event":"nor this"}')
         assert 2 == writer.dropped
+
+
+MID_WRITE = """
+import asyncio, io, os, signal, sys
+import structlog, uvloop
+from bus.logs import configure_logging
+from smsbus.serve import _Stop
+
+class Terminal(io.RawIOBase):
+    '''Where log lines go; the stop signal arrives while the first is being written, as when a
+    write to a full pipe or a slow terminal is interrupted by it.'''
+    interrupted = False
+    def writable(self):
+        return True
+    def write(self, data):
+        if not Terminal.interrupted:
+            Terminal.interrupted = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return len(data)
+
+async def main():
+    out = io.TextIOWrapper(io.BufferedWriter(Terminal()))  # kept: closed when collected
+    configure_logging(sys.argv[1], out)
+    signal.signal(signal.SIGTERM, _Stop())  # while starting: a stop signal ends the start
+    try:
+        structlog.get_logger("smsbus").warning("a line being written")
+        print("the code that logged went on", flush=True)
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        print("stopped", flush=True)
+
+with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    runner.run(main())
+"""
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_stop_signal_arriving_mid_write_neither_hangs_nor_raises(log_format: str) -> None:
+    """A signal's handler runs between two bytecodes of whatever the main thread was doing; one
+    that wrote a log line itself would re-enter the writer it interrupted (a lock held: the
+    process hangs; a buffered stream mid-write: an error raised into the code that logged)."""
+    done = subprocess.run([sys.executable, "-c", MID_WRITE, log_format], capture_output=True,
+                          text=True, timeout=15, cwd=ROOT)  # fmt: skip
+    assert ("the code that logged went on\nstopped\n", 0) == (done.stdout, done.returncode), (
+        done.stderr
+    )

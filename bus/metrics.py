@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bus.events import TYPES
+from bus.logs import LinesLost
 from bus.statuses import PROVIDERS
 
 CALLBACK_OUTCOMES = (
@@ -191,6 +192,7 @@ class Metrics:
             "Share of its concurrency a poller keeps: 1 at full pace, less while requests crowd in",
             registry=r,
         )
+        r.register(LinesLost())  # smsbus_log_lines_lost_total
         self.before_render: Callable[[], None] = lambda: None  # refreshes the sampled gauges
         self._delivery: dict[tuple[str, str], Histogram] = {}
         # Labelled children resolved once: .labels() per call is measurable on the hot path.

@@ -1,18 +1,21 @@
-"""A log line is never worth failing a callback for: when stdout refuses writes (a closed pipe,
-a full disk under a redirect), lines are counted and the count is said once it takes lines."""
+"""A log line is never worth failing or holding up a callback for: when stdout refuses writes (a
+closed pipe, a full disk under a redirect) or stalls (a reader that paused), lines are counted
+beyond what may wait, and the count is said once it takes lines."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from bus.logs import LineWriter
+from bus.logs import LineWriter, Outbox
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,18 +35,21 @@ def test_refused_lines_are_counted_and_the_count_said_when_lines_are_taken_again
     out = Refusing()
     writer = LineWriter(out)
     writer.urgent(b'{"event":"first"}')
+    assert writer.drain(5)
     out.refuse = True
     writer.urgent(b'{"event":"lost 1"}')
-    writer.info(b'{"event":"lost 2"}')  # no event loop here: written at once
-    assert 2 == writer.dropped
+    writer.info(b'{"event":"lost 2"}')  # no event loop here: handed over at once
+    assert writer.drain(5)
+    assert (2, 2) == (writer.dropped, writer.lost)
     out.refuse = False
     writer.urgent(b'{"event":"back"}')
+    assert writer.drain(5)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert ["first", "log lines lost: stdout refused them", "back"] == [
         line["event"] for line in lines
     ]
     assert (2, "warning") == (lines[1]["count"], lines[1]["level"])
-    assert 0 == writer.dropped
+    assert (0, 2) == (writer.dropped, writer.lost)
 
 
 def test_a_closed_pipe_does_not_raise_into_the_caller() -> None:
@@ -53,7 +59,47 @@ def test_a_closed_pipe_does_not_raise_into_the_caller() -> None:
         writer = LineWriter(out)
         writer.urgent(b'{"event":"nobody reads this"}')
         writer.urgent(b'{"event":"nor this"}')
+        assert writer.drain(5)
         assert 2 == writer.dropped
+
+
+def test_a_stdout_nobody_reads_holds_up_no_caller_and_loses_only_what_is_beyond_the_limit() -> None:
+    """A pipe whose reader has paused: lines are handed over without waiting, up to the limit
+    they wait, beyond it they are counted; once the reader is back it gets every line that
+    waited, in order, then the count."""
+    read, write = os.pipe()
+    size = fcntl.fcntl(write, fcntl.F_GETPIPE_SZ)
+    with os.fdopen(write, "wb", buffering=0) as out:
+        outbox = Outbox(out, lambda n: b"lost %d\n" % n, limit=4 * size)
+        line = b"x" * 1023 + b"\n"
+        handing = threading.Thread(
+            target=lambda: [outbox.put(b"%05d" % i + line[5:], 1) for i in range(8 * size // 1024)]
+        )
+        handing.start()
+        handing.join(10)
+        assert not handing.is_alive()  # nothing waited for the pipe
+        assert not outbox.wait(0.2)  # the writer is stuck on the full pipe
+        assert outbox.lost > 0
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(_read_all(read)))
+        reader.start()
+        assert outbox.wait(10)
+        outbox.put(b"after\n", 1)
+        assert outbox.wait(10)
+    reader.join(10)
+    lines = bytes(got).splitlines()
+    kept = [int(line[:5]) for line in lines[:-2]]
+    assert kept == list(range(len(kept)))  # the first ones, in order, none missing
+    assert len(kept) + outbox.lost == 8 * size // 1024
+    assert [b"lost %d" % outbox.lost, b"after"] == lines[-2:]
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
 
 
 MID_WRITE = """

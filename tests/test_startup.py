@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -23,7 +24,15 @@ import pytest
 
 from bus.connection import _cause
 from tests.accounts import Operator, key_pair, public
-from tests.support import SMSBUS, NatsServer, Smsbus, free_port, read_stream, wait_for
+from tests.support import (
+    SMSBUS,
+    NatsServer,
+    Smsbus,
+    free_port,
+    isolated_env,
+    read_stream,
+    wait_for,
+)
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -643,3 +652,47 @@ def test_the_log_of_a_run_is_json_lines_in_order_each_said_once(tmp_path: Path) 
     ), events  # fmt: skip
     stamps = [line["timestamp"] for line in lines]
     assert sorted(stamps) == stamps, list(zip(events, stamps, strict=True))
+
+
+def test_a_stdout_nobody_reads_holds_up_no_callback(tmp_path: Path) -> None:
+    """smsbus's stdout a pipe whose reader has paused (`make run | less`, a log driver that
+    blocks while its endpoint is away): callbacks and /readyz are answered all the while, and
+    the reader, once back, gets every line, the last one `stopped`."""
+    nats = NatsServer(tmp_path / "nats").start()
+    read, write = os.pipe()
+    port, api = free_port(), free_port()
+    env = {"PATH": os.environ["PATH"], "SMSBUS_DATA_DIR": str(tmp_path / "bus"),
+           "SMSBUS_HTTP_PORT": str(port), "SMSBUS_API_PORT": str(api),
+           **isolated_env(nats.url)}  # fmt: skip
+    proc = subprocess.Popen([SMSBUS, "serve"], env=env, stdout=write, stderr=write)
+    os.close(write)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{base}/readyz"), timeout=15, what="smsbus /readyz 200")
+        ids = [str(900_000 + i) for i in range(1000)]  # some 250 KB of lines, 4 pipes' worth
+        with httpx.Client(base_url=base, timeout=5) as client:
+            for server_id in ids:
+                answer = client.get(
+                    "/callbacks/smspilot", params={"server_id": server_id, "status": 2}
+                )
+                assert (200, "OK") == (answer.status_code, answer.text)
+            assert 200 == client.get("/readyz").status_code
+            assert "\nsmsbus_log_lines_lost_total 0.0\n" in client.get("/metrics").text
+        proc.send_signal(signal.SIGTERM)
+        with os.fdopen(read, "rb") as lines:  # the reader is back
+            events = [json.loads(line) for line in lines]  # until smsbus has exited
+        assert 0 == proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        nats.stop()
+    assert ids == [e["server_id"] for e in events if e["event"] == "callback"]
+    assert "stopped" == events[-1]["event"]
+    assert not [e for e in events if e["event"].startswith("log lines lost")]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -64,17 +64,18 @@ def test_a_closed_pipe_does_not_raise_into_the_caller() -> None:
 
 
 def test_a_stdout_nobody_reads_holds_up_no_caller_and_loses_only_what_is_beyond_the_limit() -> None:
-    """A pipe whose reader has paused: lines are handed over without waiting, up to the limit
-    they wait, beyond it they are counted; once the reader is back it gets every line that
-    waited, in order, then the count."""
+    """A pipe whose reader has paused: lines are handed over without waiting (the first ones
+    written by the caller until the pipe is full, the last of them only in part), up to the
+    limit they wait, beyond it they are counted; once the reader is back it gets every line
+    that waited, in order and once, then the count."""
     read, write = os.pipe()
     size = fcntl.fcntl(write, fcntl.F_GETPIPE_SZ)
+    count = 8 * size // 1000
+    chunks = [b"".join(b"%05d" % i + b"x" * 994 + b"\n" for i in range(n, n + 5))
+              for n in range(0, count, 5)]  # fmt: skip  # 5,000 bytes: a pipe takes them in part
     with os.fdopen(write, "wb", buffering=0) as out:
         outbox = Outbox(out, lambda n: b"lost %d\n" % n, limit=4 * size)
-        line = b"x" * 1023 + b"\n"
-        handing = threading.Thread(
-            target=lambda: [outbox.put(b"%05d" % i + line[5:], 1) for i in range(8 * size // 1024)]
-        )
+        handing = threading.Thread(target=lambda: [outbox.put(chunk, 5) for chunk in chunks])
         handing.start()
         handing.join(10)
         assert not handing.is_alive()  # nothing waited for the pipe
@@ -86,11 +87,13 @@ def test_a_stdout_nobody_reads_holds_up_no_caller_and_loses_only_what_is_beyond_
         assert outbox.wait(10)
         outbox.put(b"after\n", 1)
         assert outbox.wait(10)
+        outbox.close()
     reader.join(10)
+    assert not reader.is_alive()
     lines = bytes(got).splitlines()
     kept = [int(line[:5]) for line in lines[:-2]]
     assert kept == list(range(len(kept)))  # the first ones, in order, none missing
-    assert len(kept) + outbox.lost == 8 * size // 1024
+    assert len(kept) + outbox.lost == len(chunks) * 5
     assert [b"lost %d" % outbox.lost, b"after"] == lines[-2:]
 
 

@@ -71,6 +71,7 @@ class Outbox:
         # (chunk, lines), or (None, lines) for lines lost there, beyond the limit
         self._queue: queue.SimpleQueue[tuple[bytes | None, int]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._callers = threading.Lock()  # a worker thread may log beside the event loop
         # the caller's side
         self._put = 0  # entries handed over
         self._put_bytes = 0
@@ -93,6 +94,10 @@ class Outbox:
         return self._gap + self._refused - self._said
 
     def put(self, chunk: bytes, lines: int) -> None:
+        with self._callers:
+            self._put_now(chunk, lines)
+
+    def _put_now(self, chunk: bytes, lines: int) -> None:
         if self._put_bytes - self._done_bytes + len(chunk) > self._limit:
             self._beyond += lines
             self._gap += lines
@@ -125,7 +130,8 @@ class Outbox:
             self._thread.start()
 
     def close(self) -> None:
-        """Close the second description of stdout, if one was opened (the first is not ours)."""
+        """Close the second description of stdout, if one was opened (the first is not ours):
+        from then on the thread writes every chunk."""
         twin, self._twin = self._twin, None
         if twin is not None and twin != self._fd:
             os.close(twin)
@@ -133,9 +139,10 @@ class Outbox:
     def wait(self, timeout: float) -> bool:
         """Until every line handed over is written or lost; False if `timeout` came first.
         Lines lost beyond the limit and not followed by any are handed over as their count."""
-        if self._gap:
-            self._hand((None, self._gap), 0)
-            self._gap = 0
+        with self._callers:
+            if self._gap:
+                self._hand((None, self._gap), 0)
+                self._gap = 0
         deadline = time.monotonic() + timeout
         while self._done < self._put:
             if time.monotonic() >= deadline:
@@ -150,9 +157,13 @@ class Outbox:
                 while True:
                     taken.append(self._queue.get_nowait())
             unsaid = self._refused - self._said
-            parts = [self._note(unsaid)] if unsaid else []
-            parts += [self._note(n) if chunk is None else chunk for chunk, n in taken]
-            if self._write(b"".join(parts)):
+            try:
+                parts = [self._note(unsaid)] if unsaid else []
+                parts += [self._note(n) if chunk is None else chunk for chunk, n in taken]
+                written = self._write(b"".join(parts))
+            except Exception:  # noqa: BLE001 - no memory for the join: lost, counted; go on
+                written = False
+            if written:
                 self._said += unsaid
             else:
                 self._refused += sum(n for chunk, n in taken if chunk is not None)
@@ -287,6 +298,9 @@ class LineWriter:
         if self._flushes == flushes:
             self.flush()
 
+    def close(self) -> None:
+        self._outbox.close()
+
     def drain(self, timeout: float = EXIT_WAIT) -> bool:
         """Hand over what is gathered and wait until it is written (at exit: at most
         EXIT_WAIT, since a stdout that has stalled may never take it)."""
@@ -339,6 +353,7 @@ class LinesLost(Collector):
 _lines: LineWriter | None = None  # where JSON lines go, once configured for JSON
 _writer: LineWriter | None = None  # where lines go, JSON or console, once configured
 _terminal: set[int] = set()  # stdout and stderr, where each was a terminal when logging began
+_terminal_lock = threading.Lock()
 
 
 def leave_closed_terminal() -> bool:
@@ -346,17 +361,18 @@ def leave_closed_terminal() -> bool:
     write to it fails with EIO), at /dev/null. Python's own writes then succeed as well (its
     buffers flushed at exit: otherwise status 120 instead of smsbus's), and nothing the
     process writes later can fail for want of a terminal. True if one had closed."""
-    closed = {fd for fd in _terminal if not os.isatty(fd)}
-    if not closed:
-        return False
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in closed:
-            os.dup2(null, fd)
-    finally:
-        os.close(null)
-    _terminal.difference_update(closed)
-    return True
+    with _terminal_lock:  # the log's writer thread may find it closed as the loop does
+        closed = {fd for fd in _terminal if not os.isatty(fd)}
+        if not closed:
+            return False
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for fd in closed:
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
+        _terminal.difference_update(closed)
+        return True
 
 
 def info_line(logger: Any, event: str, fields: dict[str, Any]) -> None:
@@ -383,8 +399,11 @@ def configure_logging(
 ) -> None:
     global _lines, _writer
     stream = stream or sys.stdout
-    _terminal.clear()
-    _terminal.update(fd for fd in (1, 2) if os.isatty(fd))
+    if _writer is not None:  # configured again: the earlier writer's lines go through its thread
+        _writer.close()
+    with _terminal_lock:
+        _terminal.clear()
+        _terminal.update(fd for fd in (1, 2) if os.isatty(fd))
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -102,9 +102,7 @@ class Outbox:
             self._beyond += lines
             self._gap += lines
             return
-        if self._gap:
-            self._hand((None, self._gap), 0)
-            self._gap = 0
+        self._hand_gap()
         if self._twin is not None and self._done == self._put and self._refused == self._said:
             try:
                 written = _write_all(self._twin, chunk)
@@ -120,6 +118,12 @@ class Outbox:
             chunk = chunk[written:]
             lines = chunk.count(b"\n")
         self._hand((chunk, lines), len(chunk))
+
+    def _hand_gap(self) -> None:
+        """The count of lines lost beyond the limit, in their place among the lines."""
+        if self._gap:
+            self._hand((None, self._gap), 0)
+            self._gap = 0
 
     def _hand(self, entry: tuple[bytes | None, int], size: int) -> None:
         self._put += 1
@@ -140,9 +144,7 @@ class Outbox:
         """Until every line handed over is written or lost; False if `timeout` came first.
         Lines lost beyond the limit and not followed by any are handed over as their count."""
         with self._callers:
-            if self._gap:
-                self._hand((None, self._gap), 0)
-                self._gap = 0
+            self._hand_gap()
         deadline = time.monotonic() + timeout
         while self._done < self._put:
             if time.monotonic() >= deadline:

@@ -225,6 +225,8 @@ class Smsbus:
     # process leads a session of its own whose controlling terminal that is, and writes to it.
     wrapper: tuple[str, ...] = ()
     terminal: Terminal | None = None
+    # A descriptor (a pipe's) for its stdout and stderr instead of the log file.
+    output: int | None = None
 
     @property
     def base(self) -> str:
@@ -263,7 +265,7 @@ class Smsbus:
         command = [*self.wrapper, SMSBUS, "serve"]
         with self.log_path.open("ab") as log:
             limits = self._limits if self.file_size_limit is not None else None
-            out: int | IO[bytes] = log
+            out: int | IO[bytes] = log if self.output is None else self.output
             if self.terminal is not None:
                 out = self.terminal.slave
                 command[:0] = ["setsid", "--ctty"]  # util-linux: stdin's terminal, its own

@@ -660,39 +660,22 @@ def test_a_stdout_nobody_reads_holds_up_no_callback(tmp_path: Path) -> None:
     the reader, once back, gets every line, the last one `stopped`."""
     nats = NatsServer(tmp_path / "nats").start()
     read, write = os.pipe()
-    port, api = free_port(), free_port()
-    env = {"PATH": os.environ["PATH"], "SMSBUS_DATA_DIR": str(tmp_path / "bus"),
-           "SMSBUS_HTTP_PORT": str(port), "SMSBUS_API_PORT": str(api),
-           **isolated_env(nats.url)}  # fmt: skip
-    proc = subprocess.Popen([SMSBUS, "serve"], env=env, stdout=write, stderr=write)
+    bus = Smsbus(isolated_env(nats.url), tmp_path / "bus", output=write).start()
     os.close(write)
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(f"{base}/readyz"), timeout=15, what="smsbus /readyz 200")
         ids = [str(900_000 + i) for i in range(1000)]  # some 250 KB of lines, 4 pipes' worth
-        with httpx.Client(base_url=base, timeout=5) as client:
+        with httpx.Client(base_url=bus.base, timeout=5) as client:
             for server_id in ids:
-                answer = client.get(
-                    "/callbacks/smspilot", params={"server_id": server_id, "status": 2}
-                )
-                assert (200, "OK") == (answer.status_code, answer.text)
+                bus.callback(client, server_id)
             assert 200 == client.get("/readyz").status_code
             assert "\nsmsbus_log_lines_lost_total 0.0\n" in client.get("/metrics").text
-        proc.send_signal(signal.SIGTERM)
+        bus.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         with os.fdopen(read, "rb") as lines:  # the reader is back
             events = [json.loads(line) for line in lines]  # until smsbus has exited
-        assert 0 == proc.wait(10)
+        assert 0 == bus.proc.wait(10)  # type: ignore[union-attr]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        bus.stop(signal.SIGKILL) if bus.proc and bus.proc.poll() is None else None
         nats.stop()
     assert ids == [e["server_id"] for e in events if e["event"] == "callback"]
     assert "stopped" == events[-1]["event"]
     assert not [e for e in events if e["event"].startswith("log lines lost")]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False

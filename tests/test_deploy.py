@@ -8,13 +8,21 @@ import re
 import tomllib
 from pathlib import Path
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
+from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 MANIFESTS = sorted(p for p in (DEPLOY / "k8s").glob("**/*.yaml") if p.name != "kustomization.yaml")
+WORKLOADS = [
+    DEPLOY / "k8s" / "deployment.yaml",
+    DEPLOY / "k8s" / "statefulset" / "statefulset.yaml",
+]
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+PROBE_PASSES = range(200, 400)  # an HTTP probe's success, to the kubelet
 
 
 def load(path: Path) -> list[dict]:
@@ -72,7 +80,7 @@ def test_smsbus_is_a_native_sidecar_probed_and_locked_down() -> None:
     [sidecar] = pod["initContainers"]
     assert "Always" == sidecar["restartPolicy"]
     assert "/readyz" == sidecar["startupProbe"]["httpGet"]["path"]
-    assert "/readyz" == sidecar["readinessProbe"]["httpGet"]["path"]
+    assert "/healthz" == sidecar["readinessProbe"]["httpGet"]["path"]
     assert "/healthz" == sidecar["livenessProbe"]["httpGet"]["path"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     for container in [sidecar, *pod["containers"]]:
@@ -83,6 +91,54 @@ def test_smsbus_is_a_native_sidecar_probed_and_locked_down() -> None:
             security["allowPrivilegeEscalation"],
         )
     assert pod["terminationGracePeriodSeconds"] >= 10 + 2 + 3 + 5  # callback + flush + preStop
+
+
+@pytest.mark.slow
+def test_a_pod_stays_in_its_services_while_nats_is_away_but_does_not_start_without_it(
+    tmp_path: Path,
+) -> None:
+    """The sidecar's readiness is the pod's: a NATS outage that made it fail would take every
+    pod out of every Service, its app's own too, and the ingress would refuse the callbacks
+    that the spool is there to take. Its startup probe does wait for NATS, so that a pod started
+    during an outage (a rollout) does not replace a running one. The probes as both manifests
+    give them, asked of a real smsbus whose NATS is killed and started again."""
+    paths: dict[str, set[str]] = {}
+    for workload in WORKLOADS:
+        [manifest] = load(workload)
+        [sidecar] = manifest["spec"]["template"]["spec"]["initContainers"]
+        [port] = sidecar["ports"]
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = sidecar[kind]["httpGet"]
+            assert port["name"] == probe["port"]
+            paths.setdefault(kind, set()).add(probe["path"])
+    probes = {kind: path for kind, (path,) in paths.items()}  # the same in both
+    nats = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(isolated_env(nats.url, SMSBUS_PUBLISH_TIMEOUT="1"), tmp_path / "data")
+    try:
+        bus.start()
+        with httpx.Client(base_url=bus.base, timeout=10) as client:
+
+            def passing() -> set[str]:
+                return {
+                    k for k, path in probes.items() if client.get(path).status_code in PROBE_PASSES
+                }
+
+            assert set(probes) == passing()
+            nats.kill()
+            wait_for(lambda: not bus.ready(), what="smsbus to see NATS gone")
+            bus.callback(client, "4100000001")  # answered from the spool
+            assert 1 == bus.spool_depth()
+            assert {"readinessProbe", "livenessProbe"} == passing()
+            nats.start()
+            wait_for(lambda: bus.spool_depth() == 0, timeout=20, what="the spool to drain")
+            assert set(probes) == passing()
+        stored = read_stream(nats.url, bus.stream, f"{bus.prefix}.status.>")
+        assert ["4100000001"] == [s.event["data"]["message_id"] for s in stored]
+        assert 0 == bus.stop()
+    finally:
+        if bus.proc is not None:
+            bus.kill()
+        nats.stop()
 
 
 def test_dockerfile_installs_the_project_and_runs_as_non_root() -> None:

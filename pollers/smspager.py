@@ -13,19 +13,27 @@ numbers by group (`delivered`, `notDelivered`, `waiting`, `enqueued`, `cancel`, 
   `onModer`);
 - the general report covers SMSBUS_TRACK_TTL back, up to tomorrow: `stop` defaults to today and
   its form is a date, which must not cut off today's mailings.
+
+One smsid can also cover a second send to the same numbers (the document's third example: the
+same numbers at 12:00 and again at 18:00, "сгруппировать 2 рассылки в 1"). A number is then
+listed twice, and a status is known by the smsid and the number alone (CONTRACT.md's message
+key), so the two SMS to it cannot be told apart: the mailing is final once each number has a
+final status, and what the other send does later is not read. Such a mailing is named in a
+warning, once, so that it does not pass unnoticed.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 
 import httpx
+import structlog
 from lxml import etree
 
 from bus.config import ProviderSettings
@@ -36,12 +44,14 @@ from pollers.types import Balance, PerId, Provider, StatusReport
 from pollers.values import balance_text, decimal
 from pollers.xml import parse_xml, text
 
+log = structlog.get_logger("smsbus.poller")
+
 REPORT = "/report.xml"
 BALANCE = "/balance.xml"
 GROUPS = ("delivered", "notDelivered", "waiting", "enqueued", "cancel", "onModer")
 COUNTERS = ("allCol", "deliveredCol", "notDeliveredCol", "waitingCol", "enqueuedCol")
 BATCH = 20  # mailings per poll: one general report, then a detailed report each
-MAX_REMEMBERED = 100_000  # mailings whose last detailed report we remember
+MAX_REMEMBERED = 100_000  # mailings whose last detailed report we remember (and warned of)
 # The general report has a <sms> block of about 300 bytes per mailing in the window, and the
 # document sets no limit: room for 200,000 mailings.
 GENERAL_LIMIT = 64 * 1024 * 1024
@@ -91,9 +101,18 @@ def parse_general(body: bytes) -> dict[str, tuple[str, ...]]:
 
 
 def parse_detail(body: bytes, smsid: str) -> list[StatusReport]:
-    """The detailed report of one mailing: one report per number, its group as the status."""
+    """The detailed report of one mailing: one report per number and group, the group as the
+    status."""
+    return read_detail(body, smsid)[0]
+
+
+def read_detail(body: bytes, smsid: str) -> tuple[list[StatusReport], int]:
+    """`parse_detail`'s reports, and how many numbers the report lists more than once (sent to
+    again under the same smsid)."""
     root = _checked(body)
     reports = []
+    listed: Counter[str] = Counter()
+    seen: set[tuple[str, str]] = set()
     detail = root.find("detail")
     for group in detail if detail is not None else []:
         if not isinstance(group.tag, str):
@@ -102,8 +121,11 @@ def parse_detail(body: bytes, smsid: str) -> list[StatusReport]:
             phone = digits(number.text or "")
             if not phone:
                 raise ProviderPayloadError(f"a number in <{group.tag}> has no digits")
-            reports.append(StatusReport(smsid, group.tag, None, phone=phone))
-    return reports
+            listed[phone] += 1
+            if (phone, group.tag) not in seen:
+                seen.add((phone, group.tag))
+                reports.append(StatusReport(smsid, group.tag, None, phone=phone))
+    return reports, sum(1 for times in listed.values() if times > 1)
 
 
 def parse_balance(body: bytes) -> Decimal:
@@ -125,6 +147,7 @@ class Client:
         self.generation = 0  # moves on whenever the general report's counters change
         # smsid -> (generation, monotonic time) of its last detailed report; the oldest first.
         self._detailed: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._resent: OrderedDict[str, None] = OrderedDict()  # mailings warned of, oldest first
 
     async def _post(self, path: str, limit: int = http.MAX_ANSWER, **fields: str) -> bytes:
         login, password = (s.reveal() for s in self._settings.credentials)
@@ -168,12 +191,28 @@ class Client:
             if not self.due(smsid, generation, now):
                 continue
             body = await self._post(REPORT, smsid=smsid)
-            reports.extend(http.parsed(body, partial(parse_detail, body, smsid)))
+            found, twice = http.parsed(body, partial(read_detail, body, smsid))
+            reports.extend(found)
+            if twice:
+                self._warn_resent(smsid, twice)
             self._detailed[smsid] = (generation, now)
             self._detailed.move_to_end(smsid)
             while len(self._detailed) > MAX_REMEMBERED:
                 self._detailed.popitem(last=False)
         return reports
+
+    def _warn_resent(self, smsid: str, numbers: int) -> None:
+        """Once per mailing: it lists numbers twice, and only one SMS per number is told."""
+        if smsid in self._resent:
+            return
+        log.warning(
+            "mailing lists numbers more than once: sent to again under the same smsid; only "
+            "one SMS per number and smsid is tracked, use an smsid per send",
+            provider="smspager", smsid=smsid, numbers=numbers,
+        )  # fmt: skip
+        self._resent[smsid] = None
+        while len(self._resent) > MAX_REMEMBERED:
+            self._resent.popitem(last=False)
 
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)

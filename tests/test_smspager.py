@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+import structlog
 from lxml import etree
 
 from bus.config import load_settings
@@ -235,6 +236,37 @@ def test_a_mailing_cancelled_by_moderation_is_seen_though_no_counter_moves(
     assert [] == polled(url, fake, client, "M")  # nothing moved, nothing asked
     clock.now += 600
     assert ["cancel"] == [r.raw_status for r in polled(url, fake, client, "M")]
+
+
+def test_a_mailing_sent_again_to_the_same_numbers_is_named_in_one_warning(
+    pager: tuple[FakeSmspager, str],
+) -> None:
+    """The document's third example: one smsid, the same numbers at 12:00 and again at 18:00.
+    Its detailed report lists each number twice; a status is known by smsid and number, so one
+    report per number and group, and the mailing is named in a warning, once."""
+    fake, url = pager
+    clock = Clock()
+    client = pager_client(url, fake, clock, SMSBUS_SMSPAGER_INTERVAL="30")
+    numbers = ["+79019011234", "7-902-902-12 34", "89039031234"]
+    fake.mailings["abcde123"] = {"delivered": numbers, "waiting": numbers}
+    fake.mailings["other"] = {"delivered": ["79010000009", "79010000009"], "waiting": []}
+    with structlog.testing.capture_logs() as logs:
+        reports = polled(url, fake, client, "abcde123", "other")
+        fake.mailings["abcde123"] = {
+            "delivered": numbers + numbers[:1],
+            "notDelivered": numbers[1:],
+        }
+        clock.now += 31
+        again = polled(url, fake, client, "abcde123")
+    assert [
+        ("79019011234", "delivered"), ("79029021234", "delivered"), ("89039031234", "delivered"),
+        ("79019011234", "waiting"), ("79029021234", "waiting"), ("89039031234", "waiting"),
+        ("79010000009", "delivered"),
+    ] == [(r.phone, r.raw_status) for r in reports]  # fmt: skip
+    assert 5 == len(again)
+    warned = [line for line in logs if line["log_level"] == "warning"]
+    assert [("abcde123", 3), ("other", 1)] == [(w["smsid"], w["numbers"]) for w in warned]
+    assert all("use an smsid per send" in w["event"] for w in warned)
 
 
 def test_the_general_report_covers_the_ttl_and_cannot_cut_today_off(

@@ -12,6 +12,7 @@
         ├── ProviderUnavailable
         ├── ProviderAuthError
         └── ProviderPayloadError
+            └── ProviderRowError   one row of a per-id answer: the other ids' rows may be read
 
 Messages are one line and never carry a secret.
 """
@@ -75,3 +76,9 @@ class ProviderPayloadError(ProviderError):
     def __init__(self, message: str, raw: bytes | None = None) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class ProviderRowError(ProviderPayloadError):
+    """One row of an answer about several ids cannot be read (a field missing, a date in no
+    documented form): the fault may be one id's, so the poller asks about the ids again in
+    parts rather than give up on all of them (pollers.engine)."""

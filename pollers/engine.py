@@ -34,6 +34,7 @@ from bus.errors import (
     ProviderAuthError,
     ProviderError,
     ProviderPayloadError,
+    ProviderRowError,
     PublishError,
     StoreError,
 )
@@ -55,6 +56,10 @@ from pollers.schedule import Schedule
 from pollers.types import Provider, StatusReport
 
 log = structlog.get_logger("smsbus.poller")
+
+# Ids asked about together, and the error of the answer about them that held a row that
+# cannot be read (PollerEngine._fetch).
+Unreadable = tuple[list[str], ProviderRowError]
 
 CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
@@ -243,12 +248,10 @@ class ProviderPoller:
             self.schedule.retry(state.message_id, now + self.settings.interval)
 
     async def _poll_batch(self, batch: list[str], now: float) -> None:
-        per_id = self.provider.statuses
-        assert per_id is not None
         finished: set[str] = set()
 
         async def poll() -> None:
-            reports = await per_id.fetch(batch)
+            reports, unreadable = await self._fetch(batch)
             received_at = utcnow()  # of the answer, for each report it carries
             # What the mirror already says is not published again; the news is published
             # together (one publish_many), its acks and state writes sharing batches. A message
@@ -263,6 +266,8 @@ class ProviderPoller:
             for report, known in zip(reports, finals, strict=True):
                 settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
             finished.update(message_id for message_id, done in settled.items() if done)
+            for ids, exc in unreadable:
+                await self._unreadable(ids, exc)
 
         ok = False
         try:
@@ -278,6 +283,60 @@ class ProviderPoller:
                     self.schedule.again(message_id, now + self.settings.interval / 2)
                 else:  # due again as soon as the back-off allows
                     self.schedule.retry(message_id, now)
+
+    async def _fetch(self, ids: list[str]) -> tuple[list[StatusReport], list[Unreadable]]:
+        """The provider's reports on `ids`, and the parts of them whose answers hold a row that
+        cannot be read. Such an answer is not given up whole, which would leave every id
+        batched with that row unread until its expiry: the ids are asked about again in halves,
+        and a half that fails again in halves, down to the id the row is about. When both halves
+        of the whole batch fail too, the fault is not one id's, and the batch fails as an
+        unreadable answer does (three requests, not one per id)."""
+        assert self.provider.statuses is not None
+        try:
+            return await self.provider.statuses.fetch(ids), []
+        except ProviderRowError as exc:
+            return await self._narrow(ids, exc, whole=True)
+
+    async def _narrow(
+        self, ids: list[str], exc: ProviderRowError, whole: bool
+    ) -> tuple[list[StatusReport], list[Unreadable]]:
+        """`_fetch` of ids whose answer (exc) held a row that cannot be read."""
+        assert self.provider.statuses is not None
+        if len(ids) == 1:
+            return [], [(ids, exc)]
+        halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
+        read: list[list[StatusReport] | ProviderRowError] = []
+        for half in halves:
+            try:
+                read.append(await self.provider.statuses.fetch(half))
+            except ProviderRowError as failed:
+                read.append(failed)
+        if all(isinstance(result, ProviderRowError) for result in read):
+            if whole:
+                raise exc
+            return [], [(ids, exc)]  # the rest of the batch was read: these wait
+        reports: list[StatusReport] = []
+        unreadable: list[Unreadable] = []
+        for half, result in zip(halves, read, strict=True):
+            if isinstance(result, ProviderRowError):
+                more, left = await self._narrow(half, result, whole=False)
+                reports += more
+                unreadable += left
+            else:
+                reports += result
+        return reports, unreadable
+
+    async def _unreadable(self, ids: list[str], exc: ProviderRowError) -> None:
+        """Ids whose answer holds a row that cannot be read, while the others batched with them
+        were read: they stay tracked and are asked about again at their pace; the answer goes
+        to the dead-letter subject, as an unreadable answer does."""
+        self.state.last_error = f"{rfc3339(utcnow())} bad_answer: {exc}"
+        self._metrics.poll_requests.labels(self.name, "bad_answer").inc()
+        log.warning(
+            "a row of the provider's answer cannot be read; the ids batched with it were read "
+            "apart", provider=self.name, error=str(exc), message_ids=ids[:10], count=len(ids),
+        )  # fmt: skip
+        await self._dead_letter(str(exc), exc.raw or b"")
 
     async def _guard(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Run one provider call; on failure record it, back off, and keep going."""

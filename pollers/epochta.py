@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from decimal import Decimal
+from functools import partial
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -65,16 +66,15 @@ def parse_status(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
     _failure(root)
     if root.tag != "deliveryreport":
         raise ProviderPayloadError(f"expected <deliveryreport>, got <{root.tag}>")
-    reports = []
-    for message in root.iterfind("message"):
-        message_id, status = message.get("id"), message.get("status")
-        if not message_id or not status:
-            raise ProviderPayloadError("a message lacks its id or status")
-        occurred = local(message.get("donedate"), DATE, tz) or local(
-            message.get("sentdate"), DATE, tz
-        )
-        reports.append(StatusReport(message_id, status.strip(), occurred))
-    return reports
+    return http.rows(partial(_report, tz=tz), root.iterfind("message"))
+
+
+def _report(message: etree._Element, tz: ZoneInfo) -> StatusReport:
+    message_id, status = message.get("id"), message.get("status")
+    if not message_id or not status:
+        raise ProviderPayloadError("a message lacks its id or status")
+    occurred = local(message.get("donedate"), DATE, tz) or local(message.get("sentdate"), DATE, tz)
+    return StatusReport(message_id, status.strip(), occurred)
 
 
 def parse_balance(body: bytes) -> Decimal:

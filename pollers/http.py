@@ -4,14 +4,20 @@ credential into a message. Requests carry credentials only in bodies, never in U
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 import httpx
 
-from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
+from bus.errors import (
+    ProviderAuthError,
+    ProviderPayloadError,
+    ProviderRowError,
+    ProviderUnavailable,
+)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_ANSWER = 8 * 1024 * 1024  # a provider answer larger than this is refused, not parsed
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)  # to connect, and between two reads or writes
@@ -68,4 +74,15 @@ def parsed(body: bytes, parse: Callable[[], T]) -> T:
     try:
         return parse()
     except ProviderPayloadError as exc:
-        raise ProviderPayloadError(str(exc), raw=body) from None
+        raise type(exc)(str(exc), raw=body) from None
+
+
+def rows(read: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """`read` over the rows of an answer about several ids: what cannot be read in a row is
+    that row's fault (ProviderRowError), and the ids may be asked about again in parts."""
+    try:
+        return [read(item) for item in items]
+    except ProviderRowError:
+        raise
+    except ProviderPayloadError as exc:
+        raise ProviderRowError(str(exc)) from None

@@ -37,7 +37,7 @@ import structlog
 from lxml import etree
 
 from bus.config import ProviderSettings
-from bus.errors import ProviderAuthError, ProviderPayloadError
+from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderRowError
 from bus.messages import digits
 from pollers import http
 from pollers.types import Balance, PerId, Provider, StatusReport
@@ -120,7 +120,7 @@ def read_detail(body: bytes, smsid: str) -> tuple[list[StatusReport], int]:
         for number in group.iterfind("number"):
             phone = digits(number.text or "")
             if not phone:
-                raise ProviderPayloadError(f"a number in <{group.tag}> has no digits")
+                raise ProviderRowError(f"a number in <{group.tag}> has no digits")
             listed[phone] += 1
             if (phone, group.tag) not in seen:
                 seen.add((phone, group.tag))
@@ -184,8 +184,12 @@ class Client:
         return at_generation != generation or now - at >= self._settings.max_interval
 
     async def statuses(self, ids: list[str]) -> list[StatusReport]:
+        """The detailed reports of the mailings due. Each counts as detailed only once all of
+        them are read: a mailing whose report cannot be read raises, and the reports read
+        before it, returned with nothing, must be asked for again."""
         generation = await self._read_general()
         reports: list[StatusReport] = []
+        detailed: list[tuple[str, float]] = []
         for smsid in ids:
             now = self._clock()
             if not self.due(smsid, generation, now):
@@ -195,10 +199,12 @@ class Client:
             reports.extend(found)
             if twice:
                 self._warn_resent(smsid, twice)
-            self._detailed[smsid] = (generation, now)
+            detailed.append((smsid, now))
+        for smsid, at in detailed:
+            self._detailed[smsid] = (generation, at)
             self._detailed.move_to_end(smsid)
-            while len(self._detailed) > MAX_REMEMBERED:
-                self._detailed.popitem(last=False)
+        while len(self._detailed) > MAX_REMEMBERED:
+            self._detailed.popitem(last=False)
         return reports
 
     def _warn_resent(self, smsid: str, numbers: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -73,23 +74,22 @@ def parse_check(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
     rows = data.get("check")
     if not isinstance(rows, list):
         raise ProviderPayloadError("check answer without a list")
-    reports = []
-    for row in rows:
-        if not isinstance(row, dict) or not row.get("server_id") or row.get("status") is None:
-            raise ProviderPayloadError("a check row lacks server_id or status")
-        status = str(row["status"]).strip()
-        if not status.lstrip("-").isdecimal():
-            raise ProviderPayloadError("a check row's status is not a number")
-        occurred = local(str(row.get("modified") or ""), DATE, tz)
-        error = str(row.get("error") or "").strip()
-        code = error if error.isdecimal() and error != "0" else None
-        reports.append(
-            StatusReport(
-                str(row["server_id"]), str(int(status)), occurred,
-                error_code=code, error=SMSPILOT_ERRORS.get(code or ""),
-            )
-        )  # fmt: skip
-    return reports
+    return http.rows(partial(_check_row, tz=tz), rows)
+
+
+def _check_row(row: Any, tz: ZoneInfo) -> StatusReport:
+    if not isinstance(row, dict) or not row.get("server_id") or row.get("status") is None:
+        raise ProviderPayloadError("a check row lacks server_id or status")
+    status = str(row["status"]).strip()
+    if not status.lstrip("-").isdecimal():
+        raise ProviderPayloadError("a check row's status is not a number")
+    occurred = local(str(row.get("modified") or ""), DATE, tz)
+    error = str(row.get("error") or "").strip()
+    code = error if error.isdecimal() and error != "0" else None
+    return StatusReport(
+        str(row["server_id"]), str(int(status)), occurred,
+        error_code=code, error=SMSPILOT_ERRORS.get(code or ""),
+    )  # fmt: skip
 
 
 def parse_inbound(body: bytes, tz: ZoneInfo = MOSCOW) -> list[InboundSms]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -67,15 +68,15 @@ def parse_status(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
     if text(root, "code") == NONE_FOUND:
         return []
     _answered(root, STATUS_ERRORS)
-    reports = []
-    for message in root.iterfind("messageList/message"):
-        found = fields(message)
-        message_id, status = found.get("idMessage"), found.get("deliveryStatus")
-        if not message_id or not status:
-            raise ProviderPayloadError("a message lacks idMessage or deliveryStatus")
-        occurred = local(found.get("dateFinalStatus"), DATE, tz)
-        reports.append(StatusReport(message_id, status, occurred))
-    return reports
+    return http.rows(partial(_status_row, tz=tz), root.iterfind("messageList/message"))
+
+
+def _status_row(message: etree._Element, tz: ZoneInfo) -> StatusReport:
+    found = fields(message)
+    message_id, status = found.get("idMessage"), found.get("deliveryStatus")
+    if not message_id or not status:
+        raise ProviderPayloadError("a message lacks idMessage or deliveryStatus")
+    return StatusReport(message_id, status, local(found.get("dateFinalStatus"), DATE, tz))
 
 
 def parse_inbound(body: bytes, tz: ZoneInfo) -> list[InboundSms]:

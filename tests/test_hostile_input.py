@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bus.errors import PayloadError, ProviderError
+from bus.errors import PayloadError, ProviderError, ProviderPayloadError, ProviderRowError
 from bus.messages import parse_track_batch
 from pollers import epochta, smsc, smspager, smspilot, smstower
 from pollers.xml import fields, parse_xml, text
@@ -164,6 +164,43 @@ def test_random_nested_xml_in_any_encoding(name: str, tree: str, encoding: str) 
 @given(value=json_value())
 def test_random_json(name: str, value: Any) -> None:
     survives(PARSERS[name], json.dumps(value).encode())  # the stdlib: integers of any size
+
+
+# Answers about several ids, each with one row that cannot be read, and with an envelope that
+# cannot: the first is that row's fault (the poller asks about the ids again in parts), the
+# second the whole answer's.
+ROWS_AND_ENVELOPES = {
+    "smstower.status": (
+        b"<response><code>1</code><messageList><message><deliveryStatus>delivered"
+        b"</deliveryStatus><idMessage>1</idMessage></message><message><dateFinalStatus>"
+        b"yesterday</dateFinalStatus><deliveryStatus>delivered</deliveryStatus><idMessage>2"
+        b"</idMessage></message></messageList></response>",
+        b"<response><code>3</code></response>",
+    ),
+    "epochta.status": (
+        b'<deliveryreport><message id="m1" status="SENT"/><message id="m2"/></deliveryreport>',
+        b"<RESPONSE><status>-2</status></RESPONSE>",
+    ),
+    "smspilot.check": (
+        b'{"check": [{"server_id": "1", "status": "2"}, {"server_id": "2", "status": "two"}]}',
+        b'{"check": "none"}',
+    ),
+    "smspager.detail": (
+        b"<data><code>1</code><detail><delivered><number>79010000001</number>"
+        b"<number>n/a</number></delivered></detail></data>",
+        b"<data><code>500</code></data>",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS_AND_ENVELOPES))
+def test_a_row_that_cannot_be_read_is_told_from_an_answer_that_cannot(name: str) -> None:
+    row, envelope = ROWS_AND_ENVELOPES[name]
+    with pytest.raises(ProviderRowError):
+        PARSERS[name](row)
+    with pytest.raises(ProviderPayloadError) as raised:
+        PARSERS[name](envelope)
+    assert not isinstance(raised.value, ProviderRowError)
 
 
 @pytest.mark.parametrize("name", ["smsc.history", "smsc.answers"])

@@ -266,6 +266,66 @@ def test_hostile_answers_are_dead_lettered_and_polling_recovers(
             assert 0 == bus.stop()
 
 
+def test_a_row_that_cannot_be_read_holds_back_none_of_the_ids_batched_with_it(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """One message's row comes without its status: the ids batched with it are asked about
+    again in halves, down to that one, and their statuses published; its answer is a dead
+    letter, it stays tracked, and its status is published once its row can be read. When every
+    row is unreadable, the ids are not asked about one by one: the batch fails as a whole."""
+    tower = FakeSmstower()
+    ids = [new_id() for _ in range(40)]
+    poison = ids[17]
+    tower.statuses.update({i: ("delivered", msk_now()) for i in ids})
+    tower.unreadable.add(poison)
+
+    def delivered(among: list[str]) -> set[str]:
+        found = events(nats_server, bus, "status.smstower.delivered")
+        return {s.event["subject"] for s in found} & set(among)
+
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="2")  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            register(bus, *({"provider": "smstower", "message_id": i} for i in ids))
+            wait_for(lambda: delivered(ids) == set(ids) - {poison}, what="the 39 others read")
+            # Each id asked about at most once per halving (40 ids: 6 levels) and the whole.
+            assert max(asked_for(tower, i) for i in ids if i != poison) <= 1 + 6
+            assert 2 == asked_for(tower, ids[-1])  # the half read at once
+            [letter, *_] = wait_for(
+                lambda: events(nats_server, bus, "deadletter.smstower"), what="a dead letter"
+            )
+            data = letter.event["data"]
+            assert "a message lacks idMessage or deliveryStatus" in data["reason"]
+            assert f"<idMessage>{poison}</idMessage>" in data["raw"]["body"]
+            assert poison not in delivered(ids)
+            shown = bus.readyz()["providers"]["smstower"]
+            assert "deliveryStatus" in shown["last_error"] and shown["last_success"]
+            tower.unreadable.clear()
+            wait_for(lambda: poison in delivered(ids), what="its status, once readable")
+            assert 1 == len(statuses_of(nats_server, bus, poison))
+
+            # Every row unreadable: not one id's fault; the batch fails as a whole.
+            others = [new_id() for _ in range(40)]
+            tower.statuses.update({i: ("delivered", msk_now()) for i in others})
+            tower.unreadable.update(others)
+            register(bus, *({"provider": "smstower", "message_id": i} for i in others))
+            letters = len(events(nats_server, bus, "deadletter.smstower"))
+            wait_for(
+                lambda: len(events(nats_server, bus, "deadletter.smstower")) >= letters + 2,
+                what="two failed polls",
+            )
+            asked = [
+                set(r.form["messageid"].split(",")) & set(others)
+                for r in tower.seen("/getstatus.v2.php")
+            ]
+            assert min(len(a) for a in asked if a) >= 20  # the batch, or one of its halves
+            assert set() == delivered(others)
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

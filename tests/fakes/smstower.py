@@ -38,6 +38,9 @@ class FakeSmstower:
     inbound: list[dict[str, str]] = field(default_factory=list)
     balance: str = "10654"
     mode: str | None = None  # garbage, truncated, xxe, billion, http500, stall, code10
+    # Ids whose row comes without its deliveryStatus: not the document's form, a row the poller
+    # cannot read in an answer that is otherwise well formed.
+    unreadable: set[str] = field(default_factory=set)
     stall_s: float = 12.0  # how long a request hangs in the "stall" mode
     requests: list[Seen] = field(default_factory=list)
 
@@ -103,8 +106,12 @@ class FakeSmstower:
             return xml("<response><code>9</code></response>")
         rows = "".join(
             f"<message><dateFinalStatus>{self.statuses[i][1]}</dateFinalStatus>"
-            f"<deliveryStatus>{self.statuses[i][0]}</deliveryStatus>"
-            f"<idMessage>{i}</idMessage></message>"
+            + (
+                ""
+                if i in self.unreadable
+                else f"<deliveryStatus>{self.statuses[i][0]}</deliveryStatus>"
+            )
+            + f"<idMessage>{i}</idMessage></message>"
             for i in known
         )
         return xml(f"<response><code>1</code><messageList>{rows}</messageList></response>")

@@ -19,7 +19,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -61,6 +63,7 @@ log = structlog.get_logger("smsbus.poller")
 # cannot be read (PollerEngine._fetch).
 Unreadable = tuple[list[str], ProviderRowError]
 
+TOLD_KEPT = 10_000  # unreadable rows remembered, so that each is told of once
 CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
 PUBLISHED_AT_ONCE = 100  # events published together (expiries, a history's news)
@@ -113,6 +116,7 @@ class ProviderPoller:
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
+        self._told: OrderedDict[bytes, None] = OrderedDict()  # unreadable rows told of
 
     def track(self, state: MessageState, now: float | None = None) -> None:
         """Put a tracked message on the schedule (the mirror calls this on every change)."""
@@ -267,7 +271,7 @@ class ProviderPoller:
                 settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
             finished.update(message_id for message_id, done in settled.items() if done)
             for ids, exc in unreadable:
-                await self._unreadable(ids, exc)
+                await self._unreadable(exc, ids)
 
         ok = False
         try:
@@ -326,15 +330,25 @@ class ProviderPoller:
                 reports += result
         return reports, unreadable
 
-    async def _unreadable(self, ids: list[str], exc: ProviderRowError) -> None:
-        """Ids whose answer holds a row that cannot be read, while the others batched with them
-        were read: they stay tracked and are asked about again at their pace; the answer goes
-        to the dead-letter subject, as an unreadable answer does."""
+    async def _unreadable(self, exc: ProviderRowError, ids: Sequence[str] = ()) -> None:
+        """A row of an answer that cannot be read, while the rest of the answer could: for a
+        poll by id, the ids whose answer holds it (the others batched with them were read
+        apart), which stay tracked and are asked about again at their pace; for a history or
+        inbound list, the row, set aside. What holds it goes to the dead-letter subject, as an
+        unreadable answer does, once: the same answer or row read again (at the id's next poll,
+        on the newest history page or in an inbound window's overlap) is not told again."""
+        told = hashlib.sha256(exc.raw or str(exc).encode()).digest()
+        if told in self._told:
+            self._told.move_to_end(told)
+            return
+        self._told[told] = None
+        while len(self._told) > TOLD_KEPT:
+            self._told.popitem(last=False)
         self.state.last_error = f"{rfc3339(utcnow())} bad_answer: {exc}"
         self._metrics.poll_requests.labels(self.name, "bad_answer").inc()
         log.warning(
-            "a row of the provider's answer cannot be read; the ids batched with it were read "
-            "apart", provider=self.name, error=str(exc), message_ids=ids[:10], count=len(ids),
+            "a row of the provider's answer cannot be read; the rest was read", provider=self.name,
+            error=str(exc), message_ids=list(ids[:10]), count=len(ids),
         )  # fmt: skip
         await self._dead_letter(str(exc), exc.raw or b"")
 
@@ -402,8 +416,10 @@ class ProviderPoller:
         state writes pipelined), the reports of one message one after the other, in order."""
         assert self.provider.history is not None
         by_message: dict[str, list[StatusReport]] = {}
-        reports = await self.provider.history()
+        reports, unreadable = await self.provider.history()
         received_at = utcnow()
+        for row in unreadable:
+            await self._unreadable(row)
         for report in reports:
             key = message_key(self.name, report.message_id, report.phone)
             by_message.setdefault(key, []).append(report)
@@ -486,7 +502,9 @@ class ProviderPoller:
     async def _inbound(self) -> None:
         assert self.provider.inbound is not None
         cursor = await self._cursor("inbound")
-        messages, new_cursor = await self.provider.inbound(cursor)
+        messages, new_cursor, unreadable = await self.provider.inbound(cursor)
+        for row in unreadable:
+            await self._unreadable(row)
         for sms in messages:
             await self._publisher.publish(
                 inbound_event(

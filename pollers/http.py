@@ -4,7 +4,7 @@ credential into a message. Requests carry credentials only in bodies, never in U
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import TypeVar
 
 import httpx
@@ -86,3 +86,31 @@ def rows(read: Callable[[T], R], items: Iterable[T]) -> list[R]:
         raise
     except ProviderPayloadError as exc:
         raise ProviderRowError(str(exc)) from None
+
+
+def each(
+    read: Callable[[T], R], items: Iterable[T], raw: Callable[[T], bytes], *, whole: bool = True
+) -> tuple[list[R], list[ProviderRowError]]:
+    """`read` over the rows of an answer whose rows stand on their own (an account's history,
+    its inbound SMS), which cannot be asked for again one by one: a row that cannot be read is
+    set aside, with its `raw` form, and the rest read. A failure for one row would otherwise
+    fail every poll while the row stays in the window, and all that comes after it with it.
+    When no row can be read, the answer is at fault, not a row (`none_read`); `whole=False`
+    leaves that to the caller, for an answer that is one of several a poll reads."""
+    done, unreadable = [], []
+    for item in items:
+        try:
+            done.append(read(item))
+        except ProviderPayloadError as exc:
+            unreadable.append(ProviderRowError(str(exc), raw=raw(item)))
+    if whole:
+        none_read(done, unreadable)
+    return done, unreadable
+
+
+def none_read(done: Sized, unreadable: list[ProviderRowError]) -> None:
+    """ProviderPayloadError when rows were listed and not one could be read: a change of the
+    answer's form rather than one bad row, which fails the poll (its cursor stays) until a
+    release reads it."""
+    if unreadable and not done:
+        raise ProviderPayloadError(f"no row can be read: {unreadable[0]}")

@@ -31,17 +31,23 @@ import math
 import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
 
 from bus.config import ProviderSettings
-from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
+from bus.errors import (
+    ProviderAuthError,
+    ProviderPayloadError,
+    ProviderRowError,
+    ProviderUnavailable,
+)
 from bus.messages import digits
 from pollers import http
-from pollers.types import InboundSms, Provider, StatusReport
+from pollers.types import InboundRead, InboundSms, Provider, StatusReport
 from pollers.values import local
 
 PATH = "/sys/get.php"
@@ -113,59 +119,76 @@ def _rows(body: bytes, what: str) -> list[Any]:
     return data
 
 
-def parse_page(body: bytes, tz: ZoneInfo) -> tuple[list[StatusReport], str | None]:
-    """One page of get_messages: a report per row (its id and phone), and the global id of
-    the last row, for the next page's `prev_id` (None for an empty page)."""
-    reports = []
+class Page(NamedTuple):
+    """One page of get_messages."""
+
+    reports: list[StatusReport]  # a report per row read (its id and phone)
+    last: str | None  # the global id of the page's last row, for the next page's `prev_id`
+    rows: int  # rows on the page, read or not: fewer than PAGE is the window's end
+    unreadable: list[ProviderRowError]  # rows that could not be read, each with its JSON
+
+
+def parse_page(body: bytes, tz: ZoneInfo) -> Page:
+    """One page of get_messages. A row that cannot be read is set aside (the history lists
+    every message of the account, so failing the page would stop every status behind it until
+    the row leaves the window); a poll none of whose rows can be read fails (`Client.history`:
+    a page, the last of a sweep, may hold that one row alone)."""
+    rows = _rows(body, "history")
+    reading = partial(_history_row, tz=tz)
+    reports, unreadable = http.each(reading, rows, orjson.dumps, whole=False)
     last = None
-    for row in _rows(body, "history"):
-        if not isinstance(row, dict) or row.get("id") is None or row.get("status") is None:
-            raise ProviderPayloadError("a history row lacks id or status")
-        stamp = row.get("last_timestamp")
-        if isinstance(stamp, int | float) and not isinstance(stamp, bool) and stamp > 0:
-            try:
-                occurred: datetime | None = datetime.fromtimestamp(stamp, UTC)
-            except (OverflowError, OSError, ValueError):
-                raise ProviderPayloadError(
-                    "a history row's last_timestamp is out of range"
-                ) from None
-        else:
-            occurred = local(str(row.get("last_date") or ""), DATE, tz)
-        err = row.get("err")
-        failed = err not in (None, "", 0, "0")
-        reports.append(
-            StatusReport(
-                message_id=str(row["id"]),
-                raw_status=str(row["status"]),
-                occurred_at=occurred,
-                error_code=str(err) if failed else None,
-                error=str(row.get("status_name")) if failed else None,
-                phone=digits(str(row.get("phone") or "")) or None,
-            )
-        )
-        last = str(row.get("int_id") or row["id"])
-    return reports, last
+    for row in reversed(rows):
+        if isinstance(row, dict) and (found := row.get("int_id") or row.get("id")) is not None:
+            last = str(found)
+            break
+    return Page(reports, last, len(rows), unreadable)
+
+
+def _history_row(row: Any, tz: ZoneInfo) -> StatusReport:
+    if not isinstance(row, dict) or row.get("id") is None or row.get("status") is None:
+        raise ProviderPayloadError("a history row lacks id or status")
+    stamp = row.get("last_timestamp")
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool) and stamp > 0:
+        try:
+            occurred: datetime | None = datetime.fromtimestamp(stamp, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ProviderPayloadError("a history row's last_timestamp is out of range") from None
+    else:
+        occurred = local(str(row.get("last_date") or ""), DATE, tz)
+    err = row.get("err")
+    failed = err not in (None, "", 0, "0")
+    return StatusReport(
+        message_id=str(row["id"]),
+        raw_status=str(row["status"]),
+        occurred_at=occurred,
+        error_code=str(err) if failed else None,
+        error=str(row.get("status_name")) if failed else None,
+        phone=digits(str(row.get("phone") or "")) or None,
+    )
 
 
 def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
-    return parse_page(body, tz)[0]
+    """The reports of one page read alone (a probe): none read of the rows it lists fails."""
+    page = parse_page(body, tz)
+    http.none_read(page.reports, page.unreadable)
+    return page.reports
 
 
-def parse_answers(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
-    messages = []
-    for row in _rows(body, "inbound"):
-        if not isinstance(row, dict) or row.get("id") is None:
-            raise ProviderPayloadError("an inbound row lacks its id")
-        messages.append(
-            InboundSms(
-                message_id=str(row["id"]),
-                sender=str(row.get("phone") or ""),
-                recipient=str(row.get("to_phone") or ""),
-                text=str(row.get("message") or ""),
-                sent_at=local(str(row.get("sent") or row.get("received") or ""), DATE, tz),
-            )
-        )
-    return messages
+def parse_answers(body: bytes, tz: ZoneInfo) -> tuple[list[InboundSms], list[ProviderRowError]]:
+    """The inbound SMS listed, and the rows that could not be read (set aside)."""
+    return http.each(partial(_answer_row, tz=tz), _rows(body, "inbound"), orjson.dumps)
+
+
+def _answer_row(row: Any, tz: ZoneInfo) -> InboundSms:
+    if not isinstance(row, dict) or row.get("id") is None:
+        raise ProviderPayloadError("an inbound row lacks its id")
+    return InboundSms(
+        message_id=str(row["id"]),
+        sender=str(row.get("phone") or ""),
+        recipient=str(row.get("to_phone") or ""),
+        text=str(row.get("message") or ""),
+        sent_at=local(str(row.get("sent") or row.get("received") or ""), DATE, tz),
+    )
 
 
 class RateGuard:
@@ -218,53 +241,60 @@ class Client:
         polls = max(1.0, s.max_interval / s.interval - 1)
         return max(1, min(MAX_SWEEP, math.ceil(self._last_sweep / polls) + 1))
 
-    async def _page(self, start: str, prev_id: str | None) -> tuple[list[StatusReport], str | None]:
+    async def _page(self, start: str, prev_id: str | None) -> Page:
         fields = {"get_messages": "1", "start": start, "cnt": str(PAGE)}
         if prev_id:
             fields["prev_id"] = prev_id
         body = await self._get(**fields)
         return http.parsed(body, lambda: parse_page(body, self._settings.tz))
 
-    async def history(self) -> list[StatusReport]:
-        """The newest pages, then the next stretch of the sweep over the rest of the window."""
+    async def history(self) -> tuple[list[StatusReport], list[ProviderRowError]]:
+        """The newest pages, then the next stretch of the sweep over the rest of the window;
+        and the rows that could not be read."""
         tz = self._settings.tz
         start = (datetime.now(tz) - timedelta(seconds=self._settings.track_ttl)).strftime(
             "%d.%m.%Y"
         )
-        reports: list[StatusReport] = []
+        pages: list[Page] = []
         prev_id: str | None = None
         for _ in range(RECENT_PAGES):
-            page, prev_id = await self._page(start, prev_id)
-            reports.extend(page)
-            if len(page) < PAGE:
-                return reports  # the whole window fits in the newest pages
+            pages.append(page := await self._page(start, prev_id))
+            prev_id = page.last
+            if page.rows < PAGE:
+                return self._read(pages)  # the whole window fits in the newest pages
         if self._sweep_from is None:
             self._sweep_from, self._sweep_pages = prev_id, RECENT_PAGES
         for _ in range(self.sweep_budget()):
-            page, last = await self._page(start, self._sweep_from)
-            reports.extend(page)
+            pages.append(page := await self._page(start, self._sweep_from))
             self._sweep_pages += 1
-            if len(page) < PAGE or last is None:
+            if page.rows < PAGE or page.last is None:
                 self._last_sweep, self._sweep_from = self._sweep_pages, None
                 break
-            self._sweep_from = last
-        return reports
+            self._sweep_from = page.last
+        return self._read(pages)
 
-    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
+    @staticmethod
+    def _read(pages: list[Page]) -> tuple[list[StatusReport], list[ProviderRowError]]:
+        reports = [report for page in pages for report in page.reports]
+        unreadable = [row for page in pages for row in page.unreadable]
+        http.none_read(reports, unreadable)
+        return reports, unreadable
+
+    async def inbound(self, cursor: str | None) -> InboundRead:
         fields = {"get_answers": "1", "hour": INBOUND_HOURS}
         if cursor:
             fields["after_id"] = cursor
         body = await self._get(**fields)
-        found = http.parsed(body, lambda: parse_answers(body, self._settings.tz))
+        found, unreadable = http.parsed(body, lambda: parse_answers(body, self._settings.tz))
         if not found:
-            return [], cursor
+            return [], cursor, unreadable
         numeric = [int(sms.message_id) for sms in found if sms.message_id.isdecimal()]
         newest = str(max(numeric)) if numeric else cursor
         if cursor and cursor.isdecimal():
             found = [
                 s for s in found if not s.message_id.isdecimal() or int(s.message_id) > int(cursor)
             ]
-        return found, newest
+        return found, newest, unreadable
 
     async def probe(self) -> str:
         """One cheap authenticated call (SMSC has no balance method): one history row."""

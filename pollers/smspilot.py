@@ -19,10 +19,10 @@ import httpx
 import orjson
 
 from bus.config import ProviderSettings
-from bus.errors import ProviderAuthError, ProviderError, ProviderPayloadError
+from bus.errors import ProviderAuthError, ProviderError, ProviderPayloadError, ProviderRowError
 from bus.statuses import SMSPILOT_ERRORS
 from pollers import http
-from pollers.types import Balance, InboundSms, PerId, Provider, StatusReport
+from pollers.types import Balance, InboundRead, InboundSms, PerId, Provider, StatusReport
 from pollers.values import balance_text, decimal, format_local, local
 from pollers.window import Window
 
@@ -92,30 +92,31 @@ def _check_row(row: Any, tz: ZoneInfo) -> StatusReport:
     )  # fmt: skip
 
 
-def parse_inbound(body: bytes, tz: ZoneInfo = MOSCOW) -> list[InboundSms]:
-    """`created` is Moscow time, whatever SMSBUS_SMSPILOT_TZ says: "время создания записи
-    (мск)"."""
+def parse_inbound(
+    body: bytes, tz: ZoneInfo = MOSCOW
+) -> tuple[list[InboundSms], list[ProviderRowError]]:
+    """The inbound SMS listed, and the rows that could not be read (set aside). `created` is
+    Moscow time, whatever SMSBUS_SMSPILOT_TZ says: "время создания записи (мск)"."""
     rows = _answer(body).get("inbound")
     if rows is None or rows is True:
-        return []
+        return [], []
     if not isinstance(rows, list):
         raise ProviderPayloadError("inbound answer without a list")
-    messages = []
-    for row in rows:
-        if not isinstance(row, dict) or not row.get("id"):
-            raise ProviderPayloadError("an inbound row lacks its id")
-        created = str(row.get("created") or "")
-        fmt = DATE if created.count(":") == 2 else INBOUND_DATE
-        messages.append(
-            InboundSms(
-                message_id=str(row["id"]),
-                sender=str(row.get("phone") or ""),
-                recipient=str(row.get("num") or ""),
-                text=str(row.get("text") or ""),
-                sent_at=local(created, fmt, tz),
-            )
-        )
-    return messages
+    return http.each(partial(_inbound_row, tz=tz), rows, orjson.dumps)
+
+
+def _inbound_row(row: Any, tz: ZoneInfo) -> InboundSms:
+    if not isinstance(row, dict) or not row.get("id"):
+        raise ProviderPayloadError("an inbound row lacks its id")
+    created = str(row.get("created") or "")
+    fmt = DATE if created.count(":") == 2 else INBOUND_DATE
+    return InboundSms(
+        message_id=str(row["id"]),
+        sender=str(row.get("phone") or ""),
+        recipient=str(row.get("num") or ""),
+        text=str(row.get("text") or ""),
+        sent_at=local(created, fmt, tz),
+    )
 
 
 def parse_balance(body: bytes) -> Decimal:
@@ -147,11 +148,11 @@ class Client:
         half = len(ids) // 2
         return [*await self.statuses(ids[:half]), *await self.statuses(ids[half:])]
 
-    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
+    async def inbound(self, cursor: str | None) -> InboundRead:
         window = Window(cursor, datetime.now(UTC))
         body = await self._call(inbound=True, since=format_local(window.start, DATE, UTC))
-        found = http.parsed(body, lambda: parse_inbound(body))
-        return window.take(found)
+        found, unreadable = http.parsed(body, lambda: parse_inbound(body))
+        return (*window.take(found), unreadable)
 
     async def balance(self) -> Decimal:
         body = await self._call(balance="rur")

@@ -16,9 +16,14 @@ import httpx
 from lxml import etree
 
 from bus.config import ProviderSettings
-from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
+from bus.errors import (
+    ProviderAuthError,
+    ProviderPayloadError,
+    ProviderRowError,
+    ProviderUnavailable,
+)
 from pollers import http
-from pollers.types import Balance, InboundSms, PerId, Provider, StatusReport
+from pollers.types import Balance, InboundRead, InboundSms, PerId, Provider, StatusReport
 from pollers.values import balance_text, decimal, format_local, local
 from pollers.window import Window
 from pollers.xml import fields, parse_xml, text
@@ -79,23 +84,27 @@ def _status_row(message: etree._Element, tz: ZoneInfo) -> StatusReport:
     return StatusReport(message_id, status, local(found.get("dateFinalStatus"), DATE, tz))
 
 
-def parse_inbound(body: bytes, tz: ZoneInfo) -> list[InboundSms]:
+def parse_inbound(body: bytes, tz: ZoneInfo) -> tuple[list[InboundSms], list[ProviderRowError]]:
+    """The inbound SMS listed, and the rows that could not be read (set aside)."""
     root = _checked(body, INBOUND_ERRORS)
-    messages = []
-    for message in root.iterfind("messageList/message"):
-        message_id = text(message, "idMessage")
-        if not message_id:
-            raise ProviderPayloadError("an inbound message lacks idMessage")
-        messages.append(
-            InboundSms(
-                message_id=message_id,
-                sender=text(message, "sourceAddress") or "",
-                recipient=text(message, "destinationAddress") or "",
-                text=text(message, "smsText") or "",
-                sent_at=local(text(message, "createdDate"), DATE, tz),
-            )
-        )
-    return messages
+    return http.each(partial(_inbound_row, tz=tz), root.iterfind("messageList/message"), _xml)
+
+
+def _inbound_row(message: etree._Element, tz: ZoneInfo) -> InboundSms:
+    message_id = text(message, "idMessage")
+    if not message_id:
+        raise ProviderPayloadError("an inbound message lacks idMessage")
+    return InboundSms(
+        message_id=message_id,
+        sender=text(message, "sourceAddress") or "",
+        recipient=text(message, "destinationAddress") or "",
+        text=text(message, "smsText") or "",
+        sent_at=local(text(message, "createdDate"), DATE, tz),
+    )
+
+
+def _xml(element: etree._Element) -> bytes:
+    return bytes(etree.tostring(element, encoding="UTF-8", with_tail=False))
 
 
 def parse_balance(body: bytes) -> Decimal:
@@ -117,7 +126,7 @@ class Client:
         body = await self._post(STATUS, messageid=",".join(ids))
         return http.parsed(body, lambda: parse_status(body, self._settings.tz))
 
-    async def inbound(self, cursor: str | None) -> tuple[list[InboundSms], str | None]:
+    async def inbound(self, cursor: str | None) -> InboundRead:
         window = Window(cursor, datetime.now(UTC))
         tz = self._settings.tz
         body = await self._post(
@@ -125,8 +134,8 @@ class Client:
             startDate=format_local(window.start, DATE, tz),
             endDate=format_local(window.now, DATE, tz),
         )
-        found = http.parsed(body, lambda: parse_inbound(body, tz))
-        return window.take(found)
+        found, unreadable = http.parsed(body, lambda: parse_inbound(body, tz))
+        return (*window.take(found), unreadable)
 
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)

@@ -10,6 +10,7 @@ from decimal import Decimal
 import httpx
 
 from bus.config import ProviderSettings
+from bus.errors import ProviderRowError
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +33,12 @@ class InboundSms:
 
 
 Statuses = Callable[[list[str]], Awaitable[list[StatusReport]]]
-History = Callable[[], Awaitable[list[StatusReport]]]
-Inbound = Callable[[str | None], Awaitable[tuple[list[InboundSms], str | None]]]
+# The account's history: its reports, and its rows that could not be read (each told once).
+History = Callable[[], Awaitable[tuple[list[StatusReport], list[ProviderRowError]]]]
+# Inbound SMS after a cursor: the new ones, the cursor to save once they are stored, and the
+# rows that could not be read.
+InboundRead = tuple[list[InboundSms], str | None, list[ProviderRowError]]
+Inbound = Callable[[str | None], Awaitable[InboundRead]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,13 @@ from zoneinfo import ZoneInfo
 
 from bus.errors import ProviderPayloadError
 
+ZEROS = "0-.: \t\n"  # all a date that says "no date" is made of
+
 
 def local(value: str | None, fmt: str, tz: ZoneInfo) -> datetime | None:
-    """A provider's local date as an aware UTC datetime; None when absent or all zeros."""
-    if value is None or not value.strip() or value.strip().startswith("0000-00-00"):
+    """A provider's local date as an aware UTC datetime; None when absent or all zeros, in any
+    form (`0000-00-00 00:00:00`, or SMSC's `00.00.0000 00:00:00`)."""
+    if value is None or not value.strip(ZEROS) or value.strip().startswith("0000-00-00"):
         return None
     return _parsed(value.strip(), fmt, tz)
 

@@ -97,15 +97,18 @@ def test_smspilot_inbound_example() -> None:
         '"79021121075", "text": "1234 Ура работает!", "created": "2011-09-20 20:15", '
         '"r_message": "", "r_status": "0"}]}'
     ).encode()
-    assert [
-        InboundSms(
-            "12345",
-            "79087964781",
-            "79021121075",
-            "1234 Ура работает!",
-            datetime(2011, 9, 20, 16, 15, tzinfo=UTC),
-        )
-    ] == smspilot.parse_inbound(body, MSK)
+    assert (
+        [
+            InboundSms(
+                "12345",
+                "79087964781",
+                "79021121075",
+                "1234 Ура работает!",
+                datetime(2011, 9, 20, 16, 15, tzinfo=UTC),
+            )
+        ],
+        [],
+    ) == smspilot.parse_inbound(body, MSK)
 
 
 def test_smspilot_balance_example() -> None:
@@ -137,7 +140,7 @@ def test_a_check_row_with_an_error_code_carries_its_text() -> None:
 def test_inbound_created_is_moscow_time_whatever_the_zone_setting() -> None:
     """The client reads it without SMSBUS_SMSPILOT_TZ (which is for `modified`)."""
     row = {"id": "1", "phone": "7", "num": "8", "text": "t", "created": "2026-09-20 20:15"}
-    [sms] = smspilot.parse_inbound(orjson.dumps({"inbound": [row]}))
+    [sms], _ = smspilot.parse_inbound(orjson.dumps({"inbound": [row]}))
     assert datetime(2026, 9, 20, 17, 15, tzinfo=UTC) == sms.sent_at
 
 

@@ -203,6 +203,34 @@ def test_a_row_that_cannot_be_read_is_told_from_an_answer_that_cannot(name: str)
     assert not isinstance(raised.value, ProviderRowError)
 
 
+# Lists whose rows stand on their own (no id to ask about again): one readable row and one not.
+LISTS = {
+    "smstower.inbound": b"<response><code>1</code><messageList><message><smsText>a</smsText>"
+    b"<idMessage>1</idMessage></message><message><smsText>b</smsText></message></messageList>"
+    b"</response>",
+    "smspilot.inbound": b'{"inbound": [{"id": 1, "text": "a"}, {"text": "b"}]}',
+    "smsc.answers": b'[{"id": 1, "message": "a"}, {"message": "b"}]',
+    "smsc.history": b'[{"id": 1, "status": 1}, {"id": 2, "status": 1, "last_date": "b"}]',
+}
+
+
+def listed(name: str, body: bytes) -> tuple[list[Any], list[ProviderRowError]]:
+    if name == "smsc.history":  # a page read alone; in a poll, all its pages are judged together
+        page = smsc.parse_page(body, MSK)
+        return smsc.parse_history(body, MSK), page.unreadable
+    return PARSERS[name](body)
+
+
+@pytest.mark.parametrize("name", sorted(LISTS))
+def test_a_listed_row_that_cannot_be_read_is_set_aside_unless_none_can(name: str) -> None:
+    read, unreadable = listed(name, LISTS[name])
+    assert 1 == len(read) and 1 == len(unreadable)
+    assert b"b" in (unreadable[0].raw or b"")
+    only_bad = LISTS[name].replace(b'"id": 1, ', b"").replace(b"<idMessage>1</idMessage>", b"")
+    with pytest.raises(ProviderPayloadError, match="no row can be read"):
+        listed(name, only_bad)
+
+
 @pytest.mark.parametrize("name", ["smsc.history", "smsc.answers"])
 @FAST
 @given(rows=smsc_rows(), encoding=st.sampled_from(["utf-8", "cp1251"]))

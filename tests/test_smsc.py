@@ -11,12 +11,18 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 import pytest
 
 from bus.config import ProviderSettings, load_settings
-from bus.errors import ProviderAuthError, ProviderPayloadError, ProviderUnavailable
+from bus.errors import (
+    ProviderAuthError,
+    ProviderPayloadError,
+    ProviderRowError,
+    ProviderUnavailable,
+)
 from pollers.smsc import Client, RateGuard, parse_answers, parse_history
-from pollers.types import InboundSms, StatusReport
+from pollers.types import InboundRead, InboundSms, StatusReport
 from tests.fakes.server import Served
 from tests.fakes.smsc import FakeSmsc
 from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
@@ -49,6 +55,14 @@ def test_history_row_without_timestamp_reads_the_date_in_kyiv() -> None:
     assert ("20", "1") == (report.raw_status, report.error_code)
 
 
+def test_a_history_row_whose_dates_are_all_zeros_has_no_time() -> None:
+    body = httpx.Response(
+        200, json=[row(7, -1, last_timestamp=0, last_date="00.00.0000 00:00:00")]
+    ).content
+    [report] = parse_history(body, KYIV)
+    assert ("-1", None) == (report.raw_status, report.occurred_at)
+
+
 def test_inbound_row() -> None:
     # smsc.txt "Получение входящих сообщений", fmt=3.
     body = httpx.Response(
@@ -56,12 +70,15 @@ def test_inbound_row() -> None:
         json=[{"id": 1234568, "received": "22.11.2026 12:00:09", "phone": "380501234567",
                "message": "СТОП", "to_phone": "380441234567", "sent": "22.11.2026 12:00:07"}],
     ).content  # fmt: skip
-    assert [
-        InboundSms(
-            "1234568", "380501234567", "380441234567", "СТОП",
-            datetime(2026, 11, 22, 10, 0, 7, tzinfo=UTC),
-        )
-    ] == parse_answers(body, KYIV)  # fmt: skip
+    assert (
+        [
+            InboundSms(
+                "1234568", "380501234567", "380441234567", "СТОП",
+                datetime(2026, 11, 22, 10, 0, 7, tzinfo=UTC),
+            )
+        ],
+        [],
+    ) == parse_answers(body, KYIV)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -118,7 +135,8 @@ def history_polls(fake: FakeSmsc, url: str, polls: int, **extra: str) -> list[li
             for _ in range(polls):
                 fake._identical.clear()
                 client._guard = RateGuard()
-                found.append(await client.history())
+                reports, _ = await client.history()
+                found.append(reports)
             return found
 
     return asyncio.run(run())
@@ -177,6 +195,51 @@ def test_the_whole_ttl_window_is_swept_in_pages_whatever_the_ids(
     assert 0 == fake.refused
 
 
+def test_a_history_row_that_cannot_be_read_is_set_aside(
+    smsc: tuple[FakeSmsc, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history lists every message of the account: a row that cannot be read must not stop
+    the statuses behind it (the page failing whole, every poll, until the row left the
+    window). It is set aside with its JSON, on the newest pages and in the sweep, and the pages
+    still follow one another."""
+    from pollers import smsc as module
+
+    fake, url = smsc
+    monkeypatch.setattr(module, "MAX_SWEEP", 2)
+    now = datetime.now(KYIV)
+    for n in range(401):  # 5 pages: 3 newest, then the sweep, whose last page holds one row
+        fake.send(50_000 + n, [f"38050{n:07d}"], status=1, sent=now - timedelta(minutes=450 - n))
+    fake.history[5].update(last_timestamp=0, last_date="31.02.2026 25:61:00")  # newest page
+    del fake.history[400]["status"]  # alone on the sweep's last page
+    bad = {str(fake.history[5]["id"]), str(fake.history[400]["id"])}
+
+    async def run() -> list[tuple[list[StatusReport], list[ProviderRowError]]]:
+        async with httpx.AsyncClient() as http:
+            client = Client(settings_for(url, fake), http)
+            found = []
+            for _ in range(2):
+                fake._identical.clear()
+                client._guard = RateGuard()
+                found.append(await client.history())
+            return found
+
+    (first, told), (second, again) = asyncio.run(run())
+    read = {r.message_id for r in first} | {r.message_id for r in second}
+    assert {str(50_000 + n) for n in range(401)} - bad == read
+    assert 2 == len(told) and [t.raw for t in told] == [t.raw for t in again]
+    assert {"a history row lacks id or status", "date '31.02.2026 25:61:00' is not in the "
+            "documented form"} == {str(t) for t in told}  # fmt: skip
+    assert all(orjson.loads(t.raw or b"")["id"] in {int(b) for b in bad} for t in told)
+
+
+def test_a_history_page_none_of_whose_rows_can_be_read_fails() -> None:
+    body = httpx.Response(
+        200, json=[row(7, 1, last_date="x", last_timestamp=0), row(8, 1, id=None)]
+    ).content
+    with pytest.raises(ProviderPayloadError, match="no row can be read"):
+        parse_history(body, KYIV)
+
+
 def test_inbound_asks_for_a_week_beside_the_last_id(smsc: tuple[FakeSmsc, str]) -> None:
     fake, url = smsc
     received = (datetime.now(KYIV) - timedelta(hours=30)).strftime("%d.%m.%Y %H:%M:%S")
@@ -185,11 +248,11 @@ def test_inbound_asks_for_a_week_beside_the_last_id(smsc: tuple[FakeSmsc, str]) 
          "to_phone": "380441234567", "sent": received},
     ]  # fmt: skip
 
-    async def run() -> tuple[list[InboundSms], str | None]:
+    async def run() -> InboundRead:
         async with httpx.AsyncClient() as http:
             return await Client(settings_for(url, fake), http).inbound("55")
 
-    found, cursor = asyncio.run(run())
+    found, cursor, _ = asyncio.run(run())
     assert (["56"], "56") == ([m.message_id for m in found], cursor)  # yesterday's too
     [form] = [f for f in fake.forms if f.get("get_answers")]
     assert ("55", "168") == (form["after_id"], form["hour"])
@@ -203,6 +266,7 @@ def test_history_inbound_and_the_rate_rule(
     for n in range(150):  # two pages
         fake.send(900000 - n, [f"3805012{n:05d}"], status=1 if n % 2 else 0)
     fake.send(4242, ["380501111111", "380502222222"], status=1)  # one id, two numbers
+    fake.history[70]["status"] = None  # a row that cannot be read: set aside, a dead letter
     received = datetime.now(KYIV).strftime("%d.%m.%Y %H:%M:%S")
     fake.answers = [
         {"id": 55, "received": received, "phone": "380501234567", "message": "так",
@@ -224,7 +288,10 @@ def test_history_inbound_and_the_rate_rule(
             found = read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smsc.>")
             return {(s.event["subject"], s.event["data"]["phone"]): s.event["data"] for s in found}
 
-        wait_for(lambda: len(statuses()) == 152, what="152 statuses")
+        wait_for(lambda: len(statuses()) == 151, what="151 statuses")
+        [letter] = read_stream(nats_server.url, bus.stream, f"{bus.prefix}.deadletter.smsc")
+        assert "a history row lacks id or status" == letter.event["data"]["reason"]
+        assert fake.history[70]["id"] == orjson.loads(letter.event["data"]["raw"]["body"])["id"]
         got = statuses()
         assert {"delivered", "sent"} == {d["status"] for d in got.values()}
         both = [got[("4242", p)] for p in ("380501111111", "380502222222")]

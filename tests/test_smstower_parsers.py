@@ -67,15 +67,18 @@ def test_processing_without_a_final_date() -> None:
 
 
 def test_inbound_example() -> None:
-    assert [
-        InboundSms(
-            "20035",
-            "79030001122",
-            "79030001133",
-            "Текст смс сообщения",
-            datetime(2011, 12, 1, 1, 45, 20, tzinfo=UTC),  # Moscow kept UTC+4 in 2011-2014
-        )
-    ] == parse_inbound(INBOUND_EXAMPLE, MSK)
+    assert (
+        [
+            InboundSms(
+                "20035",
+                "79030001122",
+                "79030001133",
+                "Текст смс сообщения",
+                datetime(2011, 12, 1, 1, 45, 20, tzinfo=UTC),  # Moscow kept UTC+4 in 2011-2014
+            )
+        ],
+        [],
+    ) == parse_inbound(INBOUND_EXAMPLE, MSK)
 
 
 def test_balance_example() -> None:

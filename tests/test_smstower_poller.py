@@ -293,9 +293,12 @@ def test_a_row_that_cannot_be_read_holds_back_none_of_the_ids_batched_with_it(
             # Each id asked about at most once per halving (40 ids: 6 levels) and the whole.
             assert max(asked_for(tower, i) for i in ids if i != poison) <= 1 + 6
             assert 2 == asked_for(tower, ids[-1])  # the half read at once
-            [letter, *_] = wait_for(
+            [letter] = wait_for(
                 lambda: events(nats_server, bus, "deadletter.smstower"), what="a dead letter"
             )
+            asked = asked_for(tower, poison)
+            wait_for(lambda: asked_for(tower, poison) >= asked + 2, what="two more polls of it")
+            assert [letter] == events(nats_server, bus, "deadletter.smstower")  # told once
             data = letter.event["data"]
             assert "a message lacks idMessage or deliveryStatus" in data["reason"]
             assert f"<idMessage>{poison}</idMessage>" in data["raw"]["body"]
@@ -322,6 +325,43 @@ def test_a_row_that_cannot_be_read_holds_back_none_of_the_ids_batched_with_it(
             ]
             assert min(len(a) for a in asked if a) >= 20  # the batch, or one of its halves
             assert set() == delivered(others)
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_an_inbound_row_that_cannot_be_read_is_set_aside_and_holds_back_no_other(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Inbound SMS are listed by date: a row that failed the whole answer would fail every poll
+    while it stays in the window, and every SMS after it with it. It is set aside (a dead
+    letter, once, though the overlap lists it again), the others are published, and the window
+    moves on."""
+    tower = FakeSmstower()
+    sms = [
+        {"id": new_id(), "from": "79030001122", "to": "79030001133", "text": t,
+         "created": msk_now(-10)}
+        for t in ("до", "без номера", "после")
+    ]  # fmt: skip
+    sms[1]["id"] = ""  # no idMessage
+    tower.inbound.extend(sms)
+
+    def inbound() -> list[str]:
+        return [s.event["data"]["text"] for s in events(nats_server, bus, "inbound.smstower")]
+
+    with Served(tower.app) as served:
+        bus = Smsbus(env_for(nats_server, tower, served.url), tmp_path).start()
+        try:
+            wait_for(lambda: ["до", "после"] == sorted(inbound()), what="the two readable SMS")
+            polls = len(tower.seen("/incomingsms.php"))
+            wait_for(lambda: len(tower.seen("/incomingsms.php")) >= polls + 3, what="3 more polls")
+            [letter] = events(nats_server, bus, "deadletter.smstower")
+            assert "an inbound message lacks idMessage" == letter.event["data"]["reason"]
+            assert "без номера" in letter.event["data"]["raw"]["body"]
+            later = {"id": new_id(), "from": "79030001144", "to": "79030001133", "text": "ещё",
+                     "created": msk_now(-1)}  # fmt: skip
+            tower.inbound.append(later)
+            wait_for(lambda: "ещё" in inbound(), what="an SMS after it")
+            assert 3 == len(inbound())
         finally:
             assert 0 == bus.stop()
 

@@ -60,7 +60,7 @@ from pollers.types import Provider, StatusReport
 log = structlog.get_logger("smsbus.poller")
 
 # Ids asked about together, and the error of the answer about them that held a row that
-# cannot be read (PollerEngine._fetch).
+# cannot be read (ProviderPoller._fetch).
 Unreadable = tuple[list[str], ProviderRowError]
 
 TOLD_KEPT = 10_000  # unreadable rows remembered, so that each is told of once

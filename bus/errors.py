@@ -12,7 +12,7 @@
         ├── ProviderUnavailable
         ├── ProviderAuthError
         └── ProviderPayloadError
-            └── ProviderRowError   one row of a per-id answer: the other ids' rows may be read
+            └── ProviderRowError   one row of an answer: the rest of it may be read
 
 Messages are one line and never carry a secret.
 """
@@ -79,6 +79,7 @@ class ProviderPayloadError(ProviderError):
 
 
 class ProviderRowError(ProviderPayloadError):
-    """One row of an answer about several ids cannot be read (a field missing, a date in no
-    documented form): the fault may be one id's, so the poller asks about the ids again in
-    parts rather than give up on all of them (pollers.engine)."""
+    """One row of an answer cannot be read (a field missing, a date in no documented form),
+    not the answer: of an answer about several ids, the poller asks about the ids again in
+    parts rather than give up on all of them (pollers.engine); a row of a list whose rows stand
+    on their own (a history, inbound SMS) is set aside, its raw form in `raw` (pollers.http)."""

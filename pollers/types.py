@@ -33,10 +33,10 @@ class InboundSms:
 
 
 Statuses = Callable[[list[str]], Awaitable[list[StatusReport]]]
-# The account's history: its reports, and its rows that could not be read (each told once).
+# The account's history: its reports, and the rows that could not be read (set aside).
 History = Callable[[], Awaitable[tuple[list[StatusReport], list[ProviderRowError]]]]
 # Inbound SMS after a cursor: the new ones, the cursor to save once they are stored, and the
-# rows that could not be read.
+# rows that could not be read (set aside).
 InboundRead = tuple[list[InboundSms], str | None, list[ProviderRowError]]
 Inbound = Callable[[str | None], Awaitable[InboundRead]]
 

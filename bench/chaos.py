@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -642,7 +643,17 @@ def main() -> int:
         print("nothing was tested: no fault or no callback answered OK")
         ok = False
     print(f"result: {'PASS' if ok else 'FAIL'} in {elapsed:.0f} s")
+    kept(root, ok)
     return 0 if ok else 1
+
+
+def kept(root: Path, ok: bool) -> None:
+    """The servers' stores and the replicas' spools and logs (tens of MB a run): deleted after a
+    pass, kept after a failure, to be looked at."""
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"stores, spools and logs kept for a look: {root}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -259,6 +260,10 @@ def main() -> int:
     for problem in problems:
         print(f"LEAK? {problem}")
     print(f"result: {'FAIL' if problems else 'PASS'}")
+    if problems:
+        print(f"the server's store and the replica's spool and log kept for a look: {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     return 1 if problems else 0
 
 

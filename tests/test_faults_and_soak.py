@@ -3,6 +3,7 @@ they did."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,22 +15,27 @@ pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run(script: str, *args: str, timeout: float) -> str:
+def run(script: str, *args: str, timeout: float, tmp: Path | None = None) -> str:
+    """The script's output, once it passed; with `tmp` as its TMPDIR, that it left nothing there
+    (a run leaves tens of MB of stores and logs, which `make test` would pile up)."""
+    env = {**os.environ, "TMPDIR": str(tmp)} if tmp is not None else None
     done = subprocess.run(
         [sys.executable, str(BENCH / script), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     print(done.stdout)
     assert 0 == done.returncode, done.stdout[-3000:] + done.stderr[-3000:]
+    if tmp is not None:
+        assert [] == sorted(p.name for p in tmp.iterdir())
     return done.stdout
 
 
 @pytest.mark.parametrize(
     ("topology", "duration"), [("cluster", 40), ("single", 30), ("embedded", 30)]
 )
-def test_chaos_loses_and_doubles_nothing(topology: str, duration: int) -> None:
+def test_chaos_loses_and_doubles_nothing(topology: str, duration: int, tmp_path: Path) -> None:
     args = ("--topology", topology, "--duration", str(duration), "--rate", "50")
-    out = run("chaos.py", *args, timeout=400)
+    out = run("chaos.py", *args, timeout=400, tmp=tmp_path)
     faults = re.search(r"faults: (\d+) \((.*)\)", out)
     kinds = ["kill nats", "pause nats", "kill smsbus"]
     if topology == "cluster":
@@ -49,9 +55,11 @@ def test_chaos_loses_and_doubles_nothing(topology: str, duration: int) -> None:
     assert "result: PASS" in out
 
 
-def test_soak_shows_no_leak() -> None:
+def test_soak_shows_no_leak(tmp_path: Path) -> None:
     # 300/s leaves the load generator headroom on a busy CI machine; `make soak` runs 500/s.
-    out = run("soak.py", "--duration", "40", "--every", "8", "--rate", "300", timeout=300)
+    out = run(
+        "soak.py", "--duration", "40", "--every", "8", "--rate", "300", timeout=300, tmp=tmp_path
+    )
     assert len(re.findall(r"^\s+\d+\s+\d+\s+0\s", out, re.MULTILINE)) >= 4  # samples, all OK
     assert "result: PASS" in out
 

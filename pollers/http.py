@@ -89,22 +89,20 @@ def rows(read: Callable[[T], R], items: Iterable[T]) -> list[R]:
 
 
 def each(
-    read: Callable[[T], R], items: Iterable[T], raw: Callable[[T], bytes], *, whole: bool = True
+    read: Callable[[T], R], items: Iterable[T], raw: Callable[[T], bytes]
 ) -> tuple[list[R], list[ProviderRowError]]:
     """`read` over the rows of an answer whose rows stand on their own (an account's history,
     its inbound SMS), which cannot be asked for again one by one: a row that cannot be read is
     set aside, with its `raw` form, and the rest read. A failure for one row would otherwise
     fail every poll while the row stays in the window, and all that comes after it with it.
-    When no row can be read, the answer is at fault, not a row (`none_read`); `whole=False`
-    leaves that to the caller, for an answer that is one of several a poll reads."""
+    What a list none of whose rows can be read means is the caller's: an inbound cursor stays
+    where it is (`Window.take`), an SMSC history poll fails (`none_read`)."""
     done, unreadable = [], []
     for item in items:
         try:
             done.append(read(item))
         except ProviderPayloadError as exc:
             unreadable.append(ProviderRowError(str(exc), raw=raw(item)))
-    if whole:
-        none_read(done, unreadable)
     return done, unreadable
 
 

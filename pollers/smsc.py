@@ -135,7 +135,7 @@ def parse_page(body: bytes, tz: ZoneInfo) -> Page:
     a page, the last of a sweep, may hold that one row alone)."""
     rows = _rows(body, "history")
     reading = partial(_history_row, tz=tz)
-    reports, unreadable = http.each(reading, rows, orjson.dumps, whole=False)
+    reports, unreadable = http.each(reading, rows, orjson.dumps)
     last = None
     for row in reversed(rows):
         if isinstance(row, dict) and (found := row.get("int_id") or row.get("id")) is not None:

@@ -152,7 +152,7 @@ class Client:
         window = Window(cursor, datetime.now(UTC))
         body = await self._call(inbound=True, since=format_local(window.start, DATE, UTC))
         found, unreadable = http.parsed(body, lambda: parse_inbound(body))
-        return (*window.take(found), unreadable)
+        return (*window.take(found, unreadable), unreadable)
 
     async def balance(self) -> Decimal:
         body = await self._call(balance="rur")

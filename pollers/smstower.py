@@ -135,7 +135,7 @@ class Client:
             endDate=format_local(window.now, DATE, tz),
         )
         found, unreadable = http.parsed(body, lambda: parse_inbound(body, tz))
-        return (*window.take(found), unreadable)
+        return (*window.take(found, unreadable), unreadable)
 
     async def balance(self) -> Decimal:
         body = await self._post(BALANCE)

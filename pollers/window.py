@@ -7,6 +7,7 @@ published once, ever, whatever the stream's duplicate window.
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -25,9 +26,18 @@ class Window:
         self.start = until - OVERLAP
         self.recent: dict[str, float] = dict(data.get("recent", {}))
 
-    def take(self, found: list[InboundSms]) -> tuple[list[InboundSms], str]:
+    def take(
+        self, found: list[InboundSms], unreadable: Sized = ()
+    ) -> tuple[list[InboundSms], str | None]:
         """Of what this window's request found, the messages not published before, and the
-        cursor to save once they are."""
+        cursor to save once they are. When rows were listed and not one could be read (all
+        `unreadable`), no cursor: the window stays where it is, so that the SMS in them are
+        still listed when a release can read them (a change of the answer's form, or a row
+        alone in its window). That is not a failed call, which would back off the provider's
+        status polls as well until some readable SMS came; each row is told once (a dead
+        letter) however often it is listed again."""
+        if unreadable and not found:
+            return [], None
         new = [sms for sms in found if sms.message_id not in self.recent]
         for sms in found:
             self.recent[sms.message_id] = (sms.sent_at or self.now).timestamp()

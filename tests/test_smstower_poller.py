@@ -366,6 +366,46 @@ def test_an_inbound_row_that_cannot_be_read_is_set_aside_and_holds_back_no_other
             assert 0 == bus.stop()
 
 
+def test_an_inbound_list_none_of_whose_rows_can_be_read_holds_its_window_and_no_poll_back(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """On an account that receives few SMS, one that cannot be read may be alone in its window
+    for days. Failing the inbound call for it backed off every call to the provider, status
+    polls too, doubling up to SMSBUS_SMSTOWER_MAX_INTERVAL, until some readable SMS came. The
+    list is read like any other: the row is told once, status polls keep their pace, and the
+    window does not move (no cursor is saved), so the SMS is still found, an hour after it came,
+    once its row can be read (as after a release that reads it)."""
+    tower = FakeSmstower()
+    alone = {"id": "", "from": "79030001122", "to": "79030001133", "text": "одна",
+             "created": msk_now(-3600)}  # fmt: skip
+    tower.inbound.append(alone)
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_MAX_INTERVAL="30")
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            wait_for(lambda: events(nats_server, bus, "deadletter.smstower"), what="its letter")
+            polls = len(tower.seen("/incomingsms.php"))
+            wait_for(lambda: len(tower.seen("/incomingsms.php")) >= polls + 4, timeout=15,
+                     what="four more polls of the inbound list")  # fmt: skip
+            [letter] = events(nats_server, bus, "deadletter.smstower")
+            assert "an inbound message lacks idMessage" == letter.event["data"]["reason"]
+            assert "provider call failed" not in bus.logs()
+            bad = 'smsbus_poll_requests_total{outcome="bad_answer",provider="smstower"}'
+            assert 1 == metric(bus, bad)
+            assert 1 == metric(bus, 'smsbus_provider_up{provider="smstower"}')
+            waiting = new_id()
+            tower.statuses[waiting] = ("delivered", msk_now())
+            register(bus, {"provider": "smstower", "message_id": waiting})
+            wait_for(lambda: statuses_of(nats_server, bus, waiting), timeout=5,
+                     what="a status polled at its interval")  # fmt: skip
+            alone["id"] = new_id()  # its row can be read now
+            wait_for(lambda: events(nats_server, bus, "inbound.smstower"), what="the SMS")
+            [sms] = events(nats_server, bus, "inbound.smstower")
+            assert ("одна", alone["id"]) == (sms.event["data"]["text"], sms.event["subject"])
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -117,6 +117,9 @@ class ProviderPoller:
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
         self._told: OrderedDict[bytes, None] = OrderedDict()  # unreadable rows told of
+        # Ids whose last answer held a row that cannot be read: asked about alone (one request)
+        # until it can be, not found again by halving each batch they are in (up to 15).
+        self._alone: set[str] = set()
 
     def track(self, state: MessageState, now: float | None = None) -> None:
         """Put a tracked message on the schedule (the mirror calls this on every change)."""
@@ -234,8 +237,11 @@ class ProviderPoller:
         polled = [m for m in due.poll if self._index.is_open(self.name, m)]
         for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
+            self._alone.discard(message_id)
         if polled and per_id is not None:
-            batches = [polled[i : i + size] for i in range(0, len(polled), size)]
+            rest = [m for m in polled if m not in self._alone]
+            batches = [[m] for m in polled if m in self._alone]
+            batches += [rest[i : i + size] for i in range(0, len(rest), size)]
             self._floor.due_since = due.since
             try:
                 await asyncio.gather(*(self._poll_batch(batch, now) for batch in batches))
@@ -244,6 +250,7 @@ class ProviderPoller:
         return len(due.poll) + len(due.expired) >= limit
 
     async def _expire_or_retry(self, state: MessageState, now: float) -> None:
+        self._alone.discard(state.message_id)
         try:
             await self._expire(state)
         except PublishError as exc:
@@ -270,7 +277,10 @@ class ProviderPoller:
             for report, known in zip(reports, finals, strict=True):
                 settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
             finished.update(message_id for message_id, done in settled.items() if done)
+            self._alone.difference_update(batch)
             for ids, exc in unreadable:
+                if len(ids) == 1:
+                    self._alone.update(ids)
                 await self._unreadable(exc, ids)
 
         ok = False
@@ -292,9 +302,10 @@ class ProviderPoller:
         """The provider's reports on `ids`, and the parts of them whose answers hold a row that
         cannot be read. Such an answer is not given up whole, which would leave every id
         batched with that row unread until its expiry: the ids are asked about again in halves,
-        and a half that fails again in halves, down to the id the row is about. When both halves
-        of the whole batch fail too, the fault is not one id's, and the batch fails as an
-        unreadable answer does (three requests, not one per id)."""
+        and a half that fails again in halves, down to the id the row is about (then asked about
+        alone at its next polls, `_alone`, until its row can be read). When both halves of the
+        whole batch fail too, the fault is not one id's, and the batch fails as an unreadable
+        answer does (three requests, not one per id)."""
         assert self.provider.statuses is not None
         try:
             return await self.provider.statuses.fetch(ids), []

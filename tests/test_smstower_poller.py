@@ -329,6 +329,45 @@ def test_a_row_that_cannot_be_read_holds_back_none_of_the_ids_batched_with_it(
             assert 0 == bus.stop()
 
 
+def test_an_id_whose_row_cannot_be_read_is_asked_about_alone_from_then_on(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Found once by halving its batch, an id whose row cannot be read is asked about alone at
+    its next polls (one request, not the halving again: up to 15 for 100 ids, at every poll
+    while the row lasts, for up to SMSBUS_TRACK_TTL), the others batched without it; once its
+    row can be read it is batched again."""
+    tower = FakeSmstower()
+    ids = [new_id() for _ in range(30)]
+    poison = ids[11]
+    tower.statuses.update({i: ("processing", "") for i in ids})
+    tower.unreadable.add(poison)
+
+    def asking() -> list[set[str]]:
+        return [set(r.form["messageid"].split(",")) for r in tower.seen("/getstatus.v2.php")]
+
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="0.5",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="1")  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            register(bus, *({"provider": "smstower", "message_id": i} for i in ids))
+            wait_for(lambda: events(nats_server, bus, "deadletter.smstower"), what="its letter")
+            first, polls = len(asking()), asked_for(tower, poison)
+            assert {poison} in asking()  # found by halving
+            wait_for(lambda: asked_for(tower, poison) >= polls + 3, what="three more polls of it")
+            later = asking()[first:]
+            assert all(a == {poison} for a in later if poison in a)
+            assert any(a == set(ids) - {poison} for a in later)  # the others, batched
+            tower.unreadable.clear()
+            wait_for(lambda: statuses_of(nats_server, bus, poison), what="its status")
+            asked = len(asking())
+            wait_for(lambda: any(a == set(ids) for a in asking()[asked:]), timeout=5,
+                     what="the id batched with the others again")  # fmt: skip
+            assert 1 == len(events(nats_server, bus, "deadletter.smstower"))
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_an_inbound_row_that_cannot_be_read_is_set_aside_and_holds_back_no_other(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

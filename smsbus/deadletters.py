@@ -269,7 +269,7 @@ async def list_letters(nc: Any, settings: Settings, filters: Filters) -> int:
         sys.stdout.write(letter.line() + "\n")
         count += 1
     sys.stdout.flush()
-    print(f"{count} dead letters", file=sys.stderr)
+    print(f"{count} dead letter{'' if count == 1 else 's'}", file=sys.stderr)
     return 0
 
 

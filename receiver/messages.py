@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bus.core import Bus
-from bus.events import rfc3339, utcnow
-from bus.messages import TrackErrors, kv_key, parse_track_batch, with_trace
+from bus.events import PER_PHONE, rfc3339, utcnow
+from bus.messages import MessageState, TrackErrors, kv_key, parse_track_batch, with_trace
 from bus.statuses import PROVIDERS
 
 WRITE_TIMEOUT_EXTRA = 3.0  # on top of SMSBUS_PUBLISH_TIMEOUT, for a batch of 1000 writes
@@ -49,10 +49,29 @@ def routes(bus: Bus) -> tuple:  # type: ignore[type-arg]
             return JSONResponse({"error": f"unknown provider {provider!r}"}, status_code=404)
         try:
             state, _ = await bus.states.read(kv_key(provider, message_id))
+            if state is None and provider in PER_PHONE:
+                state = await registered_number(provider, message_id)
         except (TimeoutError, nats.errors.Error):
             return JSONResponse({"error": "state store unavailable; retry"}, status_code=503)
         if state is None:
             return JSONResponse({"error": "unknown message"}, status_code=404)
         return JSONResponse(state.public())
+
+    async def registered_number(provider: str, key: str) -> MessageState | None:
+        """`<id>/<phone>` of an SMS-Pager or SMSC send that has no state of its own yet (none
+        is written before the number's first status): tracked, nothing known yet, when the
+        send's registration named that number (CONTRACT.md section 3: `200` for any message
+        that was tracked)."""
+        message_id, slash, phone = key.rpartition("/")
+        if not slash:
+            return None
+        send, _ = await bus.states.read(kv_key(provider, message_id))
+        if send is None or not send.tracked or send.phone != phone:
+            return None
+        return MessageState(
+            provider, message_id, tracked=True, registered_at=send.registered_at, phone=phone,
+            client_ref=send.client_ref, sent_at=send.sent_at, updated_at=send.registered_at,
+            traceparent=send.traceparent,
+        )  # fmt: skip
 
     return register, show

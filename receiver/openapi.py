@@ -175,7 +175,7 @@ def _messages() -> dict[str, Any]:
                         "name": "message_id",
                         "in": "path",
                         "required": True,
-                        "description": "for SMS-Pager, `<smsid>` or `<smsid>/<phone>`",
+                        "description": "for SMS-Pager and SMSC, `<id>` or `<id>/<phone>`",
                         "schema": {"type": "string", "minLength": 1},
                     },
                 ],

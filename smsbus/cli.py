@@ -28,8 +28,10 @@ from nats.js.api import DeliverPolicy
 from bus.config import Settings, load_settings, redact_url
 from bus.connection import Connection, describe, unreachable
 from bus.errors import ConfigError, PayloadError, StartupError
+from bus.events import PER_PHONE, message_key
 from bus.logs import configure_logging
 from bus.messages import TrackItem, parse_track_item
+from bus.shapes import digits
 from bus.statuses import PROVIDERS
 from bus.stream import stream_exists
 
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     status_cmd = commands.add_parser("status", help="print a message's current state as JSON")
     status_cmd.add_argument("provider", choices=PROVIDERS)
     status_cmd.add_argument("message_id")
+    status_cmd.add_argument(
+        "--phone", help="one number of an SMS-Pager or SMSC send (without it: the whole send)"
+    )
     for name, what in (
         ("deadletters", "list dead letters, one JSON line each with its stream sequence"),
         ("replay", "feed dead letters through today's parsers; exit 1 if any still fails"),
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--since", help="RFC 3339 time, or an age: 90s, 30m, 12h, 7d")
         cmd.add_argument("--reason", help="only those whose reason contains this text")
     args = parser.parse_args(argv)
+    if args.command == "status" and args.phone is not None:
+        if args.provider not in PER_PHONE or not digits(args.phone):
+            status_cmd.error("--phone is for a number of an SMS-Pager or SMSC send")
 
     try:
         settings = load_settings()
@@ -102,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             item = parse_track_item({k: v for k, v in raw.items() if v is not None})
             return _run(track(settings, item))
         if args.command == "status":
-            return _run(status(settings, args.provider, args.message_id))
+            phone = digits(args.phone) if args.phone is not None else None
+            key = message_key(args.provider, args.message_id, phone)
+            return _run(status(settings, args.provider, key))
         if args.command == "check":
             return _run(check(settings))
         if args.command in ("deadletters", "replay"):

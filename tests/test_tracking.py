@@ -338,6 +338,37 @@ def test_cli_track_and_status(service: Smsbus) -> None:
     )
 
 
+def test_a_number_a_send_was_registered_with_is_known_before_its_first_status(
+    service: Smsbus, client: Listeners
+) -> None:
+    """An SMSC or SMS-Pager send registered with its phone: that number is tracked, so asking
+    for it (`/<id>/<phone>`, `smsbus status --phone`) gives its state, nothing known yet,
+    rather than a 404 until the provider's first report of it."""
+    send = new_id()
+    tracked = run_cli(service, "track", "smsc", send, "--phone", "+380 50 123-45-67",
+                      "--client-ref", "one-number")  # fmt: skip
+    assert 0 == tracked.returncode, tracked.stderr
+    shown = client.get(f"/v1/messages/smsc/{send}/380501234567")
+    assert 200 == shown.status_code
+    assert {
+        "provider": "smsc",
+        "message_id": send,
+        "status": None,
+        "final": False,
+        "phone": "380501234567",
+        "client_ref": "one-number",
+    }.items() <= shown.json().items()
+    result = run_cli(service, "status", "smsc", send, "--phone", "+380 50 123-45-67")
+    assert (0, shown.json()) == (result.returncode, json.loads(result.stdout))
+    other = run_cli(service, "status", "smsc", send, "--phone", "380501234568")
+    assert (1, {"error": "unknown message"}) == (other.returncode, json.loads(other.stdout))
+    assert 404 == client.get(f"/v1/messages/smsc/{send}/380501234568").status_code
+    one_id = run_cli(service, "status", "smspilot", send, "--phone", "380501234567")
+    assert 2 == one_id.returncode and "--phone is for a number of an SMS-Pager or SMSC send" in (
+        one_id.stderr
+    )
+
+
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 OWN = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

@@ -226,28 +226,54 @@ class ProviderPoller:
         size = self._batch
         limit = size * ROUND_BATCHES
         due = self.schedule.take(now, size, horizon=now + self.settings.interval / 2, limit=limit)
-        expiring = [
-            state
-            for message_id in due.expired
-            if (state := self._index.get(self.name, message_id)) is not None
-            and state.tracked
-            and not state.final
-        ]
-        await _together(expiring, partial(self._expire_or_retry, now=now))
+        if per_id is not None and (looked := self._expiring(due.expired)):
+            await self._last_look([state.message_id for state in looked])
+        await _together(self._expiring(due.expired), partial(self._expire_or_retry, now=now))
         polled = [m for m in due.poll if self._index.is_open(self.name, m)]
         for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
             self._alone.discard(message_id)
         if polled and per_id is not None:
-            rest = [m for m in polled if m not in self._alone]
-            batches = [[m] for m in polled if m in self._alone]
-            batches += [rest[i : i + size] for i in range(0, len(rest), size)]
             self._floor.due_since = due.since
             try:
-                await asyncio.gather(*(self._poll_batch(batch, now) for batch in batches))
+                await asyncio.gather(
+                    *(self._poll_batch(batch, now) for batch in self._batches(polled))
+                )
             finally:
                 self._floor.due_since = None
         return len(due.poll) + len(due.expired) >= limit
+
+    def _expiring(self, message_ids: list[str]) -> list[MessageState]:
+        """The states of those of `message_ids` still tracked and not final."""
+        return [
+            state
+            for message_id in message_ids
+            if (state := self._index.get(self.name, message_id)) is not None
+            and state.tracked
+            and not state.final
+        ]
+
+    def _batches(self, message_ids: list[str]) -> list[list[str]]:
+        """The status requests that ask about `message_ids`: one for each id whose last answer
+        held a row that cannot be read (`_alone`), the rest batched."""
+        size = self._batch
+        rest = [m for m in message_ids if m not in self._alone]
+        batches = [[m] for m in message_ids if m in self._alone]
+        return batches + [rest[i : i + size] for i in range(0, len(rest), size)]
+
+    async def _last_look(self, message_ids: list[str]) -> None:
+        """One more poll of messages whose tracking ends, before their `unknown`: the status
+        the provider has is published instead, be it one reached since the last poll (up to
+        SMSBUS_<P>_MAX_INTERVAL before) or that of a message registered after its TTL had
+        passed (a late registration, a backfill), never polled. When the provider is being
+        backed off or the poll fails, they expire as they are, as the TTL says."""
+
+        async def look(batch: list[str]) -> None:
+            async with self._gate:
+                if time.monotonic() >= self._resume_at:
+                    await self._guard(partial(self._read, batch, set()))
+
+        await asyncio.gather(*(look(batch) for batch in self._batches(message_ids)))
 
     async def _expire_or_retry(self, state: MessageState, now: float) -> None:
         self._alone.discard(state.message_id)
@@ -258,35 +284,36 @@ class ProviderPoller:
             self.track(state, now)
             self.schedule.retry(state.message_id, now + self.settings.interval)
 
+    async def _read(self, batch: list[str], finished: set[str]) -> None:
+        """Ask about `batch` and publish what is new; add to `finished` the messages whose
+        reports are all final (several for an SMS-Pager mailing: one per number)."""
+        reports, unreadable = await self._fetch(batch)
+        received_at = utcnow()  # of the answer, for each report it carries
+        # What the mirror already says is not published again; the news is published together
+        # (one publish_many), its acks and state writes sharing batches.
+        finals = [self._known(report) for report in reports]
+        news = [i for i, final in enumerate(finals) if final is None]
+        published = await self._publish_all([reports[i] for i in news], received_at)
+        for i, final in zip(news, published, strict=True):
+            finals[i] = final
+        settled: dict[str, bool] = {}
+        for report, known in zip(reports, finals, strict=True):
+            settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
+        finished.update(message_id for message_id, done in settled.items() if done)
+        self._alone.difference_update(batch)
+        for ids, exc in unreadable:
+            if len(ids) == 1:
+                self._alone.update(ids)
+            await self._unreadable(exc, ids)
+
     async def _poll_batch(self, batch: list[str], now: float) -> None:
         finished: set[str] = set()
-
-        async def poll() -> None:
-            reports, unreadable = await self._fetch(batch)
-            received_at = utcnow()  # of the answer, for each report it carries
-            # What the mirror already says is not published again; the news is published
-            # together (one publish_many), its acks and state writes sharing batches. A message
-            # is finished when all its reports are final (several for an SMS-Pager mailing: one
-            # per number).
-            finals = [self._known(report) for report in reports]
-            news = [i for i, final in enumerate(finals) if final is None]
-            published = await self._publish_all([reports[i] for i in news], received_at)
-            for i, final in zip(news, published, strict=True):
-                finals[i] = final
-            settled: dict[str, bool] = {}
-            for report, known in zip(reports, finals, strict=True):
-                settled[report.message_id] = settled.get(report.message_id, True) and bool(known)
-            finished.update(message_id for message_id, done in settled.items() if done)
-            self._alone.difference_update(batch)
-            for ids, exc in unreadable:
-                if len(ids) == 1:
-                    self._alone.update(ids)
-                await self._unreadable(exc, ids)
-
         ok = False
         try:
             async with self._gate:
-                ok = time.monotonic() >= self._resume_at and await self._guard(poll)
+                ok = time.monotonic() >= self._resume_at and await self._guard(
+                    partial(self._read, batch, finished)
+                )
         finally:
             # Also when the term ends mid-batch (the lease lost, the task cancelled): a taken id
             # is off the schedule until put back, and the next term must find it there.

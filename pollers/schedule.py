@@ -138,19 +138,21 @@ class Schedule:
         self._due[message_id] = ids
 
     def take(self, now: float, batch: int, horizon: float, limit: int | None = None) -> Due:
-        """Take what is due at `now`, at most `limit` ids to poll. A last, partial batch is
-        topped up with ids due by `horizon`: polling those a little early saves a request.
-        Taken ids leave the schedule until put back (`again`, `retry`); expired ones for good."""
+        """Take what is due at `now`, at most `limit` ids to poll (or, polled, to expire: each
+        is polled a last time first). A last, partial batch is topped up with ids due by
+        `horizon`: polling those a little early saves a request. Taken ids leave the schedule
+        until put back (`again`, `retry`); expired ones for good."""
         poll: list[str] = []
         expired: list[str] = []
+        counted = expired if self._polled else []
         since: int | None = None
         due, slots, seconds = self._due, self._slots, self._seconds
-        while seconds and (limit is None or len(poll) < limit):
+        while seconds and (limit is None or len(poll) + len(counted) < limit):
             second = seconds[0]
             if second > now and not (poll and len(poll) % batch and second <= horizon):
                 break
             ids = slots[second]
-            while ids and (limit is None or len(poll) < limit):
+            while ids and (limit is None or len(poll) + len(counted) < limit):
                 if second > now and not len(poll) % batch:
                     break  # topped up
                 message_id = ids.pop()

@@ -135,6 +135,19 @@ def test_take_stops_at_the_limit_and_the_rest_stays_due() -> None:
     assert {str(n) for n in range(250)} == set(first) | set(rest)
 
 
+def test_expiries_count_to_the_limit_where_each_is_polled_a_last_time() -> None:
+    """Polled, each expiring message costs its share of a request (its last look): a round
+    takes no more of them than of messages to poll. Without polls, expiries cost nothing."""
+    for polled, counts in ((True, (200, 50)), (False, (250, 0))):
+        s = schedule(ttl=100.0, polled=polled)
+        for n in range(250):
+            s.register(str(n), registered=T0, sent=T0 - 200, after=T0)  # its TTL long over
+        first = s.take(T0 + 30, batch=100, horizon=T0 + 30, limit=200).expired
+        rest = s.take(T0 + 30, batch=100, horizon=T0 + 30, limit=200).expired
+        assert counts == (len(first), len(rest))
+        assert {str(n) for n in range(250)} == set(first) | set(rest)
+
+
 def test_many_messages_take_little_memory() -> None:
     import tracemalloc
 

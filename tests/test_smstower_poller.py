@@ -166,6 +166,52 @@ def test_an_expired_message_ends_with_a_final_unknown(
     )
 
 
+def test_a_message_is_polled_a_last_time_before_it_expires(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Its `unknown` is published only when the provider has no final status either: one that
+    came since its last poll (polls are up to SMSBUS_<P>_MAX_INTERVAL apart), or that of a
+    message registered after its TTL had passed (a late registration, a backfill), which was
+    never polled, is published in its place."""
+    tower = FakeSmstower()
+    ttl = 600.0
+    late, gone, turned, still = (new_id() for _ in range(4))
+    tower.statuses[late] = ("delivered", msk_now(-3 * 86400))
+    tower.statuses.update({turned: ("processing", ""), still: ("processing", "")})
+
+    def track(message_id: str, sent_at: datetime) -> dict[str, str]:
+        return {"provider": "smstower", "message_id": message_id, "sent_at": sent_at.isoformat()}
+
+    def via(message_id: str) -> list[tuple[str, str]]:
+        return [
+            (s.event["data"]["status"], s.event["data"]["via"])
+            for s in read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smstower.>")
+            if s.event["subject"] == message_id
+        ]
+
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="3",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="30", SMSBUS_TRACK_TTL=str(ttl))  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            long_ago = datetime.now(UTC) - timedelta(days=4)
+            register(bus, *(track(m, long_ago) for m in (late, gone)))
+            wait_for(lambda: via(gone), what="the unknown of one the provider does not know")
+            assert ([("delivered", "poll")], [("unknown", "expiry")]) == (via(late), via(gone))
+
+            # Polled 3 s after the registration, then 3 s later; expired 5.5 s after it.
+            ending = datetime.now(UTC) - timedelta(seconds=ttl - 5.5)
+            register(bus, *(track(m, ending) for m in (turned, still)))
+            wait_for(lambda: via(turned), what="the first poll")
+            tower.statuses[turned] = ("delivered", msk_now())  # before its TTL, after that poll
+            wait_for(lambda: len(via(still)) == 2, what="the unknown of the other")
+            assert [("sent", "poll"), ("unknown", "expiry")] == via(still)
+            assert [("sent", "poll"), ("delivered", "poll")] == via(turned)
+            assert 2 == bus.metric("smsbus_expired_total", provider="smstower")
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_inbound_sms_are_published_once(
     nats_server: NatsServer, fake: tuple[FakeSmstower, str], service: Smsbus
 ) -> None:

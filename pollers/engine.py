@@ -64,6 +64,10 @@ log = structlog.get_logger("smsbus.poller")
 Unreadable = tuple[list[str], ProviderRowError]
 
 TOLD_KEPT = 10_000  # unreadable rows remembered, so that each is told of once
+# Inbound rows that cannot be read in one list, past which the list's form has changed: its poll
+# fails (and backs off), rather than each row being told of at every poll once more of them are
+# listed again (a window held, `Window.take`) than TOLD_KEPT remembers.
+UNREADABLE_LISTED = 1_000
 CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
 PUBLISHED_AT_ONCE = 100  # events published together (expiries, a history's news)
@@ -541,6 +545,11 @@ class ProviderPoller:
         assert self.provider.inbound is not None
         cursor = await self._cursor("inbound")
         messages, new_cursor, unreadable = await self.provider.inbound(cursor)
+        if len(unreadable) > UNREADABLE_LISTED:
+            raise ProviderPayloadError(
+                f"{len(unreadable)} inbound rows cannot be read: {unreadable[0]}",
+                raw=unreadable[0].raw,
+            )
         for row in unreadable:
             await self._unreadable(row)
         for sms in messages:

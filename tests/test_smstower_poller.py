@@ -491,6 +491,36 @@ def test_an_inbound_list_none_of_whose_rows_can_be_read_holds_its_window_and_no_
             assert 0 == bus.stop()
 
 
+def test_an_inbound_list_of_more_unreadable_rows_than_one_bad_sms_explains_fails(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A thousand and one SMS that cannot be read are not a thousand and one bad rows but an
+    answer whose form has changed: its poll fails (one dead letter a poll, backed off) with the
+    window held, rather than a dead letter for each row, again at every poll once there are
+    more than smsbus remembers having told of; once they can be read, every one is published."""
+    tower = FakeSmstower()
+    tower.inbound.extend(
+        {"id": "", "from": "79030001122", "to": "79030001133", "text": f"sms {n}",
+         "created": msk_now(-600)}
+        for n in range(1001)
+    )  # fmt: skip
+    with Served(tower.app) as served:
+        bus = Smsbus(env_for(nats_server, tower, served.url), tmp_path).start()
+        try:
+            wait_for(lambda: len(tower.seen("/incomingsms.php")) >= 3, what="three polls")
+            letters = events(nats_server, bus, "deadletter.smstower")
+            assert 1 <= len(letters) <= len(tower.seen("/incomingsms.php"))
+            assert "1001 inbound rows cannot be read" in letters[0].event["data"]["reason"]
+            assert "provider call failed" in bus.logs()
+            assert [] == events(nats_server, bus, "inbound.smstower")
+            for sms in tower.inbound:  # as a release that reads the new form would
+                sms["id"] = new_id()
+            wait_for(lambda: len(events(nats_server, bus, "inbound.smstower")) == 1001,
+                     timeout=30, what="every SMS of the window held")  # fmt: skip
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -124,6 +124,9 @@ class ProviderPoller:
         # Ids whose last answer held a row that cannot be read: asked about alone (one request)
         # until it can be, not found again by halving each batch they are in (up to 15).
         self._alone: set[str] = set()
+        # Ids whose tracking has ended and whose last look (`_last_look`) has not happened yet,
+        # the provider failing: since when (`_may_wait`).
+        self._owed: dict[str, float] = {}
 
     def track(self, state: MessageState, now: float | None = None) -> None:
         """Put a tracked message on the schedule (the mirror calls this on every change)."""
@@ -230,9 +233,18 @@ class ProviderPoller:
         size = self._batch
         limit = size * ROUND_BATCHES
         due = self.schedule.take(now, size, horizon=now + self.settings.interval / 2, limit=limit)
+        waiting: set[str] = set()
         if per_id is not None and (looked := self._expiring(due.expired)):
-            await self._last_look([state.message_id for state in looked])
-        await _together(self._expiring(due.expired), partial(self._expire_or_retry, now=now))
+            read = await self._last_look([state.message_id for state in looked])
+            for state in looked:
+                if state.message_id not in read and self._may_wait(state.message_id, now):
+                    waiting.add(state.message_id)
+                    self.track(state, now)
+                    self.schedule.retry(state.message_id, now + self.settings.interval)
+        for message_id in set(due.expired) - waiting:
+            self._owed.pop(message_id, None)
+        expiring = [s for s in self._expiring(due.expired) if s.message_id not in waiting]
+        await _together(expiring, partial(self._expire_or_retry, now=now))
         polled = [m for m in due.poll if self._index.is_open(self.name, m)]
         for message_id in set(due.poll).difference(polled):
             self.schedule.drop(message_id)
@@ -265,19 +277,33 @@ class ProviderPoller:
         batches = [[m] for m in message_ids if m in self._alone]
         return batches + [rest[i : i + size] for i in range(0, len(rest), size)]
 
-    async def _last_look(self, message_ids: list[str]) -> None:
+    async def _last_look(self, message_ids: list[str]) -> set[str]:
         """One more poll of messages whose tracking ends, before their `unknown`: the status
         the provider has is published instead, be it one reached since the last poll (up to
         SMSBUS_<P>_MAX_INTERVAL before) or that of a message registered after its TTL had
-        passed (a late registration, a backfill), never polled. When the provider is being
-        backed off or the poll fails, they expire as they are, as the TTL says."""
+        passed (a late registration, a backfill), never polled. The ids asked about; those
+        not (the provider backed off, or failing) wait for it a while (`_may_wait`)."""
+        read: set[str] = set()
 
         async def look(batch: list[str]) -> None:
             async with self._gate:
-                if time.monotonic() >= self._resume_at:
-                    await self._guard(partial(self._read, batch, set()))
+                if time.monotonic() >= self._resume_at and await self._guard(
+                    partial(self._read, batch, set())
+                ):
+                    read.update(batch)
 
         await asyncio.gather(*(look(batch) for batch in self._batches(message_ids)))
+        return read
+
+    def _may_wait(self, message_id: str, now: float) -> bool:
+        """Whether a message whose last look could not be made waits for the provider once
+        more: for up to twice SMSBUS_<P>_MAX_INTERVAL from the first miss, so that at least
+        one call follows the longest back-off; then it expires as it is, as the TTL says (an
+        outage or refused credentials must not keep a message from ever ending)."""
+        grace = 2 * self.settings.max_interval
+        if len(self._owed) > TOLD_KEPT:  # those that turned final while they waited
+            self._owed = {k: t for k, t in self._owed.items() if t > now - 2 * grace}
+        return now < self._owed.setdefault(message_id, now) + grace
 
     async def _expire_or_retry(self, state: MessageState, now: float) -> None:
         self._alone.discard(state.message_id)

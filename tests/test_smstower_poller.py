@@ -15,6 +15,7 @@ import httpx
 import nats
 import pytest
 
+from pollers.smstower import STATUS
 from tests.fakes.server import Served
 from tests.fakes.smstower import FakeSmstower, msk_now
 from tests.support import (
@@ -208,6 +209,50 @@ def test_a_message_is_polled_a_last_time_before_it_expires(
             assert [("sent", "poll"), ("unknown", "expiry")] == via(still)
             assert [("sent", "poll"), ("delivered", "poll")] == via(turned)
             assert 2 == bus.metric("smsbus_expired_total", provider="smstower")
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_a_last_look_waits_for_a_provider_that_is_failing_for_a_while(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A message whose tracking ends while its provider cannot answer about it (its status
+    method down, the back-off after a failure) waits for the answer rather than getting
+    `unknown` at once, for up to twice SMSBUS_<P>_MAX_INTERVAL from the first look missed;
+    past that it expires as it is."""
+    tower = FakeSmstower(down={STATUS})
+    late, gone, waited = new_id(), new_id(), new_id()
+    tower.statuses.update({late: ("delivered", msk_now(-86400)), waited: ("delivered", "")})
+
+    def via(message_id: str) -> list[tuple[str, str]]:
+        return [
+            (s.event["data"]["status"], s.event["data"]["via"])
+            for s in read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smstower.>")
+            if s.event["subject"] == message_id
+        ]
+
+    long_ago = (datetime.now(UTC) - timedelta(days=4)).isoformat()
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="0.5",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="4")  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            register(bus, *({"provider": "smstower", "message_id": m, "sent_at": long_ago}
+                            for m in (late, gone)))  # fmt: skip
+            wait_for(lambda: asked_for(tower, late) >= 2, what="two looks missed")
+            assert ([], []) == (via(late), via(gone))
+            tower.down.clear()  # the provider answers again
+            wait_for(lambda: via(gone), what="the unknown of the one it does not know")
+            assert ([("delivered", "poll")], [("unknown", "expiry")]) == (via(late), via(gone))
+
+            tower.down.add(STATUS)  # and is down for longer
+            register(bus, {"provider": "smstower", "message_id": waited, "sent_at": long_ago})
+            wait_for(lambda: asked_for(tower, waited) >= 1, what="its look missed")
+            missed = time.monotonic()
+            wait_for(lambda: via(waited), timeout=20, what="its expiry")
+            assert [("unknown", "expiry")] == via(waited)
+            assert time.monotonic() - missed >= 2 * 4 - 0.5
+            assert asked_for(tower, waited) >= 3  # looked for all along
         finally:
             assert 0 == bus.stop()
 

@@ -42,6 +42,9 @@ class FakeSmstower:
     # cannot read in an answer that is otherwise well formed.
     unreadable: set[str] = field(default_factory=set)
     stall_s: float = 12.0  # how long a request hangs in the "stall" mode
+    # Methods answering code 10 ("Тех. проблема на стороне сервера", listed under each method)
+    # while the others work: one method down, not the gateway.
+    down: set[str] = field(default_factory=set)
     requests: list[Seen] = field(default_factory=list)
 
     def seen(self, path: str) -> list[Seen]:
@@ -84,7 +87,7 @@ class FakeSmstower:
         }.get(self.mode or "")
         if hostile_body is not None:
             return form, Response(hostile_body, media_type="application/xml")
-        if self.mode == "code10":
+        if self.mode == "code10" or request.url.path in self.down:
             return form, xml("<response><code>10</code></response>")
         if (form.get("login"), form.get("password")) != (self.login, self.password):
             return form, xml("<response><code>4</code></response>")

@@ -239,8 +239,7 @@ class ProviderPoller:
             for state in looked:
                 if state.message_id not in read and self._may_wait(state.message_id, now):
                     waiting.add(state.message_id)
-                    self.track(state, now)
-                    self.schedule.retry(state.message_id, now + self.settings.interval)
+                    self._due_again(state, now)
         for message_id in set(due.expired) - waiting:
             self._owed.pop(message_id, None)
         expiring = [s for s in self._expiring(due.expired) if s.message_id not in waiting]
@@ -286,11 +285,8 @@ class ProviderPoller:
         read: set[str] = set()
 
         async def look(batch: list[str]) -> None:
-            async with self._gate:
-                if time.monotonic() >= self._resume_at and await self._guard(
-                    partial(self._read, batch, set())
-                ):
-                    read.update(batch)
+            if await self._asked(batch, set()):
+                read.update(batch)
 
         await asyncio.gather(*(look(batch) for batch in self._batches(message_ids)))
         return read
@@ -311,8 +307,20 @@ class ProviderPoller:
             await self._expire(state)
         except PublishError as exc:
             log.error("expiry not stored; will retry", provider=self.name, error=str(exc))
-            self.track(state, now)
-            self.schedule.retry(state.message_id, now + self.settings.interval)
+            self._due_again(state, now)
+
+    def _due_again(self, state: MessageState, now: float) -> None:
+        """Back on the schedule, its tracking over, to be expired an interval from now."""
+        self.track(state, now)
+        self.schedule.retry(state.message_id, now + self.settings.interval)
+
+    async def _asked(self, batch: list[str], finished: set[str]) -> bool:
+        """`_read` of `batch` when the provider is not backed off, within the gate; whether it
+        was read."""
+        async with self._gate:
+            return time.monotonic() >= self._resume_at and await self._guard(
+                partial(self._read, batch, finished)
+            )
 
     async def _read(self, batch: list[str], finished: set[str]) -> None:
         """Ask about `batch` and publish what is new; add to `finished` the messages whose
@@ -340,10 +348,7 @@ class ProviderPoller:
         finished: set[str] = set()
         ok = False
         try:
-            async with self._gate:
-                ok = time.monotonic() >= self._resume_at and await self._guard(
-                    partial(self._read, batch, finished)
-                )
+            ok = await self._asked(batch, finished)
         finally:
             # Also when the term ends mid-batch (the lease lost, the task cancelled): a taken id
             # is off the schedule until put back, and the next term must find it there.

@@ -108,7 +108,7 @@ def each(
 
 def none_read(done: Sized, unreadable: list[ProviderRowError]) -> None:
     """ProviderPayloadError when rows were listed and not one could be read: a change of the
-    answer's form rather than one bad row, which fails the poll (its cursor stays) until a
-    release reads it."""
+    answer's form rather than one bad row, which fails the poll until a release reads it (an
+    SMSC history poll, a probe)."""
     if unreadable and not done:
         raise ProviderPayloadError(f"no row can be read: {unreadable[0]}")

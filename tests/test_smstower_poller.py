@@ -70,12 +70,17 @@ def events(nats: NatsServer, bus: Smsbus, tail: str) -> list[Stored]:
     return read_stream(nats.url, bus.stream, f"{bus.prefix}.{tail}")
 
 
-def statuses_of(nats: NatsServer, bus: Smsbus, message_id: str) -> list[str]:
+def reports_of(nats: NatsServer, bus: Smsbus, message_id: str) -> list[tuple[str, str]]:
+    """The message's status events in the stream: (status, via) of each, in order."""
     return [
-        s.event["data"]["status"]
+        (s.event["data"]["status"], s.event["data"]["via"])
         for s in read_stream(nats.url, bus.stream, f"{bus.prefix}.status.smstower.>")
         if s.event["subject"] == message_id
     ]
+
+
+def statuses_of(nats: NatsServer, bus: Smsbus, message_id: str) -> list[str]:
+    return [status for status, _ in reports_of(nats, bus, message_id)]
 
 
 def asked_for(tower: FakeSmstower, message_id: str) -> int:
@@ -184,11 +189,7 @@ def test_a_message_is_polled_a_last_time_before_it_expires(
         return {"provider": "smstower", "message_id": message_id, "sent_at": sent_at.isoformat()}
 
     def via(message_id: str) -> list[tuple[str, str]]:
-        return [
-            (s.event["data"]["status"], s.event["data"]["via"])
-            for s in read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smstower.>")
-            if s.event["subject"] == message_id
-        ]
+        return reports_of(nats_server, bus, message_id)
 
     with Served(tower.app) as served:
         env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="3",
@@ -225,11 +226,7 @@ def test_a_last_look_waits_for_a_provider_that_is_failing_for_a_while(
     tower.statuses.update({late: ("delivered", msk_now(-86400)), waited: ("delivered", "")})
 
     def via(message_id: str) -> list[tuple[str, str]]:
-        return [
-            (s.event["data"]["status"], s.event["data"]["via"])
-            for s in read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smstower.>")
-            if s.event["subject"] == message_id
-        ]
+        return reports_of(nats_server, bus, message_id)
 
     long_ago = (datetime.now(UTC) - timedelta(days=4)).isoformat()
     with Served(tower.app) as served:

@@ -117,6 +117,7 @@ class ProviderPoller:
         )
         self._backoff = Backoff(settings.interval, settings.max_interval)
         self._resume_at = 0.0
+        self._failed_at = -float("inf")  # when the last failure that counted was recorded
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
@@ -427,10 +428,11 @@ class ProviderPoller:
 
     async def _guard(self, job: Callable[[], Awaitable[None]]) -> bool:
         """Run one provider call; on failure record it, back off, and keep going."""
+        started = time.monotonic()
         try:
             await job()
         except ProviderError as exc:
-            await self._failed(exc)
+            await self._failed(exc, started)
             return False
         except PublishError as exc:
             log.error(
@@ -449,8 +451,19 @@ class ProviderPoller:
         self._metrics.poll_requests.labels(self.name, "ok").inc()
         self._metrics.provider_up.labels(self.name).set(1)
 
-    async def _failed(self, exc: ProviderError) -> None:
-        delay = max(self._backoff.failed(), exc.retry_after)
+    async def _failed(self, exc: ProviderError, started: float) -> None:
+        """Record a failed call that began at `started`. It backs off only when it began after
+        the last failure was recorded: the calls in flight together (a round's eight batches,
+        an inbound poll beside them) that fail together saw one failure of the provider, and
+        doubling the back-off for each would make a blip of a second stop polling for up to
+        SMSBUS_<P>_MAX_INTERVAL (eight doublings of 30 s are capped at 600 s)."""
+        now = time.monotonic()
+        if started >= self._failed_at:  # the next consecutive failure
+            self._failed_at = now
+            self._resume_at = now + max(self._backoff.failed(), exc.retry_after)
+        else:  # in flight when the last one was recorded: backed off for that one already
+            self._resume_at = max(self._resume_at, now + exc.retry_after)
+        delay = self._resume_at - now
         if isinstance(exc, ProviderAuthError):
             outcome = "auth_error"
             # A rotated Kubernetes Secret: the next call uses what its file holds now.
@@ -460,7 +473,6 @@ class ProviderPoller:
             outcome = "bad_answer"
         else:
             outcome = "unavailable"
-        self._resume_at = time.monotonic() + delay
         self.state.last_error = f"{rfc3339(utcnow())} {outcome}: {exc}"
         self._metrics.poll_requests.labels(self.name, outcome).inc()
         if not isinstance(exc, ProviderPayloadError):

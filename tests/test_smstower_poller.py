@@ -17,7 +17,7 @@ import pytest
 
 from pollers.smstower import STATUS
 from tests.fakes.server import Served
-from tests.fakes.smstower import FakeSmstower, msk_now
+from tests.fakes.smstower import FakeSmstower, Seen, msk_now
 from tests.support import (
     NatsServer,
     Smsbus,
@@ -595,6 +595,43 @@ def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
             wait_for(lambda: metric(bus, 'smsbus_provider_up{provider="smstower"}') == 1,
                      timeout=10, what="the rotated password to be used")  # fmt: skip
             assert "wrong-password" not in bus.logs() and tower.password not in bus.logs()
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_requests_in_flight_that_fail_together_back_off_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The gateway goes away for a moment while eight status requests are in flight: the next
+    call follows one interval's back-off, not eight doublings of it (which would stop polling
+    for up to SMSBUS_SMSTOWER_MAX_INTERVAL), and every status then comes in."""
+    tower = FakeSmstower()
+    ids = [new_id() for _ in range(800)]
+    tower.statuses.update((i, ("delivered", msk_now())) for i in ids)
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="60", SMSBUS_BALANCE_INTERVAL="600")  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            wait_for(lambda: tower.seen("/incomingsms.php"), what="the first inbound poll")
+            tower.blip = 8
+            before = len(tower.requests)
+            register(bus, *({"provider": "smstower", "message_id": i} for i in ids))
+            wait_for(lambda: len(tower.requests) >= before + 8, what="requests in the blip")
+            failed = tower.requests[before : before + 8]
+            assert sum(r.path == "/getstatus.v2.php" for r in failed) >= 7
+            ended = wait_for(lambda: tower.blip_ended_at, timeout=5, what="the gateway back")
+
+            def next_call() -> list[Seen]:  # one made once the failures were known
+                return [r for r in list(tower.requests) if r.at > ended + 0.3]
+
+            back = wait_for(next_call, timeout=20, what="the next call")[0]
+            # One failure's back-off is drawn from 0.5 to 1 s; eight doublings, 30 to 60 s.
+            assert back.at - ended < 5
+            wait_for(lambda: len(events(nats_server, bus, "status.smstower.delivered")) >= 800,
+                     timeout=30, what="every status after the blip")  # fmt: skip
+            unavailable = 'smsbus_poll_requests_total{outcome="unavailable",provider="smstower"}'
+            assert 8 == metric(bus, unavailable)
         finally:
             assert 0 == bus.stop()
 

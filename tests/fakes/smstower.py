@@ -45,7 +45,14 @@ class FakeSmstower:
     # Methods answering code 10 ("Тех. проблема на стороне сервера", listed under each method)
     # while the others work: one method down, not the gateway.
     down: set[str] = field(default_factory=set)
+    # A blip of the gateway (a restart behind its balancer): the next `blip` requests answer 503,
+    # each held until all of them are in (or `blip_hold_s` has passed), so that they are all in
+    # flight when the gateway goes away, as the requests of a busy poller are.
+    blip: int = 0
+    blip_hold_s: float = 3.0
+    blip_ended_at: float | None = None  # when the last 503 of the blip was answered
     requests: list[Seen] = field(default_factory=list)
+    _blipped: list[asyncio.Event] = field(default_factory=list)
 
     def seen(self, path: str) -> list[Seen]:
         return [r for r in list(self.requests) if r.path == path]
@@ -77,6 +84,8 @@ class FakeSmstower:
         self.requests.append(Seen(request.url.path, request.url.query, form, loop.time()))
         if self.mode == "stall":
             await asyncio.sleep(self.stall_s)
+        if self.blip:
+            return form, await self._blip()
         if self.mode == "http500":
             return form, Response("oops", status_code=500)
         hostile_body = {
@@ -92,6 +101,22 @@ class FakeSmstower:
         if (form.get("login"), form.get("password")) != (self.login, self.password):
             return form, xml("<response><code>4</code></response>")
         return form, None
+
+    async def _blip(self) -> Response:
+        arrived = asyncio.Event()
+        self._blipped.append(arrived)
+        if len(self._blipped) < self.blip:
+            try:
+                await asyncio.wait_for(arrived.wait(), self.blip_hold_s)
+            except TimeoutError:
+                pass
+        # The gateway is back: what was in flight gets its 503, what comes next an answer.
+        self.blip = 0
+        self.blip_ended_at = asyncio.get_running_loop().time()
+        for waiting in self._blipped:
+            waiting.set()
+        self._blipped.clear()
+        return Response("Service Unavailable", status_code=503)
 
     async def _status(self, request: Request) -> Response:
         form, early = await self._common(request)

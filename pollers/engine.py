@@ -64,9 +64,10 @@ log = structlog.get_logger("smsbus.poller")
 Unreadable = tuple[list[str], ProviderRowError]
 
 TOLD_KEPT = 10_000  # unreadable rows remembered, so that each is told of once
-# Inbound rows that cannot be read in one list, past which the list's form has changed: its poll
-# fails (and backs off), rather than each row being told of at every poll once more of them are
-# listed again (a window held, `Window.take`) than TOLD_KEPT remembers.
+# Rows that cannot be read in one inbound list (or in a history none of whose rows can be), past
+# which the answer's form has changed: its poll fails (and backs off), rather than each row being
+# told of at every poll once more of them are listed again (a window held, `Window.take`; the
+# history read again at each poll) than TOLD_KEPT remembers.
 UNREADABLE_LISTED = 1_000
 CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
@@ -503,6 +504,14 @@ class ProviderPoller:
         by_message: dict[str, list[StatusReport]] = {}
         reports, unreadable = await self.provider.history()
         received_at = utcnow()
+        # A history whose every row is unreadable, on an account that sent one SMS in days, is
+        # that row: told of once, as beside readable ones, not a failed call backing off inbound
+        # polls with it. Failing a history with readable rows would hold their statuses back.
+        if not reports and len(unreadable) > UNREADABLE_LISTED:
+            raise ProviderPayloadError(
+                f"{len(unreadable)} history rows, none of which can be read: {unreadable[0]}",
+                raw=unreadable[0].raw,
+            )
         for row in unreadable:
             await self._unreadable(row)
         for report in reports:

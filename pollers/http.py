@@ -96,7 +96,7 @@ def each(
     set aside, with its `raw` form, and the rest read. A failure for one row would otherwise
     fail every poll while the row stays in the window, and all that comes after it with it.
     What a list none of whose rows can be read means is the caller's: an inbound cursor stays
-    where it is (`Window.take`), an SMSC history poll fails (`none_read`)."""
+    where it is (`Window.take`), a probe fails (`none_read`)."""
     done, unreadable = [], []
     for item in items:
         try:
@@ -108,7 +108,7 @@ def each(
 
 def none_read(done: Sized, unreadable: list[ProviderRowError]) -> None:
     """ProviderPayloadError when rows were listed and not one could be read: a change of the
-    answer's form rather than one bad row, which fails the poll until a release reads it (an
-    SMSC history poll, a probe)."""
+    answer's form rather than one bad row, which fails the call until a release reads it (a
+    probe: `smsbus check` reads one row)."""
     if unreadable and not done:
         raise ProviderPayloadError(f"no row can be read: {unreadable[0]}")

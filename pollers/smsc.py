@@ -131,8 +131,9 @@ class Page(NamedTuple):
 def parse_page(body: bytes, tz: ZoneInfo) -> Page:
     """One page of get_messages. A row that cannot be read is set aside (the history lists
     every message of the account, so failing the page would stop every status behind it until
-    the row leaves the window); a poll none of whose rows can be read fails (`Client.history`:
-    a page, the last of a sweep, may hold that one row alone)."""
+    the row leaves the window), also when no row of the page can be (the last page of a sweep
+    may hold that one row alone). What a poll none of whose rows can be read means is the
+    engine's (`ProviderPoller._history`)."""
     rows = _rows(body, "history")
     reading = partial(_history_row, tz=tz)
     reports, unreadable = http.each(reading, rows, orjson.dumps)
@@ -276,9 +277,7 @@ class Client:
     @staticmethod
     def _read(pages: list[Page]) -> tuple[list[StatusReport], list[ProviderRowError]]:
         reports = [report for page in pages for report in page.reports]
-        unreadable = [row for page in pages for row in page.unreadable]
-        http.none_read(reports, unreadable)
-        return reports, unreadable
+        return reports, [row for page in pages for row in page.unreadable]
 
     async def inbound(self, cursor: str | None) -> InboundRead:
         fields = {"get_answers": "1", "hour": INBOUND_HOURS}

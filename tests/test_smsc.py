@@ -232,7 +232,7 @@ def test_a_history_row_that_cannot_be_read_is_set_aside(
     assert all(orjson.loads(t.raw or b"")["id"] in {int(b) for b in bad} for t in told)
 
 
-def test_a_history_page_none_of_whose_rows_can_be_read_fails() -> None:
+def test_a_probe_none_of_whose_rows_can_be_read_fails() -> None:
     body = httpx.Response(
         200, json=[row(7, 1, last_date="x", last_timestamp=0), row(8, 1, id=None)]
     ).content
@@ -312,6 +312,48 @@ def test_history_inbound_and_the_rate_rule(
         assert first_two[0] is None and first_two[1] == str(fake.history[99]["int_id"])
         assert 0 == fake.refused
         assert fake.password not in bus.logs()
+    finally:
+        assert 0 == bus.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [1, 1001])
+def test_a_history_none_of_whose_rows_can_be_read(
+    nats_server: NatsServer, tmp_path: Path, smsc: tuple[FakeSmsc, str], rows: int
+) -> None:
+    """An account that sent one SMS in three days, its row not in the document's form: the row
+    is told of (a dead letter with its JSON) and the poll is not a failed call, which would back
+    off inbound polls with it; 1,001 such rows and none readable are a changed form, and fail."""
+    fake, url = smsc
+    for n in range(rows):
+        fake.send(700_000 + n, [f"38050{n:07d}"], status=1, sort=False)
+    fake.sort()
+    for row_ in fake.history:
+        del row_["status"]
+    env = isolated_env(nats_server.url, SMSBUS_SMSC_URL=url, SMSBUS_SMSC_LOGIN=fake.login,
+                       SMSBUS_SMSC_PASSWORD=fake.password, SMSBUS_SMSC_INTERVAL="21")  # fmt: skip
+    bus = Smsbus(env, tmp_path)
+    bus.start()
+    try:
+        letters = wait_for(
+            lambda: read_stream(nats_server.url, bus.stream, f"{bus.prefix}.deadletter.smsc"),
+            what="the history told of",
+        )
+        ok = 2 if rows == 1 else 1  # the history's and the inbound poll's, or the inbound's
+        wait_for(lambda: ok == bus.metric("smsbus_poll_requests_total", outcome="ok",
+                                          provider="smsc"), what="the polls done")  # fmt: skip
+        [letter] = letters
+        reason = letter.event["data"]["reason"]
+        row_id = orjson.loads(letter.event["data"]["raw"]["body"])["id"]
+        if rows == 1:
+            assert "a history row lacks id or status" == reason
+            assert 700_000 == row_id
+            assert "provider call failed" not in bus.logs()
+        else:
+            assert reason.startswith("1001 history rows, none of which can be read: ")
+            assert 701_000 == row_id  # the newest
+            assert "provider call failed" in bus.logs()
+        assert 1 == bus.metric("smsbus_poll_requests_total", outcome="bad_answer", provider="smsc")
     finally:
         assert 0 == bus.stop()
 

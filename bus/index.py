@@ -70,6 +70,10 @@ class MessageIndex:
         """How many states the mirror holds."""
         return sum(len(states) for states in self._by_provider.values())
 
+    def open_count(self, provider: str) -> int:
+        """Tracked messages of `provider` with no final status yet."""
+        return self._open[provider]
+
     def _blob(self, provider: str, message_key: str) -> bytes | None:
         states = self._by_provider.get(provider)
         return None if states is None else states.get(message_key)

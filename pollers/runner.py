@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import time
 
 import httpx
@@ -13,6 +14,8 @@ import structlog
 
 from bus.core import Bus
 from bus.lease import Lease, holder_id
+from bus.messages import MessageState
+from bus.statuses import PROVIDERS
 from bus.supervisor import Beat
 from pollers import epochta, smsc, smspager, smspilot, smstower
 from pollers.engine import ProviderPoller
@@ -28,6 +31,9 @@ REGISTRY: dict[str, Build] = {
     "epochta": epochta.provider,
 }
 STOP_WAIT = 5.0
+UNPOLLED_WARN_EVERY = 3600.0  # seconds between warnings of one provider's unpolled messages
+# SMSPilot's statuses come by callback: tracked with no API key, its messages are still read.
+PUSHES = {"smspilot"}
 
 
 def pollers_for(bus: Bus, client: httpx.AsyncClient) -> list[ProviderPoller]:
@@ -45,6 +51,8 @@ async def start_pollers(bus: Bus, stack: contextlib.AsyncExitStack) -> list[Prov
         httpx.AsyncClient(headers={"user-agent": "smsbus"}, follow_redirects=False)
     )
     pollers = pollers_for(bus, http)
+    unpolled = functools.partial(warn_unpolled, bus, {p.name for p in pollers} | PUSHES)
+    stack.push_async_callback(bus.supervisor.spawn("unpolled-warning", unpolled))
     if not pollers:
         return pollers
     holder = holder_id()
@@ -55,6 +63,39 @@ async def start_pollers(bus: Bus, stack: contextlib.AsyncExitStack) -> list[Prov
         stop = bus.supervisor.spawn(f"poller-{poller.name}", functools.partial(lead, poller, lease))
         stack.push_async_callback(stop)
     return pollers
+
+
+async def warn_unpolled(bus: Bus, polled: set[str], beat: Beat) -> None:
+    """A warning (at most hourly) while messages are tracked for a provider this replica does
+    not poll, its credentials not set here: a registration for it is accepted (a replica with
+    them polls it, or this one once they are set), but nothing here will read its statuses or
+    expire it. Once at start for what the mirror holds, then as registrations come in. Across
+    replicas, the SmsbusTrackedNotPolled alert."""
+    mirror = bus.states.mirror
+    warned: dict[str, float] = {}
+
+    def check(provider: str) -> None:
+        now = time.monotonic()
+        if provider in polled or now - warned.get(provider, -math.inf) < UNPOLLED_WARN_EVERY:
+            return
+        warned[provider] = now
+        log.warning(
+            "messages tracked for a provider this replica does not poll: no credentials here; "
+            "they get no status and no expiry unless a replica with them polls it",
+            provider=provider, tracked=mirror.open_count(provider),
+            credentials=f"SMSBUS_{provider.upper()}_*",
+        )  # fmt: skip
+
+    def changed(state: MessageState) -> None:
+        if state.tracked and not state.final:
+            check(state.provider)
+
+    await bus.states.follower.loaded.wait()
+    beat()
+    for provider in PROVIDERS:
+        if mirror.open_count(provider):
+            check(provider)
+    mirror.listeners.append(changed)
 
 
 async def lead(poller: ProviderPoller, lease: Lease, beat: Beat) -> None:

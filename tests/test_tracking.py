@@ -471,3 +471,50 @@ def test_a_state_written_back_keeps_the_registration_the_facts_and_the_later_fin
     assert merged.final and {"1": True, "2": True} == {
         phone: number["final"] for phone, number in (merged.numbers or {}).items()
     }
+
+
+UNPOLLED = "messages tracked for a provider this replica does not poll"
+
+
+def test_messages_tracked_for_a_provider_nobody_here_polls_are_warned_of(
+    nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A registration for a provider whose credentials are not set is accepted (they may be set
+    later, or another replica holds them), and warned of: nothing here will poll or expire it.
+    Not for SMSPilot, whose statuses come by callback."""
+
+    def warned(bus: Smsbus) -> dict[str, float]:
+        return {
+            line["provider"]: line["tracked"]
+            for line in bus.log_lines()
+            if line.get("event", "").startswith(UNPOLLED)
+        }
+
+    env = isolated_env(nats_server.url)
+    bus = Smsbus(env, tmp_path_factory.mktemp("unpolled")).start()
+    try:
+        bus.register({"provider": "smspilot", "message_id": new_id()})
+        bus.register({"provider": "smstower", "message_id": new_id()})
+        wait_for(lambda: warned(bus), what="the warning")
+        bus.register({"provider": "smstower", "message_id": new_id()})
+
+        async def track() -> None:
+            nc = await nats.connect(nats_server.url)
+            try:
+                body = orjson.dumps({"provider": "epochta", "message_id": "msg-1"})
+                await nc.jetstream().publish(f"{bus.prefix}.track.epochta", body)
+            finally:
+                await nc.close()
+
+        asyncio.run(track())
+        wait_for(lambda: "epochta" in warned(bus), what="the warning of sms.track's")
+        assert {"smstower": 1, "epochta": 1} == warned(bus)  # once an hour, at most
+        assert 1 == sum(UNPOLLED in line for line in bus.logs().splitlines() if "smstower" in line)
+    finally:
+        assert 0 == bus.stop()
+    bus = Smsbus(env, tmp_path_factory.mktemp("unpolled")).start()
+    try:  # what is tracked is warned of at start
+        found = wait_for(lambda: len(warned(bus)) == 2 and warned(bus), what="both warnings")
+        assert {"smstower": 2, "epochta": 1} == found
+    finally:
+        assert 0 == bus.stop()

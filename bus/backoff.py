@@ -2,11 +2,13 @@
 failure up to a cap, with jitter; a success resets it (CONTRACT.md section 5, "Polling rules").
 
 Used by the supervisor's restarts, the spool drainer, the embedded server's restarts, start-up
-retries and the pollers' failed calls, so they all behave, and read, alike.
+retries and the pollers' failed calls (`Calls`: calls in flight together fail once), so they all
+behave, and read, alike.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,3 +41,27 @@ class Backoff:
 
     def succeeded(self) -> None:
         self.failures = 0
+
+
+@dataclass
+class Calls:
+    """The back-off of calls that may be in flight together (a poller's requests to one
+    provider): a failed call counts only when it began after the last failure was recorded, or
+    after a success since. Calls that fail together saw one failure of the provider; doubling
+    for each would make a blip of a second, with eight requests in flight, wait eight doublings
+    (30 s doubled seven times is capped at 600 s)."""
+
+    backoff: Backoff
+    failed_at: float = -math.inf  # when the last failure that counted was recorded
+
+    def failed(self, started: float, now: float) -> float | None:
+        """Record the failure of a call begun at `started`: the delay before the next call, or
+        None when the call was in flight as the last failure was recorded (its wait stands)."""
+        if started < self.failed_at:
+            return None
+        self.failed_at = now
+        return self.backoff.failed()
+
+    def succeeded(self) -> None:
+        self.backoff.succeeded()
+        self.failed_at = -math.inf

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import structlog
 
-from bus.backoff import Backoff
+from bus.backoff import Backoff, Calls
 from bus.config import ProviderSettings
 from bus.core import Bus, ProviderState
 from bus.errors import (
@@ -116,9 +116,8 @@ class ProviderPoller:
             timing=partial(self._index.timing, self.name),
             polled=provider.statuses is not None,
         )
-        self._backoff = Backoff(settings.interval, settings.max_interval)
+        self._calls = Calls(Backoff(settings.interval, settings.max_interval))
         self._resume_at = 0.0
-        self._failed_at = -float("inf")  # when the last failure that counted was recorded
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
@@ -447,23 +446,17 @@ class ProviderPoller:
         return True
 
     def _succeeded(self) -> None:
-        self._backoff.succeeded()
+        self._calls.succeeded()
         self.state.last_success = rfc3339(utcnow())
         self._metrics.poll_requests.labels(self.name, "ok").inc()
         self._metrics.provider_up.labels(self.name).set(1)
 
     async def _failed(self, exc: ProviderError, started: float) -> None:
-        """Record a failed call that began at `started`. It backs off only when it began after
-        the last failure was recorded: the calls in flight together (a round's eight batches,
-        an inbound poll beside them) that fail together saw one failure of the provider, and
-        doubling the back-off for each would make a blip of a second stop polling for up to
-        SMSBUS_<P>_MAX_INTERVAL (eight doublings of 30 s are capped at 600 s)."""
+        """Record a failed call that began at `started`, and back off: once for calls that fail
+        together (`Calls`), never shortening a wait already set (SMSC's minute after error 9)."""
         now = time.monotonic()
-        if started >= self._failed_at:  # the next consecutive failure
-            self._failed_at = now
-            self._resume_at = now + max(self._backoff.failed(), exc.retry_after)
-        else:  # in flight when the last one was recorded: backed off for that one already
-            self._resume_at = max(self._resume_at, now + exc.retry_after)
+        backoff = self._calls.failed(started, now) or 0.0
+        self._resume_at = max(self._resume_at, now + max(backoff, exc.retry_after))
         delay = self._resume_at - now
         if isinstance(exc, ProviderAuthError):
             outcome = "auth_error"

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from bus import supervisor as supervised
-from bus.backoff import Backoff
+from bus.backoff import Backoff, Calls
 from bus.supervisor import Beat, Restart, Supervisor
 from tests.support import await_for
 
@@ -221,6 +221,22 @@ def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
     assert 1.0 == backoff.failed()
     jittered = Backoff(10.0, 10.0, jitter=0.5)
     assert all(5.0 <= jittered.failed() <= 10.0 for _ in range(100))
+
+
+def test_calls_that_fail_together_back_off_once() -> None:
+    calls = Calls(Backoff(1.0, 60.0, draw=lambda low, high: high))
+    # Eight calls begun at 0 to 0.7 fail together at 1.0: one failure, not eight doublings.
+    assert [1.0] + [None] * 7 == [
+        calls.failed(started=i / 10, now=1.0 + i / 1000) for i in range(8)
+    ]
+    # The next call, begun once the failure was known, fails: the next doubling.
+    assert 2.0 == calls.failed(started=2.0, now=2.5)
+    # A call begun before that failure and failing after it saw it too.
+    assert calls.failed(started=2.1, now=2.6) is None
+    # A success, and a call in flight since before it fails: the provider failed anew, counted
+    # from the first delay again.
+    calls.succeeded()
+    assert 1.0 == calls.failed(started=2.2, now=3.0)
 
 
 async def _true(value: bool) -> bool:

@@ -4,7 +4,9 @@ credential into a message. Requests carry credentials only in bodies, never in U
 from __future__ import annotations
 
 import asyncio
+import email.utils
 from collections.abc import Callable, Iterable, Mapping, Sized
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import httpx
@@ -25,6 +27,9 @@ TIMEOUT = httpx.Timeout(10.0, connect=5.0)  # to connect, and between two reads 
 # brings a byte every few seconds (a broken proxy, a provider in trouble) would hold the poller
 # for ever; past this the provider is unavailable, and the poller backs off as from any outage.
 ANSWER_WITHIN = 60.0
+# A Retry-After longer than this (the default SMSBUS_<P>_MAX_INTERVAL) is more likely a proxy's
+# setting than the provider's wish: the poller asks again after this at the latest.
+RETRY_AFTER_MOST = 600.0
 
 
 async def post(
@@ -62,10 +67,33 @@ async def post(
     if status in (401, 403):
         raise ProviderAuthError(f"{url} answered HTTP {status}")
     if status >= 500 or status == 429:
-        raise ProviderUnavailable(f"{url} answered HTTP {status}")
+        wait = retry_after(response.headers.get("retry-after"))
+        raise ProviderUnavailable(
+            f"{url} answered HTTP {status}" + (f", retry after {wait:g} s" if wait else ""),
+            retry_after=wait,
+        )
     if status >= 400:
         raise ProviderPayloadError(f"{url} answered HTTP {status}", raw=bytes(body))
     return bytes(body)
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float:
+    """The wait a 429 or 503 asks for in its Retry-After (RFC 9110 section 10.2.3: seconds, or an
+    HTTP date), at most RETRY_AFTER_MOST; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdecimal():
+        wait = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return 0.0
+        if when.tzinfo is None:
+            return 0.0
+        wait = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(wait, 0.0), RETRY_AFTER_MOST)
 
 
 def parsed(body: bytes, parse: Callable[[], T]) -> T:

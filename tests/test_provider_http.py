@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -60,3 +61,23 @@ def test_an_answer_that_trickles_past_its_deadline_is_an_unavailable_provider() 
 def test_an_answer_that_trickles_in_within_its_deadline_is_taken_whole() -> None:
     with Served(Trickle(chunks=5, every=0.1)) as provider:
         assert b"xxxxx" == asyncio.run(_post(provider.url + "/api", within=10.0))
+
+
+@pytest.mark.parametrize(
+    ("value", "wait"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("Tue, 08 Dec 2026 00:01:30 GMT", 90.0),  # an HTTP date, 90 s from `now`
+        ("Tue, 08 Dec 2026 00:00:00 GMT", 0.0),  # now or past: no wait
+        ("86400", http.RETRY_AFTER_MOST),  # a day: held to the most
+        ("-5", 0.0),
+        ("soon", 0.0),
+        ("1.5", 0.0),  # not a delay-seconds (whole seconds only)
+        ("", 0.0),
+        (None, 0.0),
+    ],
+)
+def test_retry_after_reads_seconds_or_a_date(value: str | None, wait: float) -> None:
+    now = datetime(2026, 12, 8, 0, 0, 0, tzinfo=UTC)
+    assert wait == http.retry_after(value, now=now)

@@ -599,6 +599,32 @@ def test_an_auth_failure_shows_backs_off_and_a_rotated_secret_file_is_used(
             assert 0 == bus.stop()
 
 
+def test_a_rate_limited_gateway_is_asked_again_no_sooner_than_its_retry_after(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A gateway's rate limit (429, Retry-After: 3) is waited out, not hit again at the next
+    interval (0.3 s here); then polling goes on as before."""
+    tower = FakeSmstower(mode="http429", retry_after="3")
+    with Served(tower.app) as served:
+        bus = Smsbus(env_for(nats_server, tower, served.url), tmp_path).start()
+        try:
+            first = wait_for(lambda: tower.requests, what="a first call")[0]
+            at_start = first.at + 0.1  # the inbound poll and the balance reading, together
+
+            def next_call() -> list[Seen]:
+                return [r for r in list(tower.requests) if r.at > at_start]
+
+            gap = wait_for(next_call, what="the next call")[0].at - first.at
+            assert gap >= 2.9, f"asked again {gap:.2f} s after"
+            error = bus.readyz()["providers"]["smstower"]["last_error"]
+            assert "answered HTTP 429, retry after 3 s" in error
+            tower.mode = None
+            wait_for(lambda: bus.metric("smsbus_provider_up", provider="smstower") == 1,
+                     what="polling again")  # fmt: skip
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_requests_in_flight_that_fail_together_back_off_once(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -221,7 +221,12 @@ class ProviderPoller:
 
     async def _status_loop(self) -> None:
         while not self.stopping:
-            await asyncio.sleep(self._tick)
+            # A tick, or to the end of a back-off when that comes sooner: the status loop takes
+            # its turn then, beside the loops that wake at it (inbound, balance), and not a tick
+            # after them, when their calls to a provider that fails fast have backed it off
+            # again; so a message whose tracking ends is looked at, and ends, in an outage too.
+            left = self._resume_at - time.monotonic()
+            await asyncio.sleep(left if 0 < left < self._tick else self._tick)
             self._beat()
             # Round after round while there is more due than one round takes.
             while time.monotonic() >= self._resume_at and await self._status_round(time.time()):

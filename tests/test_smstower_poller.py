@@ -254,6 +254,40 @@ def test_a_last_look_waits_for_a_provider_that_is_failing_for_a_while(
             assert 0 == bus.stop()
 
 
+@pytest.mark.parametrize("failing", ["gateway down", "credentials refused"])
+def test_a_message_ends_while_the_whole_provider_fails(
+    nats_server: NatsServer, tmp_path: Path, failing: str
+) -> None:
+    """Every method failing fast (code 10 from each, or the password refused): the status loop
+    takes its turn at each back-off's end beside the inbound poll, whose failure would otherwise
+    back the provider off again before the status loop's next tick. So a message whose tracking
+    ends is looked at, waits its twice SMSBUS_<P>_MAX_INTERVAL and expires at the next turn
+    after that; an outage or refused credentials do not keep it open for as long as they last."""
+    tower = FakeSmstower(mode="code10" if failing == "gateway down" else None)
+    ending = new_id()
+    long_ago = (datetime.now(UTC) - timedelta(days=4)).isoformat()
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="4", SMSBUS_BALANCE_INTERVAL="600")  # fmt: skip
+        if failing == "credentials refused":
+            env["SMSBUS_SMSTOWER_PASSWORD"] = "not-the-password"
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            register(bus, {"provider": "smstower", "message_id": ending, "sent_at": long_ago})
+            wait_for(lambda: asked_for(tower, ending), what="its first look")
+            looked = time.monotonic()
+            wait_for(lambda: bus.metric("smsbus_expired_total", provider="smstower"),
+                     timeout=30, what="its expiry")  # fmt: skip
+            took = time.monotonic() - looked
+            assert [("unknown", "expiry")] == reports_of(nats_server, bus, ending)
+            # Twice the max interval, then a back-off of at most the max interval.
+            assert 2 * 4 - 0.5 <= took <= 2 * 4 + 4 + 1.5, f"expired {took:.1f} s after"
+            looks = [r.at for r in tower.seen(STATUS)]
+            assert max(b - a for a, b in itertools.pairwise(looks)) <= 4 + 1.5
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_inbound_sms_are_published_once(
     nats_server: NatsServer, fake: tuple[FakeSmstower, str], service: Smsbus
 ) -> None:
@@ -654,8 +688,10 @@ def test_requests_in_flight_that_fail_together_back_off_once(
             back = wait_for(next_call, timeout=20, what="the next call")[0]
             # One failure's back-off is drawn from 0.5 to 1 s; eight doublings, 30 to 60 s.
             assert back.at - ended < 5
-            wait_for(lambda: len(events(nats_server, bus, "status.smstower.delivered")) >= 800,
-                     timeout=30, what="every status after the blip")  # fmt: skip
+            wait_for(lambda: bus.metric("smsbus_events_published_total", provider="smstower",
+                                        type="status") >= 800,
+                     timeout=30, what="every status")  # fmt: skip
+            assert 800 == len(events(nats_server, bus, "status.smstower.delivered"))
             unavailable = 'smsbus_poll_requests_total{outcome="unavailable",provider="smstower"}'
             assert 8 == metric(bus, unavailable)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 from collections.abc import Callable, Iterable, Mapping, Sized
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -30,6 +31,8 @@ ANSWER_WITHIN = 60.0
 # A Retry-After longer than this (the default SMSBUS_<P>_MAX_INTERVAL) is more likely a proxy's
 # setting than the provider's wish: the poller asks again after this at the latest.
 RETRY_AFTER_MOST = 600.0
+REASON_MOST = 200  # characters of an HTTP error's own words kept in its message
+_USERINFO = re.compile(r"(\w+://)[^/@\s]*@")  # credentials in a URL (a proxy's)
 
 
 async def post(
@@ -62,7 +65,7 @@ async def post(
     except TimeoutError:
         raise ProviderUnavailable(f"no whole answer from {url} within {within:g} s") from None
     except httpx.HTTPError as exc:
-        raise ProviderUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
+        raise ProviderUnavailable(f"cannot reach {url}: {_reason(exc)}") from None
     status = response.status_code
     if status in (401, 403):
         raise ProviderAuthError(f"{url} answered HTTP {status}")
@@ -75,6 +78,14 @@ async def post(
     if status >= 400:
         raise ProviderPayloadError(f"{url} answered HTTP {status}", raw=bytes(body))
     return bytes(body)
+
+
+def _reason(exc: httpx.HTTPError) -> str:
+    """What failed, in one line: the type and what the error says (a certificate not trusted,
+    a name not resolved, a connection refused), any `user:password@` in it masked."""
+    said = " ".join(str(exc).split())[:REASON_MOST]
+    said = _USERINFO.sub(r"\1***@", said)
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
 def retry_after(value: str | None, now: datetime | None = None) -> float:

@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -798,3 +799,45 @@ class NatsCluster:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server: tuple[Path, Path]  # certificate, key
+    client: tuple[Path, Path]
+
+
+def make_pki(where: Path) -> Pki:
+    """A private CA, and a server certificate for 127.0.0.1 and a client certificate it signed
+    (openssl's command line), with the extensions RFC 5280 asks for, which Python 3.13 and later
+    check (VERIFY_X509_STRICT), as a CA such as cert-manager's gives them."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed to make the test's certificates"
+    where.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = where / "ca.pem", where / "ca.key"
+
+    def run(*args: object) -> None:
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=30)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+        "-days", "2", "-subj", "/CN=smsbus test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+
+    def signed(name: str, usage: str, extra: str = "") -> tuple[Path, Path]:
+        cert, key, request = (where / f"{name}.{kind}" for kind in ("pem", "key", "csr"))
+        extensions = where / f"{name}.cnf"
+        extensions.write_text(
+            f"{extra}basicConstraints=critical,CA:FALSE\n"
+            f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+        )
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
+            "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+            "-out", cert, "-days", "2", "-extfile", extensions)  # fmt: skip
+        return cert, key
+
+    server = signed("server", "serverAuth", "subjectAltName=IP:127.0.0.1\n")
+    return Pki(ca, server, signed("smsbus", "clientAuth"))

@@ -81,3 +81,11 @@ def test_an_answer_that_trickles_in_within_its_deadline_is_taken_whole() -> None
 def test_retry_after_reads_seconds_or_a_date(value: str | None, wait: float) -> None:
     now = datetime(2026, 12, 8, 0, 0, 0, tzinfo=UTC)
     assert wait == http.retry_after(value, now=now)
+
+
+def test_an_unreachable_provider_says_why_in_one_line_without_a_proxy_password() -> None:
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    assert "ConnectError: [Errno 111] Connection refused" == http._reason(refused)
+    proxy = httpx.ProxyError("cannot connect to\n  http://smsbus:hunter2@proxy.local:3128 now")
+    assert "ProxyError: cannot connect to http://***@proxy.local:3128 now" == http._reason(proxy)
+    assert "ReadError" == http._reason(httpx.ReadError(""))

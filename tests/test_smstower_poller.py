@@ -24,6 +24,7 @@ from tests.support import (
     Stored,
     free_port,
     isolated_env,
+    make_pki,
     read_stream,
     wait_for,
 )
@@ -655,6 +656,27 @@ def test_a_rate_limited_gateway_is_asked_again_no_sooner_than_its_retry_after(
             tower.mode = None
             wait_for(lambda: bus.metric("smsbus_provider_up", provider="smstower") == 1,
                      what="polling again")  # fmt: skip
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_a_provider_whose_certificate_is_not_trusted_says_so(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """An HTTPS gateway whose certificate no trusted CA signed (a TLS-inspecting proxy, a wrong
+    host): /readyz and the log say the certificate failed, not only that a connection did."""
+    tower = FakeSmstower()
+    pki = make_pki(tmp_path / "pki")
+    with Served(tower.app, tls=pki.server) as served:
+        assert served.url.startswith("https://")
+        bus = Smsbus(env_for(nats_server, tower, served.url), tmp_path / "bus").start()
+        try:
+            error = wait_for(lambda: bus.readyz()["providers"]["smstower"]["last_error"],
+                             what="the failure in /readyz")  # fmt: skip
+            assert f"unavailable: cannot reach {served.url}/" in error
+            assert "ConnectError: [SSL: CERTIFICATE_VERIFY_FAILED]" in error
+            assert "CERTIFICATE_VERIFY_FAILED" in bus.logs()
+            assert tower.password not in bus.logs() and not tower.requests
         finally:
             assert 0 == bus.stop()
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,6 +28,7 @@ from tests.support import (
     Smsbus,
     free_port,
     isolated_env,
+    make_pki,
     read_stream,
     wait_for,
 )
@@ -223,54 +222,12 @@ def _users(password: str) -> str:
     return f'authorization {{ users = [ {{ user: smsbus, password: "{password}" }} ] }}'
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server: tuple[Path, Path]  # certificate, key
-    client: tuple[Path, Path]
-
-
-def _pki(where: Path) -> Pki:
-    """A private CA, and a server certificate for 127.0.0.1 and a client certificate it signed
-    (openssl's command line), with the extensions RFC 5280 asks for, which Python 3.13 and later
-    check (VERIFY_X509_STRICT), as a CA such as cert-manager's gives them."""
-    openssl = shutil.which("openssl")
-    assert openssl, "openssl is needed to make the test's certificates"
-    where.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = where / "ca.pem", where / "ca.key"
-
-    def run(*args: object) -> None:
-        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=30)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-        "-days", "2", "-subj", "/CN=smsbus test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-
-    def signed(name: str, usage: str, extra: str = "") -> tuple[Path, Path]:
-        cert, key, request = (where / f"{name}.{kind}" for kind in ("pem", "key", "csr"))
-        extensions = where / f"{name}.cnf"
-        extensions.write_text(
-            f"{extra}basicConstraints=critical,CA:FALSE\n"
-            f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
-            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
-        )
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
-            "-subj", f"/CN={name}")  # fmt: skip
-        run("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-            "-out", cert, "-days", "2", "-extfile", extensions)  # fmt: skip
-        return cert, key
-
-    server = signed("server", "serverAuth", "subjectAltName=IP:127.0.0.1\n")
-    return Pki(ca, server, signed("smsbus", "clientAuth"))
-
-
 def test_a_nats_server_with_mutual_tls_from_a_private_ca(tmp_path: Path) -> None:
     """A NATS whose certificate a private CA signed and which verifies its clients' certificates:
     SMSBUS_NATS_TLS_CA trusts that CA for NATS alone, SMSBUS_NATS_TLS_CERT and _KEY present the
     client's. What is missing or wrong stops start-up with one line; nothing is logged as a
     warning when the server closes a TLS connection at the stop."""
-    pki = _pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     (cert, key), (client_cert, client_key) = pki.server, pki.client
     server = NatsServer(
         tmp_path / "nats",
@@ -435,7 +392,7 @@ def test_a_nats_server_without_tls_is_refused_when_tls_is_asked_for(tmp_path: Pa
     would otherwise talk to a server that offers no TLS in the clear. At start that is one line
     and exit 1; a reconnect to such a server (here the TLS server replaced by a plain one on the
     same port) is an error line."""
-    pki = _pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     plain = NatsServer(tmp_path / "plain").start()
     try:
         for env, asked in (
@@ -482,7 +439,7 @@ def test_a_nats_server_that_offers_tls_without_requiring_it_is_used_over_tls(
     """A server with `allow_non_tls` takes both; nats-py, left to itself, chose the clear one
     even under a `tls://` URL (and smsbus then stopped: "does not use TLS"). smsbus's
     connections to it are encrypted, as the server's own list of connections shows."""
-    pki = _pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     cert, key = pki.server
     monitor = free_port()
     config = (f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\nallow_non_tls: true\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -14,11 +15,15 @@ from tests.support import free_port, wait_for
 
 
 class Served:
-    def __init__(self, app: Any) -> None:
+    """`tls`: a certificate and its key, to serve HTTPS."""
+
+    def __init__(self, app: Any, tls: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
+        self._scheme = "https" if tls else "http"
+        certificate, key = (str(tls[0]), str(tls[1])) if tls else (None, None)
         config = uvicorn.Config(
             _ignore_gone_clients(app), host="127.0.0.1", port=self.port, log_level="warning",
-            lifespan="off", access_log=False,
+            lifespan="off", access_log=False, ssl_certfile=certificate, ssl_keyfile=key,
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -26,7 +31,7 @@ class Served:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     def _run(self) -> None:
         asyncio.run(self.server.serve())

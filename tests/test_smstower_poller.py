@@ -679,6 +679,15 @@ def test_a_provider_whose_certificate_is_not_trusted_says_so(
             assert tower.password not in bus.logs() and not tower.requests
         finally:
             assert 0 == bus.stop()
+        # Its CA trusted (SSL_CERT_FILE, as for a proxy that inspects TLS): polled.
+        env = env_for(nats_server, tower, served.url, SSL_CERT_FILE=str(pki.ca))
+        bus = Smsbus(env, tmp_path / "trusting").start()
+        try:
+            wait_for(lambda: bus.metric("smsbus_provider_up", provider="smstower") == 1,
+                     what="the provider reached")  # fmt: skip
+            assert tower.requests
+        finally:
+            assert 0 == bus.stop()
 
 
 def test_requests_in_flight_that_fail_together_back_off_once(

@@ -69,6 +69,12 @@ async def post(
     status = response.status_code
     if status in (401, 403):
         raise ProviderAuthError(f"{url} answered HTTP {status}")
+    if 300 <= status < 400:  # not followed: a POST's body (its credentials) goes nowhere else
+        moved = _USERINFO.sub(r"\1***@", response.headers.get("location", "")[:REASON_MOST])
+        raise ProviderUnavailable(
+            f"{url} answered HTTP {status}, moved to {moved or 'an address it does not give'}: "
+            "has the provider's address changed (SMSBUS_<P>_URL)?"
+        )
     if status >= 500 or status == 429:
         wait = retry_after(response.headers.get("retry-after"))
         raise ProviderUnavailable(

@@ -690,6 +690,25 @@ def test_a_provider_whose_certificate_is_not_trusted_says_so(
             assert 0 == bus.stop()
 
 
+def test_a_provider_that_moved_says_where_and_its_redirect_is_not_followed(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A 301 to another host: not followed (the credentials are in the body), not a dead letter
+    of its HTML page, but an unavailable provider whose error says where it went."""
+    tower = FakeSmstower(mode="http301")
+    with Served(tower.app) as served:
+        bus = Smsbus(env_for(nats_server, tower, served.url), tmp_path).start()
+        try:
+            error = wait_for(lambda: bus.readyz()["providers"]["smstower"]["last_error"],
+                             what="the failure in /readyz")  # fmt: skip
+            assert "unavailable: " in error
+            assert "answered HTTP 301, moved to https://api.smstower.example/" in error
+            assert "SMSBUS_<P>_URL" in error
+            assert 0 == bus.metric("smsbus_deadletters_total", provider="smstower")
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_requests_in_flight_that_fail_together_back_off_once(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -37,7 +37,8 @@ class FakeSmstower:
     statuses: dict[str, tuple[str, str]] = field(default_factory=dict)  # id: (status, date)
     inbound: list[dict[str, str]] = field(default_factory=list)
     balance: str = "10654"
-    mode: str | None = None  # garbage, truncated, xxe, billion, http500, http429, stall, code10
+    # garbage, truncated, xxe, billion, http500, http429, http301, stall, code10
+    mode: str | None = None
     retry_after: str = "3"  # the Retry-After of an http429 answer (its gateway's rate limit)
     # Ids whose row comes without its deliveryStatus: not the document's form, a row the poller
     # cannot read in an answer that is otherwise well formed.
@@ -89,6 +90,11 @@ class FakeSmstower:
             return form, await self._blip()
         if self.mode == "http500":
             return form, Response("oops", status_code=500)
+        if self.mode == "http301":  # the API moved to another host
+            return form, Response(
+                "<html>Moved</html>", status_code=301,
+                headers={"Location": "https://api.smstower.example" + request.url.path},
+            )  # fmt: skip
         if self.mode == "http429":
             too_many = Response("Too Many Requests", status_code=429)
             too_many.headers["Retry-After"] = self.retry_after

@@ -11,9 +11,10 @@
   the events they cover are durable.
 - A failed call backs off by one rule (CONTRACT.md section 5): the interval, doubling with each
   failure up to SMSBUS_<P>_MAX_INTERVAL, with jitter, reset by a success, and never less than a
-  wait the provider demands; after an auth failure the `*_FILE` secrets are read again. Failures
-  show in /readyz and the metrics, and an unparsable answer goes to the dead-letter subject. A
-  NATS problem (a cursor not saved, an event not stored) is not the provider's failure.
+  wait the provider demands (SMSC's error 9, a Retry-After); calls that fail together count
+  once; after an auth failure the `*_FILE` secrets are read again. Failures show in /readyz and
+  the metrics, and an unparsable answer goes to the dead-letter subject. A NATS problem (a
+  cursor not saved, an event not stored) is not the provider's failure.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def _reason(exc: httpx.HTTPError) -> str:
 
 
 def retry_after(value: str | None, now: datetime | None = None) -> float:
-    """The wait a 429 or 503 asks for in its Retry-After (RFC 9110 section 10.2.3: seconds, or an
+    """The wait a 429 or 5xx asks for in its Retry-After (RFC 9110 section 10.2.3: seconds, or an
     HTTP date), at most RETRY_AFTER_MOST; 0 when absent or unreadable."""
     if not value:
         return 0.0

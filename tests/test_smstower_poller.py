@@ -282,9 +282,10 @@ def test_a_message_ends_while_the_whole_provider_fails(
             took = time.monotonic() - looked
             assert [("unknown", "expiry")] == reports_of(nats_server, bus, ending)
             # Twice the max interval, then a back-off of at most the max interval.
-            assert 2 * 4 - 0.5 <= took <= 2 * 4 + 4 + 1.5, f"expired {took:.1f} s after"
+            # (Before the status loop woke at a back-off's end: 18.5 and 20.5 s, gaps of 8.5 s.)
+            assert 2 * 4 - 0.5 <= took <= 2 * 4 + 4 + 2.5, f"expired {took:.1f} s after"
             looks = [r.at for r in tower.seen(STATUS)]
-            assert max(b - a for a, b in itertools.pairwise(looks)) <= 4 + 1.5
+            assert max(b - a for a, b in itertools.pairwise(looks)) <= 4 + 2
         finally:
             assert 0 == bus.stop()
 

@@ -20,10 +20,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
@@ -74,6 +75,11 @@ CONCURRENCY = 8  # status requests in flight to one provider
 ROUND_BATCHES = 4 * CONCURRENCY  # batches taken from the schedule at once, at most
 PUBLISHED_AT_ONCE = 100  # events published together (expiries, a history's news)
 LOAD_SLICE = 500  # messages put on the schedule in one turn of the event loop (a few ms)
+# A loop busy with one round or one job for this long is stuck (an await that never ends): the
+# poller's term ends and the supervisor starts it again, counted and shown in /readyz
+# (pollers.runner.lead). Far above any round that makes progress: a batch narrowed down by
+# halving takes 15 requests of up to 60 s each, one after the other (15 minutes), at worst.
+STALLED_AFTER = 1800.0
 
 T = TypeVar("T")
 
@@ -129,6 +135,7 @@ class ProviderPoller:
         # Ids whose tracking has ended and whose last look (`_last_look`) has not happened yet,
         # the provider failing: since when (`_may_wait`).
         self._owed: dict[str, float] = {}
+        self._busy: dict[str, float] = {}  # loop: since when it works on one round or job
 
     def track(self, state: MessageState, now: float | None = None) -> None:
         """Put a tracked message on the schedule (the mirror calls this on every change)."""
@@ -172,7 +179,8 @@ class ProviderPoller:
         await self._loaded.wait()
         self._index.listeners.append(self.track)
         try:
-            await self._schedule_all()
+            with self._working("schedule"):
+                await self._schedule_all()
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._status_loop())  # expiries, and per-id polls if any
                 if self.provider.history is not None:
@@ -202,10 +210,27 @@ class ProviderPoller:
                 await asyncio.sleep(max(0.0, last + interval - time.time()))
         while not self.stopping:
             if time.monotonic() >= self._resume_at:
-                await self._guard(job)
-                if spaced:
-                    await self._mark_run(spaced)
+                with self._working(spaced or job.__name__.strip("_")):
+                    await self._guard(job)
+                    if spaced:
+                        await self._mark_run(spaced)
             await asyncio.sleep(max(interval, self._resume_at - time.monotonic(), 0.01))
+
+    @contextlib.contextmanager
+    def _working(self, loop: str) -> Iterator[None]:
+        self._busy[loop] = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy.pop(loop, None)
+
+    def stuck(self, now: float) -> str | None:
+        """What is stuck, if a loop has been busy with one round or job for longer than
+        STALLED_AFTER; sleeping between them, however long, is not being stuck."""
+        for loop, since in list(self._busy.items()):
+            if now - since > STALLED_AFTER:
+                return f"{self.name}'s {loop} loop has been on one round for {now - since:.0f} s"
+        return None
 
     async def _last_run(self, job: str) -> float | None:
         try:
@@ -230,7 +255,11 @@ class ProviderPoller:
             await asyncio.sleep(left if 0 < left < self._tick else self._tick)
             self._beat()
             # Round after round while there is more due than one round takes.
-            while time.monotonic() >= self._resume_at and await self._status_round(time.time()):
+            while time.monotonic() >= self._resume_at:
+                with self._working("status"):
+                    more = await self._status_round(time.time())
+                if not more:
+                    break
                 self._beat()
 
     async def _status_round(self, now: float) -> bool:

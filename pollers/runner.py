@@ -16,7 +16,7 @@ from bus.core import Bus
 from bus.lease import Lease, holder_id
 from bus.messages import MessageState
 from bus.statuses import PROVIDERS
-from bus.supervisor import Beat
+from bus.supervisor import Beat, Restart
 from pollers import epochta, smsc, smspager, smspilot, smstower
 from pollers.engine import ProviderPoller
 from pollers.types import Build
@@ -117,6 +117,8 @@ async def lead(poller: ProviderPoller, lease: Lease, beat: Beat) -> None:
             while not term.done():
                 await asyncio.wait({term}, timeout=lease.renew_every)
                 beat()
+                if (stuck := poller.stuck(time.monotonic())) is not None:
+                    raise Restart(stuck)  # the lease given back below, the term ended
                 if not term.done() and not await lease.renew():
                     log.warning("lease lost; polling stops here", provider=poller.name)
                     break

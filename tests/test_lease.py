@@ -114,6 +114,9 @@ def test_a_holder_stalled_with_nats_leads_again_within_a_retry_period(tmp_path: 
             self.terms = 0
             self.leading = asyncio.Event()
 
+        def stuck(self, now: float) -> str | None:
+            return None
+
         async def run(self, beat: Beat) -> None:
             self.terms += 1
             self.leading.set()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,10 @@ import httpx
 import nats
 import pytest
 
+from bus.config import load_settings
+from bus.core import open_bus
+from pollers import engine
+from pollers.runner import start_pollers
 from pollers.smstower import STATUS
 from tests.fakes.server import Served
 from tests.fakes.smstower import FakeSmstower, Seen, msk_now
@@ -22,6 +28,7 @@ from tests.support import (
     NatsServer,
     Smsbus,
     Stored,
+    await_for,
     free_port,
     isolated_env,
     make_pki,
@@ -708,6 +715,49 @@ def test_a_provider_that_moved_says_where_and_its_redirect_is_not_followed(
             assert 0 == bus.metric("smsbus_deadletters_total", provider="smstower")
         finally:
             assert 0 == bus.stop()
+
+
+def test_a_poller_loop_stuck_on_one_round_is_restarted_counted_and_shown(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop that does not come back from one job (here a provider whose answers hang, and the
+    limit lowered from 30 minutes to 1.5 s) is not left in silence behind the lease's renewals:
+    the poller's term ends, its lease is given back, and the supervisor starts it again, counted
+    in smsbus_task_restarts_total and shown in /readyz's tasks; once the provider answers,
+    polling goes on."""
+    monkeypatch.setattr(engine, "STALLED_AFTER", 1.5)
+    tower = FakeSmstower(mode="stall", stall_s=8.0)
+
+    async def scenario(url: str) -> None:
+        env = env_for(nats_server, tower, url, SMSBUS_LEASE_TTL="2",
+                      SMSBUS_DATA_DIR=str(tmp_path))  # fmt: skip
+        async with open_bus(load_settings(env)) as bus, contextlib.AsyncExitStack() as stack:
+            await start_pollers(bus, stack)
+            poller = bus.supervisor.statuses()["poller-smstower"]
+            await await_for(lambda: _true(poller.restarts >= 1), what="the restart")
+            assert poller.last_error is not None
+            assert re.fullmatch(
+                r"smstower's (inbound|balance) loop has been on one round for \d+ s",
+                poller.last_error,
+            ), poller.last_error
+            restarts = bus.metrics.registry.get_sample_value(
+                "smsbus_task_restarts_total", {"task": "poller-smstower"}
+            )
+            assert restarts is not None and restarts >= 1
+            tower.mode = None
+            up = "smsbus_provider_up"
+            await await_for(
+                lambda: _true(bus.metrics.registry.get_sample_value(up, {"provider": "smstower"})
+                              == 1),
+                timeout=20, what="polling again",
+            )  # fmt: skip
+
+    with Served(tower.app) as served:
+        asyncio.run(scenario(served.url))
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 def test_requests_in_flight_that_fail_together_back_off_once(

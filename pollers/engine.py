@@ -84,6 +84,15 @@ STALLED_AFTER = 1800.0
 T = TypeVar("T")
 
 
+def _form_changed(unreadable: list[ProviderRowError], what: str) -> None:
+    """ProviderPayloadError, naming `what` and holding the first row, when more rows of one
+    answer cannot be read than UNREADABLE_LISTED: its form has changed, and the poll fails."""
+    if len(unreadable) > UNREADABLE_LISTED:
+        raise ProviderPayloadError(
+            f"{len(unreadable)} {what}: {unreadable[0]}", raw=unreadable[0].raw
+        )
+
+
 async def _together(items: Sequence[T], publish: Callable[[T], Awaitable[None]]) -> None:
     """`publish` for each item, PUBLISHED_AT_ONCE at a time: their acks and state writes
     pipelined."""
@@ -227,7 +236,7 @@ class ProviderPoller:
     def stuck(self, now: float) -> str | None:
         """What is stuck, if a loop has been busy with one round or job for longer than
         STALLED_AFTER; sleeping between them, however long, is not being stuck."""
-        for loop, since in list(self._busy.items()):
+        for loop, since in self._busy.items():
             if now - since > STALLED_AFTER:
                 return f"{self.name}'s {loop} loop has been on one round for {now - since:.0f} s"
         return None
@@ -278,6 +287,7 @@ class ProviderPoller:
                     self._due_again(state, now)
         for message_id in set(due.expired) - waiting:
             self._owed.pop(message_id, None)
+        # Read from the mirror again: a last look may have found a final status.
         expiring = [s for s in self._expiring(due.expired) if s.message_id not in waiting]
         await _together(expiring, partial(self._expire_or_retry, now=now))
         polled = [m for m in due.poll if self._index.is_open(self.name, m)]
@@ -535,11 +545,8 @@ class ProviderPoller:
         # A history whose every row is unreadable, on an account that sent one SMS in days, is
         # that row: told of once, as beside readable ones, not a failed call backing off inbound
         # polls with it. Failing a history with readable rows would hold their statuses back.
-        if not reports and len(unreadable) > UNREADABLE_LISTED:
-            raise ProviderPayloadError(
-                f"{len(unreadable)} history rows, none of which can be read: {unreadable[0]}",
-                raw=unreadable[0].raw,
-            )
+        if not reports:
+            _form_changed(unreadable, "history rows, none of which can be read")
         for row in unreadable:
             await self._unreadable(row)
         for report in reports:
@@ -625,11 +632,7 @@ class ProviderPoller:
         assert self.provider.inbound is not None
         cursor = await self._cursor("inbound")
         messages, new_cursor, unreadable = await self.provider.inbound(cursor)
-        if len(unreadable) > UNREADABLE_LISTED:
-            raise ProviderPayloadError(
-                f"{len(unreadable)} inbound rows cannot be read: {unreadable[0]}",
-                raw=unreadable[0].raw,
-            )
+        _form_changed(unreadable, "inbound rows cannot be read")
         for row in unreadable:
             await self._unreadable(row)
         for sms in messages:

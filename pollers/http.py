@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import httpx
 
+from bus.config import redact_url
 from bus.errors import (
     ProviderAuthError,
     ProviderPayloadError,
@@ -70,7 +71,7 @@ async def post(
     if status in (401, 403):
         raise ProviderAuthError(f"{url} answered HTTP {status}")
     if 300 <= status < 400:  # not followed: a POST's body (its credentials) goes nowhere else
-        moved = _USERINFO.sub(r"\1***@", response.headers.get("location", "")[:REASON_MOST])
+        moved = redact_url(response.headers.get("location", ""))[:REASON_MOST]
         raise ProviderUnavailable(
             f"{url} answered HTTP {status}, moved to {moved or 'an address it does not give'}: "
             "has the provider's address changed (SMSBUS_<P>_URL)?"

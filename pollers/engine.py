@@ -12,9 +12,10 @@
 - A failed call backs off by one rule (CONTRACT.md section 5): the interval, doubling with each
   failure up to SMSBUS_<P>_MAX_INTERVAL, with jitter, reset by a success, and never less than a
   wait the provider demands (SMSC's error 9, a Retry-After); calls that fail together count
-  once; after an auth failure the `*_FILE` secrets are read again. Failures show in /readyz and
-  the metrics, and an unparsable answer goes to the dead-letter subject. A NATS problem (a
-  cursor not saved, an event not stored) is not the provider's failure.
+  once, and while calls fail status requests go one at a time; after an auth failure the
+  `*_FILE` secrets are read again. Failures show in /readyz and the metrics, and an unparsable
+  answer goes to the dead-letter subject. A NATS problem (a cursor not saved, an event not
+  stored) is not the provider's failure.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class ProviderPoller:
         )
         self._calls = Calls(Backoff(settings.interval, settings.max_interval))
         self._resume_at = 0.0
+        self._probe = asyncio.Lock()  # the one status request in flight while calls fail
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
@@ -362,11 +364,19 @@ class ProviderPoller:
 
     async def _asked(self, batch: list[str], finished: set[str]) -> bool:
         """`_read` of `batch` when the provider is not backed off, within the gate; whether it
-        was read."""
+        was read. While the provider fails, one status request at a time (`_probe`): at the
+        end of a back-off one asks, and the others wait for its answer, to go on together once
+        it succeeds or to wait for the next back-off's end when it fails; not eight requests
+        at each end to a provider that is down or asked for a pause (a Retry-After)."""
+        read = partial(self._read, batch, finished)
         async with self._gate:
-            return time.monotonic() >= self._resume_at and await self._guard(
-                partial(self._read, batch, finished)
-            )
+            if self._calls.failing:
+                async with self._probe:
+                    if time.monotonic() < self._resume_at:
+                        return False
+                    if self._calls.failing:
+                        return await self._guard(read)
+            return time.monotonic() >= self._resume_at and await self._guard(read)
 
     async def _read(self, batch: list[str], finished: set[str]) -> None:
         """Ask about `batch` and publish what is new; add to `finished` the messages whose

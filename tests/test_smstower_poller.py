@@ -799,6 +799,45 @@ def test_requests_in_flight_that_fail_together_back_off_once(
             assert 0 == bus.stop()
 
 
+def test_a_failing_gateway_gets_one_status_request_at_each_back_off_end(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """800 messages due while the gateway rate-limits every call (429, Retry-After: 1): at the
+    end of each wait one status request asks whether it answers again, not the eight batches
+    at once, which would meet the limit eight times; once it answers, all eight go again."""
+    tower = FakeSmstower(mode="http429", retry_after="1")
+    ids = [new_id() for _ in range(800)]
+    tower.statuses.update((i, ("delivered", msk_now())) for i in ids)
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="2", SMSBUS_BALANCE_INTERVAL="600")  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            wait_for(lambda: bus.metric("smsbus_provider_up", provider="smstower") == 0,
+                     what="the first refusal")  # fmt: skip
+            register(bus, *({"provider": "smstower", "message_id": i} for i in ids))
+            wait_for(lambda: len(tower.seen(STATUS)) >= 4, timeout=20, what="four back-off ends")
+            bursts: list[list[Seen]] = []
+            for seen in tower.seen(STATUS):
+                if bursts and seen.at - bursts[-1][-1].at < 0.5:
+                    bursts[-1].append(seen)
+                else:
+                    bursts.append([seen])
+            # Before: [8, 8, ...], each batch at each end.
+            assert [1] * len(bursts) == [len(b) for b in bursts]
+
+            tower.stall_s, tower.mode = 0.5, "stall"  # it answers again, each call in 0.5 s
+            wait_for(lambda: bus.metric("smsbus_events_published_total", provider="smstower",
+                                        type="status") >= 800,
+                     timeout=30, what="every status")  # fmt: skip
+            assert 800 == len(events(nats_server, bus, "status.smstower.delivered"))
+            # The seven others asked together once the one that asked first was answered.
+            together = [r.at for r in tower.seen(STATUS)[-7:]]
+            assert max(together) - min(together) < 0.4
+        finally:
+            assert 0 == bus.stop()
+
+
 def test_tracking_and_cursors_survive_a_restart(nats_server: NatsServer, tmp_path: Path) -> None:
     tower = FakeSmstower()
     waiting = new_id()

@@ -52,6 +52,23 @@ async def held(
         await _delete(js, stream, consumer)
 
 
+async def first_since(js: Any, stream: str, subject: str, since: datetime) -> int:
+    """The stream sequence of the first message stored at or after `since` (the next one to be
+    stored, when none is): where a reader that must start by sequence starts. nats-py's ordered
+    consumer starts again by sequence after a gap or a reconnection, keeping the start time it
+    was made with, which the server refuses beside a start sequence."""
+    sub = await js.pull_subscribe(subject, stream=stream, config=_reader(since, True))
+    consumer = None
+    try:
+        info = await sub.consumer_info()
+        consumer = info.name
+        return int(info.delivered.stream_seq) + 1  # the server sets it to the start, less one
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        await _delete(js, stream, consumer)
+
+
 def _reader(since: datetime | None, headers_only: bool) -> ConsumerConfig:
     """A consumer of our own that nobody else sees, from `since` (else the first message)."""
     return ConsumerConfig(

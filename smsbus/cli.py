@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 import uvloop
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bus.config import Settings, load_settings, redact_url
 from bus.connection import Connection, describe, unreachable
@@ -31,6 +32,7 @@ from bus.errors import ConfigError, PayloadError, StartupError
 from bus.events import PER_PHONE, message_key
 from bus.logs import configure_logging
 from bus.messages import TrackItem, parse_track_item
+from bus.scan import first_since
 from bus.shapes import digits
 from bus.statuses import PROVIDERS
 from bus.stream import stream_exists
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     tail_cmd = commands.add_parser("tail", help="print events as they are published, one per line")
     tail_cmd.add_argument("subject", nargs="?", help="subject to follow (default: PREFIX.>)")
+    tail_cmd.add_argument(
+        "--since", help="first the events stored since then: RFC 3339, or an age: 90s, 30m, 12h"
+    )
     track_cmd = commands.add_parser("track", help="register a sent message for tracking")
     track_cmd.add_argument("provider", choices=PROVIDERS)
     track_cmd.add_argument("message_id")
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(check(settings))
         if args.command in ("deadletters", "replay"):
             return _run(deadletters(settings, args))
-        return _run(tail(settings, args.subject))
+        return _run(tail(settings, args.subject, _since(args.since)))
     except PayloadError as exc:
         print(f"smsbus: {exc}", file=sys.stderr)
         return 2
@@ -131,14 +136,25 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
-async def tail(settings: Settings, subject: str | None) -> int:
-    """Print each event the stream stores from now on, its JSON on one line; `PREFIX.track.*`
-    inputs only when asked for. Reading the stream (an ordered consumer), not the raw subjects,
-    shows what subscribers get: a repeated fact that JetStream dropped is not printed."""
+def _since(text: str | None) -> datetime | None:
+    """A command's --since (RFC 3339 or an age), parsed before anything is reached."""
+    if not text:
+        return None
+    from smsbus.deadletters import parse_since
+
+    return parse_since(text)
+
+
+async def tail(settings: Settings, subject: str | None, since: datetime | None = None) -> int:
+    """Print each event the stream stores from now on (or `since` then), its JSON on one line;
+    `PREFIX.track.*` inputs only when asked for. Reading the stream (an ordered consumer), not
+    the raw subjects, shows what subscribers get: a repeated fact that JetStream dropped is not
+    printed."""
     conn = await _connect(settings, reads_stream=True)
     nc = conn.nc
     track_prefix = f"{settings.subject_prefix}.track."
     skip_track = subject is None
+    subject = subject or f"{settings.subject_prefix}.>"
     done = asyncio.Event()
 
     async def on_message(msg: Any) -> None:
@@ -158,17 +174,24 @@ async def tail(settings: Settings, subject: str | None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, done.set)
+    js = nc.jetstream()
     try:
-        await nc.jetstream().subscribe(
-            subject or f"{settings.subject_prefix}.>",
+        start = None
+        if since is not None:
+            first = await first_since(js, settings.stream, subject, since)
+            start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                   opt_start_seq=first)  # fmt: skip
+        await js.subscribe(
+            subject,
             stream=settings.stream,
             cb=on_message,
+            config=start,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
+            deliver_policy=None if start else DeliverPolicy.NEW,
         )
-    except nats.errors.Error as exc:
+    except (TimeoutError, nats.errors.Error) as exc:
         await conn.close()
-        raise StartupError(f"cannot follow {subject or 'the stream'}: {exc}") from None
+        raise StartupError(f"cannot follow {subject}: {describe(exc)}") from None
     await done.wait()
     await conn.close()
     return 0
@@ -282,13 +305,9 @@ async def status(settings: Settings, provider: str, message_id: str) -> int:
 
 async def deadletters(settings: Settings, args: argparse.Namespace) -> int:
     """`smsbus deadletters` and `smsbus replay` (smsbus.deadletters)."""
-    from smsbus.deadletters import Filters, list_letters, parse_since, replay
+    from smsbus.deadletters import Filters, list_letters, replay
 
-    filters = Filters(
-        provider=args.provider,
-        since=parse_since(args.since) if args.since else None,
-        reason=args.reason,
-    )
+    filters = Filters(provider=args.provider, since=_since(args.since), reason=args.reason)
     conn = await _connect(settings, reads_stream=True)
     nc = conn.nc
     try:

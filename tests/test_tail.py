@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,59 @@ def test_tail_prints_each_stored_event_once(service: Smsbus) -> None:
         assert "sent" == event["data"]["status"]  # type: ignore[index]
     finally:
         assert 0 == tail.stop()
+
+
+def test_tail_since_prints_what_was_stored_since_then_and_goes_on(service: Smsbus) -> None:
+    callback(service, 778001)  # stored before: not printed
+    since = datetime.now(UTC).isoformat()
+    callback(service, 778002)
+    callback(service, 778003, status=1)
+    tail = Tail(service, "--since", since)
+    try:
+        wait_for(lambda: "778003" in subjects(tail), what="what was stored since then")
+        callback(service, 778004)
+        wait_for(lambda: "778004" in subjects(tail), what="what comes after")
+        assert ["778002", "778003", "778004"] == [
+            s for s in subjects(tail) if str(s).startswith("7780")
+        ]
+    finally:
+        assert 0 == tail.stop()
+
+
+@pytest.mark.parametrize("since", [None, "1h"], ids=["from now", "since"])
+def test_tail_goes_on_after_nats_restarts(tmp_path: Path, since: str | None) -> None:
+    """With --since, the tail's consumer starts by sequence, not by time: nats-py's ordered
+    consumer, made again after the restart, starts from the next sequence and keeps its first
+    start time, which the server refuses beside it (the tail then printed nothing more)."""
+    server = NatsServer(tmp_path / "nats").start()
+    bus = Smsbus(isolated_env(server.url), tmp_path / "bus").start()
+    tail = None
+    try:
+        callback(bus, 779001)
+        tail = Tail(bus, *(["--since", since] if since else []))
+        probe = iter(range(10**12, 10**12 + 1000))
+        wait_for(lambda: callback(bus, next(probe)) or tail.lines, what="tail to follow")
+        server.restart()
+        wait_for(lambda: bus.readyz().get("ready"), timeout=30, what="smsbus back on NATS")
+        callback(bus, 779002)
+        wait_for(lambda: "779002" in subjects(tail), timeout=30, what="an event after it")
+        printed = [s for s in subjects(tail) if str(s).startswith("7790")]
+        assert (["779001"] if since else []) + ["779002"] == printed
+    finally:
+        if tail is not None:
+            assert 0 == tail.stop()
+        assert 0 == bus.stop()
+        server.stop()
+
+
+def test_tail_since_that_is_no_time_is_one_line(service: Smsbus) -> None:
+    env = {"PATH": os.environ.get("PATH", ""), **service.env}
+    result = subprocess.run([SMSBUS, "tail", "--since", "yesterday"], env=env,
+                            capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert 2 == result.returncode
+    assert result.stderr == (
+        "smsbus: --since 'yesterday': give RFC 3339 or an age such as 30m, 12h, 7d\n"
+    )
 
 
 def test_tail_without_nats_is_one_line(tmp_path: Path) -> None:

@@ -188,6 +188,9 @@ async def tail(settings: Settings, subject: str | None, since: datetime | None =
             config=start,
             ordered_consumer=True,
             deliver_policy=None if start else DeliverPolicy.NEW,
+            # nats-py makes the consumer again after two heartbeats missed (a NATS restart): in
+            # 2 s, not nats-py's 10 s
+            idle_heartbeat=TAIL_HEARTBEAT,
         )
     except (TimeoutError, nats.errors.Error) as exc:
         await conn.close()
@@ -198,6 +201,7 @@ async def tail(settings: Settings, subject: str | None, since: datetime | None =
 
 
 CLI_CONNECT = 5.0  # seconds a command tries to reach NATS
+TAIL_HEARTBEAT = 1.0  # seconds between the tail's consumer's heartbeats
 
 
 async def _connect(settings: Settings, reads_stream: bool = False) -> Connection:

@@ -760,6 +760,20 @@ async def _true(value: bool) -> bool:
     return value
 
 
+def eight_batches_delivered(tower: FakeSmstower) -> list[str]:
+    """800 new ids, delivered at the fake: a round's eight status requests of 100."""
+    ids = [new_id() for _ in range(800)]
+    tower.statuses.update((i, ("delivered", msk_now())) for i in ids)
+    return ids
+
+
+def every_status_stored_once(nats_server: NatsServer, bus: Smsbus, count: int) -> None:
+    wait_for(lambda: bus.metric("smsbus_events_published_total", provider="smstower",
+                                type="status") >= count,
+             timeout=30, what="every status")  # fmt: skip
+    assert count == len(events(nats_server, bus, "status.smstower.delivered"))
+
+
 def test_requests_in_flight_that_fail_together_back_off_once(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -767,8 +781,7 @@ def test_requests_in_flight_that_fail_together_back_off_once(
     call follows one interval's back-off, not eight doublings of it (which would stop polling
     for up to SMSBUS_SMSTOWER_MAX_INTERVAL), and every status then comes in."""
     tower = FakeSmstower()
-    ids = [new_id() for _ in range(800)]
-    tower.statuses.update((i, ("delivered", msk_now())) for i in ids)
+    ids = eight_batches_delivered(tower)
     with Served(tower.app) as served:
         env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
                       SMSBUS_SMSTOWER_MAX_INTERVAL="60", SMSBUS_BALANCE_INTERVAL="600")  # fmt: skip
@@ -789,10 +802,7 @@ def test_requests_in_flight_that_fail_together_back_off_once(
             back = wait_for(next_call, timeout=20, what="the next call")[0]
             # One failure's back-off is drawn from 0.5 to 1 s; eight doublings, 30 to 60 s.
             assert back.at - ended < 5
-            wait_for(lambda: bus.metric("smsbus_events_published_total", provider="smstower",
-                                        type="status") >= 800,
-                     timeout=30, what="every status")  # fmt: skip
-            assert 800 == len(events(nats_server, bus, "status.smstower.delivered"))
+            every_status_stored_once(nats_server, bus, len(ids))
             unavailable = 'smsbus_poll_requests_total{outcome="unavailable",provider="smstower"}'
             assert 8 == metric(bus, unavailable)
         finally:
@@ -806,8 +816,7 @@ def test_a_failing_gateway_gets_one_status_request_at_each_back_off_end(
     end of each wait one status request asks whether it answers again, not the eight batches
     at once, which would meet the limit eight times; once it answers, all eight go again."""
     tower = FakeSmstower(mode="http429", retry_after="1")
-    ids = [new_id() for _ in range(800)]
-    tower.statuses.update((i, ("delivered", msk_now())) for i in ids)
+    ids = eight_batches_delivered(tower)
     with Served(tower.app) as served:
         env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
                       SMSBUS_SMSTOWER_MAX_INTERVAL="2", SMSBUS_BALANCE_INTERVAL="600")  # fmt: skip
@@ -827,10 +836,7 @@ def test_a_failing_gateway_gets_one_status_request_at_each_back_off_end(
             assert [1] * len(bursts) == [len(b) for b in bursts]
 
             tower.stall_s, tower.mode = 0.5, "stall"  # it answers again, each call in 0.5 s
-            wait_for(lambda: bus.metric("smsbus_events_published_total", provider="smstower",
-                                        type="status") >= 800,
-                     timeout=30, what="every status")  # fmt: skip
-            assert 800 == len(events(nats_server, bus, "status.smstower.delivered"))
+            every_status_stored_once(nats_server, bus, len(ids))
             # The seven others asked together once the one that asked first was answered.
             together = [r.at for r in tower.seen(STATUS)[-7:]]
             assert max(together) - min(together) < 0.4

@@ -62,11 +62,6 @@ class Calls:
         self.failed_at = now
         return self.backoff.failed()
 
-    @property
-    def failing(self) -> bool:
-        """Whether the last failure that counted has had no success since."""
-        return self.failed_at != -math.inf
-
     def succeeded(self) -> None:
         self.backoff.succeeded()
         self.failed_at = -math.inf

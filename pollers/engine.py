@@ -12,10 +12,10 @@
 - A failed call backs off by one rule (CONTRACT.md section 5): the interval, doubling with each
   failure up to SMSBUS_<P>_MAX_INTERVAL, with jitter, reset by a success, and never less than a
   wait the provider demands (SMSC's error 9, a Retry-After); calls that fail together count
-  once, and while calls fail status requests go one at a time; after an auth failure the
-  `*_FILE` secrets are read again. Failures show in /readyz and the metrics, and an unparsable
-  answer goes to the dead-letter subject. A NATS problem (a cursor not saved, an event not
-  stored) is not the provider's failure.
+  once, and while the provider is down status requests go one at a time; after an auth
+  failure the `*_FILE` secrets are read again. Failures show in /readyz and the metrics, and
+  an unparsable answer goes to the dead-letter subject. A NATS problem (a cursor not saved, an
+  event not stored) is not the provider's failure.
 """
 
 from __future__ import annotations
@@ -135,7 +135,11 @@ class ProviderPoller:
         )
         self._calls = Calls(Backoff(settings.interval, settings.max_interval))
         self._resume_at = 0.0
-        self._probe = asyncio.Lock()  # the one status request in flight while calls fail
+        # Down: no answer, or the credentials refused, since the last success (as
+        # smsbus_provider_up 0); not an answer that could not be read, which may be its
+        # request's alone. Status requests then go one at a time (`_asked`).
+        self._down = False
+        self._probe = asyncio.Lock()
         self._tick = min(1.0, settings.interval / 4)
         self.stopping = False  # loops check it: nats-py can turn a cancellation into its errors
         self._beat: Beat = Beat(TaskStatus(self.name))
@@ -364,17 +368,17 @@ class ProviderPoller:
 
     async def _asked(self, batch: list[str], finished: set[str]) -> bool:
         """`_read` of `batch` when the provider is not backed off, within the gate; whether it
-        was read. While the provider fails, one status request at a time (`_probe`): at the
+        was read. While the provider is down, one status request at a time (`_probe`): at the
         end of a back-off one asks, and the others wait for its answer, to go on together once
         it succeeds or to wait for the next back-off's end when it fails; not eight requests
-        at each end to a provider that is down or asked for a pause (a Retry-After)."""
+        at each end to a provider that does not answer or asked for a pause (a Retry-After)."""
         read = partial(self._read, batch, finished)
         async with self._gate:
-            if self._calls.failing:
+            if self._down:
                 async with self._probe:
                     if time.monotonic() < self._resume_at:
                         return False
-                    if self._calls.failing:
+                    if self._down:
                         return await self._guard(read)
             return time.monotonic() >= self._resume_at and await self._guard(read)
 
@@ -502,6 +506,7 @@ class ProviderPoller:
 
     def _succeeded(self) -> None:
         self._calls.succeeded()
+        self._down = False
         self.state.last_success = rfc3339(utcnow())
         self._metrics.poll_requests.labels(self.name, "ok").inc()
         self._metrics.provider_up.labels(self.name).set(1)
@@ -525,6 +530,7 @@ class ProviderPoller:
         self.state.last_error = f"{rfc3339(utcnow())} {outcome}: {exc}"
         self._metrics.poll_requests.labels(self.name, outcome).inc()
         if not isinstance(exc, ProviderPayloadError):
+            self._down = True
             self._metrics.provider_up.labels(self.name).set(0)
         log.warning(
             "provider call failed", provider=self.name, outcome=outcome, error=str(exc),

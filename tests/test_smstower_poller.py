@@ -767,11 +767,15 @@ def eight_batches_delivered(tower: FakeSmstower) -> list[str]:
     return ids
 
 
-def every_status_stored_once(nats_server: NatsServer, bus: Smsbus, count: int) -> None:
+def every_status_stored_once(
+    nats_server: NatsServer, bus: Smsbus, count: int, status: str = "delivered", before: int = 0
+) -> None:
+    """`count` SMSTOWER status events published after `before` others, and `count` of `status`
+    in the stream."""
     wait_for(lambda: bus.metric("smsbus_events_published_total", provider="smstower",
-                                type="status") >= count,
-             timeout=30, what="every status")  # fmt: skip
-    assert count == len(events(nats_server, bus, "status.smstower.delivered"))
+                                type="status") >= before + count,
+             timeout=30, what=f"every {status} status")  # fmt: skip
+    assert count == len(events(nats_server, bus, f"status.smstower.{status}"))
 
 
 def test_requests_in_flight_that_fail_together_back_off_once(
@@ -840,6 +844,36 @@ def test_a_failing_gateway_gets_one_status_request_at_each_back_off_end(
             # The seven others asked together once the one that asked first was answered.
             together = [r.at for r in tower.seen(STATUS)[-7:]]
             assert max(together) - min(together) < 0.4
+        finally:
+            assert 0 == bus.stop()
+
+
+def test_a_batch_whose_answer_cannot_be_read_holds_back_no_other_batch(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A batch whose every row is unreadable fails at each poll (a bad answer), while the
+    gateway answers the other batches: their statuses come in at every poll all along. A bad
+    answer is not a provider that is down, so the status requests do not go one at a time
+    behind it, where the failing batch, asked first, would keep the others waiting."""
+    tower = FakeSmstower()
+    bad = [new_id() for _ in range(100)]
+    good = [new_id() for _ in range(100)]
+    tower.statuses.update((i, ("processing", msk_now())) for i in bad + good)
+    tower.unreadable.update(bad)
+    with Served(tower.app) as served:
+        env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
+                      SMSBUS_SMSTOWER_MAX_INTERVAL="2", SMSBUS_BALANCE_INTERVAL="600")  # fmt: skip
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            register(bus, *({"provider": "smstower", "message_id": i} for i in bad))
+            wait_for(lambda: events(nats_server, bus, "deadletter.smstower"), what="a bad answer")
+            register(bus, *({"provider": "smstower", "message_id": i} for i in good))
+            every_status_stored_once(nats_server, bus, len(good), "sent")
+            tower.statuses.update((i, ("delivered", msk_now())) for i in good)
+            every_status_stored_once(nats_server, bus, len(good), "delivered", before=len(good))
+            assert {i for i in bad if asked_for(tower, i) >= 3} == set(bad)  # failing all along
+            assert [] == [e for e in events(nats_server, bus, "status.smstower.>")
+                          if e.event["subject"] in bad]  # fmt: skip
         finally:
             assert 0 == bus.stop()
 

@@ -155,6 +155,7 @@ class Settings:
     publish_timeout: float = 2.0
     deadletter_rate: int = 60  # a minute, per HTTP peer
     smspilot_callback_tokens: tuple[Secret, ...] = ()
+    smspilot_callback_token_file: Path | None = None  # read again as callbacks come
     smspilot_allowed_ips: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_format: str = "auto"
@@ -214,6 +215,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         deadletter_rate=env.integer("SMSBUS_DEADLETTER_RATE", 60, low=0, high=1_000_000),
         publish_timeout=env.seconds("SMSBUS_PUBLISH_TIMEOUT", 2.0, low=0.05, high=60.0),
         smspilot_callback_tokens=env.tokens("SMSBUS_SMSPILOT_CALLBACK_TOKEN"),
+        smspilot_callback_token_file=(
+            Path(token_file)
+            if (token_file := env.file_of("SMSBUS_SMSPILOT_CALLBACK_TOKEN"))
+            else None
+        ),
         smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
         trusted_proxies=env.networks("SMSBUS_TRUSTED_PROXIES"),
         log_format=env.choice("SMSBUS_LOG_FORMAT", "auto", _LOG_FORMATS),
@@ -511,6 +517,12 @@ class _Env:
                     name, f"token {position} is shorter than {MIN_TOKEN_LENGTH} characters"
                 )
         return tuple(Secret(t) for t in tokens)
+
+
+def callback_tokens_from(path: Path) -> tuple[Secret, ...]:
+    """SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE's tokens, read again; ConfigError as at start."""
+    name = "SMSBUS_SMSPILOT_CALLBACK_TOKEN"
+    return _Env({f"{name}_FILE": str(path)}).tokens(name)
 
 
 def nats_users_from(path: Path) -> set[tuple[str, str | None]]:

@@ -16,14 +16,16 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import structlog
 from starlette.requests import Request
 
+from bus.config import callback_tokens_from
 from bus.core import Bus
-from bus.errors import EventTooLarge, PayloadError, PublishError
+from bus.errors import ConfigError, EventTooLarge, PayloadError, PublishError
 from bus.events import deadletter_event, rfc3339, status_event, utcnow
 from bus.logs import info_line
 from bus.statuses import SMSPILOT_ERRORS
@@ -47,6 +49,7 @@ PROVIDER = "smspilot"
 PATH = "/callbacks/smspilot"
 FIELDS = ("server_id", "status", "error")
 MAX_FIELDS = 100
+TOKENS_READ_EVERY = 5.0  # s: SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE read again at most this often
 
 # Around a field SMSPilot's numbers may carry ASCII white space, and only that (the description
 # says so in its patterns); str.strip() alone would also take \x1c-\x1f, \x85 and other Unicode.
@@ -198,6 +201,9 @@ class SMSPilotCallbacks:
         self._state = bus.providers[PROVIDER]
         self._prefix = settings.subject_prefix
         self._tokens = [t.reveal().encode() for t in settings.smspilot_callback_tokens]
+        self._token_file = settings.smspilot_callback_token_file
+        self._tokens_read_at = time.monotonic()
+        self._token_error: str | None = None  # why the file was last not taken, told once
         self._allowlist = settings.smspilot_allowed_ips
         self._trusted = settings.trusted_proxies
         self._answered: list[dict[str, object]] = []  # answered, not yet counted and logged
@@ -209,6 +215,10 @@ class SMSPilotCallbacks:
         return path == PATH or path.startswith(PATH + "/")
 
     def _token_accepted(self, path: str) -> bool:
+        if self._token_file is not None:
+            now = time.monotonic()
+            if now - self._tokens_read_at >= TOKENS_READ_EVERY:
+                self._read_tokens(self._token_file, now)
         token = path[len(PATH) + 1 :] if path != PATH else None
         if not self._tokens:
             return token is None
@@ -219,6 +229,28 @@ class SMSPilotCallbacks:
         for expected in self._tokens:  # every token compared, in constant time each
             accepted |= hmac.compare_digest(presented, expected)
         return accepted
+
+    def _read_tokens(self, path: Path, now: float) -> None:
+        """SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE read again, so that a rotated Kubernetes Secret
+        (a new token beside the old, then the old one gone) is taken without a restart, as the
+        providers' credentials are. A file that cannot be read, is empty or holds a token that
+        would be refused at start leaves the tokens in use, with a warning (once per reason)."""
+        self._tokens_read_at = now
+        try:
+            tokens = [t.reveal().encode() for t in callback_tokens_from(path)]
+        except ConfigError as exc:
+            tokens, reason = [], str(exc)
+        else:
+            reason = "" if tokens else f"{path} holds no token"
+        if reason:
+            if reason != self._token_error:
+                log.warning("callback tokens not read again; those in use stay", error=reason)
+            self._token_error = reason
+            return
+        self._token_error = None
+        if tokens != self._tokens:
+            self._tokens = tokens
+            log.info("callback tokens read again from their file", tokens=len(tokens))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import NatsServer, Smsbus, isolated_env, read_stream
+from tests.support import NatsServer, Smsbus, isolated_env, read_stream, wait_for
 
 OLD_TOKEN = "old-token-0123456789abcdef"
 NEW_TOKEN = "new-token-fedcba9876543210"
@@ -63,6 +63,47 @@ def test_tokens_never_reach_logs_metrics_or_dead_letters(
         assert secret not in metrics
         assert all(secret not in str(letter.event) for letter in letters)
         assert all(secret not in body and wrong not in body for body in bodies)
+
+
+def test_a_token_file_rotated_under_a_running_smsbus_is_taken_without_a_restart(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A Kubernetes Secret rolled over as the README says: the new token beside the old one,
+    SMSPilot's callback URL moved to the new one, then the old one removed. Each step is
+    taken from the file within TOKENS_READ_EVERY, no restart; a file that holds a token start-up
+    would refuse leaves the tokens in use."""
+    token_file = tmp_path / "token"
+
+    def rotate(text: str) -> None:  # as kubelet updates a mounted Secret: a whole new file
+        (tmp_path / "token.new").write_text(text)
+        (tmp_path / "token.new").rename(token_file)
+
+    def answers(token: str) -> int:
+        return get(bus, f"/callbacks/smspilot/{token}").status_code
+
+    rotate(f"{OLD_TOKEN}\n")
+    env = isolated_env(nats_server.url, SMSBUS_SMSPILOT_CALLBACK_TOKEN_FILE=str(token_file))
+    bus = Smsbus(env, tmp_path / "bus").start()
+    try:
+        assert (200, 404) == (answers(OLD_TOKEN), answers(NEW_TOKEN))
+        rotate(f"{OLD_TOKEN},{NEW_TOKEN}\n")
+        wait_for(lambda: answers(NEW_TOKEN) == 200, timeout=15, what="the new token taken")
+        assert 200 == answers(OLD_TOKEN)
+        rotate(f"{NEW_TOKEN}\n")
+        wait_for(lambda: answers(OLD_TOKEN) == 404, timeout=15, what="the old token gone")
+        assert 200 == answers(NEW_TOKEN)
+        assert 2 == bus.logs().count("callback tokens read again from their file")
+
+        too_short = "tiny-Tok3n-x"
+        rotate(f"{NEW_TOKEN},{too_short}\n")
+        wait_for(lambda: answers(NEW_TOKEN) == 200 and "callback tokens not read again" in
+                 bus.logs(), timeout=15, what="the bad file told of")  # fmt: skip
+        assert 404 == answers(too_short)
+        assert "token 2 is shorter than 16 characters" in bus.logs()
+        for secret in (OLD_TOKEN, NEW_TOKEN, too_short):
+            assert secret not in bus.logs()
+    finally:
+        assert 0 == bus.stop()
 
 
 def allowlisted(nats_server: NatsServer, data: Path, **extra: str) -> Smsbus:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ssl
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ from nats.protocol.parser import PERMISSIONS_ERR, STALE_CONNECTION
 
 from bus.backoff import Backoff
 from bus.config import Settings, nats_users_from, redact_url, url_users, without_user
-from bus.credentials import Credentials, UrlUser
+from bus.credentials import Credentials, TlsFiles, UrlUser
 from bus.errors import StartupError
 
 log = structlog.get_logger("smsbus.nats")
@@ -131,11 +132,24 @@ class _Client(NATS):
     the CONNECT, credentials and all, in the clear. The first now gets TLS; the second nothing:
     a StartupError at start, a refusal logged and retried at a reconnection."""
 
-    def __init__(self, asked: str | None = None, variable: str = "SMSBUS_NATS_URL") -> None:
+    def __init__(
+        self,
+        asked: str | None = None,
+        variable: str = "SMSBUS_NATS_URL",
+        tls: TlsFiles | None = None,
+    ) -> None:
         super().__init__()
         self._asked = asked
         self._variable = variable
+        self._tls = tls
         self.opened = False  # set by `open` once connected: every connection after is a retry
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """nats-py's context for this connection: the TLS files' as they are now."""
+        if self._tls is not None:
+            self.options["tls"] = self._tls.context()
+        return super().ssl_context
 
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         if initial_connection and self._asked and not info.get("tls_required"):
@@ -212,7 +226,7 @@ class Connection:
         """Connect, retrying until `deadline` (monotonic); StartupError naming the variable."""
         shown = ", ".join(redact_url(u) for u in self._settings.effective_nats_urls)
         urls, user = _servers(self._settings)
-        tls = self._settings.nats_tls.context() if self._settings.nats_tls else None
+        tls = TlsFiles(self._settings.nats_tls) if self._settings.nats_tls else None
         asked = self._settings.tls_asked_by
         errors: list[BaseException] = []
         backoff = Backoff(0.2, 2.0)
@@ -254,7 +268,7 @@ class Connection:
             # statuses, bucket keys): checking each publish again costs a regular expression
             # per message on the callback's path.
             "skip_subject_validation": True,
-            "tls": tls,
+            "tls": tls.context() if tls else None,
             **user,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
@@ -265,7 +279,7 @@ class Connection:
             attempt = min(ATTEMPT_TIMEOUT, max(0.5, deadline - time.monotonic()))
             try:
                 options["connect_timeout"] = min(2.0, attempt)
-                client = _Client(asked, variable_for(self._settings))
+                client = _Client(asked, variable_for(self._settings), tls)
                 try:
                     await asyncio.wait_for(client.connect(**options), attempt)
                 except StartupError:  # a server without TLS, told nothing

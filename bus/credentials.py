@@ -1,6 +1,6 @@
 """How smsbus proves to NATS who it is: a credentials file (SMSBUS_NATS_CREDS), a user's JWT and
 the NKEY seed that is theirs; a user's NKEY seed alone (SMSBUS_NATS_NKEY); the user and password,
-or token, of SMSBUS_NATS_URL's URLs (`UrlUser`).
+or token, of SMSBUS_NATS_URL's URLs (`UrlUser`); a client certificate (`TlsFiles`).
 
 `nsc`, the NATS account tools and Synadia Cloud hand a user such a file; NATS servers run in
 operator mode (accounts defined by JWTs) expect one:
@@ -29,18 +29,22 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import orjson
 import structlog
 
 from bus.errors import ConfigError
+
+if TYPE_CHECKING:  # bus.config reads credentials files with this module at start
+    from bus.config import NatsTls
 
 log = structlog.get_logger("smsbus.nats")
 
@@ -213,3 +217,35 @@ class UrlUser:
     def _current_password(self) -> str:
         """Asked right after the user, whose reading of the file it shares."""
         return self._password or ""
+
+
+class TlsFiles:
+    """The TLS context of the connections to NATS (SMSBUS_NATS_TLS_*), made again when its files
+    change: cert-manager renews a client certificate (or the CA that checks the servers') in
+    the Secret under a running process, and nats-py would present the one read at start at
+    every reconnection, refused once it expired, for as long as smsbus runs. Asked at each
+    connection and reconnection; files that cannot be used then (a key that does not match its
+    certificate, a file half written) leave the last context in use, said once."""
+
+    def __init__(self, tls: NatsTls) -> None:
+        self._tls = tls
+        self._read = self._contents()
+        self._context = tls.context()
+        self._problem: str | None = None
+
+    def _contents(self) -> tuple[bytes, ...]:
+        files = (self._tls.ca, self._tls.cert, self._tls.key)
+        return tuple(path.read_bytes() if path is not None else b"" for path in files)
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            contents = self._contents()
+            if contents != self._read:
+                self._context, self._read, self._problem = self._tls.context(), contents, None
+                log.info("NATS TLS files read again; the next connections use them")
+        except (OSError, ssl.SSLError, ValueError) as exc:  # the message names no key
+            problem = f"SMSBUS_NATS_TLS_*: {exc}"
+            if problem != self._problem:
+                self._problem = problem
+                log.warning("NATS TLS files not read again; the last ones stay", error=problem)
+        return self._context

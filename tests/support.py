@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -801,43 +802,59 @@ class NatsCluster:
                 proc.wait(10)
 
 
+def _openssl(*args: object, given: bytes | None = None) -> bytes:
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl is needed to make the test's certificates"
+    done = subprocess.run([openssl, *map(str, args)], input=given, check=True,
+                          capture_output=True, timeout=30)  # fmt: skip
+    return done.stdout
+
+
+def _sign(ca: Path, ca_key: Path, name: str, usage: str, extra: str = "") -> tuple[Path, Path]:
+    """A certificate for `name` and its new key, signed by the CA, in the CA's folder."""
+    where = ca.parent
+    cert, key, request = (where / f"{name}.{kind}" for kind in ("pem", "key", "csr"))
+    extensions = where / f"{name}.cnf"
+    extensions.write_text(
+        f"{extra}basicConstraints=critical,CA:FALSE\n"
+        f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
+             "-subj", f"/CN={name}")  # fmt: skip
+    _openssl("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", extensions)  # fmt: skip
+    return cert, key
+
+
 @dataclass(frozen=True)
 class Pki:
     ca: Path
+    ca_key: Path
     server: tuple[Path, Path]  # certificate, key
     client: tuple[Path, Path]
+
+    def client_again(self, name: str) -> tuple[Path, Path]:
+        """Another client certificate, with a new key (a renewal, as cert-manager makes one)."""
+        return _sign(self.ca, self.ca_key, name, "clientAuth")
 
 
 def make_pki(where: Path) -> Pki:
     """A private CA, and a server certificate for 127.0.0.1 and a client certificate it signed
     (openssl's command line), with the extensions RFC 5280 asks for, which Python 3.13 and later
     check (VERIFY_X509_STRICT), as a CA such as cert-manager's gives them."""
-    openssl = shutil.which("openssl")
-    assert openssl, "openssl is needed to make the test's certificates"
     where.mkdir(parents=True, exist_ok=True)
     ca, ca_key = where / "ca.pem", where / "ca.key"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+             "-days", "2", "-subj", "/CN=smsbus test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    server = _sign(ca, ca_key, "server", "serverAuth", "subjectAltName=IP:127.0.0.1\n")
+    return Pki(ca, ca_key, server, _sign(ca, ca_key, "smsbus", "clientAuth"))
 
-    def run(*args: object) -> None:
-        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=30)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-        "-days", "2", "-subj", "/CN=smsbus test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-
-    def signed(name: str, usage: str, extra: str = "") -> tuple[Path, Path]:
-        cert, key, request = (where / f"{name}.{kind}" for kind in ("pem", "key", "csr"))
-        extensions = where / f"{name}.cnf"
-        extensions.write_text(
-            f"{extra}basicConstraints=critical,CA:FALSE\n"
-            f"keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n"
-            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
-        )
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request,
-            "-subj", f"/CN={name}")  # fmt: skip
-        run("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-            "-out", cert, "-days", "2", "-extfile", extensions)  # fmt: skip
-        return cert, key
-
-    server = signed("server", "serverAuth", "subjectAltName=IP:127.0.0.1\n")
-    return Pki(ca, server, signed("smsbus", "clientAuth"))
+def public_key_sha256(cert: Path) -> str:
+    """The SHA-256 of a certificate's public key (DER), in hex, as nats-server's `pinned_certs`
+    lists it."""
+    pem = _openssl("x509", "-in", cert, "-pubkey", "-noout")
+    return hashlib.sha256(_openssl("pkey", "-pubin", "-outform", "DER", given=pem)).hexdigest()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -29,6 +30,7 @@ from tests.support import (
     free_port,
     isolated_env,
     make_pki,
+    public_key_sha256,
     read_stream,
     wait_for,
 )
@@ -384,6 +386,62 @@ def test_a_nats_server_that_knows_its_users_by_nkey(tmp_path: Path) -> None:
         assert user.seed.decode() not in bus.logs()
     finally:
         bus.kill()
+        server.stop()
+
+
+def test_a_client_certificate_renewed_under_a_running_smsbus_is_presented_from_then_on(
+    tmp_path: Path,
+) -> None:
+    """cert-manager renews the client certificate in the mounted Secret (a new key, the files
+    swapped at once, as the kubelet swaps a Secret's folder), and the server comes to take only
+    the new one (`pinned_certs`, reloaded: it drops connections presenting another, as it
+    refuses an expired one). The reconnection presents the renewed certificate; before, the one
+    read at start was presented at every reconnection, refused for as long as smsbus ran."""
+    pki = make_pki(tmp_path / "pki")
+    (cert, key), first = pki.server, pki.client
+    renewed = pki.client_again("smsbus-renewed")
+    secret = tmp_path / "secret"  # what the pod sees: a link the kubelet swaps
+    mismatched = (renewed[0], first[1])  # a certificate beside another's key
+    for version, (client_cert, client_key) in (("v1", first), ("v2", renewed), ("v3", mismatched)):
+        (tmp_path / version).mkdir()
+        shutil.copy(client_cert, tmp_path / version / "tls.crt")
+        shutil.copy(client_key, tmp_path / version / "tls.key")
+    secret.symlink_to(tmp_path / "v1")
+
+    def swap(version: str) -> None:
+        (tmp_path / "swap").symlink_to(tmp_path / version)
+        (tmp_path / "swap").replace(secret)
+
+    def pinned(client_cert: Path) -> str:
+        return (f'tls {{ cert_file: "{cert}", key_file: "{key}", ca_file: "{pki.ca}", '
+                f'verify: true, pinned_certs: ["{public_key_sha256(client_cert)}"] }}')  # fmt: skip
+
+    server = NatsServer(tmp_path / "nats", config=pinned(first[0])).start()
+    url = f"tls://127.0.0.1:{server.port}"
+    bus = Smsbus({"SMSBUS_NATS_URL": url, "SMSBUS_NATS_TLS_CA": str(pki.ca),
+                  "SMSBUS_NATS_TLS_CERT": str(secret / "tls.crt"),
+                  "SMSBUS_NATS_TLS_KEY": str(secret / "tls.key"),
+                  "SMSBUS_STREAM": "RENEWED"}, tmp_path / "bus").start()  # fmt: skip
+    try:
+        # Files that cannot be used leave the last ones in use: a reconnection goes on with them.
+        swap("v3")
+        server.restart()
+        wait_for(lambda: bus.reconnections() >= 2, timeout=30, what="smsbus back on NATS")
+        assert "NATS TLS files not read again; the last ones stay" in bus.logs()
+
+        swap("v2")
+        server.reload(pinned(renewed[0]))  # the server drops the connections with the old one
+        wait_for(lambda: bus.reconnections() >= 4, timeout=30, what="smsbus back on NATS")
+        wait_for(bus.ready, timeout=10, what="smsbus ready")
+        with httpx.Client() as http:
+            bus.callback(http, "4242003")
+        tls = ssl.create_default_context(cafile=pki.ca)
+        tls.load_cert_chain(*renewed)
+        [stored] = read_stream(url, "RENEWED", "sms.status.smspilot.>", tls=tls)
+        assert "4242003" == stored.event["subject"]
+        assert "NATS TLS files read again" in bus.logs()
+    finally:
+        assert 0 == bus.stop()
         server.stop()
 
 

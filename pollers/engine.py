@@ -553,15 +553,16 @@ class ProviderPoller:
 
     async def _history(self) -> None:
         """Publish what the account's history says is new, many reports at once (their acks and
-        state writes pipelined), the reports of one message one after the other, in order."""
+        state writes pipelined), the reports of one message one after the other, in order; a
+        history whose reading failed part-way fails the call once what was read is published."""
         assert self.provider.history is not None
         by_message: dict[str, list[StatusReport]] = {}
-        reports, unreadable = await self.provider.history()
+        reports, unreadable, failed = await self.provider.history()
         received_at = utcnow()
         # A history whose every row is unreadable, on an account that sent one SMS in days, is
         # that row: told of once, as beside readable ones, not a failed call backing off inbound
         # polls with it. Failing a history with readable rows would hold their statuses back.
-        if not reports:
+        if not reports and failed is None:
             _form_changed(unreadable, "history rows, none of which can be read")
         for row in unreadable:
             await self._unreadable(row)
@@ -574,6 +575,8 @@ class ProviderPoller:
                 await self._report(report, received_at)
 
         await _together(list(by_message.values()), in_order)
+        if failed is not None:
+            raise failed
 
     def _known(self, report: StatusReport) -> bool | None:
         """When the mirror's state already says this status: whether the message is final (or

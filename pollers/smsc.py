@@ -18,7 +18,9 @@ History, read so that no status change of a message sent within SMSBUS_TRACK_TTL
   where the last poll left it, as many pages as finish one sweep of the whole window within
   SMSBUS_SMSC_MAX_INTERVAL (from the size of the last sweep, MAX_SWEEP before one has ended);
   each sweep page has its own
-  `prev_id`, so no request repeats within a minute.
+  `prev_id`, so no request repeats within a minute;
+- a page that fails ends the poll, which fails as any does, once the pages read before it are
+  published: the sweep goes on from that page at the next poll.
 Inbound: `get_answers` with `hour=168` (the document's most) beside `after_id`, so that an outage
 longer than the current day loses nothing.
 """
@@ -41,13 +43,14 @@ import orjson
 from bus.config import ProviderSettings
 from bus.errors import (
     ProviderAuthError,
+    ProviderError,
     ProviderPayloadError,
     ProviderRowError,
     ProviderUnavailable,
 )
 from bus.messages import digits
 from pollers import http
-from pollers.types import InboundRead, InboundSms, Provider, StatusReport
+from pollers.types import HistoryRead, InboundRead, InboundSms, Provider, StatusReport
 from pollers.values import local
 
 PATH = "/sys/get.php"
@@ -249,20 +252,30 @@ class Client:
         body = await self._get(**fields)
         return http.parsed(body, lambda: parse_page(body, self._settings.tz))
 
-    async def history(self) -> tuple[list[StatusReport], list[ProviderRowError]]:
+    async def history(self) -> HistoryRead:
         """The newest pages, then the next stretch of the sweep over the rest of the window;
-        and the rows that could not be read."""
+        the rows that could not be read; and the failure of a page, if one failed: the pages
+        before it are kept (the sweep goes on from the failing page at the next poll, so pages
+        given up would be read again only a whole sweep later)."""
+        pages: list[Page] = []
+        try:
+            await self._pages(pages)
+        except ProviderError as exc:
+            return *self._read(pages), exc
+        return *self._read(pages), None
+
+    async def _pages(self, pages: list[Page]) -> None:
+        """history's pages, added to `pages` as they are read."""
         tz = self._settings.tz
         start = (datetime.now(tz) - timedelta(seconds=self._settings.track_ttl)).strftime(
             "%d.%m.%Y"
         )
-        pages: list[Page] = []
         prev_id: str | None = None
         for _ in range(RECENT_PAGES):
             pages.append(page := await self._page(start, prev_id))
             prev_id = page.last
             if page.rows < PAGE:
-                return self._read(pages)  # the whole window fits in the newest pages
+                return  # the whole window fits in the newest pages
         if self._sweep_from is None:
             self._sweep_from, self._sweep_pages = prev_id, RECENT_PAGES
         for _ in range(self.sweep_budget()):
@@ -272,7 +285,6 @@ class Client:
                 self._last_sweep, self._sweep_from = self._sweep_pages, None
                 break
             self._sweep_from = page.last
-        return self._read(pages)
 
     @staticmethod
     def _read(pages: list[Page]) -> tuple[list[StatusReport], list[ProviderRowError]]:

@@ -10,7 +10,7 @@ from decimal import Decimal
 import httpx
 
 from bus.config import ProviderSettings
-from bus.errors import ProviderRowError
+from bus.errors import ProviderError, ProviderRowError
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +33,11 @@ class InboundSms:
 
 
 Statuses = Callable[[list[str]], Awaitable[list[StatusReport]]]
-# The account's history: its reports, and the rows that could not be read (set aside).
-History = Callable[[], Awaitable[tuple[list[StatusReport], list[ProviderRowError]]]]
+# The account's history as far as it was read: its reports, the rows that could not be read
+# (set aside), and the failure that ended the reading part-way (None when none did): what was
+# read before it is published, then the call fails as any does.
+HistoryRead = tuple[list[StatusReport], list[ProviderRowError], ProviderError | None]
+History = Callable[[], Awaitable[HistoryRead]]
 # Inbound SMS after a cursor: the new ones, the cursor to save once they are stored, and the
 # rows that could not be read (set aside).
 InboundRead = tuple[list[InboundSms], str | None, list[ProviderRowError]]

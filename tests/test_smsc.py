@@ -135,7 +135,8 @@ def history_polls(fake: FakeSmsc, url: str, polls: int, **extra: str) -> list[li
             for _ in range(polls):
                 fake._identical.clear()
                 client._guard = RateGuard()
-                reports, _ = await client.history()
+                reports, _, failed = await client.history()
+                assert failed is None
                 found.append(reports)
             return found
 
@@ -220,7 +221,9 @@ def test_a_history_row_that_cannot_be_read_is_set_aside(
             for _ in range(2):
                 fake._identical.clear()
                 client._guard = RateGuard()
-                found.append(await client.history())
+                reports, unreadable, failed = await client.history()
+                assert failed is None
+                found.append((reports, unreadable))
             return found
 
     (first, told), (second, again) = asyncio.run(run())
@@ -312,6 +315,39 @@ def test_history_inbound_and_the_rate_rule(
         assert first_two[0] is None and first_two[1] == str(fake.history[99]["int_id"])
         assert 0 == fake.refused
         assert fake.password not in bus.logs()
+    finally:
+        assert 0 == bus.stop()
+
+
+def test_the_pages_read_before_a_page_fails_are_published(
+    nats_server: NatsServer, tmp_path: Path, smsc: tuple[FakeSmsc, str]
+) -> None:
+    """Five pages of history; the sweep's second page (the fifth) answers 503 once. The poll
+    fails and backs off as any does, but the four pages read before it are published first:
+    the sweep goes on from the failing page, and the page it had read would otherwise wait a
+    whole sweep (up to SMSBUS_SMSC_MAX_INTERVAL) to be read again."""
+    fake, url = smsc
+    now = datetime.now(KYIV)
+    for n in range(450):
+        fake.send(600_000 + n, [f"38050{n:07d}"], status=1, sent=now - timedelta(minutes=n),
+                  sort=False)  # fmt: skip
+    fake.sort()
+    fake.failing_pages[str(fake.history[399]["int_id"])] = 1
+    env = isolated_env(nats_server.url, SMSBUS_SMSC_URL=url, SMSBUS_SMSC_LOGIN=fake.login,
+                       SMSBUS_SMSC_PASSWORD=fake.password, SMSBUS_SMSC_INTERVAL="21")  # fmt: skip
+    bus = Smsbus(env, tmp_path)
+    bus.start()
+    try:
+        wait_for(lambda: bus.metric("smsbus_poll_requests_total", outcome="unavailable",
+                                    provider="smsc") == 1, what="the failed page")  # fmt: skip
+        # Before: none (the poll gave up what it had read).
+        assert 400 == bus.metric("smsbus_events_published_total", type="status", provider="smsc")
+        assert "answered HTTP 503" in bus.readyz()["providers"]["smsc"]["last_error"]
+        wait_for(lambda: bus.metric("smsbus_events_published_total", type="status",
+                                    provider="smsc") == 450,
+                 timeout=40, what="the rest, at the next poll")  # fmt: skip
+        stored = read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.smsc.>")
+        assert 450 == len({s.event["id"] for s in stored}) == len(stored)
     finally:
         assert 0 == bus.stop()
 

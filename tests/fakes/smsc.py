@@ -43,6 +43,9 @@ class FakeSmsc:
     _next_int: itertools.count[int] = field(default_factory=lambda: itertools.count(900_000))
     _keys: list[int] = field(default_factory=list)  # -global id of each history row, ascending
     times: list[float] = field(default_factory=list)  # when each request came (monotonic)
+    # History pages (by their `prev_id`) that answer 503 as many times as given: a server behind
+    # a balancer failing now and then under a long sweep.
+    failing_pages: dict[str, int] = field(default_factory=dict)
 
     def send(
         self,
@@ -106,6 +109,9 @@ class FakeSmsc:
         if (form.get("login"), form.get("psw")) != (self.login, md5):
             return _json({"error": "authorise error", "error_code": 2}, utf8)
         if form.get("get_messages"):
+            if self.failing_pages.get(form.get("prev_id", ""), 0) > 0:
+                self.failing_pages[form["prev_id"]] -= 1
+                return Response("Service Unavailable", status_code=503)
             return _json(self._messages(form), utf8)
         if form.get("get_answers"):
             after = int(form.get("after_id", "0"))

@@ -193,7 +193,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     nats_urls = env.nats_urls("SMSBUS_NATS_URL")
     settings = Settings(
         nats_urls=nats_urls,
-        nats_url_file=Path(url_file) if (url_file := env.file_of("SMSBUS_NATS_URL")) else None,
+        nats_url_file=env.file_path("SMSBUS_NATS_URL"),
         nats_tls=env.nats_tls(embedded=not nats_urls),
         nats_creds=env.nats_creds(embedded=not nats_urls),
         nats_nkey=env.nats_nkey(embedded=not nats_urls),
@@ -215,11 +215,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         deadletter_rate=env.integer("SMSBUS_DEADLETTER_RATE", 60, low=0, high=1_000_000),
         publish_timeout=env.seconds("SMSBUS_PUBLISH_TIMEOUT", 2.0, low=0.05, high=60.0),
         smspilot_callback_tokens=env.tokens("SMSBUS_SMSPILOT_CALLBACK_TOKEN"),
-        smspilot_callback_token_file=(
-            Path(token_file)
-            if (token_file := env.file_of("SMSBUS_SMSPILOT_CALLBACK_TOKEN"))
-            else None
-        ),
+        smspilot_callback_token_file=env.file_path("SMSBUS_SMSPILOT_CALLBACK_TOKEN"),
         smspilot_allowed_ips=env.networks("SMSBUS_SMSPILOT_ALLOWED_IPS"),
         trusted_proxies=env.networks("SMSBUS_TRUSTED_PROXIES"),
         log_format=env.choice("SMSBUS_LOG_FORMAT", "auto", _LOG_FORMATS),
@@ -319,6 +315,11 @@ class _Env:
     def file_of(self, name: str) -> str | None:
         """The file NAME_FILE names, if the secret comes from one."""
         return self._environ.get(f"{name}_FILE", "").strip() or None
+
+    def file_path(self, name: str) -> Path | None:
+        """`file_of` as a path: for a secret read again from its file while smsbus runs."""
+        file = self.file_of(name)
+        return Path(file) if file else None
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
         raw = self._environ.get(name, "").strip()

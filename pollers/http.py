@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import html
 import re
 from collections.abc import Callable, Iterable, Mapping, Sized
 from datetime import UTC, datetime
@@ -34,6 +35,10 @@ ANSWER_WITHIN = 60.0
 RETRY_AFTER_MOST = 600.0
 REASON_MOST = 200  # characters of an HTTP error's own words kept in its message
 _USERINFO = re.compile(r"(\w+://)[^/@\s]*@")  # credentials in a URL (a proxy's)
+_WEB_PAGE = re.compile(rb"\A(?:\xef\xbb\xbf)?\s*<(?:!doctype\s+html|html)[\s>]", re.I)
+_TITLE = re.compile(rb"<title[^>]{0,200}>(.{0,1000}?)</title", re.I | re.S)
+PAGE_HEAD = 16 * 1024  # where a web page's title is looked for
+TITLE_MOST = 80  # characters of a web page's title kept in the error
 
 
 async def post(
@@ -84,7 +89,31 @@ async def post(
         )
     if status >= 400:
         raise ProviderPayloadError(f"{url} answered HTTP {status}", raw=bytes(body))
+    if (page := _web_page(body)) is not None:
+        # Not an answer that cannot be read but no API's answer at all, and the same for every
+        # request: a maintenance page or a proxy's, served with 200. The provider is down, as
+        # with a 503 (one request at each back-off's end), and the page is no dead letter.
+        raise ProviderUnavailable(
+            f"{url} answered HTTP {status} with {page}, not its API's answer: "
+            "a maintenance page or a proxy's?"
+        )
     return bytes(body)
+
+
+def _web_page(body: bytes | bytearray) -> str | None:
+    """'a web page', with its title, when the answer is one (none of the providers' documented
+    answers is: they are XML or JSON), else None. An empty answer is not taken for one: it may
+    be a request's alone (a script failing on its ids), or, for a list, the list empty."""
+    if not _WEB_PAGE.match(body):
+        return None
+    if (found := _TITLE.search(body, 0, PAGE_HEAD)) is None:
+        return "a web page"
+    try:
+        title = found.group(1).decode()
+    except UnicodeDecodeError:  # Russian pages without UTF-8 are windows-1251
+        title = found.group(1).decode("cp1251", errors="replace")
+    title = " ".join(html.unescape(title).split())[:TITLE_MOST]
+    return f"a web page titled {title!r}" if title else "a web page"
 
 
 def _reason(exc: httpx.HTTPError) -> str:

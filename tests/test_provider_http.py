@@ -89,3 +89,62 @@ def test_an_unreachable_provider_says_why_in_one_line_without_a_proxy_password()
     proxy = httpx.ProxyError("cannot connect to\n  http://smsbus:hunter2@proxy.local:3128 now")
     assert "ProxyError: cannot connect to http://***@proxy.local:3128 now" == http._reason(proxy)
     assert "ReadError" == http._reason(httpx.ReadError(""))
+
+
+class Answer:
+    """An ASGI app answering 200 with `body` to every request."""
+
+    def __init__(self, body: bytes, content_type: bytes = b"text/html") -> None:
+        self.body, self.content_type = body, content_type
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", self.content_type)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+@pytest.mark.parametrize(
+    ("body", "instead"),
+    [
+        (
+            "<!DOCTYPE html><html><title>Технические\n работы &amp; обновление</title>".encode(
+                "cp1251"
+            ),
+            "a web page titled 'Технические работы & обновление'",
+        ),
+        (
+            "\ufeff\n<HTML lang=ru><TITLE>Сервис недоступен</TITLE>".encode(),
+            "a web page titled 'Сервис недоступен'",
+        ),
+        (b"<html>\n<body>502 Bad Gateway</body></html>", "a web page"),
+        (b"<html><title>" + b"x" * 500 + b"</title>", f"a web page titled '{'x' * 80}'"),
+    ],
+)
+def test_a_web_page_with_200_is_an_unavailable_provider(body: bytes, instead: str) -> None:
+    """A maintenance page or a proxy's, served with 200 where the API answers XML or JSON, is
+    the provider down (as a 503 would say), with the page's title; not an answer that cannot be
+    read, kept as a dead letter at every call."""
+    with Served(Answer(body)) as provider:
+        with pytest.raises(ProviderUnavailable) as failed:
+            asyncio.run(_post(provider.url + "/api", within=10.0))
+    said = str(failed.value)
+    assert said.endswith(f"/api answered HTTP 200 with {instead}, not its API's answer: "
+                         "a maintenance page or a proxy's?")  # fmt: skip
+    assert "\n" not in said
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'\xef\xbb\xbf<?xml version="1.0" encoding="UTF-8"?>\n<response><code>1</code></response>',
+        b"<response><code>4</code></response>",
+        b'{"error": {"code": 100, "description": "<html> in a string"}}',
+        b"<htmlresponse/>",  # not a page: an element whose name begins so
+        b"ERROR = 2 (auth)",
+        b"",  # maybe one request's failure, or an empty list: the parser's to say
+        b" \r\n",
+    ],
+)
+def test_an_api_answer_is_taken_as_it_is(body: bytes) -> None:
+    with Served(Answer(body, b"text/xml")) as provider:
+        assert body == asyncio.run(_post(provider.url + "/api", within=10.0))

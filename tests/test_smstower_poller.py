@@ -813,13 +813,16 @@ def test_requests_in_flight_that_fail_together_back_off_once(
             assert 0 == bus.stop()
 
 
+@pytest.mark.parametrize("mode", ["http429", "maintenance"])
 def test_a_failing_gateway_gets_one_status_request_at_each_back_off_end(
-    nats_server: NatsServer, tmp_path: Path
+    nats_server: NatsServer, tmp_path: Path, mode: str
 ) -> None:
-    """800 messages due while the gateway rate-limits every call (429, Retry-After: 1): at the
-    end of each wait one status request asks whether it answers again, not the eight batches
-    at once, which would meet the limit eight times; once it answers, all eight go again."""
-    tower = FakeSmstower(mode="http429", retry_after="1")
+    """800 messages due while the gateway rate-limits every call (429, Retry-After: 1), or
+    answers each with its maintenance page (200, HTML): at the end of each wait one status
+    request asks whether it answers again, not the eight batches at once, which would meet the
+    limit eight times; once it answers, all eight go again. A maintenance page is a provider
+    that is down, said with its title, not a bad answer kept as a dead letter at each call."""
+    tower = FakeSmstower(mode=mode, retry_after="1")
     ids = eight_batches_delivered(tower)
     with Served(tower.app) as served:
         env = env_for(nats_server, tower, served.url, SMSBUS_SMSTOWER_INTERVAL="1",
@@ -838,6 +841,11 @@ def test_a_failing_gateway_gets_one_status_request_at_each_back_off_end(
                     bursts.append([seen])
             # Before: [8, 8, ...], each batch at each end.
             assert [1] * len(bursts) == [len(b) for b in bursts]
+            if mode == "maintenance":  # before: "bad_answer: ... XMLSyntaxError", dead letters
+                error = bus.readyz()["providers"]["smstower"]["last_error"]
+                assert "unavailable: " in error
+                assert "web page titled 'SMSTOWER — технические работы'" in error
+                assert 0 == bus.metric("smsbus_deadletters_total", provider="smstower")
 
             tower.stall_s, tower.mode = 0.5, "stall"  # it answers again, each call in 0.5 s
             every_status_stored_once(nats_server, bus, len(ids))

@@ -20,6 +20,13 @@ from tests.fakes import hostile
 
 MSK = ZoneInfo("Europe/Moscow")
 HEAD = '<?xml version="1.0" encoding="UTF-8"?>\n'
+# What a gateway's web server says, with 200, while its API is down for maintenance.
+MAINTENANCE = (
+    '<!DOCTYPE html>\n<html lang="ru">\n<head><meta charset="windows-1251">\n'
+    "<title>SMSTOWER &mdash; технические работы</title></head>\n"
+    "<body><h1>Ведутся технические работы</h1><p>Сервис будет доступен в ближайшее время.</p>"
+    "</body>\n</html>\n"
+).encode("cp1251")
 
 
 @dataclass
@@ -37,7 +44,7 @@ class FakeSmstower:
     statuses: dict[str, tuple[str, str]] = field(default_factory=dict)  # id: (status, date)
     inbound: list[dict[str, str]] = field(default_factory=list)
     balance: str = "10654"
-    # garbage, truncated, xxe, billion, http500, http429, http301, stall, code10
+    # garbage, truncated, xxe, billion, http500, http429, http301, stall, code10, maintenance
     mode: str | None = None
     retry_after: str = "3"  # the Retry-After of an http429 answer (its gateway's rate limit)
     # Ids whose row comes without its deliveryStatus: not the document's form, a row the poller
@@ -95,6 +102,8 @@ class FakeSmstower:
                 "<html>Moved</html>", status_code=301,
                 headers={"Location": "https://api.smstower.example" + request.url.path},
             )  # fmt: skip
+        if self.mode == "maintenance":  # the gateway's web server, its API down behind it
+            return form, Response(MAINTENANCE, media_type="text/html; charset=windows-1251")
         if self.mode == "http429":
             too_many = Response("Too Many Requests", status_code=429)
             too_many.headers["Retry-After"] = self.retry_after

@@ -179,7 +179,13 @@ def parse_history(body: bytes, tz: ZoneInfo) -> list[StatusReport]:
 
 
 def parse_answers(body: bytes, tz: ZoneInfo) -> tuple[list[InboundSms], list[ProviderRowError]]:
-    """The inbound SMS listed, and the rows that could not be read (set aside)."""
+    """The inbound SMS listed, and the rows that could not be read (set aside). get_answers has
+    no error 3 ("not found", get_messages's empty history), and how it says that there is no SMS
+    is not written: `[]`, or nothing at all, as fmt=0's list of no lines would be. Both are no
+    SMS; the cursor stays, so nothing is lost should an answer be blank by mistake, where a
+    failed call would back off the history's polls with it on every quiet account."""
+    if not body or body.isspace():
+        return [], []
     return http.each(partial(_answer_row, tz=tz), _rows(body, "inbound"), orjson.dumps)
 
 

@@ -261,6 +261,30 @@ def test_inbound_asks_for_a_week_beside_the_last_id(smsc: tuple[FakeSmsc, str]) 
     assert ("55", "168") == (form["after_id"], form["hour"])
 
 
+@pytest.mark.parametrize("blank", [False, True])
+def test_no_inbound_sms_is_an_empty_list_or_nothing_at_all(
+    smsc: tuple[FakeSmsc, str], blank: bool
+) -> None:
+    """get_answers documents no "not found": an account with no SMS may get `[]` or a blank
+    answer. Neither is a failed call (which would back off the history's polls too); the
+    cursor stays where it was, and the next SMS is read."""
+    fake, url = smsc
+    fake.blank_when_no_answers = blank
+
+    async def run() -> InboundRead:
+        async with httpx.AsyncClient() as http:
+            return await Client(settings_for(url, fake), http).inbound("55")
+
+    assert ([], "55", []) == asyncio.run(run())
+    received = datetime.now(KYIV).strftime("%d.%m.%Y %H:%M:%S")
+    fake.answers = [
+        {"id": 56, "received": received, "phone": "380501234567", "message": "да",
+         "to_phone": "380441234567", "sent": received},
+    ]  # fmt: skip
+    found, cursor, _ = asyncio.run(run())
+    assert (["56"], "56") == ([m.message_id for m in found], cursor)
+
+
 @pytest.mark.slow
 def test_history_inbound_and_the_rate_rule(
     nats_server: NatsServer, tmp_path: Path, smsc: tuple[FakeSmsc, str]

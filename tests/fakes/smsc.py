@@ -39,6 +39,9 @@ class FakeSmsc:
     refused: int = 0
     global_ids: bool = True  # rows carry `int_id`; False: an answer without it (ids are global)
     honours_charset: bool = True  # False: windows-1251 whatever the request asks
+    # How get_answers says there is no SMS is not written (it has no error 3): `[]`, or with
+    # this, nothing at all, as its fmt=0 list of no lines.
+    blank_when_no_answers: bool = False
     _identical: dict[str, list[float]] = field(default_factory=dict)
     _next_int: itertools.count[int] = field(default_factory=lambda: itertools.count(900_000))
     _keys: list[int] = field(default_factory=list)  # -global id of each history row, ascending
@@ -127,6 +130,8 @@ class FakeSmsc:
                 and datetime.strptime(a["received"], "%d.%m.%Y %H:%M:%S").replace(tzinfo=KYIV)
                 >= since
             ]  # fmt: skip
+            if not rows and self.blank_when_no_answers:
+                return Response(b"", media_type="application/json")
             return _json(rows, utf8)
         return _json({"error": "parameters error", "error_code": 1}, utf8)
 

@@ -33,6 +33,7 @@ ANSWER_WITHIN = 60.0
 # A Retry-After longer than this (the default SMSBUS_<P>_MAX_INTERVAL) is more likely a proxy's
 # setting than the provider's wish: the poller asks again after this at the latest.
 RETRY_AFTER_MOST = 600.0
+NO_API_HERE = (404, 405, 410)  # HTTP statuses saying that the path holds no API
 REASON_MOST = 200  # characters of an HTTP error's own words kept in its message
 _USERINFO = re.compile(r"(\w+://)[^/@\s]*@")  # credentials in a URL (a proxy's)
 _WEB_PAGE = re.compile(rb"\A(?:\xef\xbb\xbf)?\s*<(?:!doctype\s+html|html)[\s>]", re.I)
@@ -86,6 +87,14 @@ async def post(
         raise ProviderUnavailable(
             f"{url} answered HTTP {status}" + (f", retry after {wait:g} s" if wait else ""),
             retry_after=wait,
+        )
+    if status in NO_API_HERE:
+        # Every documented call goes to one fixed path, whatever it asks: nothing there is no
+        # request's fault but the address's (a host that serves only the provider's website,
+        # an API moved), so the provider is down for us, not answering something to keep.
+        raise ProviderUnavailable(
+            f"{url} answered HTTP {status}: no API there; is SMSBUS_<P>_URL the provider's "
+            "API address (scheme, host and port)?"
         )
     if status >= 400:
         raise ProviderPayloadError(f"{url} answered HTTP {status}", raw=bytes(body))

@@ -38,6 +38,10 @@ def test_check_reports_each_provider(nats_server: NatsServer, tmp_path: Path) ->
             "SMSBUS_EPOCHTA_URL": p.url,
             "SMSBUS_EPOCHTA_USERNAME": pochta.username,
             "SMSBUS_EPOCHTA_PASSWORD": "not-the-password",
+            # SMS-Pager's address mistaken for another's: a host with no SMS-Pager API.
+            "SMSBUS_SMSPAGER_URL": t.url,
+            "SMSBUS_SMSPAGER_LOGIN": "pager-login",
+            "SMSBUS_SMSPAGER_PASSWORD": "pager-secret-pw",
         }
         result = check(base)
     assert 1 == result.returncode
@@ -47,11 +51,12 @@ def test_check_reports_each_provider(nats_server: NatsServer, tmp_path: Path) ->
         f"nats: ok ({nats_server.url})",
         "smspilot: off (no credentials)",
         "smstower: ok (balance 77 SMS)",
-        "smspager: off (no credentials)",
+        f"smspager: FAILED: {t.url}/balance.xml answered HTTP 404: no API there; is "
+        "SMSBUS_<P>_URL the provider's API address (scheme, host and port)?",
         "smsc: ok (history readable)",
         "epochta: FAILED: status -1: AUTH_FAILED: wrong login or password",
     ] == lines
-    for secret in (tower.password, smsc.password, "not-the-password"):
+    for secret in (tower.password, smsc.password, "not-the-password", "pager-secret-pw"):
         assert secret not in result.stdout + result.stderr
 
 

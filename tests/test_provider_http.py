@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bus.errors import ProviderUnavailable
+from bus.errors import ProviderPayloadError, ProviderUnavailable
 from pollers import http
 from tests.fakes.server import Served
 from tests.support import wait_for
@@ -148,3 +148,38 @@ def test_a_web_page_with_200_is_an_unavailable_provider(body: bytes, instead: st
 def test_an_api_answer_is_taken_as_it_is(body: bytes) -> None:
     with Served(Answer(body, b"text/xml")) as provider:
         assert body == asyncio.run(_post(provider.url + "/api", within=10.0))
+
+
+class Status:
+    """An ASGI app answering every request with `status` and a short HTML page."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/html")]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"<html>Not here</html>"})
+
+
+@pytest.mark.parametrize("status", [404, 405, 410])
+def test_a_path_with_no_api_is_an_unavailable_provider_whose_address_is_in_question(
+    status: int,
+) -> None:
+    """Every documented call goes to one fixed path: "not found" there says that the address
+    holds no such API (a host serving only the provider's website, an API moved), not that a
+    request was wrong; the provider is down for us, and the error points at SMSBUS_<P>_URL."""
+    with Served(Status(status)) as provider:
+        with pytest.raises(ProviderUnavailable) as failed:
+            asyncio.run(_post(provider.url + "/api", within=10.0))
+    assert str(failed.value).endswith(
+        f"/api answered HTTP {status}: no API there; is SMSBUS_<P>_URL the provider's API "
+        "address (scheme, host and port)?"
+    )
+
+
+def test_another_client_error_is_an_answer_kept_for_the_dead_letter() -> None:
+    with Served(Status(400)) as provider:
+        with pytest.raises(ProviderPayloadError, match=r"/api answered HTTP 400$") as failed:
+            asyncio.run(_post(provider.url + "/api", within=10.0))
+    assert b"<html>Not here</html>" == failed.value.raw

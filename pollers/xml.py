@@ -7,9 +7,14 @@ simplest defence against external entities and entity-expansion bombs.
 
 from __future__ import annotations
 
+import re
+
 from lxml import etree
 
 from bus.errors import ProviderPayloadError
+
+_ENCODING = re.compile(rb"\A\s*<\?xml[^>]*?\bencoding\s*=\s*[\"']([A-Za-z0-9._-]+)")
+_DECLARATION = re.compile(r"\A\s*<\?xml[^>]*\?>")
 
 PARSER = etree.XMLParser(
     resolve_entities=False,
@@ -23,16 +28,37 @@ PARSER = etree.XMLParser(
 
 
 def parse_xml(body: bytes) -> etree._Element:
-    """The root element of a provider's XML answer, or ProviderPayloadError."""
+    """The root element of a provider's XML answer, or ProviderPayloadError. An answer that
+    is not UTF-8 and declares no other encoding is read as windows-1251: ePochta's document
+    gives its answers no declaration nor a charset, and its ids are the sender's own, Cyrillic
+    ones included; refusing such an answer would lose the statuses of every id in it."""
     if b"<!ENTITY" in body or b"<!DOCTYPE" in body:
         raise ProviderPayloadError("answer declares a DTD or entities; refused")
     try:
         root = etree.fromstring(body.strip(), PARSER)
     except (etree.XMLSyntaxError, ValueError) as exc:
-        raise ProviderPayloadError(f"answer is not well-formed XML: {exc}") from None
+        if (root := _in_windows_1251(body)) is None:
+            raise ProviderPayloadError(f"answer is not well-formed XML: {exc}") from None
     if root is None:
         raise ProviderPayloadError("answer is empty")
     return root
+
+
+def _in_windows_1251(body: bytes) -> etree._Element | None:
+    """The answer read as windows-1251, when it is not UTF-8 and declares no other encoding
+    (or UTF-8, which it then is not); None when that does not apply or does not help."""
+    declared = _ENCODING.match(body)
+    if declared is not None and declared[1].lower() not in (b"utf-8", b"utf8"):
+        return None
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = body.decode("cp1251", errors="replace").strip()
+        try:  # without its declaration, whose encoding would no longer be the text's
+            return etree.fromstring(_DECLARATION.sub("", text, count=1).encode(), PARSER)
+        except (etree.XMLSyntaxError, ValueError):
+            return None
+    return None  # UTF-8 as it should be, and not well-formed XML
 
 
 def text(element: etree._Element | None, path: str) -> str | None:

@@ -56,6 +56,31 @@ def test_epochta_deliveryreport() -> None:
     ] == epochta.parse_status(body, MSK)
 
 
+@pytest.mark.parametrize(
+    "declaration",
+    ["", '<?xml version="1.0"?>\n', '<?xml version="1.0" encoding="UTF-8"?>\n'],
+)
+def test_an_epochta_answer_in_windows_1251_is_read_as_such(declaration: str) -> None:
+    """The document gives its answers no declaration nor a charset, and ids are the sender's
+    own: a server on windows-1251 answers a Cyrillic id in it, with no declaration, or one that
+    names no encoding or (wrongly) UTF-8. Refused, its status would never be read."""
+    body = (
+        f'{declaration}<deliveryreport><message id="заказ-42" sentdate="2026-11-22 10:00:00" '
+        'donedate="2026-11-22 10:00:07" status="DELIVERED"/></deliveryreport>'
+    ).encode("cp1251")
+    assert [
+        StatusReport("заказ-42", "DELIVERED", datetime(2026, 11, 22, 7, 0, 7, tzinfo=UTC))
+    ] == epochta.parse_status(body, MSK)
+
+
+def test_an_answer_declared_in_another_encoding_is_read_in_it() -> None:
+    body = (
+        '<?xml version="1.0" encoding="koi8-r"?><deliveryreport><message id="заказ-42" '
+        'sentdate="2026-11-22 10:00:00" donedate="" status="SENT"/></deliveryreport>'
+    ).encode("koi8-r")
+    assert ["заказ-42"] == [r.message_id for r in epochta.parse_status(body, MSK)]
+
+
 def test_epochta_balance() -> None:
     body = b"<RESPONSE><status>0</status><credits>123.45</credits></RESPONSE>"
     assert Decimal("123.45") == epochta.parse_balance(body)
@@ -193,6 +218,38 @@ def status_events(nats: NatsServer, bus: Smsbus, provider: str, message_id: str)
         for s in read_stream(nats.url, bus.stream, f"{bus.prefix}.status.{provider}.>")
         if s.event["subject"] == message_id
     ]
+
+
+def test_epochta_statuses_of_ids_of_any_script_from_a_server_on_windows_1251(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """ePochta's ids are the sender's own: Cyrillic ones, and ones with XML's special
+    characters, answered by a server on windows-1251 as its document allows; each status is
+    stored once, under the id as registered, and nothing is a dead letter."""
+    pochta = FakeEpochta(charset="cp1251")
+    ids = [f"заказ-{next(_ids)}", f"R&D <{next(_ids)}>", f"msg{next(_ids)}"]
+    for message_id in ids:
+        pochta.statuses[message_id] = ("DELIVERED", "2026-11-22 10:00:00", "2026-11-22 10:01:00")
+    with Served(pochta.app) as served:
+        env = isolated_env(
+            nats_server.url,
+            SMSBUS_EPOCHTA_URL=served.url,
+            SMSBUS_EPOCHTA_USERNAME=pochta.username,
+            SMSBUS_EPOCHTA_PASSWORD=pochta.password,
+            SMSBUS_EPOCHTA_INTERVAL="0.3",
+        )
+        bus = Smsbus(env, tmp_path).start()
+        try:
+            bus.register(*({"provider": "epochta", "message_id": i} for i in ids))
+            wait_for(lambda: bus.metric("smsbus_events_published_total", provider="epochta",
+                                        type="status") >= len(ids),
+                     what="every status")  # fmt: skip
+            stored = read_stream(nats_server.url, bus.stream, f"{bus.prefix}.status.epochta.>")
+            assert sorted(ids) == sorted(s.event["data"]["message_id"] for s in stored)
+            assert {"delivered"} == {s.event["data"]["status"] for s in stored}
+            assert 0 == bus.metric("smsbus_deadletters_total", provider="epochta")
+        finally:
+            assert 0 == bus.stop()
 
 
 @pytest.mark.slow

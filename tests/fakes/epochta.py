@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 from starlette.applications import Starlette
@@ -20,6 +21,9 @@ class FakeEpochta:
     )  # id: status, sent, done
     credits: str = "512.5"
     documents: list[bytes] = field(default_factory=list)
+    # The document gives its answers no XML declaration and no charset: a server on
+    # windows-1251 (Russian PHP's default) answers in it, the sender's Cyrillic ids too.
+    charset: str = "utf-8"
 
     @property
     def app(self) -> Starlette:
@@ -31,24 +35,26 @@ class FakeEpochta:
         try:
             root = etree.fromstring(document, etree.XMLParser(resolve_entities=False))
         except etree.XMLSyntaxError:
-            return _response("-2")
+            return self._response("-2")
         auth = (root.findtext("authentication/username"), root.findtext("authentication/password"))
         if auth != (self.username, self.password):
-            return _response("-1")
+            return self._response("-1")
         operation = root.findtext("operations/operation")
         if operation == "BALANCE":
-            return _response("0", f"<credits>{self.credits}</credits>")
+            return self._response("0", f"<credits>{self.credits}</credits>")
         if operation == "GETSTATUS":
             asked = [m.text or "" for m in root.findall("statistics/messageid")]
             rows = "".join(
-                f'<message id="{i}" sentdate="{self.statuses[i][1]}" '
+                f'<message id={quoteattr(i)} sentdate="{self.statuses[i][1]}" '
                 f'donedate="{self.statuses[i][2]}" status="{self.statuses[i][0]}"/>'
                 for i in asked
                 if i in self.statuses
             )
-            return Response(f"<deliveryreport>{rows}</deliveryreport>", media_type="text/xml")
-        return _response("-2")
+            return self._xml_answer(f"<deliveryreport>{rows}</deliveryreport>")
+        return self._response("-2")
 
+    def _response(self, status: str, extra: str = "") -> Response:
+        return self._xml_answer(f"<RESPONSE><status>{status}</status>{extra}</RESPONSE>")
 
-def _response(status: str, extra: str = "") -> Response:
-    return Response(f"<RESPONSE><status>{status}</status>{extra}</RESPONSE>", media_type="text/xml")
+    def _xml_answer(self, document: str) -> Response:
+        return Response(document.encode(self.charset), media_type="text/xml")

@@ -20,6 +20,7 @@ from bus.errors import (
     ProviderRowError,
     ProviderUnavailable,
 )
+from pollers.values import utf8_or_windows_1251
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -117,11 +118,8 @@ def _web_page(body: bytes | bytearray) -> str | None:
         return None
     if (found := _TITLE.search(body, 0, PAGE_HEAD)) is None:
         return "a web page"
-    try:
-        title = found.group(1).decode()
-    except UnicodeDecodeError:  # Russian pages without UTF-8 are windows-1251
-        title = found.group(1).decode("cp1251", errors="replace")
-    title = " ".join(html.unescape(title).split())[:TITLE_MOST]
+    title = html.unescape(utf8_or_windows_1251(bytes(found.group(1))))
+    title = " ".join(title.split())[:TITLE_MOST]
     return f"a web page titled {title!r}" if title else "a web page"
 
 

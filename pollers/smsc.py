@@ -51,7 +51,7 @@ from bus.errors import (
 from bus.messages import digits
 from pollers import http
 from pollers.types import HistoryRead, InboundRead, InboundSms, Provider, StatusReport
-from pollers.values import local
+from pollers.values import local, utf8_or_windows_1251
 
 PATH = "/sys/get.php"
 DATE = "%d.%m.%Y %H:%M:%S"
@@ -93,16 +93,8 @@ def _error(data: Any) -> None:
     raise ProviderPayloadError(f"error {code}: {meaning}")
 
 
-def decode(body: bytes) -> str:
-    """An answer's text: UTF-8 as asked for, else windows-1251 (SMSC's default charset)."""
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return body.decode("cp1251", errors="replace")
-
-
 def _json(body: bytes) -> Any:
-    text = decode(body)
+    text = utf8_or_windows_1251(body)  # UTF-8 as asked for, else SMSC's default
     if text.lstrip().startswith("ERROR"):  # the plain-text form, should fmt be ignored
         _error({"error_code": digits(text.split("(")[0]) or "?"})
     try:

@@ -1,5 +1,5 @@
 """Values in provider answers: zone-less local dates (read in the provider's zone, published
-in UTC) and decimal amounts."""
+in UTC), decimal amounts, and text in one of the two charsets Russian servers use."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from zoneinfo import ZoneInfo
 from bus.errors import ProviderPayloadError
 
 ZEROS = "0-.: \t\n"  # all a date that says "no date" is made of
+
+
+def utf8_or_windows_1251(body: bytes) -> str:
+    """Text that is UTF-8, else windows-1251: Russian web servers' default charset."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body.decode("cp1251", errors="replace")
 
 
 def local(value: str | None, fmt: str, tz: ZoneInfo) -> datetime | None:

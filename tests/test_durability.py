@@ -614,6 +614,21 @@ def _accepts(port: int) -> bool:
     return True
 
 
+def _signals_and_threads(bus: Smsbus) -> str:
+    """The process's state, its pending, blocked and caught signals, and where each of its
+    threads waits in the kernel: whether a SIGHUP came, and what holds it up if one did."""
+    assert bus.proc is not None
+    if bus.proc.poll() is not None:
+        return f"smsbus exited {bus.proc.returncode}"
+    proc = Path(f"/proc/{bus.proc.pid}")
+    fields = ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+    lines = (proc / "status").read_text().splitlines()
+    status = [line for line in lines if line.split(":")[0] in fields]
+    waits = [f"{t.name} {(t / 'comm').read_text().strip()}: {(t / 'wchan').read_text()}"
+             for t in sorted((proc / "task").iterdir())]  # fmt: skip
+    return "\n".join(status + waits)
+
+
 def test_a_closed_terminal_stops_smsbus_as_ctrl_c_does(tmp_path: Path) -> None:
     """`make run` in a terminal window that is closed, or an SSH session that drops: SIGHUP, and
     every write to the terminal fails from then on. smsbus stops as on Ctrl-C: it drains its
@@ -632,7 +647,11 @@ def test_a_closed_terminal_stops_smsbus_as_ctrl_c_does(tmp_path: Path) -> None:
         ids = _answered_then_spooled(bus, nats, published=3, spooled=10)
         assert "serving" in terminal.text() and "{" not in terminal.text()
         terminal.hang_up()
-        wait_for(lambda: not _accepts(bus.port), what="smsbus to stop serving")
+        try:
+            wait_for(lambda: not _accepts(bus.port), what="smsbus to stop serving")
+        except AssertionError as exc:  # seen once in a full parallel run: say what it was doing
+            said = terminal.text()[-3000:]
+            raise AssertionError(f"{exc}\n{_signals_and_threads(bus)}\nterminal:\n{said}") from None
         _exits_0_once_nats_is_back(bus, nats)
         assert dict.fromkeys(ids, 1) == dict(stored_ids(nats, bus))
     finally:

@@ -270,7 +270,9 @@ class Smsbus:
             out: int | IO[bytes] = log if self.output is None else self.output
             if self.terminal is not None:
                 out = self.terminal.slave
-                command[:0] = ["setsid", "--ctty"]  # util-linux: stdin's terminal, its own
+                # util-linux: stdin's terminal, its own; and SIGHUP as a terminal's shell
+                # leaves it, whatever the tests run under (`nohup make test` ignores it).
+                command[:0] = ["setsid", "--ctty", "env", "--default-signal=HUP"]
             self.proc = subprocess.Popen(
                 command,
                 env=env,
